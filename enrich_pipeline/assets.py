@@ -1,0 +1,34 @@
+"""The partitioned asset: one user's caption enrichment, as a graph of ops with chunk fan-out."""
+
+from __future__ import annotations
+
+from dagster import graph_asset
+
+from enrich_pipeline.ops import (
+    caption_embeddings,
+    captions,
+    pending_rows,
+    summarize,
+    visual_attributes,
+    write_results,
+)
+from enrich_pipeline.partitions import users_partitions
+
+
+@graph_asset(
+    partitions_def=users_partitions,
+    group_name="enrichment",
+    description=(
+        "Captions, dominant colors, style/object tags and caption embeddings for one user's "
+        "pending items, merged into items.metadata chunk by chunk."
+    ),
+)
+def enriched_items():
+    chunks = pending_rows()
+    written = (
+        chunks.map(visual_attributes)
+        .map(captions)
+        .map(caption_embeddings)
+        .map(write_results)
+    )
+    return summarize(written.collect())

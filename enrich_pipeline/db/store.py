@@ -1,0 +1,473 @@
+"""Every SQL statement of the project, behind one class.
+
+Identifiers from configuration (namespace, table) are only ever composed with
+``psycopg.sql.Identifier``; values are always parameters. Writes are conditional in SQL so that
+a caption written by anyone while a run was in flight is never overwritten, and every statement
+a user partition runs is scoped to that user.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import tenacity
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+
+from enrich_pipeline.db.migrate import migrate
+from enrich_pipeline.enrichment.records import ItemError, PendingItem
+from enrich_pipeline.settings import ConfigError, DbSettings
+
+# Column types we can compare ids in natively (so the primary key index is used); anything
+# else is compared as text.
+_NATIVE_ID_TYPES = {"bigint", "integer", "smallint", "text", "uuid"}
+
+# Transient database failures (dropped connection, server restart, statement timeout): a chunk
+# write is idempotent, so it is simply tried again on a fresh connection.
+_retry_db = tenacity.retry(
+    retry=tenacity.retry_if_exception_type(
+        (psycopg.OperationalError, psycopg.errors.QueryCanceled)
+    ),
+    stop=tenacity.stop_after_attempt(4),
+    wait=tenacity.wait_exponential_jitter(multiplier=0.5, max=8),
+    reraise=True,
+)
+
+
+@dataclass(frozen=True)
+class SuccessRow:
+    item_id: str
+    image: str
+    patch: dict[str, Any]
+    embedding: Sequence[float] | None = None
+
+
+@dataclass(frozen=True)
+class FailureRow:
+    item_id: str
+    error: ItemError
+
+
+@dataclass(frozen=True)
+class WriteOutcome:
+    written: list[str]
+    skipped: list[str]
+    failed: list[str]
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    item_id: str
+    attempts: int
+    permanent: bool
+    error_code: str
+    last_error: str
+
+
+class ItemStore:
+    """A psycopg 3 pool over the items table and the pipeline's own tables."""
+
+    def __init__(
+        self,
+        settings: DbSettings,
+        *,
+        max_connections: int = 4,
+        statement_timeout_ms: int = 120_000,
+        create_pending_index: bool = True,
+    ) -> None:
+        if not settings.conninfo:
+            raise ConfigError("no database configured: set ADBPG_HOST/ADBPG_URL or use the embedded one")
+        self.settings = settings
+        self.source_table = f"{settings.namespace}.{settings.table}"
+        self._ns = settings.namespace
+        self._items = sql.Identifier(settings.namespace, settings.table)
+        self._create_pending_index = create_pending_index
+        self.pool = ConnectionPool(
+            settings.conninfo,
+            min_size=1,
+            max_size=max_connections,
+            kwargs={
+                "application_name": "enrich-pipeline",
+                "options": f"-c statement_timeout={int(statement_timeout_ms)}",
+            },
+            # A connection the server dropped (restart, terminated backend) is replaced on
+            # checkout instead of failing the next statement.
+            check=ConnectionPool.check_connection,
+            open=True,
+            name="enrich-pipeline",
+        )
+        self._id_type: str | None = None
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def __enter__(self) -> ItemStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _t(self, name: str) -> sql.Identifier:
+        return sql.Identifier(self._ns, name)
+
+    # --- setup -------------------------------------------------------------------------------
+
+    def setup(self) -> list[int]:
+        """Migrate the pipeline's tables, check the items table, add the pending-rows index."""
+        with self.pool.connection() as conn:
+            applied = migrate(conn, self._ns)
+            id_type = self._introspect_id_type(conn)
+        self._id_type = id_type if id_type in _NATIVE_ID_TYPES else "text"
+        if self._create_pending_index:
+            self.ensure_pending_index()
+        return applied
+
+    def _introspect_id_type(self, conn: psycopg.Connection) -> str:
+        qualified = self._items.as_string(conn)
+        row = conn.execute(
+            "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a"
+            " WHERE a.attrelid = to_regclass(%s) AND a.attname = 'id' AND NOT a.attisdropped",
+            (qualified,),
+        ).fetchone()
+        conn.commit()
+        if row is None:
+            raise ConfigError(f"items table {qualified} does not exist (or has no id column)")
+        return str(row[0])
+
+    @property
+    def _id(self) -> sql.Composable:
+        """The id column's type for casting parameters; ids travel as text otherwise."""
+        if self._id_type is None:
+            raise RuntimeError("ItemStore.setup() must run before queries")
+        return sql.SQL(self._id_type)
+
+    @property
+    def _i_id(self) -> sql.Composable:
+        """``i.id`` as compared with parameters: natively (so the key index is used) or as text."""
+        return sql.SQL("i.id" if self._id_type != "text" else "i.id::text")
+
+    def _id_match(self, param: str) -> sql.Composable:
+        return sql.SQL("{} = ANY({}::{}[])").format(self._i_id, sql.Placeholder(param), self._id)
+
+    def ensure_pending_index(self) -> None:
+        """The one change the pipeline makes to the items table: a partial index on pending rows.
+
+        It makes the sensor's tick and the pending query cheap on large tables. Created
+        concurrently so that a live table is not locked; where the server cannot do that
+        (AnalyticDB), it falls back to a plain CREATE INDEX.
+        """
+        name = sql.Identifier(f"{self.settings.table}_enrich_pending_idx"[:63])
+        body = sql.SQL(
+            "IF NOT EXISTS {name} ON {items} (user_id)"
+            " WHERE status = 'active' AND COALESCE(metadata->>'caption', '') = ''"
+            " AND image IS NOT NULL AND image <> ''"
+        ).format(name=name, items=self._items)
+        with self.pool.connection() as conn:
+            conn.autocommit = True
+            try:
+                conn.execute(sql.SQL("CREATE INDEX CONCURRENTLY ") + body)
+            except psycopg.errors.FeatureNotSupported:
+                conn.execute(sql.SQL("CREATE INDEX ") + body)
+            finally:
+                conn.autocommit = False
+
+    # --- reading -----------------------------------------------------------------------------
+
+    _PENDING = sql.SQL(
+        "i.status = 'active' AND COALESCE(i.metadata->>'caption', '') = ''"
+        " AND i.image IS NOT NULL AND i.image <> ''"
+    )
+
+    def _not_given_up(self) -> sql.Composable:
+        return sql.SQL(
+            "NOT EXISTS (SELECT 1 FROM {failures} f WHERE f.source_table = %(src)s"
+            " AND f.item_id = i.id::text AND (f.permanent OR f.attempts >= %(max_attempts)s))"
+        ).format(failures=self._t("enrich_failures"))
+
+    def users_with_pending(self, max_attempts: int) -> list[tuple[str, int]]:
+        query = sql.SQL(
+            "SELECT i.user_id, count(*) FROM {items} i WHERE {pending} AND i.user_id IS NOT NULL"
+            " AND {alive} GROUP BY i.user_id ORDER BY i.user_id"
+        ).format(items=self._items, pending=self._PENDING, alive=self._not_given_up())
+        with self.pool.connection() as conn:
+            rows = conn.execute(query, {"src": self.source_table, "max_attempts": max_attempts})
+            return [(str(u), int(n)) for u, n in rows]
+
+    def pending_ids(self, user_id: str, *, limit: int | None, max_attempts: int) -> list[str]:
+        """Ids of the user's pending rows not claimed by a live run, oldest id first."""
+        query = sql.SQL(
+            "SELECT i.id::text FROM {items} i WHERE i.user_id = %(user)s AND {pending} AND {alive}"
+            " AND NOT EXISTS (SELECT 1 FROM {claims} c WHERE c.source_table = %(src)s"
+            " AND c.item_id = i.id::text AND c.expires_at > now())"
+            " ORDER BY i.id LIMIT %(limit)s"
+        ).format(
+            items=self._items,
+            pending=self._PENDING,
+            alive=self._not_given_up(),
+            claims=self._t("enrich_claims"),
+        )
+        params = {
+            "user": user_id,
+            "src": self.source_table,
+            "max_attempts": max_attempts,
+            "limit": limit,
+        }
+        with self.pool.connection() as conn:
+            return [r[0] for r in conn.execute(query, params)]
+
+    def count_pending(self, user_id: str, *, max_attempts: int) -> int:
+        query = sql.SQL(
+            "SELECT count(*) FROM {items} i WHERE i.user_id = %(user)s AND {pending} AND {alive}"
+        ).format(items=self._items, pending=self._PENDING, alive=self._not_given_up())
+        params = {"user": user_id, "src": self.source_table, "max_attempts": max_attempts}
+        with self.pool.connection() as conn:
+            row = conn.execute(query, params).fetchone()
+            return int(row[0]) if row else 0
+
+    @_retry_db
+    def claim(
+        self,
+        user_id: str,
+        ids: Sequence[str],
+        *,
+        worker: str,
+        lease_seconds: int,
+        max_attempts: int,
+    ) -> tuple[list[PendingItem], list[str]]:
+        """Claim rows for ``worker`` and read those still pending.
+
+        Returns the claimed pending items and the ids skipped (claimed by another live run, or
+        no longer pending). A claim held by someone else is only taken over once its lease has
+        expired, so concurrent runs never work on the same row.
+        """
+        claims = self._t("enrich_claims")
+        claim_sql = sql.SQL(
+            "INSERT INTO {claims} AS c (source_table, item_id, user_id, worker, expires_at)"
+            " SELECT %(src)s, x, %(user)s, %(worker)s, now() + make_interval(secs => %(lease)s)"
+            " FROM unnest(%(ids)s::text[]) AS x"
+            " ON CONFLICT (source_table, item_id) DO UPDATE"
+            " SET worker = EXCLUDED.worker, expires_at = EXCLUDED.expires_at,"
+            " user_id = EXCLUDED.user_id"
+            " WHERE c.expires_at <= now() OR c.worker = EXCLUDED.worker"
+            " RETURNING c.item_id"
+        ).format(claims=claims)
+        read_sql = sql.SQL(
+            "SELECT i.id::text, i.user_id, i.image, i.metadata FROM {items} i"
+            " WHERE i.user_id = %(user)s AND {match} AND {pending} AND {alive} ORDER BY i.id"
+        ).format(
+            items=self._items,
+            match=self._id_match("claimed"),
+            pending=self._PENDING,
+            alive=self._not_given_up(),
+        )
+        release_sql = sql.SQL(
+            "DELETE FROM {claims} WHERE source_table = %(src)s AND worker = %(worker)s"
+            " AND item_id = ANY(%(ids)s::text[])"
+        ).format(claims=claims)
+        params: dict[str, Any] = {
+            "src": self.source_table,
+            "user": user_id,
+            "worker": worker,
+            "lease": lease_seconds,
+            "ids": list(ids),
+            "max_attempts": max_attempts,
+        }
+        with self.pool.connection() as conn, conn.transaction():
+            claimed = [r[0] for r in conn.execute(claim_sql, params)]
+            rows = conn.execute(read_sql, {**params, "claimed": claimed}).fetchall()
+            items = [PendingItem(r[0], r[1], r[2], r[3]) for r in rows]
+            live = {item.id for item in items}
+            gone = [i for i in claimed if i not in live]
+            if gone:
+                conn.execute(release_sql, {**params, "ids": gone})
+        return items, [i for i in ids if i not in live]
+
+    def failures(self, user_id: str | None = None) -> list[LedgerEntry]:
+        query = sql.SQL(
+            "SELECT item_id, attempts, permanent, error_code, last_error FROM {f}"
+            " WHERE source_table = %(src)s AND (%(user)s::text IS NULL OR user_id = %(user)s)"
+            " ORDER BY last_failed_at DESC, item_id"
+        ).format(f=self._t("enrich_failures"))
+        with self.pool.connection() as conn:
+            rows = conn.execute(query, {"src": self.source_table, "user": user_id})
+            return [LedgerEntry(*r) for r in rows]
+
+    # --- writing -----------------------------------------------------------------------------
+
+    @_retry_db
+    def write_chunk(
+        self,
+        user_id: str,
+        *,
+        worker: str,
+        successes: Sequence[SuccessRow],
+        failures: Sequence[FailureRow],
+        embedding_model: str | None = None,
+        run_id: str | None = None,
+    ) -> WriteOutcome:
+        """Write one chunk in one transaction: captions, embeddings, ledger, claims released.
+
+        The UPDATE only touches rows of this user that are still active, still caption-less,
+        still point at the image that was captioned, and whose metadata is an object; the
+        merge keeps every other key. Rows that no longer qualify are reported as skipped.
+        """
+        update_sql = sql.SQL(
+            "UPDATE {items} AS i"
+            " SET metadata = COALESCE(i.metadata, '{{}}'::jsonb) || v.patch::jsonb,"
+            " updated_at = now()"
+            " FROM unnest(%(ids)s::{idt}[], %(images)s::text[], %(patches)s::text[])"
+            " AS v(id, image, patch)"
+            " WHERE {i_id} = v.id AND i.user_id = %(user)s AND i.image = v.image"
+            " AND i.status = 'active' AND COALESCE(i.metadata->>'caption', '') = ''"
+            " AND (i.metadata IS NULL OR jsonb_typeof(i.metadata) = 'object')"
+            " RETURNING i.id::text"
+        ).format(items=self._items, idt=self._id, i_id=self._i_id)
+        embed_sql = sql.SQL(
+            "INSERT INTO {e} (source_table, item_id, user_id, model, dimensions, embedding)"
+            " VALUES (%s, %s, %s, %s, %s, %s::real[])"
+            " ON CONFLICT (source_table, item_id) DO UPDATE SET user_id = EXCLUDED.user_id,"
+            " model = EXCLUDED.model, dimensions = EXCLUDED.dimensions,"
+            " embedding = EXCLUDED.embedding, created_at = now()"
+        ).format(e=self._t("enrich_embeddings"))
+        cleared_sql = sql.SQL(
+            "DELETE FROM {f} WHERE source_table = %(src)s AND user_id = %(user)s"
+            " AND item_id = ANY(%(ids)s::text[])"
+        ).format(f=self._t("enrich_failures"))
+        ledger_sql = sql.SQL(
+            "INSERT INTO {f} AS f (source_table, item_id, user_id, attempts, permanent,"
+            " error_code, last_error, run_id)"
+            " SELECT %(src)s, x.id, %(user)s, 1, x.permanent, x.code, x.message, %(run)s"
+            " FROM unnest(%(ids)s::text[], %(permanent)s::boolean[], %(codes)s::text[],"
+            " %(messages)s::text[]) AS x(id, permanent, code, message)"
+            " ON CONFLICT (source_table, item_id) DO UPDATE SET attempts = f.attempts + 1,"
+            " permanent = EXCLUDED.permanent, error_code = EXCLUDED.error_code,"
+            " last_error = EXCLUDED.last_error, run_id = EXCLUDED.run_id,"
+            " user_id = EXCLUDED.user_id, last_failed_at = now()"
+        ).format(f=self._t("enrich_failures"))
+        release_sql = sql.SQL(
+            "DELETE FROM {c} WHERE source_table = %(src)s AND worker = %(worker)s"
+            " AND item_id = ANY(%(ids)s::text[])"
+        ).format(c=self._t("enrich_claims"))
+
+        base = {"src": self.source_table, "user": user_id, "worker": worker, "run": run_id}
+        with self.pool.connection() as conn, conn.transaction():
+            written: list[str] = []
+            if successes:
+                written = [
+                    r[0]
+                    for r in conn.execute(
+                        update_sql,
+                        {
+                            **base,
+                            "ids": [s.item_id for s in successes],
+                            "images": [s.image for s in successes],
+                            "patches": [json.dumps(s.patch, ensure_ascii=False) for s in successes],
+                        },
+                    )
+                ]
+            done = set(written)
+            vectors = [
+                (self.source_table, s.item_id, user_id, embedding_model, len(s.embedding),
+                 list(s.embedding))
+                for s in successes
+                if s.item_id in done and s.embedding is not None
+            ]
+            if vectors:
+                with conn.cursor() as cur:
+                    cur.executemany(embed_sql, vectors)
+            if written:
+                conn.execute(cleared_sql, {**base, "ids": written})
+            if failures:
+                conn.execute(
+                    ledger_sql,
+                    {
+                        **base,
+                        "ids": [f.item_id for f in failures],
+                        "permanent": [f.error.permanent for f in failures],
+                        "codes": [f.error.code for f in failures],
+                        # Errors are kept short: the ledger is for people, not for dumps.
+                        "messages": [f.error.message[:2000] for f in failures],
+                    },
+                )
+            every = [s.item_id for s in successes] + [f.item_id for f in failures]
+            if every:
+                conn.execute(release_sql, {**base, "ids": every})
+        return WriteOutcome(
+            written=written,
+            skipped=[s.item_id for s in successes if s.item_id not in done],
+            failed=[f.item_id for f in failures],
+        )
+
+    def release(self, user_id: str, ids: Iterable[str], *, worker: str) -> None:
+        query = sql.SQL(
+            "DELETE FROM {c} WHERE source_table = %(src)s AND user_id = %(user)s"
+            " AND worker = %(worker)s AND item_id = ANY(%(ids)s::text[])"
+        ).format(c=self._t("enrich_claims"))
+        with self.pool.connection() as conn:
+            conn.execute(
+                query,
+                {"src": self.source_table, "user": user_id, "worker": worker, "ids": list(ids)},
+            )
+
+    def reset_failures(self, user_id: str | None = None) -> int:
+        """Forget recorded failures so those rows are pending again (the "retry failed" action)."""
+        query = sql.SQL(
+            "DELETE FROM {f} WHERE source_table = %(src)s"
+            " AND (%(user)s::text IS NULL OR user_id = %(user)s)"
+        ).format(f=self._t("enrich_failures"))
+        with self.pool.connection() as conn:
+            return conn.execute(query, {"src": self.source_table, "user": user_id}).rowcount
+
+
+# --- the embedded demo's own sample table ---------------------------------------------------
+# Only the demo creates an items table; against a user's database the pipeline never does.
+
+def create_sample_table(conn: psycopg.Connection, namespace: str, table: str) -> None:
+    items = sql.Identifier(namespace, table)
+    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(namespace)))
+    conn.execute(
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} ("
+            " id bigserial PRIMARY KEY, user_id text NOT NULL, image text,"
+            " status text NOT NULL DEFAULT 'active', metadata jsonb DEFAULT '{{}}'::jsonb,"
+            " created_at timestamptz NOT NULL DEFAULT now(),"
+            " updated_at timestamptz NOT NULL DEFAULT now())"
+        ).format(items)
+    )
+
+
+def insert_sample_items(
+    conn: psycopg.Connection,
+    namespace: str,
+    table: str,
+    rows: Sequence[tuple[str, str | None, str, Any]],
+) -> list[str]:
+    """Insert (user_id, image, status, metadata) rows; returns their ids."""
+    query = sql.SQL(
+        "INSERT INTO {} (user_id, image, status, metadata) VALUES (%s, %s, %s, %s::jsonb)"
+        " RETURNING id::text"
+    ).format(sql.Identifier(namespace, table))
+    ids: list[str] = []
+    with conn.cursor() as cur:
+        cur.executemany(
+            query,
+            [(u, img, st, None if md is None else json.dumps(md)) for u, img, st, md in rows],
+            returning=True,
+        )
+        while True:
+            ids.extend(r[0] for r in cur.fetchall())
+            if not cur.nextset():
+                break
+    return ids
+
+
+def table_is_empty(conn: psycopg.Connection, namespace: str, table: str) -> bool:
+    query = sql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {})").format(
+        sql.Identifier(namespace, table)
+    )
+    row = conn.execute(query).fetchone()
+    return bool(row and row[0])

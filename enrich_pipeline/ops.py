@@ -1,0 +1,225 @@
+"""Thin Dagster ops around the stages: pending rows, visual attributes, captions, caption
+embeddings, DB writes, and the summary that becomes the materialization's metadata.
+
+Run knobs are given once, to ``pending_rows``, and travel with each chunk, so a user configures
+one op in the launchpad, not five.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from dagster import (
+    Config,
+    DynamicOut,
+    DynamicOutput,
+    Failure,
+    In,
+    MetadataValue,
+    OpExecutionContext,
+    Out,
+    Output,
+    op,
+)
+
+from enrich_pipeline import stages
+from enrich_pipeline.api.dashscope import FatalProviderError, Provider
+from enrich_pipeline.enrichment.records import Provenance
+from enrich_pipeline.partitions import key_to_user
+from enrich_pipeline.resources.adbpg import AdbpgResource
+from enrich_pipeline.resources.dashscope import DashScopeResource
+from enrich_pipeline.runner import chunked
+from enrich_pipeline.settings import RunSettings, image_policy_from_env
+
+# Chunks hold decoded-and-downscaled images between ops: keep them in memory, not pickled to
+# disk. The job runs in process, so this is both correct and fast.
+CHUNK_IO = "chunk_io_manager"
+
+
+class EnrichConfig(Config):
+    """Run configuration (launchpad: ops.pending_rows.config)."""
+
+    batch_size: int = 50
+    max_items: int | None = None
+    concurrent: int = 5
+    caption_embedding: bool = True
+    max_attempts: int = 3
+    lease_seconds: int = 900
+
+
+@dataclass
+class ChunkState:
+    """A chunk on its way through the graph, with the run knobs and the usage it caused."""
+
+    chunk: stages.Chunk
+    run: RunSettings
+    usage: dict[str, int] = field(default_factory=dict)
+    result: stages.ChunkResult | None = None
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    user_id: str
+    ids: list[str]
+    run: RunSettings
+
+
+def _user(context: OpExecutionContext) -> str:
+    return key_to_user(context.partition_key)
+
+
+def _track(provider: Provider, state: ChunkState, before: dict[str, int]) -> None:
+    after = provider.usage.as_dict()
+    for k, v in after.items():
+        state.usage[k] = state.usage.get(k, 0) + v - before.get(k, 0)
+
+
+def _fatal(context: OpExecutionContext, adbpg: AdbpgResource, state: ChunkState,
+           exc: FatalProviderError) -> Failure:
+    adbpg.store.release(state.chunk.user_id, [w.item.id for w in state.chunk.items],
+                        worker=state.chunk.worker)
+    context.log.error(f"stopping the run: {exc}")
+    return Failure(description=str(exc), allow_retries=False)
+
+
+@op(out=DynamicOut(ChunkSpec, io_manager_key=CHUNK_IO))
+def pending_rows(context: OpExecutionContext, config: EnrichConfig, adbpg: AdbpgResource):
+    """The user's pending rows (active, image, no caption, not given up), in chunks."""
+    run = RunSettings(
+        batch_size=config.batch_size,
+        max_items=config.max_items,
+        concurrent=config.concurrent,
+        caption_embedding=config.caption_embedding,
+        max_attempts=config.max_attempts,
+        lease_seconds=config.lease_seconds,
+    )
+    user = _user(context)
+    ids = adbpg.store.pending_ids(user, limit=run.max_items, max_attempts=run.max_attempts)
+    context.log.info(f"{len(ids)} pending row(s) for user {user!r}")
+    for n, chunk_ids in enumerate(chunked(ids, run.batch_size)):
+        yield DynamicOutput(ChunkSpec(user, chunk_ids, run), mapping_key=f"chunk_{n}")
+
+
+@op(ins={"spec": In(ChunkSpec)}, out=Out(ChunkState, io_manager_key=CHUNK_IO))
+def visual_attributes(context: OpExecutionContext, spec: ChunkSpec, adbpg: AdbpgResource,
+                      dashscope: DashScopeResource) -> ChunkState:
+    """Claim the chunk's rows, load each image once: dominant colors and a downscaled copy."""
+    run = spec.run
+    chunk = stages.claim_chunk(adbpg.store, spec.user_id, spec.ids, worker=context.run_id,
+                               lease_seconds=run.lease_seconds, max_attempts=run.max_attempts)
+    stages.visual_attributes(
+        chunk,
+        policy=image_policy_from_env(local_files=adbpg.store.settings.embedded),
+        max_image_side=dashscope.settings.max_image_side,
+        color_count=run.color_count,
+        concurrent=run.concurrent,
+    )
+    return ChunkState(chunk, run)
+
+
+@op(out=Out(ChunkState, io_manager_key=CHUNK_IO))
+def captions(context: OpExecutionContext, state: ChunkState, adbpg: AdbpgResource,
+             dashscope: DashScopeResource) -> ChunkState:
+    """Caption the chunk with Qwen-VL, ``concurrent`` calls at a time, and derive its tags."""
+    before = dashscope.provider.usage.as_dict()
+    try:
+        stages.caption_chunk(state.chunk, dashscope.provider, concurrent=state.run.concurrent)
+    except FatalProviderError as exc:
+        raise _fatal(context, adbpg, state, exc) from exc
+    finally:
+        _track(dashscope.provider, state, before)
+    return state
+
+
+@op(out=Out(ChunkState, io_manager_key=CHUNK_IO))
+def caption_embeddings(context: OpExecutionContext, state: ChunkState, adbpg: AdbpgResource,
+                       dashscope: DashScopeResource) -> ChunkState:
+    """Embed the captions (ten per request), unless the run turned embeddings off."""
+    before = dashscope.provider.usage.as_dict()
+    try:
+        stages.embed_chunk(state.chunk, dashscope.provider, enabled=state.run.caption_embedding)
+    except FatalProviderError as exc:
+        raise _fatal(context, adbpg, state, exc) from exc
+    finally:
+        _track(dashscope.provider, state, before)
+    return state
+
+
+@op(out=Out(ChunkState, io_manager_key=CHUNK_IO))
+def write_results(context: OpExecutionContext, state: ChunkState, adbpg: AdbpgResource,
+                  dashscope: DashScopeResource) -> ChunkState:
+    """Write the chunk back in one transaction; what it finished survives a later crash."""
+    settings = dashscope.settings
+    provider = dashscope.provider
+    result = stages.write_chunk(
+        adbpg.store,
+        state.chunk,
+        provenance=Provenance(provider.model_label, settings.prompt_version, provider.offline),
+        embedding_model=settings.embedding_model if state.run.caption_embedding else None,
+        run_id=context.run_id,
+        embedding_wanted=state.run.caption_embedding,
+    )
+    s = result.stats
+    context.log.info(f"chunk written: {s.succeeded} succeeded, {s.failed} failed, "
+                     f"{s.skipped} skipped")
+    # Only the small result goes on: images and vectors are done with.
+    return replace(state, chunk=replace(state.chunk, items=[]), result=result)
+
+
+@op
+def summarize(context: OpExecutionContext, states: list[ChunkState], adbpg: AdbpgResource,
+              dashscope: DashScopeResource) -> Output[dict]:
+    """Totals for the partition, shown as the asset materialization's metadata."""
+    stats = stages.RunStats()
+    usage: dict[str, int] = {}
+    for state in states:
+        if state.result is not None:
+            stats.merge(state.result.stats)
+        for k, v in state.usage.items():
+            usage[k] = usage.get(k, 0) + v
+    user = _user(context)
+    ledger = adbpg.store.failures(user)
+    provider = dashscope.provider
+    summary = {
+        "user_id": user,
+        "total": stats.total,
+        "succeeded": stats.succeeded,
+        "failed": stats.failed,
+        "skipped": stats.skipped,
+        "success_rate": round(stats.success_rate, 4),
+        "embedded": stats.embedded,
+        "embedding_failed": stats.embedding_failed,
+        "errors": stats.errors,
+        "usage": usage,
+        "provider": "offline (synthetic captions)" if provider.offline else "dashscope",
+        "model": provider.model_label,
+    }
+    samples = "\n".join(f"- {c}" for c in stats.samples) or "(none)"
+    failures = "\n".join(
+        f"| {e.item_id} | {e.attempts} | {'yes' if e.permanent else 'no'} | {e.error_code} |"
+        f" {e.last_error[:120].replace('|', '/')} |"
+        for e in ledger[:20]
+    )
+    metadata = {
+        "user_id": user,
+        "total": stats.total,
+        "succeeded": stats.succeeded,
+        "failed": stats.failed,
+        "skipped": stats.skipped,
+        "success_rate": MetadataValue.float(round(stats.success_rate, 4)),
+        "tokens_used": usage.get("total_tokens", 0),
+        "prompt_tokens": usage.get("prompt_tokens", 0),
+        "completion_tokens": usage.get("completion_tokens", 0),
+        "embedding_tokens": usage.get("embedding_tokens", 0),
+        "api_retries": usage.get("retries", 0),
+        "embedded": stats.embedded,
+        "provider": summary["provider"],
+        "model": provider.model_label,
+        "sample_captions": MetadataValue.md(samples),
+        "failure_ledger": MetadataValue.md(
+            "| item | attempts | permanent | code | last error |\n|---|---|---|---|---|\n"
+            + failures if ledger else "(no recorded failures)"
+        ),
+        "failures_recorded": len(ledger),
+    }
+    return Output(summary, metadata=metadata)

@@ -1,0 +1,273 @@
+"""The enrichment stages, free of Dagster: the ops and the command line both call these.
+
+A chunk moves through ``claim_chunk`` -> ``visual_attributes`` -> ``caption_chunk`` ->
+``embed_chunk`` -> ``write_chunk``. Each stage handles every item of the chunk, records a
+per-item error instead of raising, and only a fatal provider error (a rejected key) stops the
+chunk, after its claims are released so that nothing is left marked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from enrich_pipeline.api.dashscope import FatalProviderError, Provider, ProviderError
+from enrich_pipeline.db.store import FailureRow, ItemStore, SuccessRow
+from enrich_pipeline.enrichment.colors import dominant_colors
+from enrich_pipeline.enrichment.images import (
+    ImageLoadError,
+    ImagePolicy,
+    load_image,
+    prepare_for_vision,
+)
+from enrich_pipeline.enrichment.records import (
+    ItemError,
+    Provenance,
+    WorkItem,
+    metadata_patch,
+    utc_timestamp,
+)
+from enrich_pipeline.enrichment.tags import DEFAULT_VOCABULARY, TagVocabulary, derive_tags
+
+T = TypeVar("T")
+
+SAMPLE_CAPTIONS = 5
+
+
+@dataclass
+class Chunk:
+    user_id: str
+    worker: str
+    items: list[WorkItem]
+    skipped: list[str] = field(default_factory=list)
+
+    def live(self) -> list[WorkItem]:
+        return [w for w in self.items if w.ok]
+
+
+@dataclass(frozen=True)
+class ItemOutcome:
+    item_id: str
+    status: str  # "succeeded" | "failed" | "skipped"
+    caption: str | None = None
+    dominant_colors: tuple[str, ...] = ()
+    style_tags: tuple[str, ...] = ()
+    object_tags: tuple[str, ...] = ()
+    error: str | None = None
+    error_code: str | None = None
+
+
+@dataclass
+class RunStats:
+    """The legacy end-of-run statistics, mergeable across chunks and users."""
+
+    total: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    skipped: int = 0
+    embedded: int = 0
+    embedding_failed: int = 0
+    samples: list[str] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def success_rate(self) -> float:
+        return self.succeeded / self.total if self.total else 0.0
+
+    def add(self, outcomes: Iterable[ItemOutcome]) -> None:
+        for o in outcomes:
+            self.total += 1
+            if o.status == "succeeded":
+                self.succeeded += 1
+                if o.caption and len(self.samples) < SAMPLE_CAPTIONS:
+                    self.samples.append(o.caption)
+            elif o.status == "failed":
+                self.failed += 1
+                code = o.error_code or "error"
+                self.errors[code] = self.errors.get(code, 0) + 1
+            else:
+                self.skipped += 1
+
+    def merge(self, other: RunStats) -> None:
+        self.total += other.total
+        self.succeeded += other.succeeded
+        self.failed += other.failed
+        self.skipped += other.skipped
+        self.embedded += other.embedded
+        self.embedding_failed += other.embedding_failed
+        self.samples.extend(other.samples[: max(0, SAMPLE_CAPTIONS - len(self.samples))])
+        for code, n in other.errors.items():
+            self.errors[code] = self.errors.get(code, 0) + n
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    outcomes: list[ItemOutcome]
+    stats: RunStats
+
+
+def _parallel(fn: Callable[[WorkItem], None], items: Sequence[WorkItem], workers: int) -> None:
+    """Run ``fn`` over items on a thread pool; a fatal error cancels what has not started."""
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(items)))) as pool:
+        futures = [pool.submit(fn, item) for item in items]
+        try:
+            for future in futures:
+                future.result()
+        except FatalProviderError:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def claim_chunk(
+    store: ItemStore,
+    user_id: str,
+    ids: Sequence[str],
+    *,
+    worker: str,
+    lease_seconds: int,
+    max_attempts: int,
+) -> Chunk:
+    items, skipped = store.claim(
+        user_id, ids, worker=worker, lease_seconds=lease_seconds, max_attempts=max_attempts
+    )
+    return Chunk(user_id=user_id, worker=worker, items=[WorkItem(i) for i in items],
+                 skipped=skipped)
+
+
+def visual_attributes(
+    chunk: Chunk,
+    *,
+    policy: ImagePolicy,
+    max_image_side: int,
+    color_count: int = 5,
+    concurrent: int = 5,
+) -> Chunk:
+    """Load each image once: dominant colors from its pixels, a downscaled copy for the model."""
+
+    def one(work: WorkItem) -> None:
+        metadata = work.item.metadata
+        if metadata is not None and not isinstance(metadata, dict):
+            work.fail(ItemError("metadata_not_object",
+                                f"metadata is a JSON {type(metadata).__name__}, not an object; "
+                                "the row was left unchanged", True, "read"))
+            return
+        try:
+            loaded = load_image(work.item.image, policy)
+        except ImageLoadError as exc:
+            work.fail(ItemError(exc.code, str(exc), exc.permanent, "image"))
+            return
+        except Exception as exc:  # noqa: BLE001 - a decoder bug must cost one row, not the run
+            work.fail(ItemError("image_error", f"{type(exc).__name__}: {exc}", True, "image"))
+            return
+        work.content_sha256 = loaded.content_sha256
+        work.dominant_colors = dominant_colors(loaded.image, k=color_count)
+        work.vision = prepare_for_vision(loaded, max_side=max_image_side)
+
+    _parallel(one, chunk.live(), concurrent)
+    return chunk
+
+
+def caption_chunk(
+    chunk: Chunk,
+    provider: Provider,
+    *,
+    concurrent: int = 5,
+    vocabulary: TagVocabulary = DEFAULT_VOCABULARY,
+) -> Chunk:
+    """Caption every live item, ``concurrent`` calls at a time, and derive its tags."""
+
+    def one(work: WorkItem) -> None:
+        assert work.vision is not None
+        try:
+            caption = provider.caption(work.vision)
+        except FatalProviderError:
+            raise
+        except ProviderError as exc:
+            work.fail(ItemError(exc.code, str(exc), exc.permanent, "caption"))
+            return
+        work.caption = caption
+        work.style_tags, work.object_tags = derive_tags(caption, vocabulary)
+        # The downscaled image is only needed for the call; drop it to keep memory flat.
+        work.vision = None
+
+    _parallel(one, chunk.live(), concurrent)
+    return chunk
+
+
+def embed_chunk(chunk: Chunk, provider: Provider, *, enabled: bool = True) -> Chunk:
+    """Embed the chunk's captions, ten per request.
+
+    An embedding failure does not cost the caption that was already paid for: the caption is
+    written without a vector and the gap is counted (and shown by the asset check).
+    """
+    if not enabled:
+        return chunk
+    live = [w for w in chunk.live() if w.caption]
+    if not live:
+        return chunk
+    try:
+        vectors = provider.embed([w.caption or "" for w in live])
+    except FatalProviderError:
+        raise
+    except ProviderError:
+        return chunk
+    for work, vector in zip(live, vectors, strict=True):
+        work.embedding = vector
+    return chunk
+
+
+def write_chunk(
+    store: ItemStore,
+    chunk: Chunk,
+    *,
+    provenance: Provenance,
+    embedding_model: str | None,
+    run_id: str | None = None,
+    embedding_wanted: bool = True,
+) -> ChunkResult:
+    """Write the chunk back in one transaction and say what happened to each item."""
+    generated_at = utc_timestamp()
+    successes = [
+        SuccessRow(w.item.id, w.item.image, metadata_patch(w, provenance, generated_at),
+                   w.embedding)
+        for w in chunk.items
+        if w.ok and w.caption
+    ]
+    failures = [FailureRow(w.item.id, w.error) for w in chunk.items if w.error is not None]
+    outcome = store.write_chunk(
+        chunk.user_id,
+        worker=chunk.worker,
+        successes=successes,
+        failures=failures,
+        embedding_model=embedding_model,
+        run_id=run_id,
+    )
+    written = set(outcome.written)
+    outcomes: list[ItemOutcome] = []
+    stats = RunStats()
+    for w in chunk.items:
+        if w.error is not None:
+            outcomes.append(ItemOutcome(w.item.id, "failed", error=w.error.message,
+                                        error_code=w.error.code))
+        elif w.item.id in written:
+            outcomes.append(ItemOutcome(w.item.id, "succeeded", w.caption,
+                                        tuple(w.dominant_colors), tuple(w.style_tags),
+                                        tuple(w.object_tags)))
+            if w.embedding is not None:
+                stats.embedded += 1
+            elif embedding_wanted:
+                stats.embedding_failed += 1
+        else:
+            outcomes.append(ItemOutcome(w.item.id, "skipped",
+                                        error="caption written by someone else meanwhile"))
+    outcomes.extend(
+        ItemOutcome(i, "skipped", error="claimed by another run or no longer pending")
+        for i in chunk.skipped
+    )
+    stats.add(outcomes)
+    return ChunkResult(outcomes, stats)

@@ -1,0 +1,617 @@
+"""A stand-in for DashScope's OpenAI-compatible endpoint, served on loopback.
+
+The public API cannot be reached from the build machines, so tests (and people poking at the
+pipeline by hand) talk to this server instead. It speaks the compatible-mode wire format closely
+enough that the real `openai` client runs against it unchanged, and it can inject every fault the
+pipeline has to survive: rate limits, 5xx, hangs, connection resets, garbage bodies, moderation
+and bad-image rejections, bad keys.
+
+    with StandIn(latency=0.1) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key=server.api_key)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import hashlib
+import io
+import json
+import math
+import re
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import uvicorn
+from PIL import Image, ImageStat
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+ENDPOINTS = ("chat", "embeddings", "any")
+EMBEDDING_DIMENSIONS = (64, 128, 256, 512, 768, 1024, 1536, 2048)
+DEFAULT_DIMENSIONS = 1024
+MAX_EMBEDDING_BATCH = 10
+PATCH = 28  # DashScope bills one vision token per 28x28 pixel patch
+
+# fault -> (status, code, message) as compatible mode sends them; `type` follows from the code.
+_ERRORS: dict[str, tuple[int, str, str]] = {
+    "429": (429, "limit_requests", "Requests rate limit exceeded, please try again later."),
+    "500": (500, "internal_error", "An internal error has occured."),
+    "503": (503, "internal_error", "The service is temporarily unavailable."),
+    "moderation": (400, "data_inspection_failed", "Input data may contain inappropriate content."),
+    "bad_image": (
+        400,
+        "invalid_parameter_error",
+        "The image format is illegal and cannot be opened",
+    ),
+    "unauthorized": (401, "invalid_api_key", "Incorrect API key provided."),
+}
+FAULTS = frozenset({*_ERRORS, "timeout", "reset", "malformed", "empty_caption"})
+
+_PALETTE: dict[str, tuple[int, int, int]] = {
+    "black": (20, 20, 20),
+    "gray": (128, 128, 128),
+    "white": (240, 240, 240),
+    "red": (200, 30, 30),
+    "orange": (240, 140, 30),
+    "yellow": (230, 210, 50),
+    "green": (40, 160, 60),
+    "teal": (30, 140, 140),
+    "blue": (40, 80, 200),
+    "purple": (130, 50, 160),
+    "pink": (240, 150, 180),
+    "brown": (120, 75, 40),
+    "beige": (220, 200, 160),
+}
+
+# Shared style/object words on purpose, so downstream attribute extraction has something to find.
+_TEMPLATES = (
+    "A modern {color} chair in a minimalist living room with natural light.",
+    "A vintage {color} leather sofa beside a wooden table in a cozy room.",
+    "A {color} ceramic vase with flowers on a rustic kitchen shelf.",
+    "A sleek {color} laptop on an industrial metal desk in a bright office.",
+    "A minimalist {color} lamp standing next to a bookshelf in a scandinavian bedroom.",
+    "A rustic {color} wooden cabinet with brass handles in a farmhouse kitchen.",
+    "A modern {color} armchair with a wool throw near a large window.",
+    "An industrial {color} pendant light hanging over a concrete dining table.",
+)
+
+
+def color_name(rgb: tuple[float, float, float]) -> str:
+    """Nearest palette word for a mean colour."""
+    return min(
+        _PALETTE, key=lambda n: sum((a - b) ** 2 for a, b in zip(rgb, _PALETTE[n], strict=True))
+    )
+
+
+def _stable_index(key: str, n: int) -> int:
+    # Python's hash() is salted per process; captions must not change between runs.
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % n
+
+
+def image_mean(image: Image.Image) -> tuple[float, float, float]:
+    r, g, b = ImageStat.Stat(image.convert("RGB")).mean
+    return (r, g, b)
+
+
+def image_tokens(width: int, height: int) -> int:
+    return max(4, math.ceil(width / PATCH) * math.ceil(height / PATCH))
+
+
+def caption_for_image(image: Image.Image) -> str:
+    """The caption the stand-in returns for `image` (deterministic)."""
+    mean = image_mean(image)
+    key = f"{image.width}x{image.height}:" + ",".join(str(round(c)) for c in mean)
+    return _TEMPLATES[_stable_index(key, len(_TEMPLATES))].format(color=color_name(mean))
+
+
+def _caption_for_key(key: str) -> str:
+    # No pixels to look at (remote URL or text only): still deterministic per request.
+    color = list(_PALETTE)[_stable_index("color:" + key, len(_PALETTE))]
+    return _TEMPLATES[_stable_index(key, len(_TEMPLATES))].format(color=color)
+
+
+def embed_text(text: str, dimensions: int = DEFAULT_DIMENSIONS) -> list[float]:
+    """L2-normalised feature hashing of lower-cased words: shared words give cosine > 0."""
+    vec = np.zeros(dimensions, dtype=np.float64)
+    for word in re.findall(r"\w+", text.lower()):
+        h = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "big")
+        vec[h % dimensions] += 1.0 if (h >> 40) & 1 else -1.0
+    norm = float(np.linalg.norm(vec))
+    if norm == 0.0:
+        vec[0], norm = 1.0, 1.0
+    return (vec / norm).tolist()
+
+
+def _count_tokens(text: str) -> int:
+    return len(re.findall(r"\w+|[^\w\s]", text))
+
+
+class _Reply(Exception):
+    """An error response decided somewhere down the handler."""
+
+    def __init__(self, fault_or_status: str | int, message: str = "", fault: str | None = None):
+        if isinstance(fault_or_status, str):
+            self.status, self.code, self.message = _ERRORS[fault_or_status]
+        else:
+            self.status, self.code, self.message = (
+                fault_or_status,
+                "invalid_parameter_error",
+                message,
+            )
+        # DashScope files both client-side errors under one OpenAI type; others echo the code.
+        self.type = "invalid_request_error" if self.code.startswith("invalid_") else self.code
+        self.fault = fault
+        self.headers: dict[str, str] = {}
+        super().__init__(self.message)
+
+
+# Parsed request: image mean colours and texts (for rules), and a builder of the success body.
+_Parsed = tuple[list[tuple[float, float, float]], list[str], Callable[[bool], dict[str, Any]]]
+
+
+@dataclass
+class _Injected:
+    fault: str
+    remaining: int
+    endpoint: str
+    retry_after: float | None
+
+
+@dataclass
+class _Rule:
+    fault: str
+    color: tuple[int, int, int] | None
+    tolerance: int
+    text_contains: str | None
+    remaining: int | None
+
+
+class _ExposeTransport:
+    """Puts uvicorn's transport in the scope so a "reset" can abort the TCP connection."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # uvicorn's `send` is a bound method of its per-request cycle, which holds the transport.
+        scope["standin.transport"] = getattr(getattr(send, "__self__", None), "transport", None)
+        await self.app(scope, receive, send)
+
+
+class StandIn:
+    """OpenAI-compatible DashScope stand-in running in a background thread.
+
+    `requests` is appended when a request completes (a hung "timeout" request appears late),
+    with `time` its arrival; a "reset" is logged with status 0 and rpm-limited calls with
+    fault "rpm_limit".
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str = "sk-standin",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        latency: float = 0.0,
+        rpm_limit: int | None = None,
+        hang_seconds: float = 30.0,
+    ) -> None:
+        self.api_key = api_key
+        self.host = host
+        self.port = port
+        self.latency = latency
+        self.rpm_limit = rpm_limit
+        self.hang_seconds = hang_seconds
+        self.requests: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._injected: list[_Injected] = []
+        self._rules: list[_Rule] = []
+        self._window: deque[float] = deque()
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        routes = [
+            Route("/v1/chat/completions", self._chat, methods=["POST"]),
+            Route("/v1/embeddings", self._embeddings, methods=["POST"]),
+        ]
+        self.app = _ExposeTransport(Starlette(routes=routes))
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self) -> StandIn:
+        if self._thread is not None:
+            raise RuntimeError("stand-in already started")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]  # resolves port 0 before anyone reads base_url
+        config = uvicorn.Config(
+            self.app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            loop="asyncio",
+            http="h11",
+            ws="none",
+            timeout_graceful_shutdown=2,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=lambda: asyncio.run(self._serve(sock)), name="dashscope-standin", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("stand-in server failed to start")
+            time.sleep(0.01)
+        return self
+
+    async def _serve(self, sock: socket.socket) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        assert self._server is not None
+        await self._server.serve(sockets=[sock])
+
+    def stop(self) -> None:
+        if self._server is None or self._thread is None:
+            return
+        # Wake hanging "timeout" requests first, or graceful shutdown would wait for them.
+        if self._loop is not None and self._stopping is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(self._stopping.set)
+            except RuntimeError:  # loop closed between the check and the call
+                pass
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+        self._server = self._thread = self._loop = self._stopping = None
+
+    def __enter__(self) -> StandIn:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- fault control -----------------------------------------------------------------------
+
+    def inject(
+        self,
+        fault: str,
+        *,
+        times: int = 1,
+        endpoint: str = "any",
+        retry_after: float | None = None,
+    ) -> None:
+        """Serve `fault` to the next `times` requests on `endpoint`."""
+        if fault not in FAULTS:
+            raise ValueError(f"unknown fault {fault!r}; expected one of {sorted(FAULTS)}")
+        if endpoint not in ENDPOINTS:
+            raise ValueError(f"endpoint must be one of {ENDPOINTS}, not {endpoint!r}")
+        if times < 1:
+            raise ValueError("times must be >= 1")
+        with self._lock:
+            self._injected.append(_Injected(fault, times, endpoint, retry_after))
+
+    def add_rule(
+        self,
+        fault: str,
+        *,
+        color: tuple[int, int, int] | None = None,
+        tolerance: int = 30,
+        text_contains: str | None = None,
+        times: int | None = None,
+    ) -> None:
+        """Serve `fault` to chat requests with an image near `color`, or embedding requests
+        with an input containing `text_contains`; `times=None` means forever."""
+        if fault not in FAULTS:
+            raise ValueError(f"unknown fault {fault!r}; expected one of {sorted(FAULTS)}")
+        if color is None and text_contains is None:
+            raise ValueError("a rule needs color= or text_contains=")
+        with self._lock:
+            self._rules.append(_Rule(fault, color, tolerance, text_contains, times))
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._injected.clear()
+            self._rules.clear()
+
+    def count(self, endpoint: str | None = None, status: int | None = None) -> int:
+        with self._lock:
+            return sum(
+                1
+                for r in self.requests
+                if (endpoint is None or r["endpoint"] == endpoint)
+                and (status is None or r["status"] == status)
+            )
+
+    def reset_log(self) -> None:
+        with self._lock:
+            self.requests.clear()
+
+    def _take_injected(self, endpoint: str) -> _Injected | None:
+        with self._lock:
+            for item in self._injected:
+                if item.endpoint in ("any", endpoint):
+                    item.remaining -= 1
+                    if item.remaining <= 0:
+                        self._injected.remove(item)
+                    return item
+        return None
+
+    def _match_rule(self, means: list[tuple[float, float, float]], texts: list[str]) -> str | None:
+        with self._lock:
+            for rule in self._rules:
+                hit = (
+                    rule.color is not None
+                    and any(
+                        max(abs(m - c) for m, c in zip(mean, rule.color, strict=True))
+                        <= rule.tolerance
+                        for mean in means
+                    )
+                ) or (
+                    rule.text_contains is not None and any(rule.text_contains in t for t in texts)
+                )
+                if hit:
+                    if rule.remaining is not None:
+                        rule.remaining -= 1
+                        if rule.remaining <= 0:
+                            self._rules.remove(rule)
+                    return rule.fault
+        return None
+
+    def _admit(self) -> bool:
+        with self._lock:
+            if self.rpm_limit is None:
+                return True
+            now = time.monotonic()
+            while self._window and now - self._window[0] >= 60.0:
+                self._window.popleft()
+            if len(self._window) >= self.rpm_limit:
+                return False
+            self._window.append(now)
+            return True
+
+    # -- HTTP --------------------------------------------------------------------------------
+
+    async def _chat(self, request: Request) -> Response:
+        return await self._handle(request, "chat")
+
+    async def _embeddings(self, request: Request) -> Response:
+        return await self._handle(request, "embeddings")
+
+    async def _handle(self, request: Request, endpoint: str) -> Response:
+        request_id = str(uuid.uuid4())
+        entry: dict[str, Any] = {
+            "endpoint": endpoint,
+            "model": "",
+            "n_inputs": 0,
+            "status": 200,
+            "fault": None,
+            "time": time.time(),
+            "image_tokens": 0,
+        }
+        headers = {"x-request-id": request_id}
+        logged = False
+        try:
+            try:
+                body = json.loads(await request.body())
+            except ValueError:
+                body = None
+            if isinstance(body, dict) and isinstance(body.get("model"), str):
+                entry["model"] = body["model"]
+            if request.headers.get("authorization") != f"Bearer {self.api_key}":
+                raise _Reply("unauthorized")
+            if not self._admit():
+                raise _Reply("429", fault="rpm_limit")
+            if self.latency > 0:
+                await asyncio.sleep(self.latency)
+            if not isinstance(body, dict):
+                raise _Reply(400, "The request body is not valid JSON.")
+            parse = self._parse_chat if endpoint == "chat" else self._parse_embeddings
+            means, texts, respond = parse(body, entry)
+            injected = self._take_injected(endpoint)
+            fault = injected.fault if injected else self._match_rule(means, texts)
+            entry["fault"] = fault
+            if fault == "timeout":
+                await self._hang()
+            elif fault == "reset":
+                # Logged before the abort: the client may act on the reset before we resume.
+                entry["status"], logged = 0, True
+                self._log(entry)
+                return await self._reset(request)
+            elif fault == "malformed":
+                return Response('{"id": "chatcmpl-', 200, headers, "application/json")
+            elif fault in _ERRORS:
+                reply = _Reply(fault, fault=fault)
+                if injected and injected.retry_after is not None:
+                    reply.headers["Retry-After"] = f"{injected.retry_after:g}"
+                raise reply
+            return JSONResponse(respond(fault == "empty_caption"), headers=headers)
+        except _Reply as reply:
+            entry["status"], entry["fault"] = reply.status, reply.fault
+            error = {"message": reply.message, "type": reply.type, "param": None}
+            content = {"error": error | {"code": reply.code}, "request_id": request_id}
+            return JSONResponse(content, reply.status, headers | reply.headers)
+        finally:
+            if not logged:
+                self._log(entry)
+
+    def _log(self, entry: dict[str, Any]) -> None:
+        with self._lock:
+            self.requests.append(entry)
+
+    async def _hang(self) -> None:
+        assert self._stopping is not None
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout=self.hang_seconds)
+        except TimeoutError:
+            pass
+
+    async def _reset(self, request: Request) -> Response:
+        transport = request.scope.get("standin.transport")
+        if transport is None:
+            raise RuntimeError("the reset fault needs uvicorn's h11 transport in the scope")
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Zero linger turns close() into a RST, like a load balancer dropping the flow.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+        # Let connection_lost run so uvicorn marks the cycle disconnected and drops our reply.
+        await asyncio.sleep(0.01)
+        return Response(status_code=204)
+
+    def _parse_chat(self, body: dict[str, Any], entry: dict[str, Any]) -> _Parsed:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _Reply(400, "messages must be a non-empty list.")
+        text_tokens = 0
+        images: list[Image.Image] = []
+        means: list[tuple[float, float, float]] = []
+        keys: list[str] = []
+        for message in messages:
+            content = message.get("content") if isinstance(message, dict) else None
+            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            if not isinstance(parts, list):
+                raise _Reply(400, "message content must be a string or a list of parts.")
+            for part in parts:
+                if not isinstance(part, dict):
+                    raise _Reply(400, "content parts must be objects.")
+                if part.get("type") == "text":
+                    text_tokens += _count_tokens(str(part.get("text", "")))
+                    keys.append(str(part.get("text", "")))
+                elif part.get("type") == "image_url":
+                    url = part.get("image_url")
+                    url = url.get("url") if isinstance(url, dict) else url
+                    if not isinstance(url, str):
+                        raise _Reply("bad_image")
+                    if url.startswith("data:"):
+                        image = _decode_data_url(url)
+                        images.append(image)
+                        means.append(image_mean(image))
+                        entry["image_tokens"] += image_tokens(image.width, image.height)
+                    elif url.startswith(("http://", "https://")):
+                        keys.insert(0, url)  # not fetched: no tokens, but a stable caption
+                    else:
+                        raise _Reply("bad_image")
+                    entry["n_inputs"] += 1
+        model = entry["model"]
+        prompt_tokens = text_tokens + entry["image_tokens"]
+
+        def respond(empty: bool) -> dict[str, Any]:
+            caption = caption_for_image(images[0]) if images else _caption_for_key("|".join(keys))
+            caption = "" if empty else caption
+            completion = _count_tokens(caption)
+            return {
+                "id": f"chatcmpl-{uuid.uuid4()}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": caption},
+                        "finish_reason": "stop",
+                        "logprobs": None,
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion,
+                    "total_tokens": prompt_tokens + completion,
+                },
+                "system_fingerprint": None,
+            }
+
+        return means, [], respond
+
+    def _parse_embeddings(self, body: dict[str, Any], entry: dict[str, Any]) -> _Parsed:
+        raw = body.get("input")
+        texts = [raw] if isinstance(raw, str) else raw
+        if not isinstance(texts, list) or not texts:
+            raise _Reply(400, "input must be a string or a non-empty list of strings.")
+        if not all(isinstance(t, str) and t.strip() for t in texts):
+            raise _Reply(400, "input contents must be non-empty strings.")
+        entry["n_inputs"] = len(texts)
+        if len(texts) > MAX_EMBEDDING_BATCH:
+            raise _Reply(400, "batch size is invalid, it should not be larger than 10.")
+        dims = body.get("dimensions", DEFAULT_DIMENSIONS)
+        if isinstance(dims, bool) or dims not in EMBEDDING_DIMENSIONS:
+            allowed = ", ".join(map(str, EMBEDDING_DIMENSIONS))
+            raise _Reply(400, f"dimensions is invalid, it should be one of {allowed}.")
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise _Reply(400, "encoding_format should be float or base64.")
+        model = entry["model"]
+
+        def respond(_empty: bool) -> dict[str, Any]:
+            data = []
+            for i, text in enumerate(texts):
+                vector: list[float] | str = embed_text(text, dims)
+                if encoding == "base64":
+                    # The SDK decodes base64 as little-endian float32 (numpy.frombuffer).
+                    vector = base64.b64encode(np.asarray(vector, "<f4").tobytes()).decode()
+                data.append({"object": "embedding", "index": i, "embedding": vector})
+            tokens = sum(max(1, len(re.findall(r"\w+", t))) for t in texts)
+            return {
+                "object": "list",
+                "data": data,
+                "model": model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                "id": str(uuid.uuid4()),
+            }
+
+        return [], texts, respond
+
+
+def _decode_data_url(url: str) -> Image.Image:
+    header, _, payload = url.partition(",")
+    if ";base64" not in header:
+        raise _Reply("bad_image")
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
+        image.load()
+    except (binascii.Error, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise _Reply("bad_image") from exc
+    return image.convert("RGB")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run the DashScope stand-in server.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--api-key", default="sk-standin")
+    parser.add_argument("--latency", type=float, default=0.0)
+    parser.add_argument("--rpm-limit", type=int, default=None)
+    parser.add_argument("--hang-seconds", type=float, default=30.0)
+    args = parser.parse_args(argv)
+    with StandIn(**vars(args)) as server:
+        print(f"DashScope stand-in listening on {server.base_url}", flush=True)
+        print(f"export DASHSCOPE_BASE_URL={server.base_url}", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()
