@@ -15,7 +15,6 @@ from enrich_pipeline.resources.dashscope import DashScopeResource
 enrich_job = define_asset_job(
     "enrich_job",
     selection=[enriched_items],
-    partitions_def=enriched_items.partitions_def,
     executor_def=in_process_executor,
 )
 

@@ -5,7 +5,6 @@ Run knobs are given once, to ``pending_rows``, and travel with each chunk, so a 
 one op in the launchpad, not five.
 """
 
-from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 

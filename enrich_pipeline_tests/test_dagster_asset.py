@@ -1,0 +1,117 @@
+"""The partitioned graph asset, materialized for real against the database and the stand-in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from dagster import DagsterInstance, materialize
+
+from enrich_pipeline.assets import enriched_items
+from enrich_pipeline.definitions import defs
+from enrich_pipeline.ops import CHUNK_IO
+from enrich_pipeline.partitions import key_to_user, user_to_key
+from enrich_pipeline.testing.standin import StandIn
+from enrich_pipeline_tests.conftest import Items
+
+
+def resources() -> dict:
+    return {k: v for k, v in defs.resources.items() if k in ("adbpg", "dashscope", CHUNK_IO)}
+
+
+def materialize_user(instance: DagsterInstance, user: str, **config: object):
+    key = user_to_key(user)
+    instance.add_dynamic_partitions("users", [key])
+    return materialize(
+        [enriched_items],
+        partition_key=key,
+        instance=instance,
+        resources=resources(),
+        run_config={"ops": {"enriched_items": {"ops": {"pending_rows": {"config": config}}}}}
+        if config else None,
+    )
+
+
+def test_partition_materializes_with_statistics(
+    env: pytest.MonkeyPatch, items: Items, image_dir: Path, standin: StandIn
+) -> None:
+    ids = [items.add("alice", str(image_dir / f"{c}.jpg"), metadata={"n": i})
+           for i, c in enumerate(["blue", "red", "green", "yellow", "cyan"])]
+    broken = items.add("alice", str(image_dir / "broken.jpg"))
+    other = items.add("bob", str(image_dir / "blue.jpg"))
+    instance = DagsterInstance.ephemeral()
+
+    result = materialize_user(instance, "alice", batch_size=2)
+
+    assert result.success
+    # 6 rows in chunks of 2: each chunk's write is its own step.
+    writes = [e for e in result.get_step_success_events()
+              if e.step_key.startswith("enriched_items.write_results")]
+    assert len(writes) == 3
+    (mat,) = result.asset_materializations_for_node("enriched_items")
+    md = {k: v.value for k, v in mat.metadata.items()}
+    assert (md["total"], md["succeeded"], md["failed"], md["skipped"]) == (6, 5, 1, 0)
+    assert md["success_rate"] == pytest.approx(5 / 6, abs=1e-3)
+    assert md["tokens_used"] > 0 and md["provider"] == "dashscope"
+    assert md["sample_captions"].count("\n- ") >= 2
+    assert broken in md["failure_ledger"]
+    assert mat.partition == "alice"
+    for i in ids:
+        assert items.row(i)["metadata"]["caption"]
+    assert "caption" not in items.row(other)["metadata"]
+    assert standin.count("embeddings") == 3
+
+
+def test_no_embedding_config_and_empty_partition(
+    env: pytest.MonkeyPatch, items: Items, image_dir: Path, standin: StandIn
+) -> None:
+    items.add("alice", str(image_dir / "blue.jpg"))
+    instance = DagsterInstance.ephemeral()
+    result = materialize_user(instance, "alice", caption_embedding=False)
+    assert result.success and standin.count("embeddings") == 0
+    # Nothing pending any more: the run still records an (empty) materialization.
+    again = materialize_user(instance, "alice")
+    (mat,) = again.asset_materializations_for_node("enriched_items")
+    assert mat.metadata["total"].value == 0
+
+
+def test_invalid_key_fails_the_run_and_leaves_rows_pending(
+    env: pytest.MonkeyPatch, items: Items, image_dir: Path
+) -> None:
+    item = items.add("alice", str(image_dir / "blue.jpg"))
+    env.setenv("DASHSCOPE_API_KEY", "sk-wrong")
+    result = materialize(
+        [enriched_items], partition_key="alice", instance=_with_partition("alice"),
+        resources=resources(), raise_on_error=False,
+    )
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "DASHSCOPE_API_KEY" in failure.step_failure_data.error.message
+    assert items.row(item)["metadata"] == {}
+    assert items.execute("SELECT count(*) FROM {ns}.enrich_failures") == [(0,)]
+
+
+def _with_partition(user: str) -> DagsterInstance:
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("users", [user_to_key(user)])
+    return instance
+
+
+@pytest.mark.parametrize("user", ["alice", "o'brien; DROP TABLE x;--", "a...b", "tab\there",
+                                  "u64:x", "ユーザー", " padded "])
+def test_partition_keys_round_trip(user: str) -> None:
+    key = user_to_key(user)
+    assert key_to_user(key) == user
+    assert "..." not in key and "\t" not in key
+
+
+def test_odd_user_id_partition_is_scoped_to_that_user(
+    env: pytest.MonkeyPatch, items: Items, image_dir: Path
+) -> None:
+    odd = "o'brien\"; DROP TABLE items;--"
+    mine = items.add(odd, str(image_dir / "blue.jpg"))
+    theirs = items.add("o'brien", str(image_dir / "red.jpg"))
+    result = materialize_user(DagsterInstance.ephemeral(), odd)
+    assert result.success
+    assert items.row(mine)["metadata"]["caption"]
+    assert items.row(theirs)["metadata"] == {}
