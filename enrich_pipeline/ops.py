@@ -5,7 +5,6 @@ Run knobs are given once, to ``pending_rows``, and travel with each chunk, so a 
 one op in the launchpad, not five.
 """
 
-
 from dataclasses import dataclass, field, replace
 
 from dagster import (
@@ -73,10 +72,12 @@ def _track(provider: Provider, state: ChunkState, before: dict[str, int]) -> Non
         state.usage[k] = state.usage.get(k, 0) + v - before.get(k, 0)
 
 
-def _fatal(context: OpExecutionContext, adbpg: AdbpgResource, state: ChunkState,
-           exc: FatalProviderError) -> Failure:
-    adbpg.store.release(state.chunk.user_id, [w.item.id for w in state.chunk.items],
-                        worker=state.chunk.worker)
+def _fatal(
+    context: OpExecutionContext, adbpg: AdbpgResource, state: ChunkState, exc: FatalProviderError
+) -> Failure:
+    adbpg.store.release(
+        state.chunk.user_id, [w.item.id for w in state.chunk.items], worker=state.chunk.worker
+    )
     context.log.error(f"stopping the run: {exc}")
     return Failure(description=str(exc), allow_retries=False)
 
@@ -100,12 +101,19 @@ def pending_rows(context: OpExecutionContext, config: EnrichConfig, adbpg: Adbpg
 
 
 @op(ins={"spec": In(ChunkSpec)}, out=Out(ChunkState, io_manager_key=CHUNK_IO))
-def visual_attributes(context: OpExecutionContext, spec: ChunkSpec, adbpg: AdbpgResource,
-                      dashscope: DashScopeResource) -> ChunkState:
+def visual_attributes(
+    context: OpExecutionContext, spec: ChunkSpec, adbpg: AdbpgResource, dashscope: DashScopeResource
+) -> ChunkState:
     """Claim the chunk's rows, load each image once: dominant colors and a downscaled copy."""
     run = spec.run
-    chunk = stages.claim_chunk(adbpg.store, spec.user_id, spec.ids, worker=context.run_id,
-                               lease_seconds=run.lease_seconds, max_attempts=run.max_attempts)
+    chunk = stages.claim_chunk(
+        adbpg.store,
+        spec.user_id,
+        spec.ids,
+        worker=context.run_id,
+        lease_seconds=run.lease_seconds,
+        max_attempts=run.max_attempts,
+    )
     stages.visual_attributes(
         chunk,
         policy=image_policy_from_env(local_files=adbpg.store.settings.embedded),
@@ -117,8 +125,12 @@ def visual_attributes(context: OpExecutionContext, spec: ChunkSpec, adbpg: Adbpg
 
 
 @op(out=Out(ChunkState, io_manager_key=CHUNK_IO))
-def captions(context: OpExecutionContext, state: ChunkState, adbpg: AdbpgResource,
-             dashscope: DashScopeResource) -> ChunkState:
+def captions(
+    context: OpExecutionContext,
+    state: ChunkState,
+    adbpg: AdbpgResource,
+    dashscope: DashScopeResource,
+) -> ChunkState:
     """Caption the chunk with Qwen-VL, ``concurrent`` calls at a time, and derive its tags."""
     before = dashscope.provider.usage.as_dict()
     try:
@@ -131,8 +143,12 @@ def captions(context: OpExecutionContext, state: ChunkState, adbpg: AdbpgResourc
 
 
 @op(out=Out(ChunkState, io_manager_key=CHUNK_IO))
-def caption_embeddings(context: OpExecutionContext, state: ChunkState, adbpg: AdbpgResource,
-                       dashscope: DashScopeResource) -> ChunkState:
+def caption_embeddings(
+    context: OpExecutionContext,
+    state: ChunkState,
+    adbpg: AdbpgResource,
+    dashscope: DashScopeResource,
+) -> ChunkState:
     """Embed the captions (ten per request), unless the run turned embeddings off."""
     before = dashscope.provider.usage.as_dict()
     try:
@@ -145,8 +161,12 @@ def caption_embeddings(context: OpExecutionContext, state: ChunkState, adbpg: Ad
 
 
 @op(out=Out(ChunkState, io_manager_key=CHUNK_IO))
-def write_results(context: OpExecutionContext, state: ChunkState, adbpg: AdbpgResource,
-                  dashscope: DashScopeResource) -> ChunkState:
+def write_results(
+    context: OpExecutionContext,
+    state: ChunkState,
+    adbpg: AdbpgResource,
+    dashscope: DashScopeResource,
+) -> ChunkState:
     """Write the chunk back in one transaction; what it finished survives a later crash."""
     settings = dashscope.settings
     provider = dashscope.provider
@@ -159,15 +179,20 @@ def write_results(context: OpExecutionContext, state: ChunkState, adbpg: AdbpgRe
         embedding_wanted=state.run.caption_embedding,
     )
     s = result.stats
-    context.log.info(f"chunk written: {s.succeeded} succeeded, {s.failed} failed, "
-                     f"{s.skipped} skipped")
+    context.log.info(
+        f"chunk written: {s.succeeded} succeeded, {s.failed} failed, {s.skipped} skipped"
+    )
     # Only the small result goes on: images and vectors are done with.
     return replace(state, chunk=replace(state.chunk, items=[]), result=result)
 
 
 @op
-def summarize(context: OpExecutionContext, states: list[ChunkState], adbpg: AdbpgResource,
-              dashscope: DashScopeResource) -> Output[dict]:
+def summarize(
+    context: OpExecutionContext,
+    states: list[ChunkState],
+    adbpg: AdbpgResource,
+    dashscope: DashScopeResource,
+) -> Output[dict]:
     """Totals for the partition, shown as the asset materialization's metadata."""
     stats = stages.RunStats()
     usage: dict[str, int] = {}
@@ -217,7 +242,9 @@ def summarize(context: OpExecutionContext, states: list[ChunkState], adbpg: Adbp
         "sample_captions": MetadataValue.md(samples),
         "failure_ledger": MetadataValue.md(
             "| item | attempts | permanent | code | last error |\n|---|---|---|---|---|\n"
-            + failures if ledger else "(no recorded failures)"
+            + failures
+            if ledger
+            else "(no recorded failures)"
         ),
         "failures_recorded": len(ledger),
     }

@@ -20,13 +20,17 @@ _PLAIN = re.compile(r"^[\w@.+\-=:/ #&'()!$%*;?~^|\"<>{}\u00a0-\uffff]{1,200}$")
 
 
 def user_to_key(user_id: str) -> str:
-    if _PLAIN.match(user_id) and "..." not in user_id and not user_id.startswith(_PREFIX) \
-            and user_id == user_id.strip():
+    if (
+        _PLAIN.match(user_id)
+        and "..." not in user_id
+        and not user_id.startswith(_PREFIX)
+        and user_id == user_id.strip()
+    ):
         return user_id
     return _PREFIX + base64.urlsafe_b64encode(user_id.encode()).decode()
 
 
 def key_to_user(key: str) -> str:
     if key.startswith(_PREFIX):
-        return base64.urlsafe_b64decode(key[len(_PREFIX):].encode()).decode()
+        return base64.urlsafe_b64decode(key[len(_PREFIX) :].encode()).decode()
     return key

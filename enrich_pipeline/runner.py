@@ -42,38 +42,60 @@ class Engine:
 
     @property
     def provenance(self) -> Provenance:
-        return Provenance(self.provider.model_label, self.dashscope.prompt_version,
-                          self.provider.offline)
+        return Provenance(
+            self.provider.model_label, self.dashscope.prompt_version, self.provider.offline
+        )
 
     @property
     def usage(self) -> Usage:
         return self.provider.usage
 
-    def process_chunk(self, user_id: str, ids: Sequence[str], *, worker: str,
-                      run_id: str | None = None) -> stages.ChunkResult:
+    def process_chunk(
+        self, user_id: str, ids: Sequence[str], *, worker: str, run_id: str | None = None
+    ) -> stages.ChunkResult:
         """Claim, enrich and write one chunk; claims are released if the provider is fatal."""
         run = self.run
-        chunk = stages.claim_chunk(self.store, user_id, ids, worker=worker,
-                                   lease_seconds=run.lease_seconds, max_attempts=run.max_attempts)
+        chunk = stages.claim_chunk(
+            self.store,
+            user_id,
+            ids,
+            worker=worker,
+            lease_seconds=run.lease_seconds,
+            max_attempts=run.max_attempts,
+        )
         try:
-            stages.visual_attributes(chunk, policy=self.image_policy,
-                                     max_image_side=self.dashscope.max_image_side,
-                                     color_count=run.color_count, concurrent=run.concurrent)
-            stages.caption_chunk(chunk, self.provider, concurrent=run.concurrent,
-                                 vocabulary=self.vocabulary)
+            stages.visual_attributes(
+                chunk,
+                policy=self.image_policy,
+                max_image_side=self.dashscope.max_image_side,
+                color_count=run.color_count,
+                concurrent=run.concurrent,
+            )
+            stages.caption_chunk(
+                chunk, self.provider, concurrent=run.concurrent, vocabulary=self.vocabulary
+            )
             stages.embed_chunk(chunk, self.provider, enabled=run.caption_embedding)
         except FatalProviderError:
             self.store.release(user_id, [w.item.id for w in chunk.items], worker=worker)
             raise
         return stages.write_chunk(
-            self.store, chunk, provenance=self.provenance,
+            self.store,
+            chunk,
+            provenance=self.provenance,
             embedding_model=self.dashscope.embedding_model if run.caption_embedding else None,
-            run_id=run_id, embedding_wanted=run.caption_embedding,
+            run_id=run_id,
+            embedding_wanted=run.caption_embedding,
         )
 
-    def enrich_user(self, user_id: str, *, limit: int | None, worker: str,
-                    on_outcome: OutcomeCallback | None = None,
-                    run_id: str | None = None) -> stages.RunStats:
+    def enrich_user(
+        self,
+        user_id: str,
+        *,
+        limit: int | None,
+        worker: str,
+        on_outcome: OutcomeCallback | None = None,
+        run_id: str | None = None,
+    ) -> stages.RunStats:
         stats = stages.RunStats()
         ids = self.store.pending_ids(user_id, limit=limit, max_attempts=self.run.max_attempts)
         for chunk_ids in chunked(ids, self.run.batch_size):
@@ -84,13 +106,20 @@ class Engine:
             stats.merge(result.stats)
         return stats
 
-    def enrich(self, user_id: str | None = None, *, on_outcome: OutcomeCallback | None = None,
-               worker: str | None = None) -> stages.RunStats:
+    def enrich(
+        self,
+        user_id: str | None = None,
+        *,
+        on_outcome: OutcomeCallback | None = None,
+        worker: str | None = None,
+    ) -> stages.RunStats:
         """One user, or every user with pending rows, within ``max_items`` in total."""
         worker = worker or new_worker_id()
-        users = [user_id] if user_id is not None else [
-            u for u, _ in self.store.users_with_pending(self.run.max_attempts)
-        ]
+        users = (
+            [user_id]
+            if user_id is not None
+            else [u for u, _ in self.store.users_with_pending(self.run.max_attempts)]
+        )
         stats = stages.RunStats()
         budget = self.run.max_items
         for user in users:

@@ -103,8 +103,8 @@ class DbSettings:
         except Exception:
             return "<unparsable connection string>"
         params.pop("password", None)
-        host = params.get("host", "localhost")
-        return f"{params.get('user') or '?'}@{host}:{params.get('port', 5432)}/{params.get('dbname', '?')}"
+        user, host = params.get("user") or "?", params.get("host", "localhost")
+        return f"{user}@{host}:{params.get('port', 5432)}/{params.get('dbname', '?')}"
 
 
 @dataclass(frozen=True)

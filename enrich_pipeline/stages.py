@@ -135,8 +135,9 @@ def claim_chunk(
     items, skipped = store.claim(
         user_id, ids, worker=worker, lease_seconds=lease_seconds, max_attempts=max_attempts
     )
-    return Chunk(user_id=user_id, worker=worker, items=[WorkItem(i) for i in items],
-                 skipped=skipped)
+    return Chunk(
+        user_id=user_id, worker=worker, items=[WorkItem(i) for i in items], skipped=skipped
+    )
 
 
 def visual_attributes(
@@ -152,9 +153,15 @@ def visual_attributes(
     def one(work: WorkItem) -> None:
         metadata = work.item.metadata
         if metadata is not None and not isinstance(metadata, dict):
-            work.fail(ItemError("metadata_not_object",
-                                f"metadata is a JSON {type(metadata).__name__}, not an object; "
-                                "the row was left unchanged", True, "read"))
+            work.fail(
+                ItemError(
+                    "metadata_not_object",
+                    f"metadata is a JSON {type(metadata).__name__}, not an object; "
+                    "the row was left unchanged",
+                    True,
+                    "read",
+                )
+            )
             return
         try:
             loaded = load_image(work.item.image, policy)
@@ -233,8 +240,9 @@ def write_chunk(
     """Write the chunk back in one transaction and say what happened to each item."""
     generated_at = utc_timestamp()
     successes = [
-        SuccessRow(w.item.id, w.item.image, metadata_patch(w, provenance, generated_at),
-                   w.embedding)
+        SuccessRow(
+            w.item.id, w.item.image, metadata_patch(w, provenance, generated_at), w.embedding
+        )
         for w in chunk.items
         if w.ok and w.caption
     ]
@@ -252,19 +260,28 @@ def write_chunk(
     stats = RunStats()
     for w in chunk.items:
         if w.error is not None:
-            outcomes.append(ItemOutcome(w.item.id, "failed", error=w.error.message,
-                                        error_code=w.error.code))
+            outcomes.append(
+                ItemOutcome(w.item.id, "failed", error=w.error.message, error_code=w.error.code)
+            )
         elif w.item.id in written:
-            outcomes.append(ItemOutcome(w.item.id, "succeeded", w.caption,
-                                        tuple(w.dominant_colors), tuple(w.style_tags),
-                                        tuple(w.object_tags)))
+            outcomes.append(
+                ItemOutcome(
+                    w.item.id,
+                    "succeeded",
+                    w.caption,
+                    tuple(w.dominant_colors),
+                    tuple(w.style_tags),
+                    tuple(w.object_tags),
+                )
+            )
             if w.embedding is not None:
                 stats.embedded += 1
             elif embedding_wanted:
                 stats.embedding_failed += 1
         else:
-            outcomes.append(ItemOutcome(w.item.id, "skipped",
-                                        error="caption written by someone else meanwhile"))
+            outcomes.append(
+                ItemOutcome(w.item.id, "skipped", error="caption written by someone else meanwhile")
+            )
     outcomes.extend(
         ItemOutcome(i, "skipped", error="claimed by another run or no longer pending")
         for i in chunk.skipped

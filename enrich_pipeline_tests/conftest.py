@@ -62,28 +62,42 @@ class Items:
     def settings(self) -> DbSettings:
         return DbSettings(self.conninfo, self.namespace, self.table)
 
-    def add(self, user_id: str, image: str | None, *, status: str = "active",
-            metadata: Any = {}) -> str:  # noqa: B006 - never mutated
+    def add(
+        self,
+        user_id: str,
+        image: str | None,
+        *,
+        status: str = "active",
+        metadata: Any = {},  # noqa: B006 - never mutated
+    ) -> str:
         with psycopg.connect(self.conninfo) as conn:
-            return insert_sample_items(conn, self.namespace, self.table,
-                                       [(user_id, image, status, metadata)])[0]
+            return insert_sample_items(
+                conn, self.namespace, self.table, [(user_id, image, status, metadata)]
+            )[0]
 
     def row(self, item_id: str) -> dict[str, Any]:
         with psycopg.connect(self.conninfo) as conn:
             cur = conn.execute(
-                sql.SQL("SELECT id::text, user_id, image, status, metadata, updated_at"
-                        " FROM {} WHERE id::text = %s").format(self.ident),
+                sql.SQL(
+                    "SELECT id::text, user_id, image, status, metadata, updated_at"
+                    " FROM {} WHERE id::text = %s"
+                ).format(self.ident),
                 (item_id,),
             )
             r = cur.fetchone()
         assert r is not None, item_id
-        return dict(zip(["id", "user_id", "image", "status", "metadata", "updated_at"], r,
-                        strict=True))
+        return dict(
+            zip(["id", "user_id", "image", "status", "metadata", "updated_at"], r, strict=True)
+        )
 
     def all(self) -> dict[str, dict[str, Any]]:
         with psycopg.connect(self.conninfo) as conn:
-            ids = [r[0] for r in conn.execute(
-                sql.SQL("SELECT id::text FROM {} ORDER BY id").format(self.ident))]
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    sql.SQL("SELECT id::text FROM {} ORDER BY id").format(self.ident)
+                )
+            ]
         return {i: self.row(i) for i in ids}
 
     def execute(self, query: str, params: Any = None) -> list[tuple]:
@@ -126,8 +140,13 @@ def standin(_standin_server: StandIn) -> Iterator[StandIn]:
 @pytest.fixture
 def api_settings(standin: StandIn) -> DashScopeSettings:
     # Short backoff so retry tests take milliseconds; the policy is the production one.
-    return DashScopeSettings(api_key=API_KEY, base_url=standin.base_url, timeout=5.0,
-                             backoff_initial=0.01, backoff_max=0.05)
+    return DashScopeSettings(
+        api_key=API_KEY,
+        base_url=standin.base_url,
+        timeout=5.0,
+        backoff_initial=0.01,
+        backoff_max=0.05,
+    )
 
 
 @pytest.fixture(scope="session")

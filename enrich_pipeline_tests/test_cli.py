@@ -27,8 +27,13 @@ def stat(report: str, name: str) -> str:
 
 def test_legacy_flags_have_legacy_defaults() -> None:
     args = cli.parse_args([])
-    assert (args.user_id, args.batch_size, args.max_items, args.concurrent,
-            args.no_caption_embedding) == (None, 10, 100, 5, False)
+    assert (
+        args.user_id,
+        args.batch_size,
+        args.max_items,
+        args.concurrent,
+        args.no_caption_embedding,
+    ) == (None, 10, 100, 5, False)
 
 
 def test_report_numbers_match_the_database(
@@ -46,15 +51,17 @@ def test_report_numbers_match_the_database(
     assert "Caption:" in report and "Colors:" in report and "Styles:" in report
     captioned = items.execute(
         "SELECT count(*) FROM {items} WHERE user_id = 'alice'"
-        " AND coalesce(metadata->>'caption', '') <> ''")[0][0]
+        " AND coalesce(metadata->>'caption', '') <> ''"
+    )[0][0]
     failed = items.execute("SELECT count(*) FROM {ns}.enrich_failures")[0][0]
     assert stat(report, "Total") == "4"
     assert stat(report, "Succeeded") == str(captioned) == "3"
     assert stat(report, "Failed") == str(failed) == "1"
     assert stat(report, "Skipped") == "0"
     assert stat(report, "Success rate") == "75.0%"
-    assert items.execute("SELECT count(*) FROM {items} WHERE user_id = 'bob'"
-                         " AND metadata ? 'caption'") == [(0,)]
+    assert items.execute(
+        "SELECT count(*) FROM {items} WHERE user_id = 'bob' AND metadata ? 'caption'"
+    ) == [(0,)]
     tokens = int(stat(report, "Tokens used"))
     assert tokens > 0
 
@@ -91,8 +98,9 @@ def test_nothing_pending_says_so(env: pytest.MonkeyPatch, items: Items) -> None:
     assert "No pending items for user 'nobody'" in report
 
 
-def test_offline_flag_labels_rows(env: pytest.MonkeyPatch, items: Items, image_dir: Path,
-                                  standin: StandIn) -> None:
+def test_offline_flag_labels_rows(
+    env: pytest.MonkeyPatch, items: Items, image_dir: Path, standin: StandIn
+) -> None:
     item = items.add("alice", str(image_dir / "blue.jpg"))
     code, report = run(["--offline"])
     assert code == 0 and "OFFLINE" in report

@@ -28,15 +28,18 @@ def materialize_user(instance: DagsterInstance, user: str, **config: object):
         instance=instance,
         resources=resources(),
         run_config={"ops": {"enriched_items": {"ops": {"pending_rows": {"config": config}}}}}
-        if config else None,
+        if config
+        else None,
     )
 
 
 def test_partition_materializes_with_statistics(
     env: pytest.MonkeyPatch, items: Items, image_dir: Path, standin: StandIn
 ) -> None:
-    ids = [items.add("alice", str(image_dir / f"{c}.jpg"), metadata={"n": i})
-           for i, c in enumerate(["blue", "red", "green", "yellow", "cyan"])]
+    ids = [
+        items.add("alice", str(image_dir / f"{c}.jpg"), metadata={"n": i})
+        for i, c in enumerate(["blue", "red", "green", "yellow", "cyan"])
+    ]
     broken = items.add("alice", str(image_dir / "broken.jpg"))
     other = items.add("bob", str(image_dir / "blue.jpg"))
     instance = DagsterInstance.ephemeral()
@@ -45,8 +48,11 @@ def test_partition_materializes_with_statistics(
 
     assert result.success
     # 6 rows in chunks of 2: each chunk's write is its own step.
-    writes = [e for e in result.get_step_success_events()
-              if e.step_key.startswith("enriched_items.write_results")]
+    writes = [
+        e
+        for e in result.get_step_success_events()
+        if e.step_key.startswith("enriched_items.write_results")
+    ]
     assert len(writes) == 3
     (mat,) = result.asset_materializations_for_node("enriched_items")
     md = {k: v.value for k, v in mat.metadata.items()}
@@ -81,8 +87,11 @@ def test_invalid_key_fails_the_run_and_leaves_rows_pending(
     item = items.add("alice", str(image_dir / "blue.jpg"))
     env.setenv("DASHSCOPE_API_KEY", "sk-wrong")
     result = materialize(
-        [enriched_items], partition_key="alice", instance=_with_partition("alice"),
-        resources=resources(), raise_on_error=False,
+        [enriched_items],
+        partition_key="alice",
+        instance=_with_partition("alice"),
+        resources=resources(),
+        raise_on_error=False,
     )
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
@@ -97,8 +106,10 @@ def _with_partition(user: str) -> DagsterInstance:
     return instance
 
 
-@pytest.mark.parametrize("user", ["alice", "o'brien; DROP TABLE x;--", "a...b", "tab\there",
-                                  "u64:x", "ユーザー", " padded "])
+@pytest.mark.parametrize(
+    "user",
+    ["alice", "o'brien; DROP TABLE x;--", "a...b", "tab\there", "u64:x", "ユーザー", " padded "],
+)
 def test_partition_keys_round_trip(user: str) -> None:
     key = user_to_key(user)
     assert key_to_user(key) == user

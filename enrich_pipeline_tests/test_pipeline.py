@@ -57,8 +57,11 @@ def test_only_pending_active_image_rows_of_the_user_are_touched(
     assert md["style_tags"] and md["object_tags"]
     assert md["caption_model"] == api_settings.vision_model
     assert len(md["caption_generated_at"]) == len("2025-11-27T20:00:00.000000")
-    emb = items.execute("SELECT user_id, dimensions, array_length(embedding, 1)"
-                        " FROM {ns}.enrich_embeddings WHERE item_id = %s", (target,))
+    emb = items.execute(
+        "SELECT user_id, dimensions, array_length(embedding, 1)"
+        " FROM {ns}.enrich_embeddings WHERE item_id = %s",
+        (target,),
+    )
     assert items.row(target)["updated_at"] > before[untouched[0]]["updated_at"]
     assert emb == [("alice", 1024, 1024)]
 
@@ -69,16 +72,18 @@ def test_caption_written_between_read_and_write_is_never_overwritten(
     first = items.add("alice", str(image_dir / "blue.jpg"), metadata={"k": 1})
     second = items.add("alice", str(image_dir / "red.jpg"))
     provider = DashScopeProvider(api_settings)
-    chunk = stages.claim_chunk(store, "alice", [first, second], worker="w1", lease_seconds=60,
-                               max_attempts=3)
+    chunk = stages.claim_chunk(
+        store, "alice", [first, second], worker="w1", lease_seconds=60, max_attempts=3
+    )
     stages.visual_attributes(chunk, policy=LOCAL, max_image_side=512)
     stages.caption_chunk(chunk, provider)
     # Someone else captions the first row while our run is in flight.
-    items.execute("UPDATE {items} SET metadata = metadata || '{{\"caption\": \"theirs\"}}'"
-                  " WHERE id = %s", (int(first),))
+    items.execute(
+        'UPDATE {items} SET metadata = metadata || \'{{"caption": "theirs"}}\' WHERE id = %s',
+        (int(first),),
+    )
     engine_ = engine(store, api_settings)
-    result = stages.write_chunk(store, chunk, provenance=engine_.provenance,
-                                embedding_model=None)
+    result = stages.write_chunk(store, chunk, provenance=engine_.provenance, embedding_model=None)
 
     assert items.row(first)["metadata"] == {"k": 1, "caption": "theirs"}
     assert items.row(second)["metadata"]["caption"]
@@ -112,7 +117,10 @@ def test_failed_rows_are_recorded_counted_and_given_up_after_max_attempts(
 
 
 def test_transient_failures_are_retried_by_later_runs_until_the_attempt_cap(
-    items: Items, store: ItemStore, api_settings: DashScopeSettings, image_dir: Path,
+    items: Items,
+    store: ItemStore,
+    api_settings: DashScopeSettings,
+    image_dir: Path,
     standin: StandIn,
 ) -> None:
     item = items.add("alice", str(image_dir / "yellow.jpg"))
@@ -128,7 +136,10 @@ def test_transient_failures_are_retried_by_later_runs_until_the_attempt_cap(
 
 
 def test_moderation_is_permanent_and_not_retried(
-    items: Items, store: ItemStore, api_settings: DashScopeSettings, image_dir: Path,
+    items: Items,
+    store: ItemStore,
+    api_settings: DashScopeSettings,
+    image_dir: Path,
     standin: StandIn,
 ) -> None:
     item = items.add("alice", str(image_dir / "magenta.jpg"))
@@ -141,7 +152,10 @@ def test_moderation_is_permanent_and_not_retried(
 
 
 def test_no_caption_embedding_makes_no_embedding_call(
-    items: Items, store: ItemStore, api_settings: DashScopeSettings, image_dir: Path,
+    items: Items,
+    store: ItemStore,
+    api_settings: DashScopeSettings,
+    image_dir: Path,
     standin: StandIn,
 ) -> None:
     items.add("alice", str(image_dir / "blue.jpg"))
@@ -165,7 +179,10 @@ def test_invalid_key_stops_the_run_without_marking_rows(
 
 
 def test_metadata_that_is_not_an_object_fails_clearly_and_is_left_alone(
-    items: Items, store: ItemStore, api_settings: DashScopeSettings, image_dir: Path,
+    items: Items,
+    store: ItemStore,
+    api_settings: DashScopeSettings,
+    image_dir: Path,
     standin: StandIn,
 ) -> None:
     item = items.add("alice", str(image_dir / "blue.jpg"), metadata=["a", "list"])

@@ -115,13 +115,17 @@ def classify(exc: BaseException) -> ProviderError:
             return ProviderError(
                 "bad_image", f"the model could not use the image: {exc.message}", permanent=True
             )
-        return ProviderError("bad_request", f"DashScope answered 400: {exc.message}", permanent=True)
+        return ProviderError(
+            "bad_request", f"DashScope answered 400: {exc.message}", permanent=True
+        )
     if isinstance(exc, openai.RateLimitError):
         return ProviderError("rate_limited", "DashScope rate limit (429)", permanent=False)
     if isinstance(exc, openai.APITimeoutError):
         return ProviderError("timeout", "DashScope call timed out", permanent=False)
     if isinstance(exc, openai.APIConnectionError):
-        return ProviderError("connection", f"connection to DashScope failed: {exc}", permanent=False)
+        return ProviderError(
+            "connection", f"connection to DashScope failed: {exc}", permanent=False
+        )
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         return ProviderError(
@@ -131,7 +135,9 @@ def classify(exc: BaseException) -> ProviderError:
         )
     if isinstance(exc, openai.APIResponseValidationError | ValueError):
         # A 200 whose body is not the JSON promised: a proxy or overloaded gateway, try again.
-        return ProviderError("malformed_response", f"unreadable DashScope answer: {exc}", permanent=False)
+        return ProviderError(
+            "malformed_response", f"unreadable DashScope answer: {exc}", permanent=False
+        )
     return ProviderError("unexpected", f"{type(exc).__name__}: {exc}", permanent=False)
 
 
@@ -238,8 +244,9 @@ class DashScopeProvider:
             text = (response.choices[0].message.content or "").strip() if response.choices else ""
             if not text:
                 # Seen from overloaded gateways; a second try usually answers properly.
-                raise ProviderError("empty_caption", "the model returned an empty caption",
-                                    permanent=False)
+                raise ProviderError(
+                    "empty_caption", "the model returned an empty caption", permanent=False
+                )
             return " ".join(text.split())
 
         return self._call(request, tokens=image.tokens + self.settings.max_caption_tokens)
@@ -248,8 +255,11 @@ class DashScopeProvider:
         vectors: list[list[float]] = []
         for start in range(0, len(texts), MAX_EMBEDDING_BATCH):
             batch = list(texts[start : start + MAX_EMBEDDING_BATCH])
-            vectors.extend(self._call(lambda b=batch: self._embed_batch(b),
-                                      tokens=sum(len(t) for t in batch) // 2))
+            vectors.extend(
+                self._call(
+                    lambda b=batch: self._embed_batch(b), tokens=sum(len(t) for t in batch) // 2
+                )
+            )
         return vectors
 
     def _embed_batch(self, batch: list[str]) -> list[list[float]]:
@@ -263,10 +273,11 @@ class DashScopeProvider:
         if len(data) != len(batch):
             raise ValueError(f"asked for {len(batch)} embeddings, got {len(data)}")
         vectors = [list(d.embedding) for d in data]
-        if any(len(v) != self.settings.embedding_dimensions for v in vectors):
+        dims = self.settings.embedding_dimensions
+        if any(len(v) != dims for v in vectors):
             raise ProviderError(
                 "bad_dimensions",
-                f"embedding model returned vectors not of {self.settings.embedding_dimensions} dims",
+                f"the embedding model did not return {dims}-dim vectors",
                 permanent=True,
             )
         self.usage.add(

@@ -36,7 +36,9 @@ class RateLimiter:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self._requests = _Bucket(requests_per_minute, burst_seconds) if requests_per_minute else None
+        self._requests = (
+            _Bucket(requests_per_minute, burst_seconds) if requests_per_minute else None
+        )
         self._tokens = _Bucket(tokens_per_minute, burst_seconds) if tokens_per_minute else None
         self._lock = threading.Lock()
         self._clock = clock

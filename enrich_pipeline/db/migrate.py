@@ -58,8 +58,9 @@ def migrate(conn: psycopg.Connection, namespace: str) -> list[int]:
                 continue
             conn.execute(sql.SQL(migration.text).format(ns=ns))
             conn.execute(
-                sql.SQL("INSERT INTO {}.enrich_schema_migrations (version, name) VALUES (%s, %s)")
-                .format(ns),
+                sql.SQL(
+                    "INSERT INTO {}.enrich_schema_migrations (version, name) VALUES (%s, %s)"
+                ).format(ns),
                 (migration.version, migration.name),
             )
             applied_now.append(migration.version)

@@ -80,7 +80,9 @@ class ItemStore:
         create_pending_index: bool = True,
     ) -> None:
         if not settings.conninfo:
-            raise ConfigError("no database configured: set ADBPG_HOST/ADBPG_URL or use the embedded one")
+            raise ConfigError(
+                "no database configured: set ADBPG_HOST/ADBPG_URL or use the embedded one"
+            )
         self.settings = settings
         self.source_table = f"{settings.namespace}.{settings.table}"
         self._ns = settings.namespace
@@ -371,8 +373,14 @@ class ItemStore:
                 ]
             done = set(written)
             vectors = [
-                (self.source_table, s.item_id, user_id, embedding_model, len(s.embedding),
-                 list(s.embedding))
+                (
+                    self.source_table,
+                    s.item_id,
+                    user_id,
+                    embedding_model,
+                    len(s.embedding),
+                    list(s.embedding),
+                )
                 for s in successes
                 if s.item_id in done and s.embedding is not None
             ]
@@ -426,6 +434,7 @@ class ItemStore:
 # --- the embedded demo's own sample table ---------------------------------------------------
 # Only the demo creates an items table; against a user's database the pipeline never does.
 
+
 def create_sample_table(conn: psycopg.Connection, namespace: str, table: str) -> None:
     items = sql.Identifier(namespace, table)
     conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(namespace)))
@@ -466,8 +475,6 @@ def insert_sample_items(
 
 
 def table_is_empty(conn: psycopg.Connection, namespace: str, table: str) -> bool:
-    query = sql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {})").format(
-        sql.Identifier(namespace, table)
-    )
+    query = sql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {})").format(sql.Identifier(namespace, table))
     row = conn.execute(query).fetchone()
     return bool(row and row[0])
