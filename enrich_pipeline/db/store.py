@@ -78,6 +78,7 @@ class ItemStore:
         max_connections: int = 4,
         statement_timeout_ms: int = 120_000,
         create_pending_index: bool = True,
+        connect_timeout: int = 5,
     ) -> None:
         if not settings.conninfo:
             raise ConfigError(
@@ -94,6 +95,7 @@ class ItemStore:
             max_size=max_connections,
             kwargs={
                 "application_name": "enrich-pipeline",
+                "connect_timeout": connect_timeout,
                 "options": f"-c statement_timeout={int(statement_timeout_ms)}",
             },
             # A connection the server dropped (restart, terminated backend) is replaced on
@@ -101,6 +103,8 @@ class ItemStore:
             check=ConnectionPool.check_connection,
             open=True,
             name="enrich-pipeline",
+            # Fail within seconds, not the pool's default 30 s, when the server is down.
+            timeout=connect_timeout,
         )
         self._id_type: str | None = None
 
@@ -118,14 +122,22 @@ class ItemStore:
 
     # --- setup -------------------------------------------------------------------------------
 
+    # Setup done once per process and target: sensor ticks and runs build a store often.
+    _prepared: dict[tuple[str, str, str], str] = {}
+
     def setup(self) -> list[int]:
         """Migrate the pipeline's tables, check the items table, add the pending-rows index."""
+        key = (self.settings.conninfo, self._ns, self.settings.table)
+        if key in self._prepared:
+            self._id_type = self._prepared[key]
+            return []
         with self.pool.connection() as conn:
             applied = migrate(conn, self._ns)
             id_type = self._introspect_id_type(conn)
         self._id_type = id_type if id_type in _NATIVE_ID_TYPES else "text"
         if self._create_pending_index:
             self.ensure_pending_index()
+        self._prepared[key] = self._id_type
         return applied
 
     def _introspect_id_type(self, conn: psycopg.Connection) -> str:
@@ -198,6 +210,29 @@ class ItemStore:
         with self.pool.connection() as conn:
             rows = conn.execute(query, {"src": self.source_table, "max_attempts": max_attempts})
             return [(str(u), int(n)) for u, n in rows]
+
+    def pending_fingerprints(self, max_attempts: int) -> dict[str, str]:
+        """Per user with pending rows, a short value that changes when their pending set does.
+
+        New rows (count, newest ``updated_at``) and new failed attempts change it; a run that
+        leaves the set as it was does not, so the sensor does not loop on rows it cannot do.
+        """
+        rows_sql = sql.SQL(
+            "SELECT i.user_id, count(*), max(i.updated_at) FROM {items} i WHERE {pending}"
+            " AND i.user_id IS NOT NULL AND {alive} GROUP BY i.user_id"
+        ).format(items=self._items, pending=self._PENDING, alive=self._not_given_up())
+        attempts_sql = sql.SQL(
+            "SELECT user_id, sum(attempts) FROM {f} WHERE source_table = %(src)s"
+            " AND NOT permanent AND attempts < %(max_attempts)s GROUP BY user_id"
+        ).format(f=self._t("enrich_failures"))
+        params = {"src": self.source_table, "max_attempts": max_attempts}
+        with self.pool.connection() as conn:
+            rows = conn.execute(rows_sql, params).fetchall()
+            attempts = dict(conn.execute(attempts_sql, params).fetchall())
+        return {
+            str(user): f"{count}-{newest.timestamp() if newest else 0:.6f}-{attempts.get(user, 0)}"
+            for user, count, newest in rows
+        }
 
     def pending_ids(self, user_id: str, *, limit: int | None, max_attempts: int) -> list[str]:
         """Ids of the user's pending rows not claimed by a live run, oldest id first."""

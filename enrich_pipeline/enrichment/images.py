@@ -17,6 +17,7 @@ import io
 import ipaddress
 import math
 import socket
+import ssl
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -54,28 +55,25 @@ WORK_MAX_SIDE = 2048
 """Longest side of the decoded working copy; enough for K-Means and for a 1024 px vision input."""
 
 _CHUNK = 64 * 1024
+# Qwen-VL sees an image as 28x28 patches (14 px ViT patches merged 2x2); one patch ~ one token.
+_PATCH = 28
+_SNAP_MIN_SIDE = 10 * _PATCH
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # 408/425/429 and gateway errors say "not now", not "never": the row deserves another attempt.
 _TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 _NOT_FOUND_STATUSES = frozenset({404, 410})
-_USER_AGENT = "enrich-pipeline/0.1 (image captioning; +https://github.com/)"
+_USER_AGENT = "enrich-pipeline/0.1 (image captioning)"
 
 # Query parameters that carry secrets in presigned URLs (OSS, S3, GCS, Azure SAS, generic tokens);
 # their values must not end up in logs, error messages or the failure ledger.
 _SENSITIVE_QUERY_HINTS = (
-    "signature",
+    "sig",
     "token",
     "secret",
-    "password",
-    "passwd",
+    "pass",
     "credential",
-    "accesskey",
-    "access_key",
-    "apikey",
-    "api_key",
-    "auth",
-    "sig",
     "key",
+    "auth",
     "x-amz-",
     "x-oss-",
     "x-goog-",
@@ -278,10 +276,10 @@ def blocked_address_reason(
         return "link-local"
     if ip.is_multicast:
         return "multicast"
-    if ip.is_private:
-        return "private"
     if ip.is_reserved:
         return "reserved"
+    if ip.is_private:
+        return "private"
     # Catches what the named predicates miss, e.g. 100.64.0.0/10 (carrier-grade NAT).
     if not ip.is_global:
         return "non-public"
@@ -308,7 +306,7 @@ def load_image(source: str, policy: ImagePolicy = _DEFAULT_POLICY) -> LoadedImag
 
 def image_tokens(width: int, height: int) -> int:
     """Approximate DashScope vision tokens: one per 28x28 patch, at least 4."""
-    return max(4, math.ceil(width / 28) * math.ceil(height / 28))
+    return max(4, math.ceil(width / _PATCH) * math.ceil(height / _PATCH))
 
 
 def prepare_for_vision(img: LoadedImage, max_side: int = 1024, quality: int = 85) -> VisionImage:
@@ -322,11 +320,7 @@ def prepare_for_vision(img: LoadedImage, max_side: int = 1024, quality: int = 85
         raise ValueError("max_side must be positive")
     image = img.image if img.image.mode == "RGB" else img.image.convert("RGB")
     width, height = image.size
-    scale = min(1.0, max_side / max(width, height))
-    target = (
-        _snap_to_grid(width * scale, width, max_side),
-        _snap_to_grid(height * scale, height, max_side),
-    )
+    target = _vision_size(width, height, max_side)
     if target != (width, height):
         image = image.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
     buffer = io.BytesIO()
@@ -340,16 +334,30 @@ def prepare_for_vision(img: LoadedImage, max_side: int = 1024, quality: int = 85
     )
 
 
-def _snap_to_grid(scaled: float, current: int, max_side: int) -> int:
-    limit = min(current, max_side)
-    nearest = round(scaled / 28) * 28
-    if 0 < nearest <= limit:
+def _vision_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    longest = max(width, height)
+    scale = min(1.0, max_side / longest)
+    # Snap the long side first and derive one scale from it, so both sides shrink alike and
+    # the aspect ratio survives the rounding better than with two independent roundings.
+    scale = _snap_to_grid(longest * scale, min(longest, max_side)) / longest
+    return (
+        _snap_to_grid(width * scale, min(width, max_side)),
+        _snap_to_grid(height * scale, min(height, max_side)),
+    )
+
+
+def _snap_to_grid(side: float, limit: int) -> int:
+    """``side`` rounded to a multiple of 28 that does not exceed ``limit``.
+
+    Sides under ten patches are left alone: there one patch is more than 10% of the side, so
+    snapping would visibly distort a thumbnail, and the server pads it for a handful of tokens.
+    """
+    if side < _SNAP_MIN_SIDE:
+        return max(1, min(limit, round(side)))
+    nearest = round(side / _PATCH) * _PATCH
+    if nearest <= limit:
         return nearest
-    below = math.floor(scaled / 28) * 28
-    if below > 0:
-        return below
-    # Too small for even one 28 px patch: keep the size rather than upscale.
-    return max(1, min(limit, round(scaled)))
+    return max(_PATCH, math.floor(min(side, limit) / _PATCH) * _PATCH)
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,8 +483,14 @@ def _parse_target(url: str, display: str) -> _Target:
     hostname = (parts.hostname or "").rstrip(".")
     if not hostname:
         raise _error("bad_source", "URL has no host", display)
+    try:
+        # Internationalised names travel as punycode in DNS, the Host header and SNI alike.
+        hostname = hostname.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise _error("bad_source", "invalid host name", display) from None
+    bracketed = f"[{hostname}]" if ":" in hostname else hostname
+    host_header = bracketed if port is None else f"{bracketed}:{port}"
     port = port or (443 if scheme == "https" else 80)
-    host_header = parts.netloc.rpartition("@")[2]
     path = parts.path or "/"
     if parts.query:
         path = f"{path}?{parts.query}"
@@ -674,13 +688,30 @@ def _map_http_exception(exc: BaseException, policy: ImagePolicy, display: str) -
     if isinstance(exc, ConnectTimeoutError | ReadTimeoutError | TimeoutError):
         return _timeout(policy, display)
     if isinstance(exc, SSLError):
-        # A bad certificate does not heal between retries; someone has to fix the host.
-        return _error("http_error", "TLS error talking to image host", display)
+        # A certificate that fails verification does not heal between retries (someone has to
+        # fix the host); a handshake cut short by the network might.
+        if _caused_by(exc, ssl.SSLCertVerificationError):
+            return _error("http_error", "TLS certificate verification failed", display)
+        return _error("http_error", "TLS handshake failed", display, permanent=False)
     if isinstance(exc, LocationValueError):
         return _error("bad_source", "malformed URL", display)
     if isinstance(exc, ProtocolError | HTTPError | OSError):
         return _error("http_error", f"connection failed: {_reason(exc)}", display, permanent=False)
     return exc
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    pending: list[object] = [exc]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen or not isinstance(current, BaseException):
+            continue
+        seen.add(id(current))
+        if isinstance(current, kind):
+            return True
+        pending.extend((current.__cause__, current.__context__, *current.args))
+    return False
 
 
 def _check_status(status: int, display: str) -> None:

@@ -231,14 +231,14 @@ class TagVocabulary:
         sections: dict[str, KeywordUpdates] = {}
         for section in _SECTIONS:
             value = document.get(section, {})
+            # A bare string is refused: "armchair, stool" would silently become one phrase.
             if not isinstance(value, dict) or not all(
-                v is None
-                or isinstance(v, str)
-                or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+                v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v))
                 for v in value.values()
             ):
                 raise ValueError(
                     f"tag vocabulary {path}: {section!r} must map tag names to lists of strings"
+                    " (or null to remove a tag)"
                 )
             sections[section] = value
         return DEFAULT_VOCABULARY.extend(**sections)

@@ -32,15 +32,6 @@ class AdbpgResource(ConfigurableResource):
             self.table or base.table,
         )
 
-    def setup_for_execution(self, context: InitResourceContext) -> None:
-        settings = embedded.resolve(self.db_settings())
-        self._store = ItemStore(
-            settings,
-            max_connections=self.max_connections,
-            statement_timeout_ms=self.statement_timeout_ms,
-        )
-        self._store.setup()
-
     def teardown_after_execution(self, context: InitResourceContext) -> None:
         if self._store is not None:
             self._store.close()
@@ -48,6 +39,18 @@ class AdbpgResource(ConfigurableResource):
 
     @property
     def store(self) -> ItemStore:
+        """The store, connected on first use so a sensor can turn "database down" into a skip."""
         if self._store is None:
-            raise RuntimeError("AdbpgResource used outside a run")
+            settings = embedded.resolve(self.db_settings())
+            store = ItemStore(
+                settings,
+                max_connections=self.max_connections,
+                statement_timeout_ms=self.statement_timeout_ms,
+            )
+            try:
+                store.setup()
+            except BaseException:
+                store.close()
+                raise
+            self._store = store
         return self._store
