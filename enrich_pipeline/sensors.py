@@ -57,8 +57,10 @@ def pending_rows_sensor(context: SensorEvaluationContext, adbpg: AdbpgResource):
         fingerprints = adbpg.store.pending_fingerprints(MAX_ATTEMPTS)
     except (psycopg.Error, ConfigError) as exc:
         # A database that is down is a reason to skip, not a crash: the next tick tries again.
-        return SkipReason(f"database unreachable, will retry: {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}")
+        return SkipReason(
+            f"database unreachable, will retry: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+        )
     if not fingerprints:
         return SkipReason("no pending rows")
 
@@ -82,9 +84,12 @@ def pending_rows_sensor(context: SensorEvaluationContext, adbpg: AdbpgResource):
     return SensorResult(
         run_requests=requests,
         dynamic_partitions_requests=[users_partitions.build_add_request(new_keys)]
-        if new_keys else [],
+        if new_keys
+        else [],
         cursor=json.dumps(cursor, sort_keys=True),
-        skip_reason=None if requests else SkipReason(
+        skip_reason=None
+        if requests
+        else SkipReason(
             f"{len(busy & set(changed))} user(s) with new rows already have a run in flight"
         ),
     )

@@ -7,7 +7,13 @@ import time
 from pathlib import Path
 
 import pytest
-from dagster import DagsterInstance, DagsterRunStatus, SensorResult, SkipReason, build_sensor_context
+from dagster import (
+    DagsterInstance,
+    DagsterRunStatus,
+    SensorResult,
+    SkipReason,
+    build_sensor_context,
+)
 from dagster._core.test_utils import create_run_for_test
 
 from enrich_pipeline.resources.adbpg import AdbpgResource
@@ -75,8 +81,9 @@ def test_user_with_a_run_in_flight_is_not_requested_again(
     items.add("bob", str(image_dir / "blue.jpg"))
     instance = DagsterInstance.ephemeral()
     for status in (DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTED):
-        create_run_for_test(instance, job_name="enrich_job", status=status,
-                            tags={"dagster/partition": "alice"})
+        create_run_for_test(
+            instance, job_name="enrich_job", status=status, tags={"dagster/partition": "alice"}
+        )
     result = tick(instance)
     assert isinstance(result, SensorResult)
     assert [r.partition_key for r in result.run_requests] == ["bob"]
@@ -90,9 +97,7 @@ def test_nothing_pending_is_a_skip(env: pytest.MonkeyPatch, items: Items) -> Non
     assert isinstance(result, SkipReason) and result.skip_message == "no pending rows"
 
 
-def test_database_down_is_a_clear_skip_not_a_crash(
-    env: pytest.MonkeyPatch, items: Items
-) -> None:
+def test_database_down_is_a_clear_skip_not_a_crash(env: pytest.MonkeyPatch, items: Items) -> None:
     env.setenv("ADBPG_URL", "postgresql://nobody:secret-pw@127.0.0.1:9/none?connect_timeout=2")
     started = time.monotonic()
     result = tick(DagsterInstance.ephemeral())
