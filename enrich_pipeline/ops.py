@@ -100,7 +100,7 @@ def pending_rows(context: OpExecutionContext, config: EnrichConfig, adbpg: Adbpg
         yield DynamicOutput(ChunkSpec(user, chunk_ids, run), mapping_key=f"chunk_{n}")
 
 
-@op(ins={"spec": In(ChunkSpec)}, out=Out(ChunkState, io_manager_key=CHUNK_IO))
+@op(ins={"spec": In(ChunkSpec)}, out=Out(ChunkState, io_manager_key=CHUNK_IO), pool="adbpg")
 def visual_attributes(
     context: OpExecutionContext, spec: ChunkSpec, adbpg: AdbpgResource, dashscope: DashScopeResource
 ) -> ChunkState:
@@ -124,7 +124,7 @@ def visual_attributes(
     return ChunkState(chunk, run)
 
 
-@op(out=Out(ChunkState, io_manager_key=CHUNK_IO))
+@op(out=Out(ChunkState, io_manager_key=CHUNK_IO), pool="dashscope")
 def captions(
     context: OpExecutionContext,
     state: ChunkState,
@@ -142,7 +142,7 @@ def captions(
     return state
 
 
-@op(out=Out(ChunkState, io_manager_key=CHUNK_IO))
+@op(out=Out(ChunkState, io_manager_key=CHUNK_IO), pool="dashscope")
 def caption_embeddings(
     context: OpExecutionContext,
     state: ChunkState,
@@ -160,7 +160,7 @@ def caption_embeddings(
     return state
 
 
-@op(out=Out(ChunkState, io_manager_key=CHUNK_IO))
+@op(out=Out(ChunkState, io_manager_key=CHUNK_IO), pool="adbpg")
 def write_results(
     context: OpExecutionContext,
     state: ChunkState,
