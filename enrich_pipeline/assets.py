@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dagster import graph_asset
+from dagster import BackfillPolicy, graph_asset
 
 from enrich_pipeline.ops import (
     caption_embeddings,
@@ -18,6 +18,9 @@ from enrich_pipeline.partitions import users_partitions
 @graph_asset(
     partitions_def=users_partitions,
     group_name="enrichment",
+    # One run per user partition: every query of a run is scoped to one user, the run queue
+    # limits runs per partition, and one user's failure never fails another's backfill.
+    backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=1),
     description=(
         "Captions, dominant colors, style/object tags and caption embeddings for one user's "
         "pending items, merged into items.metadata chunk by chunk."

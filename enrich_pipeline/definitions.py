@@ -3,6 +3,7 @@
 from dagster import Definitions, in_process_executor, mem_io_manager
 
 from enrich_pipeline.assets import enriched_items
+from enrich_pipeline.checks import embedding_dimensions, no_unrecorded_pending_rows
 from enrich_pipeline.jobs import enrich_job
 from enrich_pipeline.ops import CHUNK_IO
 from enrich_pipeline.resources.adbpg import AdbpgResource
@@ -11,6 +12,7 @@ from enrich_pipeline.sensors import pending_rows_sensor
 
 defs = Definitions(
     assets=[enriched_items],
+    asset_checks=[no_unrecorded_pending_rows, embedding_dimensions],
     jobs=[enrich_job],
     sensors=[pending_rows_sensor],
     resources={

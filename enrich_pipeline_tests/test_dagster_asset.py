@@ -8,6 +8,7 @@ import pytest
 from dagster import DagsterInstance, materialize
 
 from enrich_pipeline.assets import enriched_items
+from enrich_pipeline.checks import embedding_dimensions, no_unrecorded_pending_rows
 from enrich_pipeline.definitions import defs
 from enrich_pipeline.ops import CHUNK_IO
 from enrich_pipeline.partitions import key_to_user, user_to_key
@@ -23,7 +24,7 @@ def materialize_user(instance: DagsterInstance, user: str, **config: object):
     key = user_to_key(user)
     instance.add_dynamic_partitions("users", [key])
     return materialize(
-        [enriched_items],
+        [enriched_items, no_unrecorded_pending_rows, embedding_dimensions],
         partition_key=key,
         instance=instance,
         resources=resources(),
@@ -66,6 +67,31 @@ def test_partition_materializes_with_statistics(
         assert items.row(i)["metadata"]["caption"]
     assert "caption" not in items.row(other)["metadata"]
     assert standin.count("embeddings") == 3
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert checks["no_unrecorded_pending_rows"].passed
+    assert checks["no_unrecorded_pending_rows"].metadata["failures_recorded"].value == 1
+    assert checks["embedding_dimensions"].passed
+    assert checks["embedding_dimensions"].metadata["embeddings"].value == 5
+
+
+def test_checks_fail_on_unrecorded_pending_rows_and_wrong_dimensions(
+    env: pytest.MonkeyPatch, items: Items, image_dir: Path
+) -> None:
+    items.add("alice", str(image_dir / "blue.jpg"))
+    instance = DagsterInstance.ephemeral()
+    assert materialize_user(instance, "alice").success
+    # Two new rows, a run limited to one of them, and the embedding size changed to 512
+    # while the first row's vector still has 1024 dimensions.
+    items.add("alice", str(image_dir / "red.jpg"))
+    items.add("alice", str(image_dir / "green.jpg"))
+    env.setenv("DASHSCOPE_EMBEDDING_DIMENSIONS", "512")
+    result = materialize_user(instance, "alice", max_items=1)
+    assert result.success
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert not checks["no_unrecorded_pending_rows"].passed
+    assert checks["no_unrecorded_pending_rows"].metadata["pending_unrecorded"].value == 1
+    assert not checks["embedding_dimensions"].passed
+    assert checks["embedding_dimensions"].metadata["wrong_dimensions"].value == 1
 
 
 def test_no_embedding_config_and_empty_partition(

@@ -265,6 +265,34 @@ class ItemStore:
             row = conn.execute(query, params).fetchone()
             return int(row[0]) if row else 0
 
+    def check_partition(self, user_id: str, dimensions: int) -> dict[str, int]:
+        """Figures for the asset checks of one user's partition."""
+        pending_sql = sql.SQL(
+            "SELECT count(*) FROM {items} i WHERE i.user_id = %(user)s AND {pending}"
+            " AND NOT EXISTS (SELECT 1 FROM {f} f WHERE f.source_table = %(src)s"
+            " AND f.item_id = i.id::text)"
+        ).format(items=self._items, pending=self._PENDING, f=self._t("enrich_failures"))
+        embed_sql = sql.SQL(
+            "SELECT count(*), count(*) FILTER (WHERE array_length(embedding, 1) IS DISTINCT FROM"
+            " %(dims)s OR dimensions <> %(dims)s) FROM {e}"
+            " WHERE source_table = %(src)s AND user_id = %(user)s"
+        ).format(e=self._t("enrich_embeddings"))
+        failed_sql = sql.SQL(
+            "SELECT count(*) FROM {f} WHERE source_table = %(src)s AND user_id = %(user)s"
+        ).format(f=self._t("enrich_failures"))
+        params = {"src": self.source_table, "user": user_id, "dims": dimensions}
+        with self.pool.connection() as conn:
+            unrecorded = conn.execute(pending_sql, params).fetchone()
+            embeddings = conn.execute(embed_sql, params).fetchone()
+            failed = conn.execute(failed_sql, params).fetchone()
+        assert unrecorded and embeddings and failed
+        return {
+            "pending_unrecorded": int(unrecorded[0]),
+            "embeddings": int(embeddings[0]),
+            "embeddings_wrong_dimensions": int(embeddings[1]),
+            "failures_recorded": int(failed[0]),
+        }
+
     @_retry_db
     def claim(
         self,

@@ -143,15 +143,14 @@ def _count_tokens(text: str) -> int:
 class _Reply(Exception):
     """An error response decided somewhere down the handler."""
 
-    def __init__(self, fault_or_status: str | int, message: str = "", fault: str | None = None):
+    def __init__(
+        self, fault_or_status: str | int, message: str = "", fault: str | None = None
+    ) -> None:
         if isinstance(fault_or_status, str):
             self.status, self.code, self.message = _ERRORS[fault_or_status]
-        else:
-            self.status, self.code, self.message = (
-                fault_or_status,
-                "invalid_parameter_error",
-                message,
-            )
+        else:  # request validation, always DashScope's InvalidParameter
+            self.status, self.message = fault_or_status, message
+            self.code = "invalid_parameter_error"
         # DashScope files both client-side errors under one OpenAI type; others echo the code.
         self.type = "invalid_request_error" if self.code.startswith("invalid_") else self.code
         self.fault = fault
