@@ -15,7 +15,6 @@ from enrich_pipeline.partitions import key_to_user, users_partitions
 from enrich_pipeline.resources.adbpg import AdbpgResource
 from enrich_pipeline.resources.dashscope import DashScopeResource
 
-
 # Partitioned asset checks are a Dagster preview feature; we rely on it knowingly (README).
 warnings.filterwarnings(
     "ignore", category=PreviewWarning, message=".*partitions_def on an AssetCheckSpec"
