@@ -99,24 +99,9 @@ def set_pool_limits(env: dict[str, str]) -> None:
         os.environ.update(saved)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="enrich-dagster", description=__doc__.splitlines()[0])
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=3000)
-    args = p.parse_args(argv)
-    try:
-        env = prepare_environment(dict(os.environ))
-        set_pool_limits(env)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    workspace = PROJECT_ROOT / "workspace.yaml"
-    target = ["-w", str(workspace)] if workspace.exists() else ["-m", "enrich_pipeline.definitions"]
-    print(
-        f"Dagster UI on http://{args.host}:{args.port} (DAGSTER_HOME={env['DAGSTER_HOME']})",
-        flush=True,
-    )
-    cmd = [sys.executable, "-m", "dagster", "dev", *target, "-h", args.host, "-p", str(args.port)]
+def start_ui(env: dict[str, str], host: str, port: int) -> int:
+    cmd = [sys.executable, "-m", "dagster", "dev", *_target(), "-h", host, "-p", str(port)]
+    print(f"Dagster UI on http://{host}:{port} (DAGSTER_HOME={env['DAGSTER_HOME']})", flush=True)
     proc = subprocess.Popen(cmd, env=env, cwd=str(PROJECT_ROOT))
     # A service manager stops us with SIGTERM: pass it on so webserver and daemon stop too.
     signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
@@ -125,6 +110,67 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         proc.terminate()
         return proc.wait()
+
+
+def _target() -> list[str]:
+    workspace = PROJECT_ROOT / "workspace.yaml"
+    return ["-w", str(workspace)] if workspace.exists() else ["-m", "enrich_pipeline.definitions"]
+
+
+def backfill(env: dict[str, str], users: list[str] | None) -> int:
+    """Add the users' partitions and submit one backfill of their partitions (one run each).
+
+    The daemon of ``enrich-dagster`` (or of any deployment on the same instance) runs it.
+    """
+    from dagster import DagsterInstance
+
+    from enrich_pipeline.db.store import ItemStore
+    from enrich_pipeline.partitions import user_to_key, users_partitions
+    from enrich_pipeline.sensors import MAX_ATTEMPTS
+
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        if users is None:
+            with ItemStore(embedded.resolve(DbSettings.from_env())) as store:
+                store.setup()
+                users = [u for u, _ in store.users_with_pending(MAX_ATTEMPTS)]
+        if not users:
+            print("No user has pending rows: nothing to backfill.")
+            return 0
+        keys = [user_to_key(u) for u in users]
+        with DagsterInstance.get() as instance:
+            instance.add_dynamic_partitions(users_partitions.name, keys)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    cmd = [sys.executable, "-m", "dagster", "job", "backfill", *_target(), "-j", "enrich_job",
+           "--partitions", ",".join(keys), "--noprompt"]
+    print(f"Backfilling {len(keys)} user partition(s): {', '.join(keys)}", flush=True)
+    return subprocess.call(cmd, env=env, cwd=str(PROJECT_ROOT))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="enrich-dagster", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command")
+    ui = sub.add_parser("ui", help="start the webserver and daemon (the default)")
+    for parser in (p, ui):
+        parser.add_argument("--host", default="127.0.0.1")
+        parser.add_argument("--port", type=int, default=3000)
+    bf = sub.add_parser("backfill", help="backfill user partitions (one run per user)")
+    who = bf.add_mutually_exclusive_group(required=True)
+    who.add_argument("--users", help="comma-separated user ids")
+    who.add_argument("--all-pending", action="store_true", help="every user with pending rows")
+    args = p.parse_args(argv)
+    try:
+        env = prepare_environment(dict(os.environ))
+        set_pool_limits(env)
+        if args.command == "backfill":
+            return backfill(env, None if args.all_pending else args.users.split(","))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return start_ui(env, args.host, args.port)
 
 
 if __name__ == "__main__":
