@@ -15,7 +15,9 @@ import openai
 import pytest
 from PIL import Image
 
-from enrich_pipeline.testing.standin import StandIn, caption_for_image, embed_text
+from enrich_pipeline.enrichment.synthetic import hashed_embedding as embed_text
+from enrich_pipeline.enrichment.synthetic import synthetic_caption as caption_for_image
+from enrich_pipeline.testing.standin import StandIn
 
 VL_MODEL = "qwen-vl-plus"
 EMB_MODEL = "text-embedding-v4"

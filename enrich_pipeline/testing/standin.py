@@ -16,10 +16,8 @@ import argparse
 import asyncio
 import base64
 import binascii
-import hashlib
 import io
 import json
-import math
 import re
 import socket
 import struct
@@ -33,18 +31,25 @@ from typing import Any
 
 import numpy as np
 import uvicorn
-from PIL import Image, ImageStat
+from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from enrich_pipeline.enrichment.images import image_tokens
+from enrich_pipeline.enrichment.synthetic import (
+    hashed_embedding,
+    mean_color,
+    synthetic_caption,
+    synthetic_caption_for_key,
+)
+
 ENDPOINTS = ("chat", "embeddings", "any")
 EMBEDDING_DIMENSIONS = (64, 128, 256, 512, 768, 1024, 1536, 2048)
 DEFAULT_DIMENSIONS = 1024
 MAX_EMBEDDING_BATCH = 10
-PATCH = 28  # DashScope bills one vision token per 28x28 pixel patch
 
 # fault -> (status, code, message) as compatible mode sends them; `type` follows from the code.
 _ERRORS: dict[str, tuple[int, str, str]] = {
@@ -60,80 +65,6 @@ _ERRORS: dict[str, tuple[int, str, str]] = {
     "unauthorized": (401, "invalid_api_key", "Incorrect API key provided."),
 }
 FAULTS = frozenset({*_ERRORS, "timeout", "reset", "malformed", "empty_caption"})
-
-_PALETTE: dict[str, tuple[int, int, int]] = {
-    "black": (20, 20, 20),
-    "gray": (128, 128, 128),
-    "white": (240, 240, 240),
-    "red": (200, 30, 30),
-    "orange": (240, 140, 30),
-    "yellow": (230, 210, 50),
-    "green": (40, 160, 60),
-    "teal": (30, 140, 140),
-    "blue": (40, 80, 200),
-    "purple": (130, 50, 160),
-    "pink": (240, 150, 180),
-    "brown": (120, 75, 40),
-    "beige": (220, 200, 160),
-}
-
-# Shared style/object words on purpose, so downstream attribute extraction has something to find.
-_TEMPLATES = (
-    "A modern {color} chair in a minimalist living room with natural light.",
-    "A vintage {color} leather sofa beside a wooden table in a cozy room.",
-    "A {color} ceramic vase with flowers on a rustic kitchen shelf.",
-    "A sleek {color} laptop on an industrial metal desk in a bright office.",
-    "A minimalist {color} lamp standing next to a bookshelf in a scandinavian bedroom.",
-    "A rustic {color} wooden cabinet with brass handles in a farmhouse kitchen.",
-    "A modern {color} armchair with a wool throw near a large window.",
-    "An industrial {color} pendant light hanging over a concrete dining table.",
-)
-
-
-def color_name(rgb: tuple[float, float, float]) -> str:
-    """Nearest palette word for a mean colour."""
-    return min(
-        _PALETTE, key=lambda n: sum((a - b) ** 2 for a, b in zip(rgb, _PALETTE[n], strict=True))
-    )
-
-
-def _stable_index(key: str, n: int) -> int:
-    # Python's hash() is salted per process; captions must not change between runs.
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % n
-
-
-def image_mean(image: Image.Image) -> tuple[float, float, float]:
-    r, g, b = ImageStat.Stat(image.convert("RGB")).mean
-    return (r, g, b)
-
-
-def image_tokens(width: int, height: int) -> int:
-    return max(4, math.ceil(width / PATCH) * math.ceil(height / PATCH))
-
-
-def caption_for_image(image: Image.Image) -> str:
-    """The caption the stand-in returns for `image` (deterministic)."""
-    mean = image_mean(image)
-    key = f"{image.width}x{image.height}:" + ",".join(str(round(c)) for c in mean)
-    return _TEMPLATES[_stable_index(key, len(_TEMPLATES))].format(color=color_name(mean))
-
-
-def _caption_for_key(key: str) -> str:
-    # No pixels to look at (remote URL or text only): still deterministic per request.
-    color = list(_PALETTE)[_stable_index("color:" + key, len(_PALETTE))]
-    return _TEMPLATES[_stable_index(key, len(_TEMPLATES))].format(color=color)
-
-
-def embed_text(text: str, dimensions: int = DEFAULT_DIMENSIONS) -> list[float]:
-    """L2-normalised feature hashing of lower-cased words: shared words give cosine > 0."""
-    vec = np.zeros(dimensions, dtype=np.float64)
-    for word in re.findall(r"\w+", text.lower()):
-        h = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "big")
-        vec[h % dimensions] += 1.0 if (h >> 40) & 1 else -1.0
-    norm = float(np.linalg.norm(vec))
-    if norm == 0.0:
-        vec[0], norm = 1.0, 1.0
-    return (vec / norm).tolist()
 
 
 def _count_tokens(text: str) -> int:
@@ -505,7 +436,7 @@ class StandIn:
                     if url.startswith("data:"):
                         image = _decode_data_url(url)
                         images.append(image)
-                        means.append(image_mean(image))
+                        means.append(mean_color(image))
                         entry["image_tokens"] += image_tokens(image.width, image.height)
                     elif url.startswith(("http://", "https://")):
                         keys.insert(0, url)  # not fetched: no tokens, but a stable caption
@@ -516,7 +447,11 @@ class StandIn:
         prompt_tokens = text_tokens + entry["image_tokens"]
 
         def respond(empty: bool) -> dict[str, Any]:
-            caption = caption_for_image(images[0]) if images else _caption_for_key("|".join(keys))
+            caption = (
+                synthetic_caption(images[0])
+                if images
+                else synthetic_caption_for_key("|".join(keys))
+            )
             caption = "" if empty else caption
             completion = _count_tokens(caption)
             return {
@@ -564,7 +499,7 @@ class StandIn:
         def respond(_empty: bool) -> dict[str, Any]:
             data = []
             for i, text in enumerate(texts):
-                vector: list[float] | str = embed_text(text, dims)
+                vector: list[float] | str = hashed_embedding(text, dims)
                 if encoding == "base64":
                     # The SDK decodes base64 as little-endian float32 (numpy.frombuffer).
                     vector = base64.b64encode(np.asarray(vector, "<f4").tobytes()).decode()
