@@ -111,6 +111,10 @@ class Report:
         self.line(f"  {'Failed:':<18}{stats.failed}")
         self.line(f"  {'Skipped:':<18}{stats.skipped}")
         self.line(f"  {'Success rate:':<18}{stats.success_rate * 100:.1f}%")
+        self.line(
+            f"  {'Cache hits:':<18}{stats.cache_hits} "
+            f"({stats.cache_hit_rate * 100:.1f}% of succeeded, no API call)"
+        )
         if stats.errors:
             errors = ", ".join(f"{k} {v}" for k, v in sorted(stats.errors.items()))
             self.line(f"  {'Errors:':<18}{errors}")

@@ -42,7 +42,7 @@ class EnrichConfig(Config):
     concurrent: int = 5
     caption_embedding: bool = True
     max_attempts: int = 3
-    lease_seconds: int = 900
+    lease_seconds: int = 120
 
 
 @dataclass
@@ -134,7 +134,13 @@ def captions(
     """Caption the chunk with Qwen-VL, ``concurrent`` calls at a time, and derive its tags."""
     before = dashscope.provider.usage.as_dict()
     try:
-        stages.caption_chunk(state.chunk, dashscope.provider, concurrent=state.run.concurrent)
+        stages.caption_chunk(
+            state.chunk,
+            dashscope.provider,
+            concurrent=state.run.concurrent,
+            cache=adbpg.store,
+            prompt_version=dashscope.settings.prompt_version,
+        )
     except FatalProviderError as exc:
         raise _fatal(context, adbpg, state, exc) from exc
     finally:
@@ -213,6 +219,7 @@ def summarize(
         "success_rate": round(stats.success_rate, 4),
         "embedded": stats.embedded,
         "embedding_failed": stats.embedding_failed,
+        "cache_hits": stats.cache_hits,
         "errors": stats.errors,
         "usage": usage,
         "provider": "offline (synthetic captions)" if provider.offline else "dashscope",
@@ -237,6 +244,8 @@ def summarize(
         "embedding_tokens": usage.get("embedding_tokens", 0),
         "api_retries": usage.get("retries", 0),
         "embedded": stats.embedded,
+        "cache_hits": stats.cache_hits,
+        "cache_hit_rate": MetadataValue.float(round(stats.cache_hit_rate, 4)),
         "provider": summary["provider"],
         "model": provider.model_label,
         "sample_captions": MetadataValue.md(samples),

@@ -72,7 +72,12 @@ class Engine:
                 concurrent=run.concurrent,
             )
             stages.caption_chunk(
-                chunk, self.provider, concurrent=run.concurrent, vocabulary=self.vocabulary
+                chunk,
+                self.provider,
+                concurrent=run.concurrent,
+                vocabulary=self.vocabulary,
+                cache=self.store,
+                prompt_version=self.dashscope.prompt_version,
             )
             stages.embed_chunk(chunk, self.provider, enabled=run.caption_embedding)
         except FatalProviderError:

@@ -144,8 +144,19 @@ def backfill(env: dict[str, str], users: list[str] | None) -> int:
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    cmd = [sys.executable, "-m", "dagster", "job", "backfill", *_target(), "-j", "enrich_job",
-           "--partitions", ",".join(keys), "--noprompt"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dagster",
+        "job",
+        "backfill",
+        *_target(),
+        "-j",
+        "enrich_job",
+        "--partitions",
+        ",".join(keys),
+        "--noprompt",
+    ]
     print(f"Backfilling {len(keys)} user partition(s): {', '.join(keys)}", flush=True)
     return subprocess.call(cmd, env=env, cwd=str(PROJECT_ROOT))
 

@@ -166,7 +166,7 @@ class RunSettings:
     concurrent: int = 5
     caption_embedding: bool = True
     max_attempts: int = 3
-    lease_seconds: int = 900
+    lease_seconds: int = 120
     color_count: int = 5
 
     def __post_init__(self) -> None:

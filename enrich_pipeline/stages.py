@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from enrich_pipeline.api.dashscope import FatalProviderError, Provider, ProviderError
 from enrich_pipeline.db.store import FailureRow, ItemStore, SuccessRow
@@ -57,6 +57,7 @@ class ItemOutcome:
     object_tags: tuple[str, ...] = ()
     error: str | None = None
     error_code: str | None = None
+    cached: bool = False
 
 
 @dataclass
@@ -69,6 +70,7 @@ class RunStats:
     skipped: int = 0
     embedded: int = 0
     embedding_failed: int = 0
+    cache_hits: int = 0
     samples: list[str] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
 
@@ -76,11 +78,16 @@ class RunStats:
     def success_rate(self) -> float:
         return self.succeeded / self.total if self.total else 0.0
 
+    @property
+    def cache_hit_rate(self) -> float:
+        return self.cache_hits / self.succeeded if self.succeeded else 0.0
+
     def add(self, outcomes: Iterable[ItemOutcome]) -> None:
         for o in outcomes:
             self.total += 1
             if o.status == "succeeded":
                 self.succeeded += 1
+                self.cache_hits += o.cached
                 if o.caption and len(self.samples) < SAMPLE_CAPTIONS:
                     self.samples.append(o.caption)
             elif o.status == "failed":
@@ -97,6 +104,7 @@ class RunStats:
         self.skipped += other.skipped
         self.embedded += other.embedded
         self.embedding_failed += other.embedding_failed
+        self.cache_hits += other.cache_hits
         self.samples.extend(other.samples[: max(0, SAMPLE_CAPTIONS - len(self.samples))])
         for code, n in other.errors.items():
             self.errors[code] = self.errors.get(code, 0) + n
@@ -179,14 +187,45 @@ def visual_attributes(
     return chunk
 
 
+class CaptionCache(Protocol):
+    """Where paid captions are remembered (the store's ``enrich_caption_cache``)."""
+
+    def cached_captions(
+        self, shas: Iterable[str], *, model: str, prompt_version: str
+    ) -> dict[str, str]: ...
+
+    def cache_caption(self, sha: str, *, model: str, prompt_version: str, caption: str) -> None: ...
+
+
 def caption_chunk(
     chunk: Chunk,
     provider: Provider,
     *,
     concurrent: int = 5,
     vocabulary: TagVocabulary = DEFAULT_VOCABULARY,
+    cache: CaptionCache | None = None,
+    prompt_version: str = "",
 ) -> Chunk:
-    """Caption every live item, ``concurrent`` calls at a time, and derive its tags."""
+    """Caption every live item, ``concurrent`` calls at a time, and derive its tags.
+
+    With a cache, an image already captioned by this model and prompt version (in any row, any
+    run) costs no call, and rows of the chunk that share an image share one call.
+    """
+    live = chunk.live()
+    model = provider.model_label
+    known: dict[str, str] = {}
+    if cache is not None:
+        known = cache.cached_captions(
+            (w.content_sha256 for w in live if w.content_sha256),
+            model=model,
+            prompt_version=prompt_version,
+        )
+    by_image: dict[str, list[WorkItem]] = {}
+    for work in live:
+        if work.content_sha256 in known:
+            _set_caption(work, known[work.content_sha256], vocabulary, cached=True)
+        else:
+            by_image.setdefault(_image_key(work), []).append(work)
 
     def one(work: WorkItem) -> None:
         assert work.vision is not None
@@ -195,15 +234,31 @@ def caption_chunk(
         except FatalProviderError:
             raise
         except ProviderError as exc:
-            work.fail(ItemError(exc.code, str(exc), exc.permanent, "caption"))
+            error = ItemError(exc.code, str(exc), exc.permanent, "caption")
+            for twin in by_image[_image_key(work)]:
+                twin.fail(error)
             return
-        work.caption = caption
-        work.style_tags, work.object_tags = derive_tags(caption, vocabulary)
-        # The downscaled image is only needed for the call; drop it to keep memory flat.
-        work.vision = None
+        if cache is not None and work.content_sha256:
+            cache.cache_caption(
+                work.content_sha256, model=model, prompt_version=prompt_version, caption=caption
+            )
+        for twin in by_image[_image_key(work)]:
+            _set_caption(twin, caption, vocabulary, cached=twin is not work)
 
-    _parallel(one, chunk.live(), concurrent)
+    _parallel(one, [group[0] for group in by_image.values()], concurrent)
     return chunk
+
+
+def _image_key(work: WorkItem) -> str:
+    return work.content_sha256 or f"row:{work.item.id}"
+
+
+def _set_caption(work: WorkItem, caption: str, vocabulary: TagVocabulary, *, cached: bool) -> None:
+    work.caption = caption
+    work.from_cache = cached
+    work.style_tags, work.object_tags = derive_tags(caption, vocabulary)
+    # The downscaled image is only needed for the call; drop it to keep memory flat.
+    work.vision = None
 
 
 def embed_chunk(chunk: Chunk, provider: Provider, *, enabled: bool = True) -> Chunk:
@@ -272,6 +327,7 @@ def write_chunk(
                     tuple(w.dominant_colors),
                     tuple(w.style_tags),
                     tuple(w.object_tags),
+                    cached=w.from_cache,
                 )
             )
             if w.embedding is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,48 @@ def test_concurrent_claims_never_share_a_row(
     store.release("alice", ids, worker="a")
     c, _ = store.claim("bob", ids, worker="c", lease_seconds=60, max_attempts=3)
     assert c == []
+
+
+def test_duplicate_images_across_rows_and_users_cost_one_call(
+    items: Items,
+    store: ItemStore,
+    api_settings: DashScopeSettings,
+    image_dir: Path,
+    standin: StandIn,
+) -> None:
+    blue = str(image_dir / "blue.jpg")
+    ids = [items.add("alice", blue), items.add("alice", blue), items.add("bob", blue)]
+    eng = engine(store, api_settings)
+    first = eng.enrich("alice")
+    second = eng.enrich("bob")
+    assert standin.count("chat") == 1
+    assert (first.succeeded, first.cache_hits, second.cache_hits) == (2, 1, 1)
+    captions = {items.row(i)["metadata"]["caption"] for i in ids}
+    assert len(captions) == 1
+
+
+def test_rerun_after_a_crash_between_caption_and_write_hits_the_cache(
+    items: Items,
+    store: ItemStore,
+    api_settings: DashScopeSettings,
+    image_dir: Path,
+    standin: StandIn,
+) -> None:
+    item = items.add("alice", str(image_dir / "green.jpg"))
+    provider = DashScopeProvider(api_settings)
+    dead = ItemStore(items.settings)  # the process that will die
+    dead.setup()
+    chunk = stages.claim_chunk(
+        dead, "alice", [item], worker="dead", lease_seconds=1, max_attempts=3
+    )
+    stages.visual_attributes(chunk, policy=LOCAL, max_image_side=512)
+    stages.caption_chunk(chunk, provider, cache=dead, prompt_version="v1")
+    assert standin.count("chat") == 1
+    # It dies here: nothing written, nobody renews its lease, which then runs out.
+    dead.close()
+    time.sleep(1.2)
+
+    stats = engine(store, api_settings).enrich("alice")
+    assert (stats.succeeded, stats.cache_hits) == (1, 1)
+    assert standin.count("chat") == 1
+    assert items.row(item)["metadata"]["caption"] == chunk.items[0].caption

@@ -9,7 +9,8 @@ a user partition runs is scoped to that user.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,57 @@ class LedgerEntry:
     last_error: str
 
 
+class _LeaseKeeper:
+    """Renews the leases of the claims a live process holds, every third of a lease.
+
+    Leases can then be short: rows claimed by a process that was killed come back to the
+    pending set within one lease, while a slow chunk of a live process is never taken over.
+    """
+
+    def __init__(self, renew: Callable[[str, list[str], int], None]) -> None:
+        self._renew = renew
+        self._held: dict[tuple[str, int], set[str]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._interval = 30.0
+
+    def hold(self, worker: str, ids: Iterable[str], lease_seconds: int) -> None:
+        with self._lock:
+            self._held.setdefault((worker, lease_seconds), set()).update(ids)
+            self._interval = min(self._interval, max(0.2, lease_seconds / 3))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="enrich-lease-keeper", daemon=True
+                )
+                self._thread.start()
+
+    def drop(self, worker: str, ids: Iterable[str]) -> None:
+        gone = set(ids)
+        with self._lock:
+            for key in [k for k in self._held if k[0] == worker]:
+                self._held[key] -= gone
+                if not self._held[key]:
+                    del self._held[key]
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            with self._lock:
+                batches = [(w, sorted(ids), lease) for (w, lease), ids in self._held.items()]
+            for worker, ids, lease in batches:
+                try:
+                    self._renew(worker, ids, lease)
+                except psycopg.Error:
+                    # The database is away; the write retries, and an expired lease only
+                    # lets another run take rows this one will then find already written.
+                    continue
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
 class ItemStore:
     """A psycopg 3 pool over the items table and the pipeline's own tables."""
 
@@ -107,8 +159,10 @@ class ItemStore:
             timeout=connect_timeout,
         )
         self._id_type: str | None = None
+        self._leases = _LeaseKeeper(self._renew_claims)
 
     def close(self) -> None:
+        self._leases.close()
         self.pool.close()
 
     def __enter__(self) -> ItemStore:
@@ -349,7 +403,20 @@ class ItemStore:
             gone = [i for i in claimed if i not in live]
             if gone:
                 conn.execute(release_sql, {**params, "ids": gone})
+        self._leases.hold(worker, live, lease_seconds)
         return items, [i for i in ids if i not in live]
+
+    def _renew_claims(self, worker: str, ids: list[str], lease_seconds: int) -> None:
+        query = sql.SQL(
+            "UPDATE {c} SET expires_at = now() + make_interval(secs => %(lease)s)"
+            " WHERE source_table = %(src)s AND worker = %(worker)s"
+            " AND item_id = ANY(%(ids)s::text[])"
+        ).format(c=self._t("enrich_claims"))
+        with self.pool.connection() as conn:
+            conn.execute(
+                query,
+                {"lease": lease_seconds, "src": self.source_table, "worker": worker, "ids": ids},
+            )
 
     def failures(self, user_id: str | None = None) -> list[LedgerEntry]:
         query = sql.SQL(
@@ -360,6 +427,31 @@ class ItemStore:
         with self.pool.connection() as conn:
             rows = conn.execute(query, {"src": self.source_table, "user": user_id})
             return [LedgerEntry(*r) for r in rows]
+
+    # --- caption cache -------------------------------------------------------------------------
+
+    def cached_captions(
+        self, shas: Iterable[str], *, model: str, prompt_version: str
+    ) -> dict[str, str]:
+        query = sql.SQL(
+            "SELECT content_sha256, caption FROM {c} WHERE model = %(model)s"
+            " AND prompt_version = %(pv)s AND content_sha256 = ANY(%(shas)s::text[])"
+        ).format(c=self._t("enrich_caption_cache"))
+        wanted = sorted(set(shas))
+        if not wanted:
+            return {}
+        with self.pool.connection() as conn:
+            rows = conn.execute(query, {"model": model, "pv": prompt_version, "shas": wanted})
+            return dict(rows.fetchall())
+
+    def cache_caption(self, sha: str, *, model: str, prompt_version: str, caption: str) -> None:
+        """Remember a paid caption at once, before the chunk is written, so a crash keeps it."""
+        query = sql.SQL(
+            "INSERT INTO {c} (content_sha256, model, prompt_version, caption)"
+            " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING"
+        ).format(c=self._t("enrich_caption_cache"))
+        with self.pool.connection() as conn:
+            conn.execute(query, (sha, model, prompt_version, caption))
 
     # --- writing -----------------------------------------------------------------------------
 
@@ -467,6 +559,7 @@ class ItemStore:
             every = [s.item_id for s in successes] + [f.item_id for f in failures]
             if every:
                 conn.execute(release_sql, {**base, "ids": every})
+        self._leases.drop(worker, every)
         return WriteOutcome(
             written=written,
             skipped=[s.item_id for s in successes if s.item_id not in done],
@@ -474,6 +567,8 @@ class ItemStore:
         )
 
     def release(self, user_id: str, ids: Iterable[str], *, worker: str) -> None:
+        ids = list(ids)
+        self._leases.drop(worker, ids)
         query = sql.SQL(
             "DELETE FROM {c} WHERE source_table = %(src)s AND user_id = %(user)s"
             " AND worker = %(worker)s AND item_id = ANY(%(ids)s::text[])"

@@ -42,6 +42,7 @@ class WorkItem:
     object_tags: list[str] = field(default_factory=list)
     embedding: list[float] | None = None
     error: ItemError | None = None
+    from_cache: bool = False
 
     @property
     def ok(self) -> bool:
