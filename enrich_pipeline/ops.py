@@ -43,6 +43,8 @@ class EnrichConfig(Config):
     caption_embedding: bool = True
     max_attempts: int = 3
     lease_seconds: int = 120
+    # Forget the user's recorded failures first, so those rows are tried again.
+    retry_failed: bool = False
 
 
 @dataclass
@@ -94,6 +96,9 @@ def pending_rows(context: OpExecutionContext, config: EnrichConfig, adbpg: Adbpg
         lease_seconds=config.lease_seconds,
     )
     user = _user(context)
+    if config.retry_failed:
+        cleared = adbpg.store.reset_failures(user)
+        context.log.info(f"retry_failed: {cleared} recorded failure(s) of {user!r} cleared")
     ids = adbpg.store.pending_ids(user, limit=run.max_items, max_attempts=run.max_attempts)
     context.log.info(f"{len(ids)} pending row(s) for user {user!r}")
     for n, chunk_ids in enumerate(chunked(ids, run.batch_size)):

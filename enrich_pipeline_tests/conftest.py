@@ -21,6 +21,7 @@ from PIL import Image
 from psycopg import sql
 
 from enrich_pipeline.db.store import ItemStore, create_sample_table, insert_sample_items
+from enrich_pipeline.enrichment.synthetic import mean_color
 from enrich_pipeline.settings import DashScopeSettings, DbSettings
 from enrich_pipeline.testing.standin import StandIn
 
@@ -51,6 +52,12 @@ def namespace(pg_conninfo: str) -> Iterator[str]:
     yield name
     with psycopg.connect(pg_conninfo, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+def mean_of(path: Path) -> tuple[float, float, float]:
+    """The mean color the stand-in sees, to aim a fault at one image."""
+    with Image.open(path) as img:
+        return mean_color(img)
 
 
 class Items:

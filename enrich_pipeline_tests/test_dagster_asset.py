@@ -13,7 +13,7 @@ from enrich_pipeline.definitions import defs
 from enrich_pipeline.ops import CHUNK_IO
 from enrich_pipeline.partitions import key_to_user, user_to_key
 from enrich_pipeline.testing.standin import StandIn
-from enrich_pipeline_tests.conftest import Items
+from enrich_pipeline_tests.conftest import Items, mean_of
 
 
 def resources() -> dict:
@@ -152,3 +152,24 @@ def test_odd_user_id_partition_is_scoped_to_that_user(
     assert result.success
     assert items.row(mine)["metadata"]["caption"]
     assert items.row(theirs)["metadata"] == {}
+
+
+def test_retry_failed_config_tries_recorded_failures_again(
+    env: pytest.MonkeyPatch, items: Items, image_dir: Path, standin: StandIn
+) -> None:
+    item = items.add("alice", str(image_dir / "cyan.jpg"))
+    standin.add_rule("moderation", color=mean_of(image_dir / "cyan.jpg"), tolerance=12, times=1)
+    instance = DagsterInstance.ephemeral()
+    first = materialize_user(instance, "alice")
+    (mat,) = first.asset_materializations_for_node("enriched_items")
+    assert (
+        mat.metadata["failed"].value == 1 and "moderation" in mat.metadata["failure_ledger"].value
+    )
+    # Permanent: a plain re-run does not touch it; retry_failed does, and now it passes.
+    again = materialize_user(instance, "alice")
+    assert again.asset_materializations_for_node("enriched_items")[0].metadata["total"].value == 0
+    retried = materialize_user(instance, "alice", retry_failed=True)
+    (mat,) = retried.asset_materializations_for_node("enriched_items")
+    assert mat.metadata["succeeded"].value == 1
+    assert items.row(item)["metadata"]["caption"]
+    assert standin.count("chat") == 2

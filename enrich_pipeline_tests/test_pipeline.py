@@ -6,25 +6,17 @@ import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from enrich_pipeline import stages
 from enrich_pipeline.api.dashscope import DashScopeProvider, FatalProviderError
 from enrich_pipeline.db.store import ItemStore
 from enrich_pipeline.enrichment.images import ImagePolicy
-from enrich_pipeline.enrichment.synthetic import mean_color
 from enrich_pipeline.runner import Engine
 from enrich_pipeline.settings import DashScopeSettings, RunSettings
 from enrich_pipeline.testing.standin import StandIn
-from enrich_pipeline_tests.conftest import Items
+from enrich_pipeline_tests.conftest import Items, mean_of
 
 LOCAL = ImagePolicy(allow_local_files=True)
-
-
-def mean_of(path: Path) -> tuple[int, int, int]:
-    """The mean color the stand-in sees, to aim a fault at one image."""
-    with Image.open(path) as img:
-        return mean_color(img)
 
 
 def engine(store: ItemStore, api: DashScopeSettings, **run: object) -> Engine:
