@@ -64,6 +64,14 @@ class ChunkSpec:
     run: RunSettings
 
 
+def _depth_first(stage: int) -> dict[str, str]:
+    """Step priority rising along the chunk's path, so the executor finishes (and writes) one
+    chunk before it starts the next. Without it Dagster runs the mapped steps breadth-first:
+    every chunk's images loaded before any caption, and nothing written until all are paid.
+    """
+    return {"dagster/priority": str(stage)}
+
+
 def _user(context: OpExecutionContext) -> str:
     return key_to_user(context.partition_key)
 
@@ -105,7 +113,12 @@ def pending_rows(context: OpExecutionContext, config: EnrichConfig, adbpg: Adbpg
         yield DynamicOutput(ChunkSpec(user, chunk_ids, run), mapping_key=f"chunk_{n}")
 
 
-@op(ins={"spec": In(ChunkSpec)}, out=Out(ChunkState, io_manager_key=CHUNK_IO), pool="adbpg")
+@op(
+    ins={"spec": In(ChunkSpec)},
+    out=Out(ChunkState, io_manager_key=CHUNK_IO),
+    pool="adbpg",
+    tags=_depth_first(1),
+)
 def visual_attributes(
     context: OpExecutionContext, spec: ChunkSpec, adbpg: AdbpgResource, dashscope: DashScopeResource
 ) -> ChunkState:
@@ -129,7 +142,7 @@ def visual_attributes(
     return ChunkState(chunk, run)
 
 
-@op(out=Out(ChunkState, io_manager_key=CHUNK_IO), pool="dashscope")
+@op(out=Out(ChunkState, io_manager_key=CHUNK_IO), pool="dashscope", tags=_depth_first(2))
 def captions(
     context: OpExecutionContext,
     state: ChunkState,
@@ -153,7 +166,7 @@ def captions(
     return state
 
 
-@op(out=Out(ChunkState, io_manager_key=CHUNK_IO), pool="dashscope")
+@op(out=Out(ChunkState, io_manager_key=CHUNK_IO), pool="dashscope", tags=_depth_first(3))
 def caption_embeddings(
     context: OpExecutionContext,
     state: ChunkState,
@@ -171,7 +184,7 @@ def caption_embeddings(
     return state
 
 
-@op(out=Out(ChunkState, io_manager_key=CHUNK_IO), pool="adbpg")
+@op(out=Out(ChunkState, io_manager_key=CHUNK_IO), pool="adbpg", tags=_depth_first(4))
 def write_results(
     context: OpExecutionContext,
     state: ChunkState,

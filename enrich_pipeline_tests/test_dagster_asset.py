@@ -55,6 +55,12 @@ def test_partition_materializes_with_statistics(
         if e.step_key.startswith("enriched_items.write_results")
     ]
     assert len(writes) == 3
+    # Depth first: each chunk is written before the next one's images are even loaded, so a
+    # run that dies keeps every chunk it finished.
+    started = [e.step_key for e in result.all_events if e.event_type_value == "STEP_START"]
+    assert started.index("enriched_items.write_results[chunk_0]") < started.index(
+        "enriched_items.visual_attributes[chunk_1]"
+    )
     (mat,) = result.asset_materializations_for_node("enriched_items")
     md = {k: v.value for k, v in mat.metadata.items()}
     assert (md["total"], md["succeeded"], md["failed"], md["skipped"]) == (6, 5, 1, 0)
