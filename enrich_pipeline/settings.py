@@ -128,6 +128,7 @@ class DashScopeSettings:
     # instead of living on 429 retries (qwen-vl default: about 1,200 requests a minute).
     requests_per_minute: int = 1200
     tokens_per_minute: int = 0  # 0 disables the token limit
+    embedding_requests_per_minute: int = 1800
     offline: bool = False
 
     @classmethod
@@ -146,6 +147,7 @@ class DashScopeSettings:
             max_image_side=_int(env, "ENRICH_MAX_IMAGE_SIDE", 1024),
             requests_per_minute=_int(env, "DASHSCOPE_RPM", 1200),
             tokens_per_minute=_int(env, "DASHSCOPE_TPM", 0),
+            embedding_requests_per_minute=_int(env, "DASHSCOPE_EMBEDDING_RPM", 1800),
             offline=_bool(env, "ENRICH_OFFLINE", False),
         )
 

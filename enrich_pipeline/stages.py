@@ -8,8 +8,9 @@ chunk, after its claims are released so that nothing is left marked.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -148,6 +149,35 @@ def claim_chunk(
     )
 
 
+def load_visual(
+    work: WorkItem, *, policy: ImagePolicy, max_image_side: int, color_count: int = 5
+) -> None:
+    """Load one image once: dominant colors from its pixels, a downscaled copy for the model."""
+    metadata = work.item.metadata
+    if metadata is not None and not isinstance(metadata, dict):
+        work.fail(
+            ItemError(
+                "metadata_not_object",
+                f"metadata is a JSON {type(metadata).__name__}, not an object; "
+                "the row was left unchanged",
+                True,
+                "read",
+            )
+        )
+        return
+    try:
+        loaded = load_image(work.item.image, policy)
+    except ImageLoadError as exc:
+        work.fail(ItemError(exc.code, str(exc), exc.permanent, "image"))
+        return
+    except Exception as exc:  # noqa: BLE001 - a decoder bug must cost one row, not the run
+        work.fail(ItemError("image_error", f"{type(exc).__name__}: {exc}", True, "image"))
+        return
+    work.content_sha256 = loaded.content_sha256
+    work.dominant_colors = dominant_colors(loaded.image, k=color_count)
+    work.vision = prepare_for_vision(loaded, max_side=max_image_side)
+
+
 def visual_attributes(
     chunk: Chunk,
     *,
@@ -156,34 +186,14 @@ def visual_attributes(
     color_count: int = 5,
     concurrent: int = 5,
 ) -> Chunk:
-    """Load each image once: dominant colors from its pixels, a downscaled copy for the model."""
-
-    def one(work: WorkItem) -> None:
-        metadata = work.item.metadata
-        if metadata is not None and not isinstance(metadata, dict):
-            work.fail(
-                ItemError(
-                    "metadata_not_object",
-                    f"metadata is a JSON {type(metadata).__name__}, not an object; "
-                    "the row was left unchanged",
-                    True,
-                    "read",
-                )
-            )
-            return
-        try:
-            loaded = load_image(work.item.image, policy)
-        except ImageLoadError as exc:
-            work.fail(ItemError(exc.code, str(exc), exc.permanent, "image"))
-            return
-        except Exception as exc:  # noqa: BLE001 - a decoder bug must cost one row, not the run
-            work.fail(ItemError("image_error", f"{type(exc).__name__}: {exc}", True, "image"))
-            return
-        work.content_sha256 = loaded.content_sha256
-        work.dominant_colors = dominant_colors(loaded.image, k=color_count)
-        work.vision = prepare_for_vision(loaded, max_side=max_image_side)
-
-    _parallel(one, chunk.live(), concurrent)
+    """Visual attributes of every live item of the chunk, ``concurrent`` images at a time."""
+    _parallel(
+        lambda w: load_visual(
+            w, policy=policy, max_image_side=max_image_side, color_count=color_count
+        ),
+        chunk.live(),
+        concurrent,
+    )
     return chunk
 
 
@@ -195,6 +205,100 @@ class CaptionCache(Protocol):
     ) -> dict[str, str]: ...
 
     def cache_caption(self, sha: str, *, model: str, prompt_version: str, caption: str) -> None: ...
+
+
+class CaptionBroker:
+    """One paid call per distinct image: known captions first, then the cache, then at most
+    one call in flight per image, whose result its twins share (errors included).
+
+    Every paid caption goes to the cache at once, before any chunk is written, so a run that
+    dies after paying does not pay again.
+    """
+
+    def __init__(
+        self, provider: Provider, cache: CaptionCache | None = None, prompt_version: str = ""
+    ) -> None:
+        self.provider = provider
+        self.cache = cache
+        self.prompt_version = prompt_version
+        self._known: dict[str, str] = {}
+        self._looked_up: set[str] = set()  # cache already asked (and had nothing)
+        self._inflight: dict[str, Future[str]] = {}
+        self._lock = threading.Lock()
+
+    def prefetch(self, shas: Iterable[str]) -> None:
+        """One cache query for many images (a chunk), instead of one per image."""
+        if self.cache is not None:
+            wanted = [s for s in shas if s not in self._known]
+            found = self.cache.cached_captions(
+                wanted, model=self.provider.model_label, prompt_version=self.prompt_version
+            )
+            with self._lock:
+                self._known.update(found)
+                self._looked_up.update(wanted)
+
+    def caption(self, work: WorkItem) -> tuple[str, bool]:
+        """The caption of the item's image and whether it was had without a call."""
+        sha = work.content_sha256
+        if sha is None:
+            assert work.vision is not None
+            return self.provider.caption(work.vision), False
+        with self._lock:
+            if sha in self._known:
+                return self._known[sha], True
+            leader = self._inflight.get(sha)
+            if leader is None:
+                mine: Future[str] = Future()
+                self._inflight[sha] = mine
+        if leader is not None:
+            return leader.result(), True
+        try:
+            caption = self._cached_or_paid(sha, work)
+        except BaseException as exc:
+            mine.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                self._inflight.pop(sha, None)
+        mine.set_result(caption[0])
+        return caption
+
+    def _cached_or_paid(self, sha: str, work: WorkItem) -> tuple[str, bool]:
+        model = self.provider.model_label
+        if self.cache is not None and sha not in self._looked_up:
+            hit = self.cache.cached_captions([sha], model=model, prompt_version=self.prompt_version)
+            if sha in hit:
+                with self._lock:
+                    self._known[sha] = hit[sha]
+                return hit[sha], True
+        assert work.vision is not None
+        caption = self.provider.caption(work.vision)
+        if self.cache is not None:
+            self.cache.cache_caption(
+                sha, model=model, prompt_version=self.prompt_version, caption=caption
+            )
+        with self._lock:
+            self._known[sha] = caption
+        return caption, False
+
+
+def caption_item(
+    work: WorkItem, broker: CaptionBroker, vocabulary: TagVocabulary = DEFAULT_VOCABULARY
+) -> None:
+    """Caption one item and derive its tags; a provider error fails the item, a fatal one
+    (rejected key) propagates to stop the run."""
+    try:
+        caption, cached = broker.caption(work)
+    except FatalProviderError:
+        raise
+    except ProviderError as exc:
+        work.fail(ItemError(exc.code, str(exc), exc.permanent, "caption"))
+        return
+    work.caption = caption
+    work.from_cache = cached
+    work.style_tags, work.object_tags = derive_tags(caption, vocabulary)
+    # The downscaled image is only needed for the call; drop it to keep memory flat.
+    work.vision = None
 
 
 def caption_chunk(
@@ -212,53 +316,10 @@ def caption_chunk(
     run) costs no call, and rows of the chunk that share an image share one call.
     """
     live = chunk.live()
-    model = provider.model_label
-    known: dict[str, str] = {}
-    if cache is not None:
-        known = cache.cached_captions(
-            (w.content_sha256 for w in live if w.content_sha256),
-            model=model,
-            prompt_version=prompt_version,
-        )
-    by_image: dict[str, list[WorkItem]] = {}
-    for work in live:
-        if work.content_sha256 in known:
-            _set_caption(work, known[work.content_sha256], vocabulary, cached=True)
-        else:
-            by_image.setdefault(_image_key(work), []).append(work)
-
-    def one(work: WorkItem) -> None:
-        assert work.vision is not None
-        try:
-            caption = provider.caption(work.vision)
-        except FatalProviderError:
-            raise
-        except ProviderError as exc:
-            error = ItemError(exc.code, str(exc), exc.permanent, "caption")
-            for twin in by_image[_image_key(work)]:
-                twin.fail(error)
-            return
-        if cache is not None and work.content_sha256:
-            cache.cache_caption(
-                work.content_sha256, model=model, prompt_version=prompt_version, caption=caption
-            )
-        for twin in by_image[_image_key(work)]:
-            _set_caption(twin, caption, vocabulary, cached=twin is not work)
-
-    _parallel(one, [group[0] for group in by_image.values()], concurrent)
+    broker = CaptionBroker(provider, cache, prompt_version)
+    broker.prefetch(w.content_sha256 for w in live if w.content_sha256)
+    _parallel(lambda w: caption_item(w, broker, vocabulary), live, concurrent)
     return chunk
-
-
-def _image_key(work: WorkItem) -> str:
-    return work.content_sha256 or f"row:{work.item.id}"
-
-
-def _set_caption(work: WorkItem, caption: str, vocabulary: TagVocabulary, *, cached: bool) -> None:
-    work.caption = caption
-    work.from_cache = cached
-    work.style_tags, work.object_tags = derive_tags(caption, vocabulary)
-    # The downscaled image is only needed for the call; drop it to keep memory flat.
-    work.vision = None
 
 
 def embed_chunk(chunk: Chunk, provider: Provider, *, enabled: bool = True) -> Chunk:

@@ -189,14 +189,16 @@ class DashScopeProvider:
             timeout=settings.timeout,
             max_retries=0,
         )
+        # DashScope's limits are per model: the vision and the embedding model each get a budget.
         self._limiter = limiter or RateLimiter(
             settings.requests_per_minute, settings.tokens_per_minute
         )
+        self._embedding_limiter = RateLimiter(settings.embedding_requests_per_minute)
         self._sleep = sleep or tenacity.nap.sleep
 
-    def _call(self, fn: Callable[[], Any], tokens: int = 0) -> Any:
+    def _call(self, fn: Callable[[], Any], limiter: RateLimiter, tokens: int = 0) -> Any:
         def attempt() -> Any:
-            self._limiter.acquire(tokens)
+            limiter.acquire(tokens)
             try:
                 return fn()
             except Exception as exc:  # noqa: BLE001 - every SDK failure is classified below
@@ -249,16 +251,16 @@ class DashScopeProvider:
                 )
             return " ".join(text.split())
 
-        return self._call(request, tokens=image.tokens + self.settings.max_caption_tokens)
+        return self._call(
+            request, self._limiter, tokens=image.tokens + self.settings.max_caption_tokens
+        )
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         vectors: list[list[float]] = []
         for start in range(0, len(texts), MAX_EMBEDDING_BATCH):
             batch = list(texts[start : start + MAX_EMBEDDING_BATCH])
             vectors.extend(
-                self._call(
-                    lambda b=batch: self._embed_batch(b), tokens=sum(len(t) for t in batch) // 2
-                )
+                self._call(lambda b=batch: self._embed_batch(b), self._embedding_limiter)
             )
         return vectors
 
