@@ -202,11 +202,23 @@ def image_policy_from_env(
     """
     env = os.environ if env is None else env
     default = ImagePolicy()
+    try:
+        return _image_policy(env, default, local_files)
+    except ValueError as exc:
+        raise ConfigError(f"ENRICH_ALLOWED_NETWORKS: {exc}") from None
+
+
+def _image_policy(env: Mapping[str, str], default: ImagePolicy, local_files: bool) -> ImagePolicy:
     return ImagePolicy(
         max_bytes=_int(env, "ENRICH_IMAGE_MAX_BYTES", default.max_bytes),
         max_pixels=_int(env, "ENRICH_IMAGE_MAX_PIXELS", default.max_pixels),
         timeout=_float(env, "ENRICH_IMAGE_TIMEOUT", default.timeout),
         max_redirects=_int(env, "ENRICH_IMAGE_MAX_REDIRECTS", default.max_redirects),
         allow_private_networks=_bool(env, "ENRICH_ALLOW_PRIVATE_NETWORKS", False),
+        # Comma-separated CIDRs exempt from the SSRF guard (an internal image CDN, say),
+        # without opening every private network.
+        allowed_networks=frozenset(
+            n.strip() for n in (env.get("ENRICH_ALLOWED_NETWORKS") or "").split(",") if n.strip()
+        ),
         allow_local_files=_bool(env, "ENRICH_ALLOW_LOCAL_FILES", local_files),
     )

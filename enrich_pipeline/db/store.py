@@ -474,13 +474,15 @@ class ItemStore:
         """
         update_sql = sql.SQL(
             "UPDATE {items} AS i"
-            " SET metadata = COALESCE(i.metadata, '{{}}'::jsonb) || v.patch::jsonb,"
+            # A JSON null is as empty as SQL NULL; anything but an object is refused below.
+            " SET metadata = (CASE WHEN jsonb_typeof(i.metadata) = 'object' THEN i.metadata"
+            " ELSE '{{}}'::jsonb END) || v.patch::jsonb,"
             " updated_at = now()"
             " FROM unnest(%(ids)s::{idt}[], %(images)s::text[], %(patches)s::text[])"
             " AS v(id, image, patch)"
             " WHERE {i_id} = v.id AND i.user_id = %(user)s AND i.image = v.image"
             " AND i.status = 'active' AND COALESCE(i.metadata->>'caption', '') = ''"
-            " AND (i.metadata IS NULL OR jsonb_typeof(i.metadata) = 'object')"
+            " AND (i.metadata IS NULL OR jsonb_typeof(i.metadata) IN ('object', 'null'))"
             " RETURNING i.id::text"
         ).format(items=self._items, idt=self._id, i_id=self._i_id)
         embed_sql = sql.SQL(
