@@ -65,6 +65,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="forget recorded failures (of --user-id, or all) before running",
     )
+    p.add_argument(
+        "--recaption",
+        action="store_true",
+        help="re-caption --user-id's rows captioned with another model or prompt version "
+        "(DASHSCOPE_VISION_MODEL, ENRICH_PROMPT_VERSION); old captions stay until replaced",
+    )
     p.add_argument("--quiet", action="store_true", help="only the configuration and statistics")
     return p.parse_args(argv)
 
@@ -146,7 +152,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             concurrent=args.concurrent,
             caption_embedding=not args.no_caption_embedding,
             max_attempts=args.max_attempts,
+            recaption=args.recaption,
         )
+        if args.recaption and args.user_id is None:
+            raise ConfigError("--recaption needs --user-id: re-captioning is chosen per user")
         db = DbSettings.from_env()
         if args.namespace or args.table:
             db = DbSettings(db.conninfo, args.namespace or db.namespace, args.table or db.table)
@@ -187,7 +196,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             n = store.reset_failures(args.user_id)
             report.line(f"Retrying failed rows: {n} recorded failure(s) cleared.")
         if args.user_id is not None:
-            pending = store.count_pending(args.user_id, max_attempts=run.max_attempts)
+            pending = store.count_pending(
+                args.user_id, max_attempts=run.max_attempts, recaption=engine.recaption
+            )
         else:
             pending = sum(n for _, n in store.users_with_pending(run.max_attempts))
         if pending == 0:

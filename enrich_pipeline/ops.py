@@ -45,6 +45,9 @@ class EnrichConfig(Config):
     lease_seconds: int = 120
     # Forget the user's recorded failures first, so those rows are tried again.
     retry_failed: bool = False
+    # Re-caption the rows captioned with another model or prompt version than the configured
+    # ones (explicit, per partition); each old caption stays until its new one is written.
+    recaption: bool = False
 
 
 @dataclass
@@ -72,6 +75,12 @@ def _depth_first(stage: int) -> dict[str, str]:
     return {"dagster/priority": str(stage)}
 
 
+def _recaption(run: RunSettings, dashscope: DashScopeResource) -> tuple[str, str] | None:
+    if not run.recaption:
+        return None
+    return dashscope.provider.model_label, dashscope.settings.prompt_version
+
+
 def _user(context: OpExecutionContext) -> str:
     return key_to_user(context.partition_key)
 
@@ -93,7 +102,12 @@ def _fatal(
 
 
 @op(out=DynamicOut(ChunkSpec, io_manager_key=CHUNK_IO))
-def pending_rows(context: OpExecutionContext, config: EnrichConfig, adbpg: AdbpgResource):
+def pending_rows(
+    context: OpExecutionContext,
+    config: EnrichConfig,
+    adbpg: AdbpgResource,
+    dashscope: DashScopeResource,
+):
     """The user's pending rows (active, image, no caption, not given up), in chunks."""
     run = RunSettings(
         batch_size=config.batch_size,
@@ -102,12 +116,18 @@ def pending_rows(context: OpExecutionContext, config: EnrichConfig, adbpg: Adbpg
         caption_embedding=config.caption_embedding,
         max_attempts=config.max_attempts,
         lease_seconds=config.lease_seconds,
+        recaption=config.recaption,
     )
     user = _user(context)
     if config.retry_failed:
         cleared = adbpg.store.reset_failures(user)
         context.log.info(f"retry_failed: {cleared} recorded failure(s) of {user!r} cleared")
-    ids = adbpg.store.pending_ids(user, limit=run.max_items, max_attempts=run.max_attempts)
+    ids = adbpg.store.pending_ids(
+        user,
+        limit=run.max_items,
+        max_attempts=run.max_attempts,
+        recaption=_recaption(run, dashscope),
+    )
     context.log.info(f"{len(ids)} pending row(s) for user {user!r}")
     for n, chunk_ids in enumerate(chunked(ids, run.batch_size)):
         yield DynamicOutput(ChunkSpec(user, chunk_ids, run), mapping_key=f"chunk_{n}")
@@ -131,6 +151,7 @@ def visual_attributes(
         worker=context.run_id,
         lease_seconds=run.lease_seconds,
         max_attempts=run.max_attempts,
+        recaption=_recaption(run, dashscope),
     )
     stages.visual_attributes(
         chunk,

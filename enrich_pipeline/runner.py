@@ -52,47 +52,12 @@ class Engine:
     def usage(self) -> Usage:
         return self.provider.usage
 
-    def process_chunk(
-        self, user_id: str, ids: Sequence[str], *, worker: str, run_id: str | None = None
-    ) -> stages.ChunkResult:
-        """Claim, enrich and write one chunk; claims are released if the provider is fatal."""
-        run = self.run
-        chunk = stages.claim_chunk(
-            self.store,
-            user_id,
-            ids,
-            worker=worker,
-            lease_seconds=run.lease_seconds,
-            max_attempts=run.max_attempts,
-        )
-        try:
-            stages.visual_attributes(
-                chunk,
-                policy=self.image_policy,
-                max_image_side=self.dashscope.max_image_side,
-                color_count=run.color_count,
-                concurrent=run.concurrent,
-            )
-            stages.caption_chunk(
-                chunk,
-                self.provider,
-                concurrent=run.concurrent,
-                vocabulary=self.vocabulary,
-                cache=self.store,
-                prompt_version=self.dashscope.prompt_version,
-            )
-            stages.embed_chunk(chunk, self.provider, enabled=run.caption_embedding)
-        except FatalProviderError:
-            self.store.release(user_id, [w.item.id for w in chunk.items], worker=worker)
-            raise
-        return stages.write_chunk(
-            self.store,
-            chunk,
-            provenance=self.provenance,
-            embedding_model=self.dashscope.embedding_model if run.caption_embedding else None,
-            run_id=run_id,
-            embedding_wanted=run.caption_embedding,
-        )
+    @property
+    def recaption(self) -> tuple[str, str] | None:
+        """(model, prompt version) to re-caption towards, when the run asks for it."""
+        if not self.run.recaption:
+            return None
+        return self.provider.model_label, self.dashscope.prompt_version
 
     def enrich_user(
         self,
@@ -104,7 +69,9 @@ class Engine:
         run_id: str | None = None,
     ) -> stages.RunStats:
         """Stream the user's pending rows through the stages; see ``_Stream``."""
-        ids = self.store.pending_ids(user_id, limit=limit, max_attempts=self.run.max_attempts)
+        ids = self.store.pending_ids(
+            user_id, limit=limit, max_attempts=self.run.max_attempts, recaption=self.recaption
+        )
         return _Stream(self, user_id, worker, run_id, on_outcome).run(ids)
 
     def enrich(
@@ -189,6 +156,7 @@ class _Stream:
                     worker=self.worker,
                     lease_seconds=run.lease_seconds,
                     max_attempts=run.max_attempts,
+                    recaption=self.engine.recaption,
                 )
                 with self._cond:
                     self._unwritten[n] = chunk

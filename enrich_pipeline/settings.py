@@ -170,6 +170,8 @@ class RunSettings:
     max_attempts: int = 3
     lease_seconds: int = 120
     color_count: int = 5
+    # Re-caption rows the pipeline captioned with another model or prompt version (explicit).
+    recaption: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

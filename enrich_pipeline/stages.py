@@ -43,6 +43,8 @@ class Chunk:
     worker: str
     items: list[WorkItem]
     skipped: list[str] = field(default_factory=list)
+    # Re-captioning: each row's current caption is replaced, and only if it is still there.
+    recaption: bool = False
 
     def live(self) -> list[WorkItem]:
         return [w for w in self.items if w.ok]
@@ -140,12 +142,22 @@ def claim_chunk(
     worker: str,
     lease_seconds: int,
     max_attempts: int,
+    recaption: tuple[str, str] | None = None,
 ) -> Chunk:
     items, skipped = store.claim(
-        user_id, ids, worker=worker, lease_seconds=lease_seconds, max_attempts=max_attempts
+        user_id,
+        ids,
+        worker=worker,
+        lease_seconds=lease_seconds,
+        max_attempts=max_attempts,
+        recaption=recaption,
     )
     return Chunk(
-        user_id=user_id, worker=worker, items=[WorkItem(i) for i in items], skipped=skipped
+        user_id=user_id,
+        worker=worker,
+        items=[WorkItem(i) for i in items],
+        skipped=skipped,
+        recaption=recaption is not None,
     )
 
 
@@ -357,7 +369,11 @@ def write_chunk(
     generated_at = utc_timestamp()
     successes = [
         SuccessRow(
-            w.item.id, w.item.image, metadata_patch(w, provenance, generated_at), w.embedding
+            w.item.id,
+            w.item.image,
+            metadata_patch(w, provenance, generated_at),
+            w.embedding,
+            replaces=w.item.metadata.get("caption") if chunk.recaption else None,
         )
         for w in chunk.items
         if w.ok and w.caption

@@ -45,6 +45,8 @@ class SuccessRow:
     image: str
     patch: dict[str, Any]
     embedding: Sequence[float] | None = None
+    # Re-captioning: the caption this one replaces; the write only happens if it is still there.
+    replaces: str | None = None
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,21 @@ class ItemStore:
         " AND i.image IS NOT NULL AND i.image <> ''"
     )
 
+    # Re-captioning selects rows the pipeline captioned with another model or prompt version;
+    # captions written by people (no caption_model) are never selected.
+    _RECAPTION = sql.SQL(
+        "i.status = 'active' AND i.image IS NOT NULL AND i.image <> ''"
+        " AND COALESCE(i.metadata->>'caption', '') <> '' AND i.metadata ? 'caption_model'"
+        " AND (i.metadata->>'caption_model' IS DISTINCT FROM %(rc_model)s"
+        " OR i.metadata->>'caption_prompt_version' IS DISTINCT FROM %(rc_prompt)s)"
+    )
+
+    def _selection(self, recaption: tuple[str, str] | None) -> tuple[sql.Composable, dict]:
+        """The rows a run works on: pending ones, or those due for re-captioning."""
+        if recaption is None:
+            return self._PENDING, {}
+        return self._RECAPTION, {"rc_model": recaption[0], "rc_prompt": recaption[1]}
+
     def _not_given_up(self) -> sql.Composable:
         return sql.SQL(
             "NOT EXISTS (SELECT 1 FROM {failures} f WHERE f.source_table = %(src)s"
@@ -288,8 +305,20 @@ class ItemStore:
             for user, count, newest in rows
         }
 
-    def pending_ids(self, user_id: str, *, limit: int | None, max_attempts: int) -> list[str]:
-        """Ids of the user's pending rows not claimed by a live run, oldest id first."""
+    def pending_ids(
+        self,
+        user_id: str,
+        *,
+        limit: int | None,
+        max_attempts: int,
+        recaption: tuple[str, str] | None = None,
+    ) -> list[str]:
+        """Ids of the user's pending rows not claimed by a live run, oldest id first.
+
+        With ``recaption=(model, prompt_version)``: the user's rows captioned by the pipeline
+        with another model or prompt version instead.
+        """
+        selection, extra = self._selection(recaption)
         query = sql.SQL(
             "SELECT i.id::text FROM {items} i WHERE i.user_id = %(user)s AND {pending} AND {alive}"
             " AND NOT EXISTS (SELECT 1 FROM {claims} c WHERE c.source_table = %(src)s"
@@ -297,7 +326,7 @@ class ItemStore:
             " ORDER BY i.id LIMIT %(limit)s"
         ).format(
             items=self._items,
-            pending=self._PENDING,
+            pending=selection,
             alive=self._not_given_up(),
             claims=self._t("enrich_claims"),
         )
@@ -306,15 +335,19 @@ class ItemStore:
             "src": self.source_table,
             "max_attempts": max_attempts,
             "limit": limit,
+            **extra,
         }
         with self.pool.connection() as conn:
             return [r[0] for r in conn.execute(query, params)]
 
-    def count_pending(self, user_id: str, *, max_attempts: int) -> int:
+    def count_pending(
+        self, user_id: str, *, max_attempts: int, recaption: tuple[str, str] | None = None
+    ) -> int:
+        selection, extra = self._selection(recaption)
         query = sql.SQL(
             "SELECT count(*) FROM {items} i WHERE i.user_id = %(user)s AND {pending} AND {alive}"
-        ).format(items=self._items, pending=self._PENDING, alive=self._not_given_up())
-        params = {"user": user_id, "src": self.source_table, "max_attempts": max_attempts}
+        ).format(items=self._items, pending=selection, alive=self._not_given_up())
+        params = {"user": user_id, "src": self.source_table, "max_attempts": max_attempts, **extra}
         with self.pool.connection() as conn:
             row = conn.execute(query, params).fetchone()
             return int(row[0]) if row else 0
@@ -356,6 +389,7 @@ class ItemStore:
         worker: str,
         lease_seconds: int,
         max_attempts: int,
+        recaption: tuple[str, str] | None = None,
     ) -> tuple[list[PendingItem], list[str]]:
         """Claim rows for ``worker`` and read those still pending.
 
@@ -380,7 +414,7 @@ class ItemStore:
         ).format(
             items=self._items,
             match=self._id_match("claimed"),
-            pending=self._PENDING,
+            pending=self._selection(recaption)[0],
             alive=self._not_given_up(),
         )
         release_sql = sql.SQL(
@@ -394,6 +428,7 @@ class ItemStore:
             "lease": lease_seconds,
             "ids": list(ids),
             "max_attempts": max_attempts,
+            **self._selection(recaption)[1],
         }
         with self.pool.connection() as conn, conn.transaction():
             claimed = [r[0] for r in conn.execute(claim_sql, params)]
@@ -478,10 +513,12 @@ class ItemStore:
             " SET metadata = (CASE WHEN jsonb_typeof(i.metadata) = 'object' THEN i.metadata"
             " ELSE '{{}}'::jsonb END) || v.patch::jsonb,"
             " updated_at = now()"
-            " FROM unnest(%(ids)s::{idt}[], %(images)s::text[], %(patches)s::text[])"
-            " AS v(id, image, patch)"
+            " FROM unnest(%(ids)s::{idt}[], %(images)s::text[], %(patches)s::text[],"
+            " %(replaces)s::text[]) AS v(id, image, patch, replaces)"
             " WHERE {i_id} = v.id AND i.user_id = %(user)s AND i.image = v.image"
-            " AND i.status = 'active' AND COALESCE(i.metadata->>'caption', '') = ''"
+            " AND i.status = 'active' AND (CASE WHEN v.replaces IS NULL"
+            " THEN COALESCE(i.metadata->>'caption', '') = ''"
+            " ELSE i.metadata->>'caption' = v.replaces END)"
             " AND (i.metadata IS NULL OR jsonb_typeof(i.metadata) IN ('object', 'null'))"
             " RETURNING i.id::text"
         ).format(items=self._items, idt=self._id, i_id=self._i_id)
@@ -525,6 +562,7 @@ class ItemStore:
                             "ids": [s.item_id for s in successes],
                             "images": [s.image for s in successes],
                             "patches": [json.dumps(s.patch, ensure_ascii=False) for s in successes],
+                            "replaces": [s.replaces for s in successes],
                         },
                     )
                 ]
