@@ -14,7 +14,12 @@ from pathlib import Path
 import psycopg
 from PIL import Image, ImageDraw
 
-from enrich_pipeline.db.store import create_sample_table, insert_sample_items, table_is_empty
+from enrich_pipeline.db.store import (
+    create_pgvector_extension,
+    create_sample_table,
+    insert_sample_items,
+    table_is_empty,
+)
 from enrich_pipeline.settings import DbSettings
 
 _lock = threading.Lock()
@@ -119,9 +124,11 @@ def resolve(settings: DbSettings, *, seed: bool = True, root: Path | None = None
         return settings
     root = (root or home()).resolve()
     conninfo = start(root)
-    if seed:
-        with psycopg.connect(conninfo) as conn:
-            conn.execute("SELECT pg_advisory_xact_lock(7247)")
+    with psycopg.connect(conninfo) as conn:
+        conn.execute("SELECT pg_advisory_xact_lock(7247)")
+        # The embedded server ships pgvector; caption search uses it when present.
+        create_pgvector_extension(conn)
+        if seed:
             create_sample_table(conn, settings.namespace, settings.table)
             if table_is_empty(conn, settings.namespace, settings.table):
                 insert_sample_items(

@@ -1,0 +1,67 @@
+"""Caption search: same results with pgvector and with plain SQL on real[]."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from enrich_pipeline.api.dashscope import DashScopeProvider
+from enrich_pipeline.db.store import ItemStore
+from enrich_pipeline.search import main as search_main
+from enrich_pipeline.search import search_captions
+from enrich_pipeline.settings import DashScopeSettings
+from enrich_pipeline_tests.conftest import Items
+from enrich_pipeline_tests.test_cli import run
+
+
+@pytest.fixture
+def captioned(env: pytest.MonkeyPatch, items: Items, image_dir: Path) -> Items:
+    for color in ("blue", "red", "green", "yellow", "cyan", "magenta"):
+        items.add("alice", str(image_dir / f"{color}.jpg"))
+    items.add("bob", str(image_dir / "blue.jpg"))
+    assert run(["--max-items", "0"])[0] == 0
+    with psycopg.connect(items.conninfo, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    return items
+
+
+def test_ranks_by_caption_similarity_and_agrees_with_pgvector(
+    captioned: Items, store: ItemStore, api_settings: DashScopeSettings
+) -> None:
+    provider = DashScopeProvider(api_settings)
+    caption_of = {i: r["metadata"]["caption"] for i, r in captioned.all().items()}
+    target = next(iter(caption_of.values()))
+    by_sql = search_captions(store, provider, "alice", target, top_k=10, method="sql")
+    by_vec = search_captions(store, provider, "alice", target, top_k=10, method="pgvector")
+    assert store.has_pgvector()
+    assert [h.item_id for h in by_sql] == [h.item_id for h in by_vec]
+    for a, b in zip(by_sql, by_vec, strict=True):
+        assert a.score == pytest.approx(b.score, abs=1e-5)
+    # Only alice's six items; the exact caption ranks first with similarity 1.
+    assert len(by_sql) == 6
+    assert by_sql[0].caption == target and by_sql[0].score == pytest.approx(1.0, abs=1e-5)
+    assert [h.score for h in by_sql] == sorted((h.score for h in by_sql), reverse=True)
+
+
+def test_filters_by_color_and_tag(
+    captioned: Items, store: ItemStore, api_settings: DashScopeSettings
+) -> None:
+    provider = DashScopeProvider(api_settings)
+    rows = {i: r["metadata"] for i, r in captioned.all().items() if r["user_id"] == "alice"}
+    blue = [i for i, md in rows.items() if "blue" in md["dominant_colors"]]
+    hits = search_captions(store, provider, "alice", "a chair", colors=["blue"], method="sql")
+    assert sorted(h.item_id for h in hits) == sorted(blue)
+    some_tag = next(t for md in rows.values() for t in md["style_tags"])
+    tagged = [i for i, md in rows.items() if some_tag in md["style_tags"] + md["object_tags"]]
+    hits = search_captions(store, provider, "alice", "room", tags=[some_tag], method="pgvector")
+    assert sorted(h.item_id for h in hits) == sorted(tagged)
+
+
+def test_search_command(captioned: Items, capsys: pytest.CaptureFixture[str]) -> None:
+    assert search_main(["--user-id", "alice", "--top-k", "2", "leather sofa"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("score") == 2 and " 1. item " in out
+    assert search_main(["--user-id", "nobody", "sofa"]) == 0
+    assert "No matching items." in capsys.readouterr().out
