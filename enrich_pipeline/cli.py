@@ -15,6 +15,7 @@ from typing import TextIO
 
 from enrich_pipeline import embedded
 from enrich_pipeline.api.dashscope import FatalProviderError
+from enrich_pipeline.api.pricing import estimate_cost, load_prices
 from enrich_pipeline.api.providers import build_provider
 from enrich_pipeline.db.store import ItemStore
 from enrich_pipeline.runner import Engine
@@ -109,7 +110,9 @@ class Report:
         elif o.error:
             self.line(f"    Reason:  {o.error}")
 
-    def statistics(self, stats: RunStats, usage: dict[str, int], elapsed: float) -> None:
+    def statistics(
+        self, stats: RunStats, usage: dict[str, int], elapsed: float, cost: float | None = None
+    ) -> None:
         self.line(RULE)
         self.line("Statistics:")
         self.line(f"  {'Total:':<18}{stats.total}")
@@ -136,6 +139,8 @@ class Report:
             f"  {'API calls:':<18}{usage['vision_calls']} vision, "
             f"{usage['embedding_calls']} embedding, {usage['retries']} retries"
         )
+        if cost is not None:
+            self.line(f"  {'Estimated cost:':<18}{cost:.6f} USD (ENRICH_PRICES)")
         self.line(f"  {'Elapsed:':<18}{elapsed:.1f} s")
         self.line(RULE)
 
@@ -211,7 +216,14 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         )
         started = time.monotonic()
         stats = engine.enrich(args.user_id, on_outcome=report.item)
-        report.statistics(stats, provider.usage.as_dict(), time.monotonic() - started)
+        usage = provider.usage.as_dict()
+        cost = estimate_cost(
+            usage,
+            vision_model=provider.model_label,
+            embedding_model=api.embedding_model,
+            prices=load_prices(),
+        )
+        report.statistics(stats, usage, time.monotonic() - started, cost)
         return 0
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

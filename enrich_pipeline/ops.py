@@ -22,6 +22,7 @@ from dagster import (
 
 from enrich_pipeline import stages
 from enrich_pipeline.api.dashscope import FatalProviderError, Provider
+from enrich_pipeline.api.pricing import estimate_cost, load_prices
 from enrich_pipeline.enrichment.records import Provenance
 from enrich_pipeline.partitions import key_to_user
 from enrich_pipeline.resources.adbpg import AdbpgResource
@@ -249,6 +250,12 @@ def summarize(
     user = _user(context)
     ledger = adbpg.store.failures(user)
     provider = dashscope.provider
+    cost = estimate_cost(
+        usage,
+        vision_model=provider.model_label,
+        embedding_model=dashscope.settings.embedding_model,
+        prices=load_prices(),
+    )
     summary = {
         "user_id": user,
         "total": stats.total,
@@ -259,6 +266,7 @@ def summarize(
         "embedded": stats.embedded,
         "embedding_failed": stats.embedding_failed,
         "cache_hits": stats.cache_hits,
+        "estimated_cost_usd": cost,
         "errors": stats.errors,
         "usage": usage,
         "provider": "offline (synthetic captions)" if provider.offline else "dashscope",
@@ -282,6 +290,9 @@ def summarize(
         "completion_tokens": usage.get("completion_tokens", 0),
         "embedding_tokens": usage.get("embedding_tokens", 0),
         "api_retries": usage.get("retries", 0),
+        "image_tokens": usage.get("image_tokens", 0),
+        # A number, so the UI plots spend per partition across runs; -1 when a model is unpriced.
+        "estimated_cost_usd": MetadataValue.float(round(cost, 6) if cost is not None else -1.0),
         "embedded": stats.embedded,
         "cache_hits": stats.cache_hits,
         "cache_hit_rate": MetadataValue.float(round(stats.cache_hit_rate, 4)),

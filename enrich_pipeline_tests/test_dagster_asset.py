@@ -179,3 +179,20 @@ def test_retry_failed_config_tries_recorded_failures_again(
     assert mat.metadata["succeeded"].value == 1
     assert items.row(item)["metadata"]["caption"]
     assert standin.count("chat") == 2
+
+
+def test_estimated_cost_per_partition_from_usage_and_price_table(
+    env: pytest.MonkeyPatch, items: Items, image_dir: Path
+) -> None:
+    env.setenv("DASHSCOPE_VISION_MODEL", "qwen-test")
+    env.setenv("ENRICH_PRICES", '{"qwen-test": [1000, 2000], "text-embedding-v4": [100, 0]}')
+    items.add("alice", str(image_dir / "blue.jpg"))
+    result = materialize_user(DagsterInstance.ephemeral(), "alice")
+    md = {
+        k: v.value
+        for k, v in result.asset_materializations_for_node("enriched_items")[0].metadata.items()
+    }
+    expected = (
+        md["prompt_tokens"] * 1000 + md["completion_tokens"] * 2000 + md["embedding_tokens"] * 100
+    ) / 1e6
+    assert md["estimated_cost_usd"] == pytest.approx(expected, rel=1e-6) and expected > 0
