@@ -102,7 +102,9 @@ def set_pool_limits(env: dict[str, str]) -> None:
 def start_ui(env: dict[str, str], host: str, port: int) -> int:
     cmd = [sys.executable, "-m", "dagster", "dev", *_target(), "-h", host, "-p", str(port)]
     print(f"Dagster UI on http://{host}:{port} (DAGSTER_HOME={env['DAGSTER_HOME']})", flush=True)
-    proc = subprocess.Popen(cmd, env=env, cwd=str(PROJECT_ROOT))
+    # Started from DAGSTER_HOME: from the checkout, Dagster would warn about the dagster.yaml
+    # it finds there on every start.
+    proc = subprocess.Popen(cmd, env=env, cwd=env["DAGSTER_HOME"])
     # A service manager stops us with SIGTERM: pass it on so webserver and daemon stop too.
     signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
     try:
@@ -158,7 +160,7 @@ def backfill(env: dict[str, str], users: list[str] | None) -> int:
         "--noprompt",
     ]
     print(f"Backfilling {len(keys)} user partition(s): {', '.join(keys)}", flush=True)
-    return subprocess.call(cmd, env=env, cwd=str(PROJECT_ROOT))
+    return subprocess.call(cmd, env=env, cwd=env["DAGSTER_HOME"])
 
 
 def main(argv: list[str] | None = None) -> int:
