@@ -80,6 +80,7 @@ class Stack:
     standin: StandIn
     seeded: dict[str, list[str]]  # user -> ids of the pending rows
     untouched: dict[str, dict[str, Any]]  # id -> row as seeded (must not change)
+    env: dict[str, str] = field(default_factory=dict)  # the servers' environment
     started: float = field(default_factory=time.monotonic)
     runs_done_after: float | None = None
 
@@ -268,6 +269,7 @@ def stack(
             standin=standin,
             seeded=seeded,
             untouched=untouched,
+            env=env,
         )
         _wait_for_webserver(stack)
         yield stack
@@ -471,3 +473,52 @@ def test_ui_shows_user_partitions_and_latest_statistics(stack: Stack, tmp_path: 
 
         # Still one run per user: the sensor did not request the same work twice.
         assert len(stack.runs()) == len(SEED)
+
+
+def test_backfill_from_the_command_line_runs_one_run_per_user(stack: Stack) -> None:
+    """``enrich-dagster backfill --users``: partitions added, one backfill, one run per user.
+
+    The sensor may see the new rows too; the queue's one-run-per-partition limit and the
+    claims keep them from being captioned twice, whoever gets there first.
+    """
+    stack.wait_for_runs()
+    new = {
+        "frank": [stack.items.add("frank", str(p)) for p in _images(stack, ["green", "blue"])],
+        "gina": [stack.items.add("gina", str(p)) for p in _images(stack, ["red"])],
+    }
+    calls_before = stack.standin.count("chat")
+    with _dump_output_on_failure(stack):
+        done = subprocess.run(
+            [sys.executable, "-m", "enrich_pipeline.serve", "backfill", "--users", "frank,gina"],
+            env=stack.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "Backfilling 2 user partition(s): frank, gina" in done.stdout
+        backfills = stack.instance.get_backfills()
+        assert backfills, "no backfill recorded"
+        backfill_id = backfills[0].backfill_id
+        deadline = time.monotonic() + RUNS_TIMEOUT
+        while True:
+            runs = stack.instance.get_runs(
+                filters=RunsFilter(job_name=JOB, tags={"dagster/backfill": backfill_id})
+            )
+            finished = {r.tags.get("dagster/partition"): r.status for r in runs}
+            if set(finished) == set(new) and set(finished.values()) <= TERMINAL:
+                break
+            assert time.monotonic() < deadline, f"backfill runs not done: {finished}"
+            time.sleep(0.5)
+        assert set(finished.values()) == {DagsterRunStatus.SUCCESS}
+    for ids in new.values():
+        for item in ids:
+            assert stack.items.row(item)["metadata"]["caption"]
+    # Each new image paid once (the images are cached from earlier runs, so maybe not at all).
+    assert stack.standin.count("chat") - calls_before <= 3
+
+
+def _images(stack: Stack, colors: list[str]) -> list[str]:
+    first = stack.items.row(stack.seeded["alice"][0])["image"]
+    folder = Path(first).parent
+    return [str(folder / f"{c}.jpg") for c in colors]
