@@ -38,7 +38,7 @@ CHUNK_IO = "chunk_io_manager"
 class EnrichConfig(Config):
     """Run configuration (launchpad: ops.pending_rows.config)."""
 
-    batch_size: int = 50
+    batch_size: int = 100
     max_items: int | None = None
     concurrent: int = 5
     caption_embedding: bool = True
@@ -198,7 +198,12 @@ def caption_embeddings(
     """Embed the captions (ten per request), unless the run turned embeddings off."""
     before = dashscope.provider.usage.as_dict()
     try:
-        stages.embed_chunk(state.chunk, dashscope.provider, enabled=state.run.caption_embedding)
+        stages.embed_chunk(
+            state.chunk,
+            dashscope.provider,
+            enabled=state.run.caption_embedding,
+            concurrent=state.run.concurrent,
+        )
     except FatalProviderError as exc:
         raise _fatal(context, adbpg, state, exc) from exc
     finally:

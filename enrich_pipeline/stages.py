@@ -14,7 +14,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from enrich_pipeline.api.dashscope import FatalProviderError, Provider, ProviderError
+from enrich_pipeline.api.dashscope import (
+    MAX_EMBEDDING_BATCH,
+    FatalProviderError,
+    Provider,
+    ProviderError,
+)
 from enrich_pipeline.db.store import FailureRow, ItemStore, SuccessRow
 from enrich_pipeline.enrichment.colors import dominant_colors
 from enrich_pipeline.enrichment.images import (
@@ -119,7 +124,7 @@ class ChunkResult:
     stats: RunStats
 
 
-def _parallel(fn: Callable[[WorkItem], None], items: Sequence[WorkItem], workers: int) -> None:
+def _parallel(fn: Callable[[T], None], items: Sequence[T], workers: int) -> None:
     """Run ``fn`` over items on a thread pool; a fatal error cancels what has not started."""
     if not items:
         return
@@ -334,8 +339,10 @@ def caption_chunk(
     return chunk
 
 
-def embed_chunk(chunk: Chunk, provider: Provider, *, enabled: bool = True) -> Chunk:
-    """Embed the chunk's captions, ten per request.
+def embed_chunk(
+    chunk: Chunk, provider: Provider, *, enabled: bool = True, concurrent: int = 4
+) -> Chunk:
+    """Embed the chunk's captions, ten per request, ``concurrent`` requests at a time.
 
     An embedding failure does not cost the caption that was already paid for: the caption is
     written without a vector and the gap is counted (and shown by the asset check).
@@ -343,16 +350,19 @@ def embed_chunk(chunk: Chunk, provider: Provider, *, enabled: bool = True) -> Ch
     if not enabled:
         return chunk
     live = [w for w in chunk.live() if w.caption]
-    if not live:
-        return chunk
-    try:
-        vectors = provider.embed([w.caption or "" for w in live])
-    except FatalProviderError:
-        raise
-    except ProviderError:
-        return chunk
-    for work, vector in zip(live, vectors, strict=True):
-        work.embedding = vector
+    batches = [live[i : i + MAX_EMBEDDING_BATCH] for i in range(0, len(live), MAX_EMBEDDING_BATCH)]
+
+    def one(batch: list[WorkItem]) -> None:
+        try:
+            vectors = provider.embed([w.caption or "" for w in batch])
+        except FatalProviderError:
+            raise
+        except ProviderError:
+            return
+        for work, vector in zip(batch, vectors, strict=True):
+            work.embedding = vector
+
+    _parallel(one, batches, concurrent)
     return chunk
 
 
