@@ -13,11 +13,15 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import TextIO
 
+import psycopg
+from psycopg_pool import PoolTimeout
+
 from enrich_pipeline import embedded
 from enrich_pipeline.api.dashscope import FatalProviderError
 from enrich_pipeline.api.pricing import estimate_cost, load_prices
 from enrich_pipeline.api.providers import build_provider
 from enrich_pipeline.db.store import ItemStore
+from enrich_pipeline.enrichment.images import redact_source
 from enrich_pipeline.runner import Engine
 from enrich_pipeline.settings import (
     ConfigError,
@@ -150,6 +154,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = parse_args(argv)
     report = Report(out, args.quiet)
     store = None
+    db: DbSettings | None = None
     try:
         run = RunSettings(
             batch_size=args.batch_size,
@@ -179,7 +184,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             f"{provider.model_label} (OFFLINE: no DashScope call is made; "
             "captions are synthetic and labelled caption_source=offline)"
             if provider.offline
-            else f"{api.vision_model} at {api.base_url}"
+            else f"{api.vision_model} at {redact_source(api.base_url)}"
         )
         report.configuration(
             [
@@ -225,6 +230,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         )
         report.statistics(stats, usage, time.monotonic() - started, cost)
         return 0
+    except (psycopg.OperationalError, PoolTimeout) as exc:
+        where = db.redacted() if db is not None else "the database"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"error: cannot connect to {where}: {reason}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ object printed in a log or an exception never leaks them.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -204,23 +205,33 @@ def image_policy_from_env(
     """
     env = os.environ if env is None else env
     default = ImagePolicy()
-    try:
-        return _image_policy(env, default, local_files)
-    except ValueError as exc:
-        raise ConfigError(f"ENRICH_ALLOWED_NETWORKS: {exc}") from None
-
-
-def _image_policy(env: Mapping[str, str], default: ImagePolicy, local_files: bool) -> ImagePolicy:
+    networks = frozenset(
+        n.strip() for n in (env.get("ENRICH_ALLOWED_NETWORKS") or "").split(",") if n.strip()
+    )
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"ENRICH_ALLOWED_NETWORKS: {exc}") from None
+    positive = {
+        "ENRICH_IMAGE_MAX_BYTES": _int(env, "ENRICH_IMAGE_MAX_BYTES", default.max_bytes),
+        "ENRICH_IMAGE_MAX_PIXELS": _int(env, "ENRICH_IMAGE_MAX_PIXELS", default.max_pixels),
+        "ENRICH_IMAGE_TIMEOUT": _float(env, "ENRICH_IMAGE_TIMEOUT", default.timeout),
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{name} must be positive, got {value!r}")
+    redirects = _int(env, "ENRICH_IMAGE_MAX_REDIRECTS", default.max_redirects)
+    if redirects < 0:
+        raise ConfigError(f"ENRICH_IMAGE_MAX_REDIRECTS must not be negative, got {redirects}")
     return ImagePolicy(
-        max_bytes=_int(env, "ENRICH_IMAGE_MAX_BYTES", default.max_bytes),
-        max_pixels=_int(env, "ENRICH_IMAGE_MAX_PIXELS", default.max_pixels),
-        timeout=_float(env, "ENRICH_IMAGE_TIMEOUT", default.timeout),
-        max_redirects=_int(env, "ENRICH_IMAGE_MAX_REDIRECTS", default.max_redirects),
+        max_bytes=int(positive["ENRICH_IMAGE_MAX_BYTES"]),
+        max_pixels=int(positive["ENRICH_IMAGE_MAX_PIXELS"]),
+        timeout=float(positive["ENRICH_IMAGE_TIMEOUT"]),
+        max_redirects=redirects,
         allow_private_networks=_bool(env, "ENRICH_ALLOW_PRIVATE_NETWORKS", False),
-        # Comma-separated CIDRs exempt from the SSRF guard (an internal image CDN, say),
-        # without opening every private network.
-        allowed_networks=frozenset(
-            n.strip() for n in (env.get("ENRICH_ALLOWED_NETWORKS") or "").split(",") if n.strip()
-        ),
+        # CIDRs exempt from the SSRF guard (an internal image CDN, say), without opening every
+        # private network.
+        allowed_networks=networks,
         allow_local_files=_bool(env, "ENRICH_ALLOW_LOCAL_FILES", local_files),
     )

@@ -166,6 +166,9 @@ def claim_chunk(
     )
 
 
+_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
 def load_visual(
     work: WorkItem, *, policy: ImagePolicy, max_image_side: int, color_count: int = 5
 ) -> None:
@@ -175,7 +178,7 @@ def load_visual(
         work.fail(
             ItemError(
                 "metadata_not_object",
-                f"metadata is a JSON {type(metadata).__name__}, not an object; "
+                f"metadata is a JSON {_JSON_TYPES.get(type(metadata), 'value')}, not an object; "
                 "the row was left unchanged",
                 True,
                 "read",
