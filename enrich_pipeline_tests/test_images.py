@@ -719,3 +719,19 @@ def test_https_to_pinned_ip_keeps_sni_and_verifies_the_name(
     monkeypatch.setattr(images.urllib3, "HTTPSConnectionPool", trusting)
     assert load_image(url, ONLY_LOOPBACK_EXEMPT).image.size == (64, 48)
     assert server_names[-1] == "images.example.test"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://100.100.100.200/",
+        "http://[fd00:ec2::254]/",
+    ],
+)
+def test_metadata_endpoints_stay_refused_with_private_networks_open(url: str) -> None:
+    policy = ImagePolicy(allow_private_networks=True)
+    with pytest.raises(ImageLoadError) as err:
+        load_image(url, policy)
+    # Refused before any connection is attempted: nothing leaves this machine.
+    assert err.value.code == "blocked_address" and "cloud metadata" in str(err.value)

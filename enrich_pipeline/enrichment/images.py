@@ -248,6 +248,13 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+# Cloud instance-metadata services: AWS/GCP/Azure/Alibaba IPv4, AWS IPv6, Alibaba's 100.100.100.200.
+_METADATA = tuple(
+    ipaddress.ip_network(n)
+    for n in ("169.254.169.254/32", "169.254.170.2/32", "100.100.100.200/32", "fd00:ec2::254/128")
+)
+
+
 def blocked_address_reason(
     address: str | IPAddress, exempt: Iterable[IPNetwork] = ()
 ) -> str | None:
@@ -578,8 +585,20 @@ def _resolve_and_vet(target: _Target, policy: ImagePolicy, display: str) -> list
             addresses.append(ip)
     if not addresses:
         raise _error("not_found", f"cannot resolve host {target.hostname}", display)
-    if not policy.allow_private_networks:
-        exempt = policy.exempt_networks()
+    exempt = policy.exempt_networks()
+    if policy.allow_private_networks:
+        # Even with private networks open, instance-metadata endpoints (credentials live there)
+        # stay refused unless a network lists them explicitly.
+        for ip in addresses:
+            if any(ip in net for net in _METADATA) and not any(
+                ip.version == net.version and ip in net for net in exempt
+            ):
+                raise _error(
+                    "blocked_address",
+                    f"blocked address: {target.hostname} resolves to {ip} (cloud metadata)",
+                    display,
+                )
+    else:
         # Refuse if *any* answer is forbidden rather than skipping it: a mixed answer is the
         # signature of a rebinding attempt, and a legitimate image host never needs one.
         for ip in addresses:

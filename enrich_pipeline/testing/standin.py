@@ -8,6 +8,14 @@ and bad-image rejections, bad keys.
 
     with StandIn(latency=0.1) as server:
         client = openai.OpenAI(base_url=server.base_url, api_key=server.api_key)
+
+It also serves the Batch API (``/v1/files``, ``/v1/batches``): a batch "runs" in the background,
+each JSONL line going through the same chat/embeddings logic (captions, rules, faults aimed at
+``endpoint="batch"``), failed lines landing in the error file with DashScope's error body. The
+pace and the end are controllable: ``batch_delay`` seconds before a batch ends, ``batch_force``
+(``"expired"`` after ``batch_expire_after`` lines, or ``"failed"``) for batches created next,
+``batch_max_lines`` (50,000) checked on create, ``batch_unsupported_models`` refused with 400,
+and ``batch_enabled = False`` for a server without the API (404).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import asyncio
 import base64
 import binascii
 import io
+import itertools
 import json
 import re
 import socket
@@ -46,10 +55,15 @@ from enrich_pipeline.enrichment.synthetic import (
     synthetic_caption_for_key,
 )
 
-ENDPOINTS = ("chat", "embeddings", "any")
+# "batch": faults for batch lines only ("any" never reaches them; rules by color or text do).
+ENDPOINTS = ("chat", "embeddings", "batch", "any")
 EMBEDDING_DIMENSIONS = (64, 128, 256, 512, 768, 1024, 1536, 2048)
 DEFAULT_DIMENSIONS = 1024
 MAX_EMBEDDING_BATCH = 10
+BATCH_MAX_LINES = 50_000  # DashScope: requests in one batch file
+BATCH_MAX_BYTES = 500 * 1024 * 1024  # DashScope: size of one batch file
+BATCH_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
+BATCH_FORCED = (None, "expired", "failed")
 
 # fault -> (status, code, message) as compatible mode sends them; `type` follows from the code.
 _ERRORS: dict[str, tuple[int, str, str]] = {
@@ -75,13 +89,17 @@ class _Reply(Exception):
     """An error response decided somewhere down the handler."""
 
     def __init__(
-        self, fault_or_status: str | int, message: str = "", fault: str | None = None
+        self,
+        fault_or_status: str | int,
+        message: str = "",
+        fault: str | None = None,
+        code: str | None = None,
     ) -> None:
         if isinstance(fault_or_status, str):
             self.status, self.code, self.message = _ERRORS[fault_or_status]
-        else:  # request validation, always DashScope's InvalidParameter
+        else:  # request validation: DashScope's InvalidParameter unless a code is given
             self.status, self.message = fault_or_status, message
-            self.code = "invalid_parameter_error"
+            self.code = code or "invalid_parameter_error"
         # DashScope files both client-side errors under one OpenAI type; others echo the code.
         self.type = "invalid_request_error" if self.code.startswith("invalid_") else self.code
         self.fault = fault
@@ -155,9 +173,28 @@ class StandIn:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
+        # The Batch API: knobs (see the module docstring), uploaded files and batches.
+        self.batch_enabled = True
+        self.batch_delay = 0.0
+        self.batch_force: str | None = None
+        self.batch_expire_after = 0
+        self.batch_max_lines = BATCH_MAX_LINES
+        self.batch_max_bytes = BATCH_MAX_BYTES
+        self.batch_unsupported_models: set[str] = set()
+        self.files: dict[str, dict[str, Any]] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
+        self._batch_tasks: set[asyncio.Task[None]] = set()
+        self._ids = itertools.count(1)
         routes = [
             Route("/v1/chat/completions", self._chat, methods=["POST"]),
             Route("/v1/embeddings", self._embeddings, methods=["POST"]),
+            Route("/v1/files", self._files_create, methods=["POST"]),
+            Route("/v1/files/{file_id}", self._files_get, methods=["GET"]),
+            Route("/v1/files/{file_id}/content", self._files_content, methods=["GET"]),
+            Route("/v1/batches", self._batches_create, methods=["POST"]),
+            Route("/v1/batches", self._batches_list, methods=["GET"]),
+            Route("/v1/batches/{batch_id}", self._batches_get, methods=["GET"]),
+            Route("/v1/batches/{batch_id}/cancel", self._batches_cancel, methods=["POST"]),
         ]
         self.app = _ExposeTransport(Starlette(routes=routes))
 
@@ -263,6 +300,22 @@ class StandIn:
         with self._lock:
             self._injected.clear()
             self._rules.clear()
+            self.batch_force = None
+            self.batch_unsupported_models = set()
+            self.batch_enabled = True
+
+    def reset_batches(self) -> None:
+        """Batch knobs back to their defaults, and the files and batches forgotten."""
+        with self._lock:
+            self.batch_enabled = True
+            self.batch_delay = 0.0
+            self.batch_force = None
+            self.batch_expire_after = 0
+            self.batch_max_lines = BATCH_MAX_LINES
+            self.batch_max_bytes = BATCH_MAX_BYTES
+            self.batch_unsupported_models = set()
+            self.files.clear()
+            self.batches.clear()
 
     def count(self, endpoint: str | None = None, status: int | None = None) -> int:
         with self._lock:
@@ -280,7 +333,7 @@ class StandIn:
     def _take_injected(self, endpoint: str) -> _Injected | None:
         with self._lock:
             for item in self._injected:
-                if item.endpoint in ("any", endpoint):
+                if item.endpoint == endpoint or (item.endpoint == "any" and endpoint != "batch"):
                     item.remaining -= 1
                     if item.remaining <= 0:
                         self._injected.remove(item)
