@@ -651,7 +651,17 @@ def _submit_part(
         batch_id=batch.id,
         status=batch.status,
     )
-    assert row is not None
+    if row is None:
+        # A poll gave this part up meanwhile (it looked dead for SUBMIT_GRACE_SECONDS) and
+        # released its rows: the batch must not run for rows that are no longer held.
+        try:
+            api.cancel(batch.id)
+        except (BatchError, ProviderError):
+            pass
+        raise BatchError(
+            f"batch part {local_id} was given up by a poll while it was being submitted; "
+            f"batch {batch.id} was cancelled and its rows are pending again"
+        )
     return BatchRecord.from_row(row)
 
 
@@ -689,9 +699,9 @@ def _batch_fields(batch: Any) -> dict[str, Any]:
         "output_file_id": batch.output_file_id,
         "error_file_id": batch.error_file_id,
         "request_counts": counts.model_dump() if counts is not None else None,
+        # The provider's errors (validation); a successful poll clears an earlier poll error.
+        "error": "; ".join(messages)[:2000] or None,
     }
-    if messages:
-        fields["error"] = "; ".join(messages)[:2000]
     return fields
 
 
@@ -921,12 +931,43 @@ def collect_batch(
         record = BatchRecord.from_row(fresh) if fresh else record
         return CollectResult(record, already=record.state != OPEN, busy=record.state == OPEN)
 
+    try:
+        return _collect(
+            store,
+            settings,
+            record,
+            provider,
+            vocabulary,
+            chunk_size,
+            run_id,
+            collector,
+            collector_lease_seconds,
+            api,
+        )
+    except BaseException:
+        # Give the batch back to the next collector at once (a killed process's lease simply
+        # runs out); what was written stays written and is not written again.
+        store.batch_take_collector(record.local_id, collector, 0)
+        raise
+
+
+def _collect(
+    store: ItemStore,
+    settings: DashScopeSettings,
+    record: BatchRecord,
+    provider: Provider | None,
+    vocabulary: TagVocabulary,
+    chunk_size: int,
+    run_id: str | None,
+    collector: str,
+    collector_lease_seconds: int,
+    api: BatchApi | None,
+) -> CollectResult:
     unsupported = _unsupported_failure(record)
     if unsupported:
         released = _give_back(store, record.local_id, REJECTED, unsupported)
-        return CollectResult(
-            BatchRecord.from_row(store.batch_get(record.local_id) or row), released=released
-        )
+        fresh = store.batch_get(record.local_id)
+        return CollectResult(BatchRecord.from_row(fresh) if fresh else record, released=released)
 
     api = api or _Apis(settings).get(record.base_url)
     texts = [api.content(f) for f in (record.output_file_id, record.error_file_id) if f]
@@ -952,7 +993,9 @@ def collect_batch(
     embedder: list[Provider] = [provider] if provider is not None else []
     missing_code, missing_message = _NO_ANSWER.get(record.status or "", _NO_ANSWER["failed"])
     for start in range(0, len(todo), chunk_size):
-        store.batch_take_collector(record.local_id, collector, collector_lease_seconds)
+        if not store.batch_take_collector(record.local_id, collector, collector_lease_seconds):
+            # Stalled past the lease, and another collector took over: it finishes the job.
+            raise BatchError(f"batch {record.ref}: another collector took over")
         works: list[WorkItem] = []
         given_back: list[str] = []
         for item in todo[start : start + chunk_size]:
@@ -1094,7 +1137,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """``python -m enrich_pipeline.batch submit|poll|collect|cancel|status``.
 
     Exit codes as ``enrich-captions``: 0 done, 2 configuration error (batch mode not offered
-    for the model or region included), 3 the provider stopped the run (bad key).
+    for the model or region included), 3 the provider stopped the run (bad key, or DashScope
+    still failing after the retries).
     """
     from enrich_pipeline import embedded
     from enrich_pipeline.settings import DbSettings, image_policy_from_env
@@ -1162,6 +1206,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return 2
     except FatalProviderError as exc:
         print(f"error: run stopped: {exc}", file=sys.stderr)
+        return 3
+    except ProviderError as exc:  # DashScope away after retries; a half-submitted part is
+        # resolved by a later poll, its rows are never lost
+        print(f"error: DashScope did not answer: {exc}", file=sys.stderr)
         return 3
     finally:
         if store is not None:

@@ -71,6 +71,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="forget recorded failures (of --user-id, or all) before running",
     )
     p.add_argument(
+        "--lease-seconds",
+        type=int,
+        default=120,
+        help="claim lease: rows of a run that died come back after it (default 120; live runs "
+        "renew theirs)",
+    )
+    p.add_argument(
         "--recaption",
         action="store_true",
         help="re-caption --user-id's rows captioned with another model or prompt version "
@@ -155,6 +162,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     report = Report(out, args.quiet)
     store = None
     db: DbSettings | None = None
+    started: float | None = None
     try:
         run = RunSettings(
             batch_size=args.batch_size,
@@ -162,6 +170,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             concurrent=args.concurrent,
             caption_embedding=not args.no_caption_embedding,
             max_attempts=args.max_attempts,
+            lease_seconds=args.lease_seconds,
             recaption=args.recaption,
         )
         if args.recaption and args.user_id is None:
@@ -233,7 +242,14 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except (psycopg.OperationalError, PoolTimeout) as exc:
         where = db.redacted() if db is not None else "the database"
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"error: cannot connect to {where}: {reason}", file=sys.stderr)
+        if started is None:
+            print(f"error: cannot connect to {where}: {reason}", file=sys.stderr)
+        else:
+            print(
+                f"error: the database ({where}) failed mid-run: {reason}; every chunk written "
+                "so far is kept, run again to finish the rest",
+                file=sys.stderr,
+            )
         return 2
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -9,6 +9,7 @@ a user partition runs is scoped to that user.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from psycopg_pool import ConnectionPool
 from enrich_pipeline.db.migrate import migrate
 from enrich_pipeline.enrichment.records import ItemError, PendingItem
 from enrich_pipeline.settings import ConfigError, DbSettings
+
+log = logging.getLogger(__name__)
 
 # Column types we can compare ids in natively (so the primary key index is used); anything
 # else is compared as text.
@@ -191,9 +194,9 @@ class ItemStore:
             applied = migrate(conn, self._ns)
             id_type = self._introspect_id_type(conn)
         self._id_type = id_type if id_type in _NATIVE_ID_TYPES else "text"
-        if self._create_pending_index:
-            self.ensure_pending_index()
-        self._prepared[key] = self._id_type
+        if not self._create_pending_index or self.ensure_pending_index():
+            # Not remembered when the index could not be built, so the next run tries again.
+            self._prepared[key] = self._id_type
         return applied
 
     def _introspect_id_type(self, conn: psycopg.Connection) -> str:
@@ -223,7 +226,7 @@ class ItemStore:
     def _id_match(self, param: str) -> sql.Composable:
         return sql.SQL("{} = ANY({}::{}[])").format(self._i_id, sql.Placeholder(param), self._id)
 
-    def ensure_pending_index(self) -> None:
+    def ensure_pending_index(self) -> bool:
         """The one change the pipeline makes to the items table: a partial index on pending rows.
 
         It makes the sensor's tick and the pending query cheap on large tables. Created
@@ -239,11 +242,31 @@ class ItemStore:
         with self.pool.connection() as conn:
             conn.autocommit = True
             try:
-                conn.execute(sql.SQL("CREATE INDEX CONCURRENTLY ") + body)
-            except psycopg.errors.FeatureNotSupported:
-                conn.execute(sql.SQL("CREATE INDEX ") + body)
+                # Building waits for open transactions on the table; on a busy table the run
+                # goes on without the index (it only makes queries faster) and a later run
+                # builds it.
+                conn.execute("SET lock_timeout = '5s'")
+                try:
+                    conn.execute(sql.SQL("CREATE INDEX CONCURRENTLY ") + body)
+                except psycopg.errors.FeatureNotSupported:
+                    conn.execute(sql.SQL("CREATE INDEX ") + body)
+            except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
+                log.warning("pending-rows index not built now (%s); queries work without it", exc)
+                # A cancelled CONCURRENTLY build leaves an invalid index behind: drop it so
+                # that IF NOT EXISTS does not keep a useless one forever.
+                conn.execute(
+                    sql.SQL("DROP INDEX IF EXISTS {}").format(
+                        sql.Identifier(
+                            self.settings.namespace,
+                            f"{self.settings.table}_enrich_pending_idx"[:63],
+                        )
+                    )
+                )
+                return False
             finally:
+                conn.execute("RESET lock_timeout")
                 conn.autocommit = False
+        return True
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -531,9 +554,14 @@ class ItemStore:
         wanted = sorted(set(shas))
         if not wanted:
             return {}
-        with self.pool.connection() as conn:
-            rows = conn.execute(query, {"model": model, "pv": prompt_version, "shas": wanted})
-            return dict(rows.fetchall())
+        try:
+            with self.pool.connection() as conn:
+                rows = conn.execute(query, {"model": model, "pv": prompt_version, "shas": wanted})
+                return dict(rows.fetchall())
+        except psycopg.Error as exc:  # PoolTimeout included
+            # The cache saves money; it must never cost a row. A failed lookup is a miss.
+            log.warning("caption cache lookup failed, treated as a miss: %s", exc)
+            return {}
 
     def cache_caption(self, sha: str, *, model: str, prompt_version: str, caption: str) -> None:
         """Remember a paid caption at once, before the chunk is written, so a crash keeps it."""
@@ -541,8 +569,11 @@ class ItemStore:
             "INSERT INTO {c} (content_sha256, model, prompt_version, caption)"
             " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING"
         ).format(c=self._t("enrich_caption_cache"))
-        with self.pool.connection() as conn:
-            conn.execute(query, (sha, model, prompt_version, caption))
+        try:
+            with self.pool.connection() as conn:
+                conn.execute(query, (sha, model, prompt_version, caption))
+        except psycopg.Error as exc:
+            log.warning("caption not cached (%s); it is still written with its chunk", exc)
 
     # --- writing -----------------------------------------------------------------------------
 

@@ -157,6 +157,7 @@ class StandIn:
         latency: float = 0.0,
         rpm_limit: int | None = None,
         hang_seconds: float = 30.0,
+        batch_delay: float = 0.0,
     ) -> None:
         self.api_key = api_key
         self.host = host
@@ -175,7 +176,7 @@ class StandIn:
         self._stopping: asyncio.Event | None = None
         # The Batch API: knobs (see the module docstring), uploaded files and batches.
         self.batch_enabled = True
-        self.batch_delay = 0.0
+        self.batch_delay = batch_delay
         self.batch_force: str | None = None
         self.batch_expire_after = 0
         self.batch_max_lines = BATCH_MAX_LINES
@@ -568,6 +569,432 @@ class StandIn:
 
         return [], texts, respond
 
+    # -- Batch API: files ---------------------------------------------------------------------
+
+    async def _batch_api(self, request: Request, name: str, handler: Callable[[], Any]) -> Response:
+        """Auth, logging and DashScope's error body around a files/batches handler."""
+        request_id = str(uuid.uuid4())
+        entry: dict[str, Any] = {
+            "endpoint": name,
+            "model": "",
+            "n_inputs": 0,
+            "status": 200,
+            "fault": None,
+            "time": time.time(),
+            "image_tokens": 0,
+        }
+        headers = {"x-request-id": request_id}
+        try:
+            if request.headers.get("authorization") != f"Bearer {self.api_key}":
+                raise _Reply("unauthorized")
+            if not self.batch_enabled:
+                raise _Reply(404, f"{request.url.path} is not served here.", code="not_found")
+            result = await handler()
+            if isinstance(result, Response):
+                return result
+            return JSONResponse(result, headers=headers)
+        except _Reply as reply:
+            entry["status"] = reply.status
+            error = {"message": reply.message, "type": reply.type, "param": None}
+            content = {"error": error | {"code": reply.code}, "request_id": request_id}
+            return JSONResponse(content, reply.status, headers)
+        finally:
+            self._log(entry)
+
+    def _new_id(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._ids)}{uuid.uuid4().hex[:12]}"
+
+    def _store_file(self, filename: str, purpose: str, content: bytes) -> dict[str, Any]:
+        kind = "batch_output" if purpose == "batch_output" else "batch"
+        obj = {
+            "id": self._new_id(f"file-{kind}"),
+            "object": "file",
+            "bytes": len(content),
+            "created_at": int(time.time()),
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+            "_content": content,
+        }
+        with self._lock:
+            self.files[obj["id"]] = obj
+        return obj
+
+    def _file(self, file_id: str) -> dict[str, Any]:
+        with self._lock:
+            obj = self.files.get(file_id)
+        if obj is None:
+            raise _Reply(404, f"File {file_id!r} not found.", code="not_found")
+        return obj
+
+    async def _files_create(self, request: Request) -> Response:
+        async def handle() -> dict[str, Any]:
+            fields = _parse_multipart(request.headers.get("content-type", ""), await request.body())
+            purpose = (fields.get("purpose", (None, b""))[1] or b"").decode(errors="replace")
+            if "file" not in fields:
+                raise _Reply(400, "Missing required parameter: 'file'.")
+            if purpose != "batch":
+                raise _Reply(400, f"purpose must be 'batch', not {purpose!r}.")
+            filename, content = fields["file"]
+            if len(content) > self.batch_max_bytes:
+                raise _Reply(
+                    400, f"The file is {len(content)} bytes; at most {self.batch_max_bytes}."
+                )
+            return _public(self._store_file(filename or "upload.jsonl", purpose, content))
+
+        return await self._batch_api(request, "files", handle)
+
+    async def _files_get(self, request: Request) -> Response:
+        async def handle() -> dict[str, Any]:
+            return _public(self._file(request.path_params["file_id"]))
+
+        return await self._batch_api(request, "files", handle)
+
+    async def _files_content(self, request: Request) -> Response:
+        async def handle() -> Response:
+            obj = self._file(request.path_params["file_id"])
+            return Response(obj["_content"], 200, media_type="application/octet-stream")
+
+        return await self._batch_api(request, "files", handle)
+
+    # -- Batch API: batches -------------------------------------------------------------------
+
+    def _batch(self, batch_id: str) -> dict[str, Any]:
+        with self._lock:
+            batch = self.batches.get(batch_id)
+        if batch is None:
+            raise _Reply(404, f"Batch {batch_id!r} not found.", code="not_found")
+        return batch
+
+    async def _batches_create(self, request: Request) -> Response:
+        async def handle() -> dict[str, Any]:
+            try:
+                body = json.loads(await request.body())
+            except ValueError:
+                body = None
+            if not isinstance(body, dict):
+                raise _Reply(400, "The request body is not valid JSON.")
+            endpoint = body.get("endpoint")
+            if endpoint not in BATCH_ENDPOINTS:
+                raise _Reply(400, f"endpoint must be one of {sorted(BATCH_ENDPOINTS)}.")
+            if body.get("completion_window") != "24h":
+                raise _Reply(400, "completion_window must be '24h'.")
+            source = self._file(str(body.get("input_file_id")))
+            if source["purpose"] != "batch":
+                raise _Reply(400, "The input file's purpose must be 'batch'.")
+            text = source["_content"].decode(errors="replace")
+            lines = [ln for ln in text.splitlines() if ln.strip()]
+            if not lines:
+                raise _Reply(400, "The input file is empty.")
+            if len(lines) > self.batch_max_lines:
+                raise _Reply(
+                    400,
+                    f"The input file has {len(lines)} requests; a batch takes at most "
+                    f"{self.batch_max_lines}.",
+                )
+            model = _first_model(lines)
+            if model in self.batch_unsupported_models:
+                raise _Reply(
+                    400,
+                    f"The provided model '{model}' is not supported by the Batch API.",
+                    code="model_not_found",
+                )
+            now = int(time.time())
+            batch: dict[str, Any] = {
+                "id": self._new_id("batch"),
+                "object": "batch",
+                "endpoint": endpoint,
+                "model": model,
+                "errors": None,
+                "input_file_id": source["id"],
+                "completion_window": "24h",
+                "status": "validating",
+                "output_file_id": None,
+                "error_file_id": None,
+                "created_at": now,
+                "in_progress_at": None,
+                "expires_at": now + 24 * 3600,
+                "finalizing_at": None,
+                "completed_at": None,
+                "failed_at": None,
+                "expired_at": None,
+                "cancelling_at": None,
+                "cancelled_at": None,
+                "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
+                "metadata": body.get("metadata") or None,
+                "_lines": lines,
+                "_force": self.batch_force,
+                "_delay": self.batch_delay,
+                "_expire_after": self.batch_expire_after,
+            }
+            with self._lock:
+                self.batches[batch["id"]] = batch
+            task = asyncio.get_running_loop().create_task(self._run_batch(batch))
+            self._batch_tasks.add(task)
+            task.add_done_callback(self._batch_tasks.discard)
+            return _public(batch)
+
+        return await self._batch_api(request, "batches", handle)
+
+    async def _batches_get(self, request: Request) -> Response:
+        async def handle() -> dict[str, Any]:
+            return _public(self._batch(request.path_params["batch_id"]))
+
+        return await self._batch_api(request, "batches", handle)
+
+    async def _batches_list(self, request: Request) -> Response:
+        async def handle() -> dict[str, Any]:
+            with self._lock:
+                newest_first = list(reversed(self.batches.values()))
+            after = request.query_params.get("after")
+            if after:
+                ids = [b["id"] for b in newest_first]
+                newest_first = newest_first[ids.index(after) + 1 :] if after in ids else []
+            try:
+                limit = max(1, min(100, int(request.query_params.get("limit", 20))))
+            except ValueError:
+                raise _Reply(400, "limit must be an integer.") from None
+            page = newest_first[:limit]
+            return {
+                "object": "list",
+                "data": [_public(b) for b in page],
+                "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None,
+                "has_more": len(newest_first) > limit,
+            }
+
+        return await self._batch_api(request, "batches", handle)
+
+    async def _batches_cancel(self, request: Request) -> Response:
+        async def handle() -> dict[str, Any]:
+            batch = self._batch(request.path_params["batch_id"])
+            if batch["status"] not in ("validating", "in_progress", "finalizing"):
+                raise _Reply(400, f"A batch that is {batch['status']} cannot be cancelled.")
+            batch["status"], batch["cancelling_at"] = "cancelling", int(time.time())
+            return _public(batch)
+
+        return await self._batch_api(request, "batches", handle)
+
+    def _stopped(self) -> bool:
+        return self._stopping is not None and self._stopping.is_set()
+
+    async def _run_batch(self, batch: dict[str, Any]) -> None:
+        """Validate, answer every line, wait out the pace, then end as forced or completed."""
+        started = time.monotonic()
+        await asyncio.sleep(0)  # the create response goes out while "validating"
+        counts = batch["request_counts"]
+        problems = _validate_lines(batch["_lines"], batch["endpoint"])
+        if batch["_force"] == "failed" or problems:
+            batch["errors"] = {
+                "object": "list",
+                "data": problems
+                or [{"code": "batch_failed", "message": "The batch failed.", "line": None}],
+            }
+            batch["status"], batch["failed_at"] = "failed", int(time.time())
+            return
+        if batch["status"] == "validating":
+            batch["status"], batch["in_progress_at"] = "in_progress", int(time.time())
+        kind = BATCH_ENDPOINTS[batch["endpoint"]]
+        output: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        for n, raw in enumerate(batch["_lines"]):
+            if batch["status"] == "cancelling" or self._stopped():
+                break
+            line = json.loads(raw)
+            if batch["_force"] == "expired" and n >= batch["_expire_after"]:
+                errors.append(
+                    _batch_error_line(
+                        line.get("custom_id"),
+                        None,
+                        "batch_expired",
+                        "This request could not be executed before the completion window expired.",
+                    )
+                )
+                counts["failed"] += 1
+                continue
+            ok, record = await asyncio.to_thread(self._batch_line, line, kind)
+            (output if ok else errors).append(record)
+            counts["completed" if ok else "failed"] += 1
+        while (
+            time.monotonic() - started < batch["_delay"]
+            and batch["status"] != "cancelling"
+            and not self._stopped()
+        ):
+            await asyncio.sleep(min(0.02, batch["_delay"]))
+        cancelled = batch["status"] == "cancelling"
+        if not cancelled:
+            batch["status"], batch["finalizing_at"] = "finalizing", int(time.time())
+        for records, field in ((output, "output_file_id"), (errors, "error_file_id")):
+            if records:
+                content = "".join(json.dumps(r) + "\n" for r in records).encode()
+                name = f"{batch['id']}_{field.split('_')[0]}.jsonl"
+                batch[field] = self._store_file(name, "batch_output", content)["id"]
+        now = int(time.time())
+        if cancelled:
+            batch["status"], batch["cancelled_at"] = "cancelled", now
+        elif batch["_force"] == "expired":
+            batch["status"], batch["expired_at"] = "expired", now
+        else:
+            batch["status"], batch["completed_at"] = "completed", now
+
+    def _batch_line(self, line: dict[str, Any], kind: str) -> tuple[bool, dict[str, Any]]:
+        """One request of a batch through the online logic: (answered, output/error line)."""
+        request_id = str(uuid.uuid4())
+        entry: dict[str, Any] = {
+            "endpoint": f"batch_{kind}",
+            "model": "",
+            "n_inputs": 0,
+            "status": 200,
+            "fault": None,
+            "time": time.time(),
+            "image_tokens": 0,
+        }
+        custom_id = line.get("custom_id")
+        try:
+            body = line.get("body")
+            if not isinstance(body, dict):
+                raise _Reply(400, "The request body must be an object.")
+            if isinstance(body.get("model"), str):
+                entry["model"] = body["model"]
+            parse = self._parse_chat if kind == "chat" else self._parse_embeddings
+            means, texts, respond = parse(body, entry)
+            injected = self._take_injected("batch")
+            fault = injected.fault if injected else self._match_rule(means, texts)
+            entry["fault"] = fault
+            if fault in _ERRORS:
+                raise _Reply(fault, fault=fault)
+            if fault in ("timeout", "reset"):  # no connection to drop in a batch: a 500 line
+                raise _Reply("500", fault=fault)
+            answer = (
+                {"id": "chatcmpl-", "object": "chat.completion"}
+                if fault == "malformed"
+                else respond(fault == "empty_caption")
+            )
+            return True, {
+                "id": f"batch_req_{uuid.uuid4().hex}",
+                "custom_id": custom_id,
+                "response": {"status_code": 200, "request_id": request_id, "body": answer},
+                "error": None,
+            }
+        except _Reply as reply:
+            entry["status"], entry["fault"] = reply.status, reply.fault
+            return False, _batch_error_line(
+                custom_id, reply, reply.code, reply.message, request_id=request_id
+            )
+        finally:
+            self._log(entry)
+
+
+def _public(obj: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in obj.items() if not k.startswith("_")}
+
+
+def _parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | None, bytes]]:
+    """``multipart/form-data`` fields as ``name -> (filename, bytes)``, byte-exact."""
+    match = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not content_type.startswith("multipart/form-data") or match is None:
+        raise _Reply(400, "Expected a multipart/form-data upload.")
+    fields: dict[str, tuple[str | None, bytes]] = {}
+    for chunk in body.split(b"--" + match.group(1).encode())[1:]:
+        if chunk.startswith(b"--"):
+            break
+        head, sep, data = chunk.partition(b"\r\n\r\n")
+        if not sep:
+            continue
+        headers = head.decode("latin-1")
+        name = re.search(r'[;\s]name="([^"]*)"', headers)
+        filename = re.search(r'filename="([^"]*)"', headers)
+        if name is not None:
+            fields[name.group(1)] = (
+                filename.group(1) if filename else None,
+                data[:-2] if data.endswith(b"\r\n") else data,
+            )
+    return fields
+
+
+def _first_model(lines: list[str]) -> str | None:
+    for raw in lines:
+        try:
+            body = json.loads(raw).get("body")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(body, dict) and isinstance(body.get("model"), str):
+            return body["model"]
+    return None
+
+
+def _validate_lines(lines: list[str], endpoint: str) -> list[dict[str, Any]]:
+    """What DashScope checks while a batch is "validating"; any problem fails the batch."""
+    problems: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    model = _first_model(lines)
+    for n, raw in enumerate(lines, start=1):
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            line = None
+        body = line.get("body") if isinstance(line, dict) else None
+        custom_id = line.get("custom_id") if isinstance(line, dict) else None
+        if not isinstance(body, dict) or not isinstance(custom_id, str):
+            problems.append(
+                {"code": "invalid_json_line", "message": "Not a batch request line.", "line": n}
+            )
+        elif custom_id in seen:
+            problems.append(
+                {
+                    "code": "duplicate_custom_id",
+                    "message": f"The custom_id '{custom_id}' for this request is a duplicate "
+                    "of another request.",
+                    "line": n,
+                }
+            )
+        elif line.get("url") != endpoint or line.get("method", "POST") != "POST":
+            problems.append(
+                {"code": "invalid_url", "message": f"The url must be {endpoint}.", "line": n}
+            )
+        elif body.get("model") != model:
+            problems.append(
+                {
+                    "code": "mismatched_model",
+                    "message": f"The model '{body.get('model')}' for this request does not "
+                    "match the rest of the batch.",
+                    "line": n,
+                }
+            )
+        else:
+            seen.add(custom_id)
+            continue
+        if len(problems) >= 10:
+            break
+        seen.add(str(custom_id))
+    return problems
+
+
+def _batch_error_line(
+    custom_id: Any,
+    reply: _Reply | None,
+    code: str,
+    message: str,
+    *,
+    request_id: str | None = None,
+) -> dict[str, Any]:
+    """A line of the error file: the failed response with DashScope's error body, and the
+    error itself (expired lines have no response)."""
+    response = None
+    if reply is not None:
+        error = {"message": message, "type": reply.type, "param": None, "code": code}
+        response = {
+            "status_code": reply.status,
+            "request_id": request_id,
+            "body": {"error": error, "request_id": request_id},
+        }
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": custom_id,
+        "response": response,
+        "error": {"code": code, "message": message},
+    }
+
 
 def _decode_data_url(url: str) -> Image.Image:
     header, _, payload = url.partition(",")
@@ -589,6 +1016,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency", type=float, default=0.0)
     parser.add_argument("--rpm-limit", type=int, default=None)
     parser.add_argument("--hang-seconds", type=float, default=30.0)
+    parser.add_argument(
+        "--batch-delay", type=float, default=0.0, help="seconds a batch takes to complete"
+    )
     args = parser.parse_args(argv)
     with StandIn(**vars(args)) as server:
         print(f"DashScope stand-in listening on {server.base_url}", flush=True)
