@@ -45,21 +45,28 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-import openai
-import tenacity
-
 from enrich_pipeline import stages
+from enrich_pipeline.api.batch_api import (
+    CHAT_ENDPOINT,
+    BatchApi,
+    BatchApis,
+    BatchError,
+    BatchNotReady,
+    BatchUnsupported,
+    status_error,
+    unsupported_message,
+)
 from enrich_pipeline.api.dashscope import (
     DashScopeProvider,
     FatalProviderError,
     Provider,
     ProviderError,
-    _Backoff,
+    caption_request_body,
     classify,
 )
 from enrich_pipeline.db.store import ItemStore
@@ -68,22 +75,14 @@ from enrich_pipeline.enrichment.records import ItemError, PendingItem, Provenanc
 from enrich_pipeline.enrichment.tags import DEFAULT_VOCABULARY, TagVocabulary, derive_tags
 from enrich_pipeline.settings import ConfigError, DashScopeSettings
 
-try:  # the HTTP library of the installed openai SDK (httpx2 from openai 3, httpx before)
-    import httpx2 as _http
-except ImportError:  # pragma: no cover - older SDKs
-    import httpx as _http  # type: ignore[no-redef]
-
 MAX_LINES = 50_000  # DashScope: requests in one batch file
 MAX_BYTES = 500 * 1024 * 1024  # DashScope: size of one batch file
-CHAT_ENDPOINT = "/v1/chat/completions"
-COMPLETION_WINDOW = "24h"
 # The rows stay claimed a little longer than the provider's window; every poll renews them,
 # so they come back to the online path on their own only if nobody polls any more.
 BATCH_LEASE_SECONDS = 25 * 3600
 # A part still "submitting" after this long lost its submitter; the poll resolves it.
 SUBMIT_GRACE_SECONDS = 3600
 COLLECT_LEASE_SECONDS = 1800
-UPLOAD_TIMEOUT = 600.0
 
 ACTIVE = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
@@ -105,57 +104,12 @@ _NO_ANSWER = {
 }
 
 
-class BatchError(Exception):
-    """A batch could not be submitted, polled or collected; the message says why."""
-
-
-class BatchUnsupported(BatchError):
-    """The Batch API is not offered for this model, or not at this base URL (region/server)."""
-
-
-class BatchRejected(BatchError):
-    """The Batch API refused a batch for another reason (its message is kept)."""
-
-
-class BatchNotReady(BatchError):
-    """Collect was asked for a batch the provider is still working on."""
-
-
-def _unsupported_message(model: str, base_url: str, detail: str) -> str:
-    return (
-        f"DashScope's Batch API does not take model {model!r} at {base_url} ({detail}). "
-        "Batch inference is offered only for some models and regions (Singapore: qwen-max, "
-        "qwen-plus, qwen-flash, qwen-turbo; Beijing: also Qwen-VL-Max/Plus/Flash and "
-        "text-embedding-v4), and not by every OpenAI-compatible server: choose a supported "
-        "model (DASHSCOPE_VISION_MODEL) or region (DASHSCOPE_BASE_URL), or use the online "
-        "path (enrich-captions)"
-    )
-
-
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
 def new_submission_id() -> str:
     return uuid.uuid4().hex[:12]
-
-
-def caption_request_body(settings: DashScopeSettings, data_url: str) -> dict[str, Any]:
-    """The chat request of one caption: the same model, prompt and ``max_tokens`` as
-    ``DashScopeProvider.caption`` sends online."""
-    return {
-        "model": settings.vision_model,
-        "max_tokens": settings.max_caption_tokens,
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": data_url}},
-                    {"type": "text", "text": settings.prompt},
-                ],
-            }
-        ],
-    }
 
 
 # --- records ---------------------------------------------------------------------------------
@@ -220,184 +174,6 @@ class CollectResult:
     completion_tokens: int = 0
     already: bool = False  # nothing to do: collected (or ended) before
     busy: bool = False  # another collector holds the batch
-
-
-# --- the API ---------------------------------------------------------------------------------
-
-
-_STATUS_ERRORS: dict[int, type[openai.APIStatusError]] = {
-    400: openai.BadRequestError,
-    401: openai.AuthenticationError,
-    403: openai.PermissionDeniedError,
-    404: openai.NotFoundError,
-    409: openai.ConflictError,
-    422: openai.UnprocessableEntityError,
-    429: openai.RateLimitError,
-}
-
-
-def _status_error(status: int, body: Any, url: str) -> openai.APIStatusError:
-    """The SDK exception a live response with this status and body raises (same dispatch as
-    the SDK's), so that a batch line is classified by exactly the online policy."""
-    data = body.get("error", body) if isinstance(body, dict) else body
-    kind = (
-        openai.InternalServerError
-        if status >= 500
-        else _STATUS_ERRORS.get(status, openai.APIStatusError)
-    )
-    response = _http.Response(status, request=_http.Request("POST", url))
-    return kind(f"Error code: {status} - {body}", response=response, body=data)
-
-
-class BatchApi:
-    """Files and batches over the OpenAI-compatible API, with the provider's retry policy:
-    transient failures (429, 5xx, timeouts, resets; ``classify`` decides) are retried with the
-    same backoff as online calls; what a final 4xx means is decided per call."""
-
-    def __init__(self, settings: DashScopeSettings, *, client: openai.OpenAI | None = None) -> None:
-        if settings.offline:
-            raise ConfigError(
-                "batch mode needs DashScope: the offline provider has no Batch API "
-                "(unset ENRICH_OFFLINE / drop --offline and set DASHSCOPE_API_KEY)"
-            )
-        settings.require_key()
-        self.settings = settings
-        self.base_url = settings.base_url
-        self._client = client or openai.OpenAI(
-            api_key=settings.api_key,
-            base_url=settings.base_url,
-            timeout=settings.timeout,
-            max_retries=0,
-        )
-
-    def _call(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` with retries. A final HTTP error status is raised as the SDK exception
-        (the caller maps it); every other failure as ``classify`` maps it."""
-
-        def attempt() -> Any:
-            try:
-                return fn()
-            except openai.APIStatusError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - every other SDK failure is classified
-                raise classify(exc) from exc
-
-        def transient(exc: BaseException) -> bool:
-            if isinstance(exc, openai.APIStatusError):
-                return not classify(exc).permanent
-            return isinstance(exc, ProviderError) and not exc.permanent
-
-        return tenacity.Retrying(
-            retry=tenacity.retry_if_exception(transient),
-            stop=tenacity.stop_after_attempt(self.settings.max_retries + 1),
-            wait=_Backoff(self.settings.backoff_initial, self.settings.backoff_max),
-            reraise=True,
-        )(attempt)
-
-    def _unsupported(self, exc: openai.APIStatusError, where: str) -> BatchUnsupported:
-        code = str(getattr(exc, "code", None) or "")
-        detail = f"HTTP {exc.status_code}{' ' + code if code else ''} on {where}: {exc.message}"
-        return BatchUnsupported(
-            _unsupported_message(self.settings.vision_model, self.base_url, detail)
-        )
-
-    def upload(self, path: Path, filename: str) -> Any:
-        def send() -> Any:
-            with path.open("rb") as fh:
-                return self._client.files.create(
-                    file=(filename, fh, "application/jsonl"),
-                    purpose="batch",
-                    timeout=max(self.settings.timeout, UPLOAD_TIMEOUT),
-                )
-
-        try:
-            return self._call(send)
-        except openai.APIStatusError as exc:
-            if exc.status_code in (404, 405, 501):  # no Files API at this base URL
-                raise self._unsupported(exc, "/files") from exc
-            raise classify(exc) from exc
-
-    def create(self, input_file_id: str, *, metadata: dict[str, str]) -> Any:
-        def send() -> Any:
-            return self._client.batches.create(
-                input_file_id=input_file_id,
-                endpoint=CHAT_ENDPOINT,
-                completion_window=COMPLETION_WINDOW,
-                metadata=metadata,
-            )
-
-        try:
-            return self._call(send)
-        except openai.APIStatusError as exc:
-            if exc.status_code in (401, 403) or exc.status_code >= 500:
-                raise classify(exc) from exc
-            code = str(getattr(exc, "code", None) or "").lower()
-            if (
-                exc.status_code in (404, 405, 501)
-                or "model" in code
-                or "not supported" in str(exc.message).lower()
-            ):
-                raise self._unsupported(exc, "/batches") from exc
-            raise BatchRejected(
-                f"DashScope refused the batch for model {self.settings.vision_model!r} at "
-                f"{self.base_url} (HTTP {exc.status_code} {code}: {exc.message})"
-            ) from exc
-
-    def retrieve(self, batch_id: str) -> Any:
-        try:
-            return self._call(lambda: self._client.batches.retrieve(batch_id))
-        except openai.NotFoundError as exc:
-            raise BatchError(f"batch {batch_id} is not known at {self.base_url}") from exc
-        except openai.APIStatusError as exc:
-            raise classify(exc) from exc
-
-    def cancel(self, batch_id: str) -> Any:
-        try:
-            return self._call(lambda: self._client.batches.cancel(batch_id))
-        except openai.APIStatusError as exc:
-            raise classify(exc) from exc
-
-    def content(self, file_id: str) -> str:
-        def fetch() -> str:
-            response = self._client.files.content(
-                file_id, timeout=max(self.settings.timeout, UPLOAD_TIMEOUT)
-            )
-            return response.content.decode("utf-8", errors="replace")
-
-        try:
-            return self._call(fetch)
-        except openai.APIStatusError as exc:
-            raise classify(exc) from exc
-
-    def find(self, local_id: str, *, since: datetime | None) -> Any | None:
-        """The provider's batch created for ``local_id`` (sent as its metadata), if any."""
-        oldest = (since.timestamp() - 3600) if since else 0
-
-        def search() -> Any | None:
-            for batch in self._client.batches.list(limit=100):  # newest first, paginated
-                if (batch.metadata or {}).get("enrich_local_id") == local_id:
-                    return batch
-                if batch.created_at < oldest:
-                    return None
-            return None
-
-        try:
-            return self._call(search)
-        except openai.APIStatusError as exc:
-            raise classify(exc) from exc
-
-
-class _Apis:
-    """One API client per base URL: a batch is polled where it was submitted."""
-
-    def __init__(self, settings: DashScopeSettings) -> None:
-        self.settings = settings
-        self._apis: dict[str, BatchApi] = {}
-
-    def get(self, base_url: str) -> BatchApi:
-        if base_url not in self._apis:
-            self._apis[base_url] = BatchApi(replace(self.settings, base_url=base_url))
-        return self._apis[base_url]
 
 
 # --- submit ----------------------------------------------------------------------------------
@@ -716,7 +492,7 @@ def poll_batches(
 ) -> list[BatchRecord]:
     """Refresh every open batch's status; return those that have ended and wait to be
     collected. Parts left "submitting" by a dead submitter are resolved on the way."""
-    apis = _Apis(settings)
+    apis = BatchApis(settings)
     for row in store.batch_list(
         states=[SUBMITTING], user_id=user_id, idle_seconds=submit_grace_seconds
     ):
@@ -791,7 +567,7 @@ def cancel_batch(store: ItemStore, settings: DashScopeSettings, ref: str) -> Bat
     record = BatchRecord.from_row(row)
     if record.state != OPEN or record.batch_id is None:
         raise BatchError(f"batch {record.ref} is {record.state}, not open")
-    batch = _Apis(settings).get(record.base_url).cancel(record.batch_id)
+    batch = BatchApis(settings).get(record.base_url).cancel(record.batch_id)
     updated = store.batch_update(record.local_id, expect_state=OPEN, **_batch_fields(batch))
     return BatchRecord.from_row(updated or row)
 
@@ -851,7 +627,7 @@ def parse_line(obj: dict[str, Any], url: str) -> LineResult:
     if isinstance(status, int) and status >= 400:
         if not isinstance(body, dict) or "error" not in body:
             body = {"error": error or {"message": str(body)}}
-        return LineResult(error=classify(_status_error(status, body, url)))
+        return LineResult(error=classify(status_error(status, body, url)))
     if error is not None:
         code = str(error.get("code") or "batch_line_error")
         if code.lower().startswith("batch_"):  # batch_expired, batch_cancelled, ...
@@ -860,7 +636,7 @@ def parse_line(obj: dict[str, Any], url: str) -> LineResult:
                     code.lower(), str(error.get("message") or code), permanent=False
                 )
             )
-        return LineResult(error=classify(_status_error(_guess_status(code), {"error": error}, url)))
+        return LineResult(error=classify(status_error(_guess_status(code), {"error": error}, url)))
     return LineResult(
         error=ProviderError("malformed_response", "unreadable batch answer line", permanent=False)
     )
@@ -892,7 +668,7 @@ def _unsupported_failure(record: BatchRecord) -> str | None:
         return None
     text = record.error.lower()
     if "model_not_found" in text or "not supported" in text or "unsupported" in text:
-        return _unsupported_message(record.model, record.base_url, record.error)
+        return unsupported_message(record.model, record.base_url, record.error)
     return None
 
 
@@ -969,7 +745,7 @@ def _collect(
         fresh = store.batch_get(record.local_id)
         return CollectResult(BatchRecord.from_row(fresh) if fresh else record, released=released)
 
-    api = api or _Apis(settings).get(record.base_url)
+    api = api or BatchApis(settings).get(record.base_url)
     texts = [api.content(f) for f in (record.output_file_id, record.error_file_id) if f]
     results = parse_results(texts, f"{record.base_url.rstrip('/')}/chat/completions")
     held = set(store.batch_held_ids(record.local_id))

@@ -3,6 +3,7 @@
 from dagster import Definitions, in_process_executor, mem_io_manager
 
 from enrich_pipeline.assets import enriched_items
+from enrich_pipeline.batch_dagster import BATCH_JOBS, BATCH_SENSORS
 from enrich_pipeline.checks import embedding_dimensions, no_unrecorded_pending_rows
 from enrich_pipeline.jobs import enrich_job
 from enrich_pipeline.ops import CHUNK_IO
@@ -13,8 +14,8 @@ from enrich_pipeline.sensors import pending_rows_sensor
 defs = Definitions(
     assets=[enriched_items],
     asset_checks=[no_unrecorded_pending_rows, embedding_dimensions],
-    jobs=[enrich_job],
-    sensors=[pending_rows_sensor],
+    jobs=[enrich_job, *BATCH_JOBS],
+    sensors=[pending_rows_sensor, *BATCH_SENSORS],
     resources={
         "adbpg": AdbpgResource(),
         "dashscope": DashScopeResource(),

@@ -151,7 +151,7 @@ def _retry_after(exc: BaseException) -> float | None:
         return None
 
 
-class _Backoff:
+class Backoff:
     """Exponential backoff with full jitter, overridden by a Retry-After the server sends."""
 
     def __init__(self, initial: float, maximum: float) -> None:
@@ -165,6 +165,23 @@ class _Backoff:
             return min(hinted, self.maximum)
         ceiling = min(self.maximum, self.initial * 2 ** (state.attempt_number - 1))
         return random.uniform(ceiling / 2, ceiling)
+
+
+def caption_request_body(settings: DashScopeSettings, data_url: str) -> dict[str, Any]:
+    """The chat request of one caption, the same online and in a batch line."""
+    return {
+        "model": settings.vision_model,
+        "max_tokens": settings.max_caption_tokens,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_url}},
+                    {"type": "text", "text": settings.prompt},
+                ],
+            }
+        ],
+    }
 
 
 class DashScopeProvider:
@@ -212,7 +229,7 @@ class DashScopeProvider:
                 lambda e: isinstance(e, ProviderError) and not e.permanent
             ),
             stop=tenacity.stop_after_attempt(self.settings.max_retries + 1),
-            wait=_Backoff(self.settings.backoff_initial, self.settings.backoff_max),
+            wait=Backoff(self.settings.backoff_initial, self.settings.backoff_max),
             before_sleep=count_retry,
             sleep=self._sleep,
             reraise=True,
@@ -222,17 +239,7 @@ class DashScopeProvider:
     def caption(self, image: VisionImage) -> str:
         def request() -> str:
             response = self._client.chat.completions.create(
-                model=self.settings.vision_model,
-                max_tokens=self.settings.max_caption_tokens,
-                messages=[
-                    {
-                        "role": "user",
-                        "content": [
-                            {"type": "image_url", "image_url": {"url": image.data_url}},
-                            {"type": "text", "text": self.settings.prompt},
-                        ],
-                    }
-                ],
+                **caption_request_body(self.settings, image.data_url)
             )
             if not isinstance(getattr(response, "choices", None), list):
                 raise ValueError("the response has no choices")

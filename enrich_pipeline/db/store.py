@@ -290,6 +290,13 @@ class ItemStore:
             return self._PENDING, {}
         return self._RECAPTION, {"rc_model": recaption[0], "rc_prompt": recaption[1]}
 
+    def _unclaimed(self) -> sql.Composable:
+        """Not held by a live claim (a running run, an open batch)."""
+        return sql.SQL(
+            "NOT EXISTS (SELECT 1 FROM {claims} c WHERE c.source_table = %(src)s"
+            " AND c.item_id = i.id::text AND c.expires_at > now())"
+        ).format(claims=self._t("enrich_claims"))
+
     def _not_given_up(self) -> sql.Composable:
         return sql.SQL(
             "NOT EXISTS (SELECT 1 FROM {failures} f WHERE f.source_table = %(src)s"
@@ -313,8 +320,13 @@ class ItemStore:
         """
         rows_sql = sql.SQL(
             "SELECT i.user_id, count(*), max(i.updated_at) FROM {items} i WHERE {pending}"
-            " AND i.user_id IS NOT NULL AND {alive} GROUP BY i.user_id"
-        ).format(items=self._items, pending=self._PENDING, alive=self._not_given_up())
+            " AND i.user_id IS NOT NULL AND {alive} AND {unclaimed} GROUP BY i.user_id"
+        ).format(
+            items=self._items,
+            pending=self._PENDING,
+            alive=self._not_given_up(),
+            unclaimed=self._unclaimed(),
+        )
         attempts_sql = sql.SQL(
             "SELECT user_id, sum(attempts) FROM {f} WHERE source_table = %(src)s"
             " AND NOT permanent AND attempts < %(max_attempts)s GROUP BY user_id"
@@ -344,14 +356,12 @@ class ItemStore:
         selection, extra = self._selection(recaption)
         query = sql.SQL(
             "SELECT i.id::text FROM {items} i WHERE i.user_id = %(user)s AND {pending} AND {alive}"
-            " AND NOT EXISTS (SELECT 1 FROM {claims} c WHERE c.source_table = %(src)s"
-            " AND c.item_id = i.id::text AND c.expires_at > now())"
-            " ORDER BY i.id LIMIT %(limit)s"
+            " AND {unclaimed} ORDER BY i.id LIMIT %(limit)s"
         ).format(
             items=self._items,
             pending=selection,
             alive=self._not_given_up(),
-            claims=self._t("enrich_claims"),
+            unclaimed=self._unclaimed(),
         )
         params = {
             "user": user_id,
@@ -380,8 +390,13 @@ class ItemStore:
         pending_sql = sql.SQL(
             "SELECT count(*) FROM {items} i WHERE i.user_id = %(user)s AND {pending}"
             " AND NOT EXISTS (SELECT 1 FROM {f} f WHERE f.source_table = %(src)s"
-            " AND f.item_id = i.id::text)"
-        ).format(items=self._items, pending=self._PENDING, f=self._t("enrich_failures"))
+            " AND f.item_id = i.id::text) AND {unclaimed}"
+        ).format(
+            items=self._items,
+            pending=self._PENDING,
+            f=self._t("enrich_failures"),
+            unclaimed=self._unclaimed(),
+        )
         embed_sql = sql.SQL(
             "SELECT count(*), count(*) FILTER (WHERE array_length(embedding, 1) IS DISTINCT FROM"
             " %(dims)s OR dimensions <> %(dims)s) FROM {e}"
