@@ -23,8 +23,8 @@ from dagster import (
 from dagster._core.test_utils import create_run_for_test
 
 from enrich_pipeline import batch as batch_mode
-from enrich_pipeline.api.dashscope import DashScopeProvider
 from enrich_pipeline.api.batch_api import BatchRejected, BatchUnsupported
+from enrich_pipeline.api.dashscope import DashScopeProvider
 from enrich_pipeline.batch import (
     TERMINAL,
     BatchRecord,

@@ -1,7 +1,9 @@
 """A client-side limiter for requests and tokens per minute, shared by every worker thread.
 
 Pacing calls keeps a high-concurrency run under the provider's quota instead of living on 429
-retries. Token buckets refill continuously, so bursts up to one second's worth pass at once.
+retries. Providers count requests in a sliding minute, and a token bucket of capacity b admits
+up to ``b + rate * 60`` in any minute; so the bucket holds one request (no burst) and refills at
+``(limit - 1) / 60`` a second, which keeps every minute at or under the limit.
 """
 
 from __future__ import annotations
@@ -12,18 +14,20 @@ from collections.abc import Callable
 
 
 class _Bucket:
-    def __init__(self, per_minute: float, burst_seconds: float) -> None:
-        self.rate = per_minute / 60.0
-        self.capacity = max(1.0, self.rate * burst_seconds)
+    def __init__(self, per_minute: float, burst: float, now: float) -> None:
+        self.capacity = max(1.0, burst)
+        self.rate = max(per_minute - self.capacity, 1.0) / 60.0
         self.level = self.capacity
-        self.stamp = time.monotonic()
+        self.stamp = now
 
     def wait_time(self, amount: float, now: float) -> float:
         self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
         self.stamp = now
         # An amount larger than the bucket can ever hold would wait forever: let it go when full.
         need = min(amount, self.capacity)
-        return 0.0 if self.level >= need else (need - self.level) / self.rate
+        # A hair of tolerance: refilling by exactly the computed wait can land a rounding error
+        # short, and waiting for 1e-17 s more would never end on a coarse clock.
+        return 0.0 if self.level >= need - 1e-9 else (need - self.level) / self.rate
 
 
 class RateLimiter:
@@ -32,14 +36,16 @@ class RateLimiter:
         requests_per_minute: float = 0,
         tokens_per_minute: float = 0,
         *,
-        burst_seconds: float = 1.0,
+        burst: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self._requests = (
-            _Bucket(requests_per_minute, burst_seconds) if requests_per_minute else None
+        start = clock()
+        self._requests = _Bucket(requests_per_minute, burst, start) if requests_per_minute else None
+        # Token estimates are coarse; a second's worth of burst there is harmless.
+        self._tokens = (
+            _Bucket(tokens_per_minute, tokens_per_minute / 60, start) if tokens_per_minute else None
         )
-        self._tokens = _Bucket(tokens_per_minute, burst_seconds) if tokens_per_minute else None
         self._lock = threading.Lock()
         self._clock = clock
         self._sleep = sleep
@@ -59,7 +65,8 @@ class RateLimiter:
                     if self._requests:
                         self._requests.level -= 1
                     if self._tokens and tokens:
-                        self._tokens.level -= min(tokens, self._tokens.capacity)
+                        # The whole estimate is owed, so a big request delays the next ones.
+                        self._tokens.level -= tokens
                     return
                 self.waited += wait
             self._sleep(wait)

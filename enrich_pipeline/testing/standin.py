@@ -169,7 +169,8 @@ class StandIn:
         self._lock = threading.Lock()
         self._injected: list[_Injected] = []
         self._rules: list[_Rule] = []
-        self._window: deque[float] = deque()
+        # DashScope limits each model separately: one sliding window per model.
+        self._windows: dict[str, deque[float]] = {}
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -362,16 +363,17 @@ class StandIn:
                     return rule.fault
         return None
 
-    def _admit(self) -> bool:
+    def _admit(self, model: str) -> bool:
         with self._lock:
             if self.rpm_limit is None:
                 return True
             now = time.monotonic()
-            while self._window and now - self._window[0] >= 60.0:
-                self._window.popleft()
-            if len(self._window) >= self.rpm_limit:
+            window = self._windows.setdefault(model, deque())
+            while window and now - window[0] >= 60.0:
+                window.popleft()
+            if len(window) >= self.rpm_limit:
                 return False
-            self._window.append(now)
+            window.append(now)
             return True
 
     # -- HTTP --------------------------------------------------------------------------------
@@ -404,7 +406,7 @@ class StandIn:
                 entry["model"] = body["model"]
             if request.headers.get("authorization") != f"Bearer {self.api_key}":
                 raise _Reply("unauthorized")
-            if not self._admit():
+            if not self._admit(entry["model"]):
                 raise _Reply("429", fault="rpm_limit")
             if self.latency > 0:
                 await asyncio.sleep(self.latency)
