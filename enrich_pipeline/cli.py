@@ -184,7 +184,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         # The key is checked before anything else so a missing one costs nothing.
         provider = build_provider(api, embedded_db=db.embedded)
         db = embedded.resolve(db)
-        store = ItemStore(db)
+        # Every call slot touches the cache: a connection each keeps them from queueing.
+        store = ItemStore(db, max_connections=max(4, min(run.concurrent + 2, 24)))
         store.setup()
         engine = Engine(
             store, provider, api, run, image_policy=image_policy_from_env(local_files=db.embedded)

@@ -30,8 +30,8 @@ from enrich_pipeline.resources.dashscope import DashScopeResource
 from enrich_pipeline.runner import chunked
 from enrich_pipeline.settings import RunSettings, image_policy_from_env
 
-# Chunks hold decoded-and-downscaled images between ops: keep them in memory, not pickled to
-# disk. The job runs in process, so this is both correct and fast.
+# Chunks hold downscaled images and vectors between ops: handed over in memory (not pickled to
+# disk) and forgotten once consumed (handoff.py). The job runs in process, so this is correct.
 CHUNK_IO = "chunk_io_manager"
 
 

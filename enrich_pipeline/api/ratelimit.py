@@ -1,33 +1,50 @@
 """A client-side limiter for requests and tokens per minute, shared by every worker thread.
 
 Pacing calls keeps a high-concurrency run under the provider's quota instead of living on 429
-retries. Providers count requests in a sliding minute, and a token bucket of capacity b admits
-up to ``b + rate * 60`` in any minute; so the bucket holds one request (no burst) and refills at
-``(limit - 1) / 60`` a second, which keeps every minute at or under the limit.
+retries. The quota is "so many a minute", counted over a sliding minute, and the limiter counts
+the same way: a call may go when the calls (or tokens) sent in the last minute leave room for
+it. Unlike a smoothing token bucket, a pause (a run between chunks, a Dagster step that writes)
+does not waste quota: the next calls use it. The window is half a second longer than a minute,
+so that network jitter between our clock and the provider's cannot squeeze one call too many
+into the provider's minute.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
+WINDOW = 60.5
 
-class _Bucket:
-    def __init__(self, per_minute: float, burst: float, now: float) -> None:
-        self.capacity = max(1.0, burst)
-        self.rate = max(per_minute - self.capacity, 1.0) / 60.0
-        self.level = self.capacity
-        self.stamp = now
+
+class _Window:
+    """At most ``limit`` units sent in any ``WINDOW`` seconds."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.log: deque[tuple[float, float]] = deque()
+        self.total = 0.0
 
     def wait_time(self, amount: float, now: float) -> float:
-        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
-        self.stamp = now
-        # An amount larger than the bucket can ever hold would wait forever: let it go when full.
-        need = min(amount, self.capacity)
-        # A hair of tolerance: refilling by exactly the computed wait can land a rounding error
-        # short, and waiting for 1e-17 s more would never end on a coarse clock.
-        return 0.0 if self.level >= need - 1e-9 else (need - self.level) / self.rate
+        while self.log and now - self.log[0][0] >= WINDOW:
+            self.total -= self.log.popleft()[1]
+        # A single request larger than the whole limit goes alone, once the window is empty.
+        amount = min(amount, self.limit)
+        excess = self.total + amount - self.limit
+        if excess <= 1e-9:
+            return 0.0
+        freed = 0.0
+        for sent, units in self.log:
+            freed += units
+            if freed >= excess - 1e-9:
+                return max(sent + WINDOW - now, 1e-3)
+        return WINDOW  # unreachable: the log holds the whole total
+
+    def take(self, amount: float, now: float) -> None:
+        self.log.append((now, amount))
+        self.total += amount
 
 
 class RateLimiter:
@@ -36,16 +53,11 @@ class RateLimiter:
         requests_per_minute: float = 0,
         tokens_per_minute: float = 0,
         *,
-        burst: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        start = clock()
-        self._requests = _Bucket(requests_per_minute, burst, start) if requests_per_minute else None
-        # Token estimates are coarse; a second's worth of burst there is harmless.
-        self._tokens = (
-            _Bucket(tokens_per_minute, tokens_per_minute / 60, start) if tokens_per_minute else None
-        )
+        self._requests = _Window(requests_per_minute) if requests_per_minute else None
+        self._tokens = _Window(tokens_per_minute) if tokens_per_minute else None
         self._lock = threading.Lock()
         self._clock = clock
         self._sleep = sleep
@@ -63,10 +75,9 @@ class RateLimiter:
                     wait = max(wait, self._tokens.wait_time(tokens, now))
                 if wait <= 0:
                     if self._requests:
-                        self._requests.level -= 1
+                        self._requests.take(1, now)
                     if self._tokens and tokens:
-                        # The whole estimate is owed, so a big request delays the next ones.
-                        self._tokens.level -= tokens
+                        self._tokens.take(tokens, now)
                     return
                 self.waited += wait
             self._sleep(wait)

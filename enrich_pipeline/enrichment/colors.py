@@ -14,6 +14,20 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_limits
+
+_openmp_limited = False
+
+
+def _single_threaded_openmp() -> None:
+    """K-Means on a few thousand pixels gains nothing from OpenMP threads, and the pipeline
+    already works on many images at once: there the threads spin-wait for a busy core (one
+    measured run: 232 ms a call instead of 3 ms). Limited once, for the process."""
+    global _openmp_limited
+    if not _openmp_limited:
+        threadpool_limits(limits=1, user_api="openmp")
+        _openmp_limited = True
+
 
 __all__ = ["COLOR_PROTOTYPES", "color_name", "dominant_colors", "rgb_to_lab"]
 
@@ -214,6 +228,7 @@ def _cluster(
     # One k-means++ initialisation is enough at this size and keeps the call in the low
     # milliseconds; a fixed random_state makes the same picture give the same names.
     model = KMeans(n_clusters=k, n_init=1, random_state=seed, max_iter=100)
+    _single_threaded_openmp()
     labels = model.fit_predict(pixels)
     sizes = np.bincount(labels, minlength=k).astype(np.float64)
     order = np.argsort(-sizes, kind="stable")

@@ -19,7 +19,7 @@ class AdbpgResource(ConfigurableResource):
 
     namespace: str | None = None
     table: str | None = None
-    max_connections: int = 4
+    max_connections: int = 8
     statement_timeout_ms: int = 120_000
 
     _store: ItemStore | None = PrivateAttr(default=None)
