@@ -1,0 +1,1 @@
+"""Benchmarks of the enrichment pipeline: ``python -m benchmarks.bench`` (see bench.py)."""
