@@ -5,6 +5,8 @@ Run knobs are given once, to ``pending_rows``, and travel with each chunk, so a 
 one op in the launchpad, not five.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from dagster import (
@@ -21,7 +23,7 @@ from dagster import (
 )
 
 from enrich_pipeline import stages
-from enrich_pipeline.api.dashscope import FatalProviderError, Provider
+from enrich_pipeline.api.dashscope import FatalProviderError
 from enrich_pipeline.api.pricing import estimate_cost, load_prices
 from enrich_pipeline.enrichment.records import Provenance
 from enrich_pipeline.partitions import key_to_user
@@ -86,20 +88,28 @@ def _user(context: OpExecutionContext) -> str:
     return key_to_user(context.partition_key)
 
 
-def _track(provider: Provider, state: ChunkState, before: dict[str, int]) -> None:
-    after = provider.usage.as_dict()
-    for k, v in after.items():
-        state.usage[k] = state.usage.get(k, 0) + v - before.get(k, 0)
-
-
-def _fatal(
-    context: OpExecutionContext, adbpg: AdbpgResource, state: ChunkState, exc: FatalProviderError
-) -> Failure:
-    adbpg.store.release(
-        state.chunk.user_id, [w.item.id for w in state.chunk.items], worker=state.chunk.worker
-    )
-    context.log.error(f"stopping the run: {exc}")
-    return Failure(description=str(exc), allow_retries=False)
+@contextmanager
+def _provider_step(
+    context: OpExecutionContext,
+    adbpg: AdbpgResource,
+    dashscope: DashScopeResource,
+    state: ChunkState,
+) -> Iterator[None]:
+    """Count the step's token usage into the chunk; a fatal provider error releases the
+    chunk's claims and fails the run without retries (a bad key fails every row alike)."""
+    provider = dashscope.provider
+    before = provider.usage.as_dict()
+    try:
+        yield
+    except FatalProviderError as exc:
+        adbpg.store.release(
+            state.chunk.user_id, [w.item.id for w in state.chunk.items], worker=state.chunk.worker
+        )
+        context.log.error(f"stopping the run: {exc}")
+        raise Failure(description=str(exc), allow_retries=False) from exc
+    finally:
+        for k, v in provider.usage.as_dict().items():
+            state.usage[k] = state.usage.get(k, 0) + v - before.get(k, 0)
 
 
 @op(out=DynamicOut(ChunkSpec, io_manager_key=CHUNK_IO))
@@ -172,8 +182,7 @@ def captions(
     dashscope: DashScopeResource,
 ) -> ChunkState:
     """Caption the chunk with Qwen-VL, ``concurrent`` calls at a time, and derive its tags."""
-    before = dashscope.provider.usage.as_dict()
-    try:
+    with _provider_step(context, adbpg, dashscope, state):
         stages.caption_chunk(
             state.chunk,
             dashscope.provider,
@@ -181,10 +190,6 @@ def captions(
             cache=adbpg.store,
             prompt_version=dashscope.settings.prompt_version,
         )
-    except FatalProviderError as exc:
-        raise _fatal(context, adbpg, state, exc) from exc
-    finally:
-        _track(dashscope.provider, state, before)
     return state
 
 
@@ -196,18 +201,13 @@ def caption_embeddings(
     dashscope: DashScopeResource,
 ) -> ChunkState:
     """Embed the captions (ten per request), unless the run turned embeddings off."""
-    before = dashscope.provider.usage.as_dict()
-    try:
+    with _provider_step(context, adbpg, dashscope, state):
         stages.embed_chunk(
             state.chunk,
             dashscope.provider,
             enabled=state.run.caption_embedding,
             concurrent=state.run.concurrent,
         )
-    except FatalProviderError as exc:
-        raise _fatal(context, adbpg, state, exc) from exc
-    finally:
-        _track(dashscope.provider, state, before)
     return state
 
 
