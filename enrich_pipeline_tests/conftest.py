@@ -60,6 +60,34 @@ def mean_of(path: Path) -> tuple[float, float, float]:
         return mean_color(img)
 
 
+# The keys one enrichment merges into metadata.
+PATCH_KEYS = {
+    "caption",
+    "dominant_colors",
+    "style_tags",
+    "object_tags",
+    "caption_generated_at",
+    "caption_model",
+    "caption_prompt_version",
+}
+
+
+def log_writes(items: Items) -> None:
+    """Log every committed UPDATE of the test's items table (to count writes per row)."""
+    items.execute(
+        "CREATE TABLE {ns}.write_log (id text, caption text)"
+        ";CREATE FUNCTION {ns}.log_write() RETURNS trigger LANGUAGE plpgsql AS $f$"
+        " BEGIN INSERT INTO {ns}.write_log VALUES (NEW.id::text, NEW.metadata->>'caption');"
+        " RETURN NEW; END $f$"
+        ";CREATE TRIGGER log_write AFTER UPDATE ON {items}"
+        " FOR EACH ROW EXECUTE FUNCTION {ns}.log_write()"
+    )
+
+
+def writes(items: Items) -> dict[str, int]:
+    return dict(items.execute("SELECT id, count(*) FROM {ns}.write_log GROUP BY id"))
+
+
 class Items:
     """The test's items table: insert rows, read them back."""
 

@@ -35,18 +35,9 @@ from enrich_pipeline.enrichment.images import ImagePolicy
 from enrich_pipeline.runner import Engine
 from enrich_pipeline.settings import DashScopeSettings, RunSettings
 from enrich_pipeline.testing.standin import StandIn
-from enrich_pipeline_tests.conftest import API_KEY, Items, mean_of
+from enrich_pipeline_tests.conftest import API_KEY, PATCH_KEYS, Items, mean_of
 
 LOCAL = ImagePolicy(allow_local_files=True)
-PATCH_KEYS = {
-    "caption",
-    "dominant_colors",
-    "style_tags",
-    "object_tags",
-    "caption_generated_at",
-    "caption_model",
-    "caption_prompt_version",
-}
 TRANSIENT = ["429", "500", "503", "timeout", "reset", "malformed", "empty_caption"]
 TRANSIENT_CODES = {
     "429": "rate_limited",

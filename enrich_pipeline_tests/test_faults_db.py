@@ -34,7 +34,7 @@ from enrich_pipeline.enrichment.images import ImagePolicy
 from enrich_pipeline.runner import Engine
 from enrich_pipeline.settings import DashScopeSettings, RunSettings
 from enrich_pipeline.testing.standin import StandIn
-from enrich_pipeline_tests.conftest import Items
+from enrich_pipeline_tests.conftest import Items, log_writes, writes
 
 LOCAL = ImagePolicy(allow_local_files=True)
 PATCH_KEYS = {"caption", "dominant_colors", "style_tags", "object_tags", "caption_generated_at"}
@@ -58,22 +58,6 @@ def seed(items: Items, folder: Path, n: int, user: str = "alice") -> list[str]:
         Image.new("RGB", (56, 42), (round(r * 255), round(g * 255), round(b * 255))).save(path)
         ids.append(items.add(user, str(path), metadata={"title": f"item {i}", "keep": i}))
     return ids
-
-
-def log_writes(items: Items) -> None:
-    """Log every committed UPDATE of the items table (the test's own table, not the pipeline's)."""
-    items.execute(
-        "CREATE TABLE {ns}.write_log (id text, caption text)"
-        ";CREATE FUNCTION {ns}.log_write() RETURNS trigger LANGUAGE plpgsql AS $f$"
-        " BEGIN INSERT INTO {ns}.write_log VALUES (NEW.id::text, NEW.metadata->>'caption');"
-        " RETURN NEW; END $f$"
-        ";CREATE TRIGGER log_write AFTER UPDATE ON {items}"
-        " FOR EACH ROW EXECUTE FUNCTION {ns}.log_write()"
-    )
-
-
-def writes(items: Items) -> dict[str, int]:
-    return dict(items.execute("SELECT id, count(*) FROM {ns}.write_log GROUP BY id"))
 
 
 def assert_all_written_once(items: Items, ids: list[str]) -> None:

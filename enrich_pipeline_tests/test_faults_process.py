@@ -36,18 +36,9 @@ from enrich_pipeline.runner import Engine
 from enrich_pipeline.settings import DashScopeSettings, RunSettings
 from enrich_pipeline.stages import ItemOutcome, RunStats
 from enrich_pipeline.testing.standin import StandIn
-from enrich_pipeline_tests.conftest import API_KEY, Items, mean_of
+from enrich_pipeline_tests.conftest import API_KEY, PATCH_KEYS, Items, log_writes, mean_of, writes
 
 LOCAL = ImagePolicy(allow_local_files=True)
-PATCH_KEYS = {
-    "caption",
-    "dominant_colors",
-    "style_tags",
-    "object_tags",
-    "caption_generated_at",
-    "caption_model",
-    "caption_prompt_version",
-}
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -76,22 +67,6 @@ def seed(items: Items, paths: list[Path], user: str = "alice") -> tuple[list[str
         items.add(user, str(p), metadata={"title": p.stem, "keep": n}) for n, p in enumerate(paths)
     ]
     return ids, {i: items.row(i)["metadata"] for i in ids}
-
-
-def log_writes(items: Items) -> None:
-    """Log every committed UPDATE of the items table (the test's own table)."""
-    items.execute(
-        "CREATE TABLE {ns}.write_log (id text, caption text)"
-        ";CREATE FUNCTION {ns}.log_write() RETURNS trigger LANGUAGE plpgsql AS $f$"
-        " BEGIN INSERT INTO {ns}.write_log VALUES (NEW.id::text, NEW.metadata->>'caption');"
-        " RETURN NEW; END $f$"
-        ";CREATE TRIGGER log_write AFTER UPDATE ON {items}"
-        " FOR EACH ROW EXECUTE FUNCTION {ns}.log_write()"
-    )
-
-
-def writes(items: Items) -> dict[str, int]:
-    return dict(items.execute("SELECT id, count(*) FROM {ns}.write_log GROUP BY id"))
 
 
 def count(items: Items, table: str) -> int:
