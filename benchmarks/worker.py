@@ -202,11 +202,18 @@ def run_legacy(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_dagster(spec: dict[str, Any]) -> dict[str, Any]:
-    from dagster import DagsterInstance, materialize
-
-    from enrich_pipeline.assets import enriched_items
+def enrich_job_definition() -> Any:
+    """For ``reconstructable``: the job as a deployment runs it."""
     from enrich_pipeline.definitions import defs
+
+    return defs.resolve_job_def("enrich_job")
+
+
+def run_dagster(spec: dict[str, Any]) -> dict[str, Any]:
+    # ``execute_job``, not ``materialize``: ``materialize`` keeps every step's output for its
+    # result object, which a daemon-launched run does not, and would charge that to memory.
+    from dagster import DagsterInstance, execute_job, reconstructable
+
     from enrich_pipeline.partitions import user_to_key
 
     instrument()
@@ -214,28 +221,31 @@ def run_dagster(spec: dict[str, Any]) -> dict[str, Any]:
     key = user_to_key(spec["user"])
     instance.add_dynamic_partitions("users", [key])
     run_config = {"ops": {"enriched_items": {"ops": {"pending_rows": {"config": spec["config"]}}}}}
+    job = reconstructable(enrich_job_definition)
 
     def go() -> Any:
-        return materialize(
-            [enriched_items],
-            partition_key=key,
+        with execute_job(
+            job,
             instance=instance,
-            resources=dict(defs.resources),
             run_config=run_config,
+            tags={"dagster/partition": key},
             raise_on_error=False,
-        )
+        ) as result:
+            events = result.get_asset_materialization_events()
+            return result.success, result.run_id, events
 
-    result, figures = measure(go)
+    (success, run_id, events), figures = measure(go)
     metadata: dict[str, Any] = {}
-    for mat in result.asset_materializations_for_node("enriched_items"):
+    for event in events:
+        mat = event.event_specific_data.materialization
         metadata = {
             k: v.value for k, v in mat.metadata.items() if isinstance(v.value, int | float | str)
         }
     return {
         **figures,
-        "exit_code": 0 if result.success else 1,
+        "exit_code": 0 if success else 1,
         "materialization": {k: v for k, v in metadata.items() if not isinstance(v, str)},
-        "steps": _step_profile(instance, result.run_id),
+        "steps": _step_profile(instance, run_id),
         "usage": provider_usage(),
         "stages": stage_breakdown(),
     }

@@ -9,6 +9,7 @@ chunk, after its claims are released so that nothing is left marked.
 from __future__ import annotations
 
 import threading
+from array import array
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -363,7 +364,8 @@ def embed_chunk(
         except ProviderError:
             return
         for work, vector in zip(batch, vectors, strict=True):
-            work.embedding = vector
+            # float32, as stored (real[]): a quarter of a list of Python floats in memory.
+            work.embedding = array("f", vector)
 
     _parallel(one, batches, concurrent)
     return chunk

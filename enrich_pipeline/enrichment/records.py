@@ -6,6 +6,7 @@ directly.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -40,7 +41,7 @@ class WorkItem:
     caption: str | None = None
     style_tags: list[str] = field(default_factory=list)
     object_tags: list[str] = field(default_factory=list)
-    embedding: list[float] | None = None
+    embedding: Sequence[float] | None = None
     error: ItemError | None = None
     from_cache: bool = False
 
