@@ -1,9 +1,11 @@
 """The enrichment stages, free of Dagster: the ops and the command line both call these.
 
-A chunk moves through ``claim_chunk`` -> ``visual_attributes`` -> ``caption_chunk`` ->
-``embed_chunk`` -> ``write_chunk``. Each stage handles every item of the chunk, records a
-per-item error instead of raising, and only a fatal provider error (a rejected key) stops the
-chunk, after its claims are released so that nothing is left marked.
+In the Dagster graph a chunk moves through ``claim_chunk`` -> ``visual_attributes`` ->
+``caption_chunk`` -> ``embed_chunk`` -> ``write_chunk``, one op each. The command line streams
+items through the per-item stages (``load_visual``, ``caption_item``) instead, and writes chunks
+with the same ``embed_chunk`` and ``write_chunk`` (runner.py). Each stage records a per-item
+error instead of raising; only a fatal provider error (a rejected key) stops the run, and the
+caller then releases the claims so that nothing is left marked.
 """
 
 from __future__ import annotations
