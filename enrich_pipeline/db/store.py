@@ -580,13 +580,8 @@ class ItemStore:
 
     def cache_caption(self, sha: str, *, model: str, prompt_version: str, caption: str) -> None:
         """Remember a paid caption at once, before the chunk is written, so a crash keeps it."""
-        query = sql.SQL(
-            "INSERT INTO {c} (content_sha256, model, prompt_version, caption)"
-            " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING"
-        ).format(c=self._t("enrich_caption_cache"))
         try:
-            with self.pool.connection() as conn:
-                conn.execute(query, (sha, model, prompt_version, caption))
+            self.batch_cache_captions([(sha, caption)], model=model, prompt_version=prompt_version)
         except psycopg.Error as exc:
             log.warning("caption not cached (%s); it is still written with its chunk", exc)
 

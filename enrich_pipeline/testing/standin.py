@@ -140,6 +140,19 @@ class _ExposeTransport:
         await self.app(scope, receive, send)
 
 
+def _log_entry(endpoint: str) -> dict[str, Any]:
+    """A request's line in ``StandIn.requests``, filled in as the request is served."""
+    return {
+        "endpoint": endpoint,
+        "model": "",
+        "n_inputs": 0,
+        "status": 200,
+        "fault": None,
+        "time": time.time(),
+        "image_tokens": 0,
+    }
+
+
 class StandIn:
     """OpenAI-compatible DashScope stand-in running in a background thread.
 
@@ -386,15 +399,7 @@ class StandIn:
 
     async def _handle(self, request: Request, endpoint: str) -> Response:
         request_id = str(uuid.uuid4())
-        entry: dict[str, Any] = {
-            "endpoint": endpoint,
-            "model": "",
-            "n_inputs": 0,
-            "status": 200,
-            "fault": None,
-            "time": time.time(),
-            "image_tokens": 0,
-        }
+        entry = _log_entry(endpoint)
         headers = {"x-request-id": request_id}
         logged = False
         try:
@@ -576,15 +581,7 @@ class StandIn:
     async def _batch_api(self, request: Request, name: str, handler: Callable[[], Any]) -> Response:
         """Auth, logging and DashScope's error body around a files/batches handler."""
         request_id = str(uuid.uuid4())
-        entry: dict[str, Any] = {
-            "endpoint": name,
-            "model": "",
-            "n_inputs": 0,
-            "status": 200,
-            "fault": None,
-            "time": time.time(),
-            "image_tokens": 0,
-        }
+        entry = _log_entry(name)
         headers = {"x-request-id": request_id}
         try:
             if request.headers.get("authorization") != f"Bearer {self.api_key}":
