@@ -7,6 +7,7 @@ each other's rows.
 
 from __future__ import annotations
 
+import colorsys
 import os
 import shutil
 import tempfile
@@ -58,6 +59,34 @@ def mean_of(path: Path) -> tuple[float, float, float]:
     """The mean color the stand-in sees, to aim a fault at one image."""
     with Image.open(path) as img:
         return mean_color(img)
+
+
+def hues(n: int) -> list[tuple[int, int, int]]:
+    """``n`` clearly different colors (>= 40 apart in some channel for n <= 20)."""
+    out = []
+    for i in range(n):
+        r, g, b = colorsys.hsv_to_rgb(i / n, 0.7, 0.8)
+        out.append((round(r * 255), round(g * 255), round(b * 255)))
+    return out
+
+
+def paint(folder: Path, colors: list[tuple[int, int, int]], prefix: str = "img") -> list[Path]:
+    """One small solid image per color: distinct bytes (no cache sharing), distinct means."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for n, rgb in enumerate(colors):
+        path = folder / f"{prefix}{n:02d}.png"
+        Image.new("RGB", (56, 42), rgb).save(path)
+        paths.append(path)
+    return paths
+
+
+def good_chat_calls(standin: StandIn) -> int:
+    """Caption calls the stand-in answered (the ones that were paid for)."""
+    log = list(standin.requests)  # a copy: the server appends from its own thread
+    return sum(
+        1 for r in log if r["endpoint"] == "chat" and r["fault"] is None and r["status"] == 200
+    )
 
 
 # The keys one enrichment merges into metadata.

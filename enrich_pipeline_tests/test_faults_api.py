@@ -16,7 +16,6 @@ Fault matrix covered here (see the README's fault matrix):
 
 from __future__ import annotations
 
-import colorsys
 import io
 import re
 import time
@@ -26,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image
 
 from enrich_pipeline import cli
 from enrich_pipeline.api.dashscope import DashScopeProvider, FatalProviderError
@@ -35,7 +33,7 @@ from enrich_pipeline.enrichment.images import ImagePolicy
 from enrich_pipeline.runner import Engine
 from enrich_pipeline.settings import DashScopeSettings, RunSettings
 from enrich_pipeline.testing.standin import StandIn
-from enrich_pipeline_tests.conftest import API_KEY, PATCH_KEYS, Items, mean_of
+from enrich_pipeline_tests.conftest import API_KEY, PATCH_KEYS, Items, hues, mean_of, paint
 
 LOCAL = ImagePolicy(allow_local_files=True)
 TRANSIENT = ["429", "500", "503", "timeout", "reset", "malformed", "empty_caption"]
@@ -51,26 +49,6 @@ TRANSIENT_CODES = {
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def hues(n: int) -> list[tuple[int, int, int]]:
-    """``n`` clearly different colors (>= 40 apart in some channel for n <= 20)."""
-    out = []
-    for i in range(n):
-        r, g, b = colorsys.hsv_to_rgb(i / n, 0.7, 0.8)
-        out.append((round(r * 255), round(g * 255), round(b * 255)))
-    return out
-
-
-def paint(folder: Path, colors: list[tuple[int, int, int]], prefix: str = "img") -> list[Path]:
-    """One small solid image per color: distinct bytes (no cache sharing), distinct means."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for n, rgb in enumerate(colors):
-        path = folder / f"{prefix}{n:02d}.png"
-        Image.new("RGB", (56, 42), rgb).save(path)
-        paths.append(path)
-    return paths
 
 
 def seed(items: Items, paths: list[Path], user: str = "alice") -> tuple[list[str], dict[str, Any]]:
@@ -129,13 +107,6 @@ def assert_untouched(items: Items, ids: list[str], before: dict[str, Any]) -> No
 
 def claims(items: Items) -> int:
     return items.execute("SELECT count(*) FROM {ns}.enrich_claims")[0][0]
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ so "written exactly once" is checked in the database, not inferred from the pipe
 
 from __future__ import annotations
 
-import colorsys
 import shutil
 import tempfile
 import threading
@@ -23,7 +22,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from PIL import Image
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
@@ -34,7 +32,7 @@ from enrich_pipeline.enrichment.images import ImagePolicy
 from enrich_pipeline.runner import Engine
 from enrich_pipeline.settings import DashScopeSettings, RunSettings
 from enrich_pipeline.testing.standin import StandIn
-from enrich_pipeline_tests.conftest import Items, log_writes, writes
+from enrich_pipeline_tests.conftest import Items, good_chat_calls, hues, log_writes, paint, writes
 
 LOCAL = ImagePolicy(allow_local_files=True)
 PATCH_KEYS = {"caption", "dominant_colors", "style_tags", "object_tags", "caption_generated_at"}
@@ -50,14 +48,10 @@ PIPELINE_BACKENDS = (
 
 def seed(items: Items, folder: Path, n: int, user: str = "alice") -> list[str]:
     """``n`` rows with distinct solid images (no caption cache sharing) and metadata to keep."""
-    folder.mkdir(parents=True, exist_ok=True)
-    ids = []
-    for i in range(n):
-        r, g, b = colorsys.hsv_to_rgb(i / n, 0.7, 0.8)
-        path = folder / f"img{i:02d}.png"
-        Image.new("RGB", (56, 42), (round(r * 255), round(g * 255), round(b * 255))).save(path)
-        ids.append(items.add(user, str(path), metadata={"title": f"item {i}", "keep": i}))
-    return ids
+    return [
+        items.add(user, str(path), metadata={"title": f"item {i}", "keep": i})
+        for i, path in enumerate(paint(folder, hues(n)))
+    ]
 
 
 def assert_all_written_once(items: Items, ids: list[str]) -> None:
@@ -72,13 +66,6 @@ def assert_all_written_once(items: Items, ids: list[str]) -> None:
     ) == [(len(ids), len(ids))]
     assert items.execute("SELECT count(*) FROM {ns}.enrich_failures") == [(0,)]
     assert items.execute("SELECT count(*) FROM {ns}.enrich_claims") == [(0,)]
-
-
-def good_chat_calls(standin: StandIn) -> int:
-    log = list(standin.requests)  # a copy: the server appends from its own thread
-    return sum(
-        1 for r in log if r["endpoint"] == "chat" and r["fault"] is None and r["status"] == 200
-    )
 
 
 def engine(store: ItemStore, api: DashScopeSettings, **run: Any) -> Engine:

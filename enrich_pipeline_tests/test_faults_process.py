@@ -8,7 +8,6 @@ server show, so the assertions are exact (no "probably killed in the middle").
 
 from __future__ import annotations
 
-import colorsys
 import io
 import os
 import re
@@ -23,7 +22,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from PIL import Image
 from psycopg import sql
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -36,30 +34,22 @@ from enrich_pipeline.runner import Engine
 from enrich_pipeline.settings import DashScopeSettings, RunSettings
 from enrich_pipeline.stages import ItemOutcome, RunStats
 from enrich_pipeline.testing.standin import StandIn
-from enrich_pipeline_tests.conftest import API_KEY, PATCH_KEYS, Items, log_writes, mean_of, writes
+from enrich_pipeline_tests.conftest import (
+    API_KEY,
+    PATCH_KEYS,
+    Items,
+    good_chat_calls,
+    hues,
+    log_writes,
+    mean_of,
+    paint,
+    writes,
+)
 
 LOCAL = ImagePolicy(allow_local_files=True)
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def paint(folder: Path, colors: list[tuple[int, int, int]]) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for n, rgb in enumerate(colors):
-        path = folder / f"img{n:02d}.png"
-        Image.new("RGB", (56, 42), rgb).save(path)
-        paths.append(path)
-    return paths
-
-
-def hues(n: int) -> list[tuple[int, int, int]]:
-    out = []
-    for i in range(n):
-        r, g, b = colorsys.hsv_to_rgb(i / n, 0.7, 0.8)
-        out.append((round(r * 255), round(g * 255), round(b * 255)))
-    return out
 
 
 def seed(items: Items, paths: list[Path], user: str = "alice") -> tuple[list[str], dict[str, Any]]:
@@ -71,13 +61,6 @@ def seed(items: Items, paths: list[Path], user: str = "alice") -> tuple[list[str
 
 def count(items: Items, table: str) -> int:
     return int(items.execute(f"SELECT count(*) FROM {{ns}}.{table}")[0][0])
-
-
-def good_chat_calls(standin: StandIn) -> int:
-    log = list(standin.requests)  # a copy: the server appends from its own thread
-    return sum(
-        1 for r in log if r["endpoint"] == "chat" and r["fault"] is None and r["status"] == 200
-    )
 
 
 def is_complete(md: dict[str, Any], before: dict[str, Any]) -> bool:
