@@ -1,8 +1,12 @@
-"""Configuration read from the environment, in one place.
+"""The one settings tree: every knob's default, bounds, help text and variable, declared once.
 
-Everything here is plain data so the CLI, the Dagster resources and the tests build the same
-objects. Secrets (the API key, the database password) are kept out of ``repr`` so that a settings
-object printed in a log or an exception never leaks them.
+The command lines take their flags' defaults and help from here, the Dagster ``Config`` classes
+and resources their fields, the sensor its limits. Values are validated once, by pydantic; a bad
+value becomes a ``ConfigError`` whose message is one line naming where the value came from (the
+environment variable, the flag or the config field), never a traceback.
+
+Secrets (the API key, the database password inside a connection string) are kept out of
+``repr`` and out of every error message.
 """
 
 from __future__ import annotations
@@ -10,55 +14,138 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from typing import Any, Self
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 
 from enrich_pipeline.enrichment.images import ImagePolicy
 
 BEIJING_BASE_URL = "https://dashscope.aliyuncs.com/compatible-mode/v1"
-DEFAULT_VISION_MODEL = "qwen3-vl-plus"
-DEFAULT_EMBEDDING_MODEL = "text-embedding-v4"
 DEFAULT_PROMPT = (
     "Describe this image in one or two sentences for a product catalogue: the main objects, "
     "their colors and materials, the style and the setting. Answer in English."
 )
-# Bump when DEFAULT_PROMPT changes in a way that should make old captions eligible for
-# re-captioning; it is recorded with every caption.
-DEFAULT_PROMPT_VERSION = "v1"
+# text-embedding-v4's documented output sizes (v3 takes the ones up to 1024).
+EMBEDDING_DIMENSIONS = (64, 128, 256, 512, 768, 1024, 1536, 2048)
 
 
 class ConfigError(Exception):
     """A configuration problem the user must fix; its message is one clear line."""
 
 
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+def setting(
+    default: Any,
+    description: str,
+    *,
+    env: str | None = None,
+    secret: bool = False,
+    **bounds: Any,
+) -> Any:
+    """A settings field: its default, its help text, the variable it is read from, its bounds
+    (``ge``, ``le``, ``gt``, ``min_length``...)."""
+    extra: dict[str, Any] = {"env": env} if env else {}
+    if secret:
+        extra["secret"] = True
+    return Field(
+        default, description=description, repr=not secret, json_schema_extra=extra, **bounds
+    )
 
 
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+def env_name(model: type[BaseModel], name: str) -> str | None:
+    extra = model.model_fields[name].json_schema_extra
+    return extra.get("env") if isinstance(extra, dict) else None  # type: ignore[return-value]
 
 
-@dataclass(frozen=True)
-class DbSettings:
+def describe(model: type[BaseModel], name: str) -> str:
+    """The field's help text, with the variable that sets it."""
+    info = model.model_fields[name]
+    var = env_name(model, name)
+    return f"{info.description}" + (f" ({var})" if var else "")
+
+
+def bounds(info: FieldInfo) -> dict[str, Any]:
+    """``ge``/``le``/``gt``/``lt`` of a field, to give a Dagster config field the same ones."""
+    out: dict[str, Any] = {}
+    for item in info.metadata:
+        for key in ("ge", "le", "gt", "lt"):
+            if getattr(item, key, None) is not None:
+                out[key] = getattr(item, key)
+    return out
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    @classmethod
+    def build(cls, values: Mapping[str, Any], sources: Mapping[str, str] | None = None) -> Self:
+        """Validate ``values``; an error names the value's source (variable, flag, config key)."""
+        try:
+            return cls.model_validate(dict(values))
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            name = str(error["loc"][0]) if error["loc"] else ""
+            where = (sources or {}).get(name) or env_name(cls, name) or name
+            info = cls.model_fields.get(name)
+            secret = info is not None and not info.repr
+            got = "" if secret else f", got {error.get('input')!r}"
+            message = error["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"{where}: {message[:1].lower()}{message[1:]}{got}") from None
+
+    @classmethod
+    def from_env(
+        cls,
+        env: Mapping[str, str] | None = None,
+        given: Mapping[str, Any] | None = None,
+        sources: Mapping[str, str] | None = None,
+    ) -> Self:
+        """Defaults, then the environment, then ``given`` (flags, config fields; a key that is
+        present wins, None included). ``sources`` names where each given value came from."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        named: dict[str, str] = {}
+        for name in cls.model_fields:
+            var = env_name(cls, name)
+            raw = env.get(var, "") if var else ""
+            if raw.strip():
+                values[name] = raw.strip()
+                named[name] = var  # type: ignore[assignment]
+        for name, value in (given or {}).items():
+            values[name] = value
+            named[name] = (sources or {}).get(name, name)
+        return cls.build(values, named)
+
+    def with_(self, **changes: Any) -> Self:
+        """A validated copy with some fields changed."""
+        return type(self).build({**self.model_dump(), **changes})
+
+
+class DbSettings(_Settings):
     """Where the items live. ``conninfo`` is a libpq string or URL; empty means "embedded"."""
 
-    conninfo: str = field(default="", repr=False)
-    namespace: str = "cleantab"
-    table: str = "items"
+    conninfo: str = setting("", "libpq connection string or URL", env="ADBPG_URL", secret=True)
+    namespace: str = setting(
+        "cleantab", "schema of the items table", env="ADBPG_NAMESPACE", min_length=1, max_length=63
+    )
+    table: str = setting("items", "items table", env="ADBPG_TABLE", min_length=1, max_length=63)
+    max_connections: int = setting(
+        8,
+        "connections in the pool of one process (a run, a sensor, a CLI)",
+        env="ADBPG_MAX_CONNECTIONS",
+        ge=1,
+        le=200,
+    )
+    statement_timeout_ms: int = setting(
+        120_000,
+        "statement timeout of the pipeline's sessions, in ms",
+        env="ADBPG_STATEMENT_TIMEOUT_MS",
+        ge=1000,
+        le=86_400_000,
+    )
+    connect_timeout: int = setting(
+        5, "seconds to wait for a connection", env="ADBPG_CONNECT_TIMEOUT", ge=1, le=600
+    )
     # Set once the embedded server has been started for these settings.
     embedded_server: bool = False
 
@@ -68,32 +155,21 @@ class DbSettings:
         return self.embedded_server or not self.conninfo
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> DbSettings:
+    def from_env(
+        cls,
+        env: Mapping[str, str] | None = None,
+        given: Mapping[str, Any] | None = None,
+        sources: Mapping[str, str] | None = None,
+    ) -> Self:
         env = os.environ if env is None else env
-        namespace = env.get("ADBPG_NAMESPACE") or "cleantab"
-        table = env.get("ADBPG_TABLE") or "items"
-        url = env.get("ADBPG_URL") or env.get("ADBPG_DSN") or ""
-        if url:
-            return cls(conninfo=url, namespace=namespace, table=table)
-        host = env.get("ADBPG_HOST") or ""
-        if not host:
-            return cls(conninfo="", namespace=namespace, table=table)
-        # A socket directory in ADBPG_HOST works as in libpq: make_conninfo passes it through.
-        parts = {
-            "host": host,
-            "port": env.get("ADBPG_PORT") or "5432",
-            "dbname": env.get("ADBPG_DBNAME") or "postgres",
-            "user": env.get("ADBPG_USER") or None,
-            "password": env.get("ADBPG_PASSWORD") or None,
-        }
-        return cls(
-            conninfo=make_conninfo(**{k: v for k, v in parts.items() if v}),
-            namespace=namespace,
-            table=table,
-        )
+        if not (env.get("ADBPG_URL") or env.get("ADBPG_DSN")) and env.get("ADBPG_HOST"):
+            env = {**env, "ADBPG_URL": _conninfo_from_parts(env)}
+        elif env.get("ADBPG_DSN") and not env.get("ADBPG_URL"):
+            env = {**env, "ADBPG_URL": env["ADBPG_DSN"]}
+        return super().from_env(env, given, sources)
 
     def with_embedded_server(self, conninfo: str) -> DbSettings:
-        return replace(self, conninfo=conninfo, embedded_server=True)
+        return self.with_(conninfo=conninfo, embedded_server=True)
 
     def redacted(self) -> str:
         """The connection target with the password removed, for reports and logs."""
@@ -108,49 +184,94 @@ class DbSettings:
         return f"{user}@{host}:{params.get('port', 5432)}/{params.get('dbname', '?')}"
 
 
-@dataclass(frozen=True)
-class DashScopeSettings:
+def _conninfo_from_parts(env: Mapping[str, str]) -> str:
+    port = (env.get("ADBPG_PORT") or "5432").strip()
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"ADBPG_PORT: must be a port number (1-65535), got {port!r}")
+    # A socket directory in ADBPG_HOST works as in libpq: make_conninfo passes it through.
+    parts = {
+        "host": env.get("ADBPG_HOST"),
+        "port": port,
+        "dbname": env.get("ADBPG_DBNAME") or "postgres",
+        "user": env.get("ADBPG_USER") or None,
+        "password": env.get("ADBPG_PASSWORD") or None,
+    }
+    return make_conninfo(**{k: v for k, v in parts.items() if v})
+
+
+class DashScopeSettings(_Settings):
     """How to reach the model provider and how hard to push it."""
 
-    api_key: str = field(default="", repr=False)
-    base_url: str = BEIJING_BASE_URL
-    vision_model: str = DEFAULT_VISION_MODEL
-    embedding_model: str = DEFAULT_EMBEDDING_MODEL
-    embedding_dimensions: int = 1024
-    prompt: str = DEFAULT_PROMPT
-    prompt_version: str = DEFAULT_PROMPT_VERSION
-    timeout: float = 60.0
-    max_retries: int = 3
-    backoff_initial: float = 1.0
-    backoff_max: float = 30.0
-    max_image_side: int = 1024
-    max_caption_tokens: int = 200
+    api_key: str = setting("", "DashScope API key", env="DASHSCOPE_API_KEY", secret=True)
+    base_url: str = setting(
+        BEIJING_BASE_URL,
+        "OpenAI-compatible base URL (Beijing, Singapore, or any compatible server)",
+        env="DASHSCOPE_BASE_URL",
+        min_length=1,
+    )
+    vision_model: str = setting(
+        "qwen3-vl-plus", "Qwen-VL model for captions", env="DASHSCOPE_VISION_MODEL", min_length=1
+    )
+    embedding_model: str = setting(
+        "text-embedding-v4",
+        "text embedding model for captions",
+        env="DASHSCOPE_EMBEDDING_MODEL",
+        min_length=1,
+    )
+    embedding_dimensions: int = setting(
+        1024, "dimensions of caption embeddings", env="DASHSCOPE_EMBEDDING_DIMENSIONS"
+    )
+    prompt: str = setting(DEFAULT_PROMPT, "the caption prompt", min_length=1)
+    # Bump when the prompt changes in a way that should make old captions eligible for
+    # re-captioning; it is recorded with every caption.
+    prompt_version: str = setting(
+        "v1", "version recorded with every caption", env="ENRICH_PROMPT_VERSION", min_length=1
+    )
+    timeout: float = setting(
+        60.0, "seconds a model call may take", env="DASHSCOPE_TIMEOUT", gt=0, le=3600
+    )
+    max_retries: int = setting(
+        3, "retries of a transient API failure", env="DASHSCOPE_MAX_RETRIES", ge=0, le=20
+    )
+    backoff_initial: float = setting(
+        1.0, "first retry backoff, in s", env="DASHSCOPE_BACKOFF_INITIAL", gt=0, le=600
+    )
+    backoff_max: float = setting(30.0, "longest retry backoff, in s", gt=0, le=3600)
+    max_image_side: int = setting(
+        1024,
+        "longer side of the image sent to the model, in px",
+        env="ENRICH_MAX_IMAGE_SIDE",
+        ge=64,
+        le=2048,
+    )
+    max_caption_tokens: int = setting(200, "max_tokens of a caption call", ge=16, le=8192)
     # Client-side limits so that a run at high concurrency stays under the provider's quota
     # instead of living on 429 retries (qwen-vl default: about 1,200 requests a minute).
-    requests_per_minute: int = 1200
-    tokens_per_minute: int = 0  # 0 disables the token limit
-    embedding_requests_per_minute: int = 1800
-    offline: bool = False
+    requests_per_minute: int = setting(
+        1200, "request quota of the vision model per minute", env="DASHSCOPE_RPM", ge=1, le=10**6
+    )
+    tokens_per_minute: int = setting(
+        0,
+        "token quota of the vision model per minute (0: not limited)",
+        env="DASHSCOPE_TPM",
+        ge=0,
+        le=10**9,
+    )
+    embedding_requests_per_minute: int = setting(
+        1800,
+        "request quota of the embedding model per minute",
+        env="DASHSCOPE_EMBEDDING_RPM",
+        ge=1,
+        le=10**6,
+    )
+    offline: bool = setting(False, "use the offline provider on purpose", env="ENRICH_OFFLINE")
 
+    @field_validator("embedding_dimensions")
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> DashScopeSettings:
-        env = os.environ if env is None else env
-        return cls(
-            api_key=env.get("DASHSCOPE_API_KEY", ""),
-            base_url=env.get("DASHSCOPE_BASE_URL") or BEIJING_BASE_URL,
-            vision_model=env.get("DASHSCOPE_VISION_MODEL") or DEFAULT_VISION_MODEL,
-            embedding_model=env.get("DASHSCOPE_EMBEDDING_MODEL") or DEFAULT_EMBEDDING_MODEL,
-            embedding_dimensions=_int(env, "DASHSCOPE_EMBEDDING_DIMENSIONS", 1024),
-            prompt_version=env.get("ENRICH_PROMPT_VERSION") or DEFAULT_PROMPT_VERSION,
-            timeout=_float(env, "DASHSCOPE_TIMEOUT", 60.0),
-            max_retries=_int(env, "DASHSCOPE_MAX_RETRIES", 3),
-            backoff_initial=_float(env, "DASHSCOPE_BACKOFF_INITIAL", 1.0),
-            max_image_side=_int(env, "ENRICH_MAX_IMAGE_SIDE", 1024),
-            requests_per_minute=_int(env, "DASHSCOPE_RPM", 1200),
-            tokens_per_minute=_int(env, "DASHSCOPE_TPM", 0),
-            embedding_requests_per_minute=_int(env, "DASHSCOPE_EMBEDDING_RPM", 1800),
-            offline=_bool(env, "ENRICH_OFFLINE", False),
-        )
+    def _known_dimensions(cls, value: int) -> int:
+        if value not in EMBEDDING_DIMENSIONS:
+            raise ValueError(f"must be one of {', '.join(map(str, EMBEDDING_DIMENSIONS))}")
+        return value
 
     def require_key(self) -> None:
         if not self.offline and not self.api_key:
@@ -160,78 +281,177 @@ class DashScopeSettings:
             )
 
 
-@dataclass(frozen=True)
-class RunSettings:
+# The Dagster job's chunk size. The legacy CLI writes every 10 rows; a Dagster chunk is a
+# step per op, so chunks of 10 would cost five steps per 10 rows in event-log writes and step
+# start-up. 100 keeps a chunk's loss on a crash small and the step overhead under 1%.
+DAGSTER_BATCH_SIZE = 100
+
+
+class RunSettings(_Settings):
     """Knobs of one enrichment run; defaults are the legacy script's."""
 
-    batch_size: int = 10
-    max_items: int | None = 100
-    concurrent: int = 5
-    caption_embedding: bool = True
-    max_attempts: int = 3
-    lease_seconds: int = 120
-    color_count: int = 5
-    # Re-caption rows the pipeline captioned with another model or prompt version (explicit).
-    recaption: bool = False
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
-        if self.concurrent < 1:
-            raise ConfigError(f"concurrency must be at least 1, got {self.concurrent}")
-        if self.max_items is not None and self.max_items < 0:
-            raise ConfigError(f"max items must not be negative, got {self.max_items}")
-
-
-def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = (env.get(name) or "").strip().lower()
-    if not raw:
-        return default
-    if raw in {"1", "true", "yes", "on"}:
-        return True
-    if raw in {"0", "false", "no", "off"}:
-        return False
-    raise ConfigError(f"{name} must be true or false, got {raw!r}")
-
-
-def image_policy_from_env(
-    env: Mapping[str, str] | None = None, *, local_files: bool = False
-) -> ImagePolicy:
-    """Image fetching limits. Private networks stay refused unless explicitly allowed.
-
-    Local paths are read only where ``local_files`` says so (the embedded demo) or
-    ``ENRICH_ALLOW_LOCAL_FILES`` asks for it: a path in a real table must not become a way to
-    read the worker's files.
-    """
-    env = os.environ if env is None else env
-    default = ImagePolicy()
-    networks = frozenset(
-        n.strip() for n in (env.get("ENRICH_ALLOWED_NETWORKS") or "").split(",") if n.strip()
+    batch_size: int = setting(
+        10, "items per chunk (each chunk is written as soon as it is done)", ge=1, le=10_000
     )
-    for network in networks:
-        try:
-            ipaddress.ip_network(network, strict=False)
-        except ValueError as exc:
-            raise ConfigError(f"ENRICH_ALLOWED_NETWORKS: {exc}") from None
-    positive = {
-        "ENRICH_IMAGE_MAX_BYTES": _int(env, "ENRICH_IMAGE_MAX_BYTES", default.max_bytes),
-        "ENRICH_IMAGE_MAX_PIXELS": _int(env, "ENRICH_IMAGE_MAX_PIXELS", default.max_pixels),
-        "ENRICH_IMAGE_TIMEOUT": _float(env, "ENRICH_IMAGE_TIMEOUT", default.timeout),
-    }
-    for name, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{name} must be positive, got {value!r}")
-    redirects = _int(env, "ENRICH_IMAGE_MAX_REDIRECTS", default.max_redirects)
-    if redirects < 0:
-        raise ConfigError(f"ENRICH_IMAGE_MAX_REDIRECTS must not be negative, got {redirects}")
-    return ImagePolicy(
-        max_bytes=int(positive["ENRICH_IMAGE_MAX_BYTES"]),
-        max_pixels=int(positive["ENRICH_IMAGE_MAX_PIXELS"]),
-        timeout=float(positive["ENRICH_IMAGE_TIMEOUT"]),
-        max_redirects=redirects,
-        allow_private_networks=_bool(env, "ENRICH_ALLOW_PRIVATE_NETWORKS", False),
-        # CIDRs exempt from the SSRF guard (an internal image CDN, say), without opening every
-        # private network.
-        allowed_networks=networks,
-        allow_local_files=_bool(env, "ENRICH_ALLOW_LOCAL_FILES", local_files),
+    max_items: int | None = setting(
+        100, "items to process at most in this run (None: no limit)", ge=1, le=10**9
     )
+    concurrent: int = setting(5, "model calls in flight at once", ge=1, le=256)
+    caption_embedding: bool = setting(True, "embed the captions")
+    max_attempts: int = setting(
+        3,
+        "attempts before a transiently failing row is left out",
+        env="ENRICH_MAX_ATTEMPTS",
+        ge=1,
+        le=100,
+    )
+    lease_seconds: int = setting(
+        120,
+        "claim lease in s: rows of a run that died come back after it (live runs renew theirs)",
+        env="ENRICH_LEASE_SECONDS",
+        ge=10,
+        le=7 * 86_400,
+    )
+    color_count: int = setting(5, "dominant colors per image at most", ge=1, le=12)
+    recaption: bool = setting(
+        False, "re-caption rows captioned with another model or prompt version"
+    )
+
+
+class ImageSettings(_Settings):
+    """Image fetching limits. Private networks stay refused unless explicitly allowed."""
+
+    max_bytes: int = setting(
+        20 * 1024 * 1024, "largest image file, in bytes", env="ENRICH_IMAGE_MAX_BYTES", gt=0
+    )
+    max_pixels: int = setting(
+        50_000_000, "largest image, in pixels", env="ENRICH_IMAGE_MAX_PIXELS", gt=0
+    )
+    timeout: float = setting(
+        15.0, "seconds to fetch one image", env="ENRICH_IMAGE_TIMEOUT", gt=0, le=600
+    )
+    max_redirects: int = setting(
+        5, "redirects followed per image", env="ENRICH_IMAGE_MAX_REDIRECTS", ge=0, le=20
+    )
+    allow_private_networks: bool = setting(
+        False,
+        "allow image URLs on loopback/private/link-local addresses",
+        env="ENRICH_ALLOW_PRIVATE_NETWORKS",
+    )
+    allowed_networks: str = setting(
+        "", "comma-separated CIDRs exempt from the SSRF guard", env="ENRICH_ALLOWED_NETWORKS"
+    )
+    # None: only where the database is the embedded demo.
+    allow_local_files: bool | None = setting(
+        None, "allow local paths in the image column", env="ENRICH_ALLOW_LOCAL_FILES"
+    )
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        for network in (n.strip() for n in value.split(",")):
+            if network:
+                try:
+                    ipaddress.ip_network(network, strict=False)
+                except ValueError as exc:
+                    raise ValueError(str(exc)) from None
+        return value
+
+    def policy(self, *, local_files: bool = False) -> ImagePolicy:
+        """The domain's image policy. Local paths are read only where ``local_files`` says so
+        (the embedded demo) or the setting asks for it: a path in a real table must not become
+        a way to read the worker's files."""
+        return ImagePolicy(
+            max_bytes=self.max_bytes,
+            max_pixels=self.max_pixels,
+            timeout=self.timeout,
+            max_redirects=self.max_redirects,
+            allow_private_networks=self.allow_private_networks,
+            # CIDRs exempt from the SSRF guard (an internal image CDN, say), without opening
+            # every private network.
+            allowed_networks=frozenset(
+                n.strip() for n in self.allowed_networks.split(",") if n.strip()
+            ),
+            allow_local_files=local_files
+            if self.allow_local_files is None
+            else self.allow_local_files,
+        )
+
+
+class AutomationSettings(_Settings):
+    """The Dagster deployment's sensors, run queue and op pools."""
+
+    sensor_interval: int = setting(
+        30,
+        "seconds between ticks of the pending-rows sensor",
+        env="ENRICH_SENSOR_INTERVAL",
+        ge=5,
+        le=86_400,
+    )
+    batch_poll_interval: int = setting(
+        60,
+        "seconds between polls of open DashScope batches",
+        env="ENRICH_BATCH_POLL_INTERVAL",
+        ge=10,
+        le=86_400,
+    )
+    max_concurrent_runs: int = setting(
+        4, "runs at once in the Dagster queue", env="ENRICH_MAX_CONCURRENT_RUNS", ge=1, le=100
+    )
+    dashscope_pool_slots: int = setting(
+        4, "caption/embedding steps at once", env="ENRICH_DASHSCOPE_POOL_SLOTS", ge=1, le=100
+    )
+    adbpg_pool_slots: int = setting(
+        8, "claim/write steps at once", env="ENRICH_ADBPG_POOL_SLOTS", ge=1, le=100
+    )
+
+
+# DashScope's Batch API: requests and bytes in one batch file.
+BATCH_MAX_LINES = 50_000
+BATCH_MAX_BYTES = 500 * 1024 * 1024
+
+
+class BatchSettings(_Settings):
+    """Batch mode (DashScope's Batch API) submissions."""
+
+    max_items: int | None = setting(
+        None, "rows to submit at most (None: every pending row)", ge=1, le=10**9
+    )
+    max_lines: int = setting(BATCH_MAX_LINES, "lines per batch file", ge=1, le=BATCH_MAX_LINES)
+    max_bytes: int = setting(BATCH_MAX_BYTES, "bytes per batch file", ge=1, le=BATCH_MAX_BYTES)
+    # The rows stay claimed a little longer than the provider's window; every poll renews
+    # them, so they come back to the online path on their own only if nobody polls any more.
+    lease_seconds: int = setting(
+        25 * 3600, "claim lease of submitted rows, in s", ge=3600, le=15 * 86_400
+    )
+    chunk_size: int = setting(100, "rows claimed and loaded at once", ge=1, le=10_000)
+
+
+class Settings(_Settings):
+    """Everything a process needs, read from the environment in one go."""
+
+    db: DbSettings = Field(default_factory=DbSettings)
+    dashscope: DashScopeSettings = Field(default_factory=DashScopeSettings)
+    run: RunSettings = Field(default_factory=RunSettings)
+    images: ImageSettings = Field(default_factory=ImageSettings)
+    tag_vocabulary: str = setting(
+        "", "JSON file extending the tag vocabulary", env="ENRICH_TAG_VOCABULARY"
+    )
+
+    @classmethod
+    def from_env(
+        cls,
+        env: Mapping[str, str] | None = None,
+        given: Mapping[str, Any] | None = None,
+        sources: Mapping[str, str] | None = None,
+    ) -> Self:
+        """Each part from the environment; ``given`` may replace whole parts (``run=...``)."""
+        env = os.environ if env is None else env
+        parts: dict[str, Any] = {
+            "db": DbSettings.from_env(env),
+            "dashscope": DashScopeSettings.from_env(env),
+            "run": RunSettings.from_env(env),
+            "images": ImageSettings.from_env(env),
+            "tag_vocabulary": (env.get("ENRICH_TAG_VOCABULARY") or "").strip(),
+        }
+        return cls.build({**parts, **(given or {})}, sources)

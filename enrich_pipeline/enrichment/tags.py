@@ -12,6 +12,7 @@ import re
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from os import PathLike
 from pathlib import Path
 from types import MappingProxyType
@@ -220,28 +221,31 @@ class TagVocabulary:
             document = json.loads(Path(path).read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise ValueError(f"tag vocabulary {path}: invalid JSON: {exc}") from None
-        if not isinstance(document, dict):
-            raise ValueError(f"tag vocabulary {path}: expected a JSON object")
-        unknown = sorted(set(document) - set(_SECTIONS))
-        if unknown:
-            # A typo such as "style" would otherwise be silently ignored.
+        return DEFAULT_VOCABULARY.extend(**_sections(document, f"tag vocabulary {path}"))
+
+
+def _sections(document: object, where: str) -> dict[str, KeywordUpdates]:
+    """The three sections of a vocabulary document, checked."""
+    if not isinstance(document, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+    unknown = sorted(set(document) - set(_SECTIONS))
+    if unknown:
+        # A typo such as "style" would otherwise be silently ignored.
+        raise ValueError(f"{where}: unknown section(s) {unknown}; expected {list(_SECTIONS)}")
+    sections: dict[str, KeywordUpdates] = {}
+    for section in _SECTIONS:
+        value = document.get(section, {})
+        # A bare string is refused: "armchair, stool" would silently become one phrase.
+        if not isinstance(value, dict) or not all(
+            v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+            for v in value.values()
+        ):
             raise ValueError(
-                f"tag vocabulary {path}: unknown section(s) {unknown}; expected {list(_SECTIONS)}"
+                f"{where}: {section!r} must map tag names to lists of strings"
+                " (or null to remove a tag)"
             )
-        sections: dict[str, KeywordUpdates] = {}
-        for section in _SECTIONS:
-            value = document.get(section, {})
-            # A bare string is refused: "armchair, stool" would silently become one phrase.
-            if not isinstance(value, dict) or not all(
-                v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v))
-                for v in value.values()
-            ):
-                raise ValueError(
-                    f"tag vocabulary {path}: {section!r} must map tag names to lists of strings"
-                    " (or null to remove a tag)"
-                )
-            sections[section] = value
-        return DEFAULT_VOCABULARY.extend(**sections)
+        sections[section] = value
+    return sections
 
 
 def _add_phrases(
@@ -259,224 +263,13 @@ def _add_phrases(
 
 
 # The default vocabulary targets what the table holds: saved pages, products and photos, mostly
-# interiors, fashion and everyday objects. Extend it with TagVocabulary.from_file().
-_DEFAULT_STYLES: dict[str, tuple[str, ...]] = {
-    "modern": ("modern", "contemporary", "sleek"),
-    "minimalist": ("minimalist", "minimal", "minimalism", "clean lines", "uncluttered"),
-    "vintage": ("vintage", "antique", "old-fashioned", "aged", "weathered"),
-    "retro": ("retro", "mid-century", "midcentury", "70s", "80s", "1970s", "1980s"),
-    "rustic": ("rustic", "farmhouse", "reclaimed wood", "cabin"),
-    "industrial": ("industrial", "exposed brick", "loft", "exposed pipes", "raw concrete"),
-    "scandinavian": ("scandinavian", "nordic", "scandi", "hygge"),
-    "bohemian": ("bohemian", "boho", "eclectic"),
-    "luxury": ("luxury", "luxurious", "opulent", "lavish", "upscale", "premium"),
-    "classic": ("classic", "timeless"),
-    "traditional": ("traditional", "ornate"),
-    "elegant": ("elegant", "elegance", "sophisticated", "refined", "graceful"),
-    "cozy": ("cozy", "cosy", "snug", "warm and inviting", "inviting"),
-    "casual": ("casual", "relaxed", "laid-back", "everyday"),
-    "sporty": ("sporty", "athletic", "sportswear", "activewear"),
-    "colorful": ("colorful", "colourful", "vibrant", "multicolored", "multicoloured"),
-    "coastal": ("coastal", "nautical", "beachy"),
-    "futuristic": ("futuristic", "high-tech", "sci-fi"),
-    "playful": ("playful", "whimsical", "quirky"),
-}
-
-_DEFAULT_OBJECTS: dict[str, tuple[str, ...]] = {
-    "chair": ("chair", "armchair", "stool", "office chair", "recliner"),
-    "sofa": ("sofa", "couch", "loveseat", "sectional", "settee"),
-    "table": ("table", "coffee table", "dining table", "side table", "desk", "nightstand"),
-    "bed": ("bed", "headboard", "bunk bed", "crib"),
-    "shelf": ("shelf", "bookshelf", "bookcase", "shelving"),
-    "cabinet": ("cabinet", "cupboard", "dresser", "wardrobe", "sideboard", "drawer"),
-    "lamp": ("lamp", "table lamp", "floor lamp", "desk lamp", "chandelier", "pendant light"),
-    "rug": ("rug", "carpet"),
-    "curtain": ("curtain", "drapes", "blinds"),
-    "pillow": ("pillow", "cushion", "throw pillow"),
-    "mirror": ("mirror",),
-    "plant": ("plant", "houseplant", "house plant", "succulent", "cactus", "fern", "potted plant"),
-    "flower": ("flower", "bouquet", "rose", "tulip", "blossom"),
-    "tree": ("tree", "palm tree"),
-    "vase": ("vase",),
-    "artwork": ("artwork", "painting", "poster", "framed print", "wall art"),
-    "clock": ("clock", "wall clock", "alarm clock"),
-    "laptop": ("laptop", "notebook computer", "macbook"),
-    "computer": ("computer", "monitor", "desktop computer", "keyboard"),
-    "phone": ("phone", "smartphone", "mobile phone", "iphone"),
-    "camera": ("camera",),
-    "television": ("television", "tv"),
-    "headphones": ("headphones", "earphones", "earbuds", "headset"),
-    "book": ("book", "novel", "magazine"),
-    "cup": ("cup", "mug", "teacup", "wine glass", "drinking glass", "tumbler"),
-    "bottle": ("bottle",),
-    "bowl": ("bowl",),
-    "plate": ("plate", "dish"),
-    "food": (
-        "food",
-        "meal",
-        "dish of",
-        "salad",
-        "pizza",
-        "burger",
-        "sandwich",
-        "cake",
-        "dessert",
-        "bread",
-        "pasta",
-        "fruit",
-        "vegetable",
-        "sushi",
-        "noodles",
-    ),
-    "coffee": ("coffee", "espresso", "latte", "cappuccino"),
-    "shoe": ("shoe", "sneaker", "boot", "sandal", "heels", "loafer", "trainers"),
-    "dress": ("dress", "gown"),
-    "shirt": ("shirt", "t-shirt", "tee", "blouse", "polo shirt"),
-    "sweater": ("sweater", "jumper", "cardigan", "hoodie", "sweatshirt"),
-    "jacket": ("jacket", "coat", "blazer", "parka"),
-    "pants": ("pants", "trousers", "jeans", "shorts", "leggings"),
-    "skirt": ("skirt",),
-    "hat": ("hat", "cap", "beanie"),
-    "bag": ("bag", "handbag", "backpack", "purse", "tote", "suitcase", "luggage"),
-    "jewelry": ("jewelry", "jewellery", "necklace", "ring", "bracelet", "earring"),
-    "glasses": ("glasses", "sunglasses", "eyeglasses", "spectacles"),
-    "car": ("car", "automobile", "sedan", "suv", "sports car", "convertible"),
-    "bicycle": ("bicycle", "bike", "cycling"),
-    "motorcycle": ("motorcycle", "motorbike", "scooter"),
-    "boat": ("boat", "ship", "yacht", "sailboat"),
-    "airplane": ("airplane", "aeroplane", "aircraft", "plane", "jet"),
-    "dog": ("dog", "puppy", "retriever", "terrier", "poodle", "bulldog"),
-    "cat": ("cat", "kitten", "kitty"),
-    "bird": ("bird", "parrot", "pigeon"),
-    "horse": ("horse", "pony"),
-    "person": (
-        "person",
-        "man",
-        "woman",
-        "child",
-        "boy",
-        "girl",
-        "kid",
-        "baby",
-        "people",
-        "lady",
-        "gentleman",
-        "toddler",
-    ),
-    "building": (
-        "building",
-        "house",
-        "office building",
-        "skyscraper",
-        "tower",
-        "cathedral",
-        "church",
-        "castle",
-        "apartment building",
-        "architecture",
-    ),
-    "window": ("window",),
-    "door": ("door", "doorway"),
-    "fireplace": ("fireplace", "hearth"),
-    "mountain": ("mountain", "hill", "peak"),
-    "beach": ("beach", "shore", "seaside"),
-    "sky": ("sky", "sunset", "sunrise", "clouds"),
-    "water": ("water", "lake", "river", "sea", "ocean", "waterfall"),
-    "toy": ("toy", "teddy bear", "doll", "lego"),
-}
-
-_DEFAULT_CATEGORIES: dict[str, tuple[str, ...]] = {
-    "furniture": ("chair", "sofa", "table", "bed", "shelf", "cabinet"),
-    "decor": (
-        "lamp",
-        "rug",
-        "curtain",
-        "pillow",
-        "mirror",
-        "vase",
-        "artwork",
-        "clock",
-        "decor",
-        "decoration",
-    ),
-    "room": (
-        "room",
-        "living room",
-        "bedroom",
-        "kitchen",
-        "bathroom",
-        "office",
-        "dining room",
-        "interior",
-        "studio apartment",
-        "hallway",
-        "nursery",
-    ),
-    "electronics": (
-        "laptop",
-        "computer",
-        "phone",
-        "camera",
-        "television",
-        "headphones",
-        "electronics",
-        "gadget",
-        "device",
-    ),
-    "clothing": (
-        "dress",
-        "shirt",
-        "sweater",
-        "jacket",
-        "pants",
-        "skirt",
-        "clothing",
-        "clothes",
-        "outfit",
-        "apparel",
-        "garment",
-    ),
-    "accessory": ("hat", "bag", "jewelry", "glasses", "accessory", "scarf", "belt"),
-    "footwear": ("shoe", "footwear"),
-    "kitchenware": (
-        "cup",
-        "bottle",
-        "bowl",
-        "plate",
-        "kitchenware",
-        "cookware",
-        "utensil",
-    ),
-    "vehicle": (
-        "car",
-        "bicycle",
-        "motorcycle",
-        "boat",
-        "airplane",
-        "vehicle",
-        "truck",
-        "bus",
-        "train",
-    ),
-    "animal": ("dog", "cat", "bird", "horse", "animal", "pet"),
-    "nature": (
-        "plant",
-        "flower",
-        "tree",
-        "mountain",
-        "beach",
-        "sky",
-        "water",
-        "landscape",
-        "forest",
-        "garden",
-        "nature",
-    ),
-    "outdoor": ("outdoor", "outdoors", "street", "park", "garden", "patio", "backyard"),
-}
-
+# interiors, fashion and everyday objects. It is a data file read like a user's extension
+# (``data/vocabulary.json``); extend it with TagVocabulary.from_file().
 DEFAULT_VOCABULARY = TagVocabulary(
-    styles=_DEFAULT_STYLES, objects=_DEFAULT_OBJECTS, categories=_DEFAULT_CATEGORIES
+    **_sections(
+        json.loads(resources.files(__package__).joinpath("data/vocabulary.json").read_text()),
+        "the default vocabulary",
+    )
 )
 
 

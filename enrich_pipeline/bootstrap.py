@@ -1,0 +1,100 @@
+"""One function builds what a run needs from the settings: the store, the provider, the image
+policy and the tag vocabulary, with the embedded-or-deployed choice made here and only here.
+
+The command lines, the Dagster resources and the launcher all start through ``open_runtime``
+(or, for a provider alone, ``build_provider``), so they start the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from enrich_pipeline.db import embedded
+from enrich_pipeline.db.store import Store
+from enrich_pipeline.enrichment.images import ImagePolicy
+from enrich_pipeline.enrichment.tags import DEFAULT_VOCABULARY, TagVocabulary
+from enrich_pipeline.pipeline.engine import Engine
+from enrich_pipeline.providers.base import Provider
+from enrich_pipeline.providers.dashscope import DashScopeProvider
+from enrich_pipeline.providers.offline import OfflineProvider
+from enrich_pipeline.settings import ConfigError, DashScopeSettings, RunSettings, Settings
+
+
+def build_provider(settings: DashScopeSettings, *, embedded_db: bool) -> Provider:
+    """The embedded demo falls back to offline with no key; a real database never does."""
+    if settings.offline:
+        return OfflineProvider(settings.embedding_dimensions)
+    if not settings.api_key:
+        if embedded_db:
+            return OfflineProvider(settings.embedding_dimensions)
+        raise ConfigError(
+            "DASHSCOPE_API_KEY is not set: export it (or pass --offline to use the offline "
+            "provider on purpose)"
+        )
+    return DashScopeProvider(settings)
+
+
+def load_vocabulary(path: str) -> TagVocabulary:
+    """The default vocabulary, extended by the user's file when one is configured."""
+    if not path:
+        return DEFAULT_VOCABULARY
+    if not Path(path).is_file():
+        raise ConfigError(f"ENRICH_TAG_VOCABULARY: no such file: {path}")
+    try:
+        return TagVocabulary.from_file(path)
+    except ValueError as exc:
+        raise ConfigError(f"ENRICH_TAG_VOCABULARY: {exc}") from None
+
+
+def run_policies(settings: Settings, *, embedded: bool) -> tuple[ImagePolicy, TagVocabulary]:
+    """How images are fetched (local paths only for the embedded demo) and tags derived."""
+    return settings.images.policy(local_files=embedded), load_vocabulary(settings.tag_vocabulary)
+
+
+@dataclass
+class Runtime:
+    """What a run needs, built once per process (or Dagster run) and closed at its end."""
+
+    settings: Settings
+    store: Store
+    provider: Provider
+    image_policy: ImagePolicy
+    vocabulary: TagVocabulary
+
+    def engine(self, run: RunSettings | None = None) -> Engine:
+        return Engine(
+            self.store,
+            self.provider,
+            self.settings.dashscope,
+            run or self.settings.run,
+            image_policy=self.image_policy,
+            vocabulary=self.vocabulary,
+        )
+
+    def close(self) -> None:
+        self.provider.close()
+        self.store.close()
+
+
+def open_store(settings: Settings, *, seed: bool = True) -> Store:
+    """The configured database, or the embedded one (seeded with samples), migrated."""
+    store = Store(embedded.resolve(settings.db, seed=seed))
+    try:
+        store.setup()
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def open_runtime(settings: Settings, *, seed: bool = True) -> Runtime:
+    """Provider first (a missing key costs nothing), then the database, then the policies."""
+    provider = build_provider(settings.dashscope, embedded_db=settings.db.embedded)
+    try:
+        policy, vocabulary = run_policies(settings, embedded=settings.db.embedded)
+        store = open_store(settings, seed=seed)
+    except BaseException:
+        provider.close()
+        raise
+    return Runtime(settings.with_(db=store.settings), store, provider, policy, vocabulary)

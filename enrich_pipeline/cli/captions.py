@@ -1,0 +1,186 @@
+"""``enrich-captions``: the legacy-compatible command line, ``batch_enrich_captions.py``'s
+flags and report.
+
+It runs the same stages as the Dagster job, against the configured database or, when
+``ADBPG_HOST`` is unset, the embedded one with its sample items.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from typing import TextIO
+
+import psycopg
+from psycopg_pool import PoolTimeout
+
+from enrich_pipeline.bootstrap import Runtime, open_runtime
+from enrich_pipeline.cli.flags import FlagMap, add_setting, given
+from enrich_pipeline.cli.report import Report
+from enrich_pipeline.enrichment.images import redact_source
+from enrich_pipeline.providers.base import FatalProviderError
+from enrich_pipeline.providers.pricing import estimate_cost, load_prices
+from enrich_pipeline.settings import ConfigError, DbSettings, RunSettings, Settings
+
+RUN_FLAGS: FlagMap = {}
+DB_FLAGS: FlagMap = {}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="enrich-captions",
+        description="Caption pending images with Qwen-VL and write captions, colors and tags back.",
+    )
+    p.add_argument("--user-id", help="only this user's items (default: every user)")
+    add_setting(p, "--batch-size", RunSettings, "batch_size", flags=RUN_FLAGS)
+    p.add_argument(
+        "--max-items",
+        type=int,
+        default=None,
+        help="items to process at most, 0 for no limit (default 100)",
+    )
+    add_setting(p, "--concurrent", RunSettings, "concurrent", flags=RUN_FLAGS)
+    p.add_argument("--no-caption-embedding", action="store_true", help="do not embed the captions")
+    p.add_argument(
+        "--offline",
+        action="store_true",
+        help="use the offline provider on purpose (labelled in metadata)",
+    )
+    add_setting(p, "--namespace", DbSettings, "namespace", flags=DB_FLAGS)
+    add_setting(p, "--table", DbSettings, "table", flags=DB_FLAGS)
+    add_setting(p, "--max-attempts", RunSettings, "max_attempts", flags=RUN_FLAGS)
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="forget recorded failures (of --user-id, or all) before running",
+    )
+    add_setting(p, "--lease-seconds", RunSettings, "lease_seconds", flags=RUN_FLAGS)
+    p.add_argument(
+        "--recaption",
+        action="store_true",
+        help="re-caption --user-id's rows captioned with another model or prompt version "
+        "(DASHSCOPE_VISION_MODEL, ENRICH_PROMPT_VERSION); old captions stay until replaced",
+    )
+    p.add_argument("--quiet", action="store_true", help="only the configuration and statistics")
+    return p.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The environment's settings with the flags the user gave on top."""
+    run_values, run_sources = given(args, RUN_FLAGS)
+    if args.max_items is not None:
+        # The legacy script's 0: no limit.
+        run_values["max_items"] = args.max_items or None
+        run_sources["max_items"] = "--max-items"
+    run_values["caption_embedding"] = not args.no_caption_embedding
+    run_values["recaption"] = args.recaption
+    run = RunSettings.from_env(None, run_values, run_sources)
+    db = DbSettings.from_env(None, *given(args, DB_FLAGS))
+    settings = Settings.from_env(given={"run": run, "db": db})
+    if args.offline:
+        settings = settings.with_(dashscope=settings.dashscope.with_(offline=True))
+    return settings
+
+
+def configuration(runtime: Runtime, user_id: str | None) -> list[tuple[str, str]]:
+    settings, provider = runtime.settings, runtime.provider
+    api, run, db = settings.dashscope, settings.run, settings.db
+    provider_label = (
+        f"{provider.model_label} (OFFLINE: no DashScope call is made; "
+        "captions are synthetic and labelled caption_source=offline)"
+        if provider.offline
+        else f"{api.vision_model} at {redact_source(api.base_url)}"
+    )
+    return [
+        ("Database", f"{db.redacted()} ({db.namespace}.{db.table})"),
+        ("Vision model", provider_label),
+        (
+            "Embedding",
+            f"{api.embedding_model} ({api.embedding_dimensions} dims)"
+            if run.caption_embedding
+            else "disabled (--no-caption-embedding)",
+        ),
+        ("User", user_id if user_id is not None else "all users"),
+        ("Batch size", str(run.batch_size)),
+        ("Max items", str(run.max_items or "no limit")),
+        ("Concurrent", str(run.concurrent)),
+    ]
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    args = parse_args(argv)
+    report = Report(out, args.quiet)
+    runtime: Runtime | None = None
+    db: DbSettings | None = None
+    started: float | None = None
+    try:
+        settings = settings_from(args)
+        if args.recaption and args.user_id is None:
+            raise ConfigError("--recaption needs --user-id: re-captioning is chosen per user")
+        db = settings.db
+        run = settings.run
+        # Every call slot touches the cache: a connection each keeps them from queueing.
+        settings = settings.with_(
+            db=db.with_(max_connections=max(4, min(run.concurrent + 2, 24)))
+        )
+        runtime = open_runtime(settings)
+        db = runtime.settings.db
+        engine = runtime.engine()
+        store = runtime.store
+        report.configuration(configuration(runtime, args.user_id))
+        if args.retry_failed:
+            n = store.items.reset_failures(args.user_id)
+            report.line(f"Retrying failed rows: {n} recorded failure(s) cleared.")
+        if args.user_id is not None:
+            pending = store.items.count_pending(
+                args.user_id, max_attempts=run.max_attempts, recaption=engine.recaption
+            )
+        else:
+            pending = sum(n for _, n in store.items.users_with_pending(run.max_attempts))
+        if pending == 0:
+            who = f"user {args.user_id!r}" if args.user_id is not None else "any user"
+            report.line(f"No pending items for {who}: nothing to do.")
+            return 0
+        report.line(
+            f"Pending items: {pending}"
+            + (f" (processing at most {run.max_items})" if run.max_items else "")
+        )
+        started = time.monotonic()
+        stats = engine.enrich(args.user_id, on_outcome=report.item)
+        usage = runtime.provider.usage.as_dict()
+        cost = estimate_cost(
+            usage,
+            vision_model=runtime.provider.model_label,
+            embedding_model=settings.dashscope.embedding_model,
+            prices=load_prices(),
+        )
+        report.statistics(stats, usage, time.monotonic() - started, cost)
+        return 0
+    except (psycopg.OperationalError, PoolTimeout) as exc:
+        where = db.redacted() if db is not None else "the database"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if started is None:
+            print(f"error: cannot connect to {where}: {reason}", file=sys.stderr)
+        else:
+            print(
+                f"error: the database ({where}) failed mid-run: {reason}; every chunk written "
+                "so far is kept, run again to finish the rest",
+                file=sys.stderr,
+            )
+        return 2
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FatalProviderError as exc:
+        print(f"error: run stopped: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        if runtime is not None:
+            runtime.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

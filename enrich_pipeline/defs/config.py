@@ -1,0 +1,99 @@
+"""Run configuration as the launchpad shows it, with defaults, bounds and help from the
+settings tree, and the deployment's automation settings read once at load time.
+
+A junk environment value must not stop the code location from loading: it is reported as one
+``error:`` line naming the variable, the defaults are used for the definitions, and the run or
+tick that reads the value again fails (or skips) with the same line.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TypeVar
+
+from dagster import Config
+from pydantic import BaseModel, Field
+
+from enrich_pipeline.settings import (
+    DAGSTER_BATCH_SIZE,
+    AutomationSettings,
+    BatchSettings,
+    ConfigError,
+    RunSettings,
+    bounds,
+    describe,
+)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def loaded(model: type[M]) -> M:
+    """``model`` from the environment, or its defaults with one error line when a value is bad."""
+    try:
+        return model.from_env()  # type: ignore[attr-defined,no-any-return]
+    except ConfigError as exc:
+        print(f"error: {exc} (using the default until it is fixed)", file=sys.stderr)
+        return model()
+
+
+RUN = loaded(RunSettings)
+AUTOMATION = loaded(AutomationSettings)
+
+
+def field_of(model: type[BaseModel], name: str, default: Any, note: str = "") -> Any:
+    """A config field with the setting's description and bounds; ``default`` is the effective
+    one (the environment's, where the setting has a variable)."""
+    info = model.model_fields[name]
+    return Field(default=default, description=describe(model, name) + note, **bounds(info))
+
+
+class EnrichConfig(Config):
+    """Run configuration of one user partition (launchpad:
+    ``ops.enriched_items.ops.pending_rows.config``)."""
+
+    batch_size: int = field_of(
+        RunSettings,
+        "batch_size",
+        DAGSTER_BATCH_SIZE,
+        f"; {DAGSTER_BATCH_SIZE} here, not the CLI's 10: every chunk is five steps",
+    )
+    max_items: int | None = field_of(RunSettings, "max_items", None, "; here: every pending row")
+    concurrent: int = field_of(RunSettings, "concurrent", RUN.concurrent)
+    caption_embedding: bool = field_of(RunSettings, "caption_embedding", RUN.caption_embedding)
+    max_attempts: int = field_of(RunSettings, "max_attempts", RUN.max_attempts)
+    lease_seconds: int = field_of(RunSettings, "lease_seconds", RUN.lease_seconds)
+    retry_failed: bool = Field(
+        default=False,
+        description="forget the user's recorded failures first, so those rows are tried again",
+    )
+    recaption: bool = field_of(
+        RunSettings, "recaption", False, "; each old caption stays until its new one is written"
+    )
+
+    def run_settings(self) -> RunSettings:
+        values = self.model_dump(exclude={"retry_failed"})
+        return RunSettings.build(values, {k: f"config.{k}" for k in values})
+
+
+_BATCH = BatchSettings()
+
+
+class BatchSubmitConfig(Config):
+    """Run configuration of ``batch_submit_job`` (launchpad: ``ops.batch_submit.config``)."""
+
+    user_id: str | None = Field(
+        default=None, description="the user to submit; default: the run's partition"
+    )
+    max_items: int | None = field_of(BatchSettings, "max_items", None)
+    max_attempts: int = field_of(RunSettings, "max_attempts", RUN.max_attempts)
+    caption_embedding: bool = field_of(RunSettings, "caption_embedding", True)
+    concurrent: int = field_of(RunSettings, "concurrent", RUN.concurrent, "; images loaded at once")
+    max_lines: int = field_of(BatchSettings, "max_lines", _BATCH.max_lines)
+    max_bytes: int = field_of(BatchSettings, "max_bytes", _BATCH.max_bytes)
+    lease_seconds: int = field_of(BatchSettings, "lease_seconds", _BATCH.lease_seconds)
+
+
+class BatchCollectConfig(Config):
+    """Run configuration of ``batch_collect_job`` (the sensor fills it in)."""
+
+    batch: str = Field(description="our local batch id or DashScope's batch id")

@@ -1,0 +1,220 @@
+"""Collecting an ended batch: ``collect_batch`` downloads the output and error files, reads the
+lines by ``custom_id``, caches every paid caption, accepts the answers as online captions,
+embeds them with the run's provider, and writes back with ``stages.write_chunk``: the same
+conditional merge, scoped to the batch's user, failure ledger (per-line errors classified as
+online: moderation and bad images permanent) and release of the claims. Items without an answer
+(expired, cancelled or failed batches) are recorded as transient failures and released.
+
+Collecting is idempotent: an item's claim is released in the transaction that writes it, so
+"still claimed by the batch's worker" is exactly "not written yet"; a second collect (or one
+after a crash midway) writes only what the first did not, and a collected batch is left alone.
+One collector at a time holds a lease on the batch row.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+from enrich_pipeline.db.batches import COLLECTED, OPEN, REJECTED, BatchRecord
+from enrich_pipeline.db.store import Store
+from enrich_pipeline.enrichment.records import ItemError, PendingItem, Provenance, WorkItem
+from enrich_pipeline.enrichment.tags import DEFAULT_VOCABULARY, TagVocabulary
+from enrich_pipeline.pipeline import stages
+from enrich_pipeline.pipeline.batch.state import (
+    COLLECT_LEASE_SECONDS,
+    NO_ANSWER,
+    TERMINAL,
+    give_back,
+    now,
+)
+from enrich_pipeline.pipeline.stats import ItemOutcome, RunStats
+from enrich_pipeline.providers.base import FatalProviderError, Provider
+from enrich_pipeline.providers.batch_api import (
+    BatchApi,
+    BatchApis,
+    BatchError,
+    BatchNotReady,
+    unsupported_message,
+)
+from enrich_pipeline.providers.wire import parse_results
+from enrich_pipeline.settings import DashScopeSettings
+
+
+@dataclass
+class CollectResult:
+    batch: BatchRecord
+    stats: RunStats = field(default_factory=RunStats)
+    outcomes: list[ItemOutcome] = field(default_factory=list)
+    released: int = 0  # given back without a ledger entry (model not supported, bad key)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    already: bool = False  # nothing to do: collected (or ended) before
+    busy: bool = False  # another collector holds the batch
+
+
+def _unsupported_failure(record: BatchRecord) -> str | None:
+    """A batch that failed validation because the model is not offered in batch mode."""
+    if record.status != "failed" or not record.error:
+        return None
+    text = record.error.lower()
+    if "model_not_found" in text or "not supported" in text or "unsupported" in text:
+        return unsupported_message(record.model, record.base_url, record.error)
+    return None
+
+
+def new_collector_id() -> str:
+    return f"collect-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def collect_batch(
+    store: Store,
+    settings: DashScopeSettings,
+    batch: BatchRecord | str,
+    *,
+    provider: Provider,
+    vocabulary: TagVocabulary = DEFAULT_VOCABULARY,
+    chunk_size: int = 200,
+    run_id: str | None = None,
+    collector: str | None = None,
+    collector_lease_seconds: int = COLLECT_LEASE_SECONDS,
+    api: BatchApi | None = None,
+) -> CollectResult:
+    """Write an ended batch's answers back; see the module docstring for the guarantees."""
+    ref = batch if isinstance(batch, str) else batch.local_id
+    record = store.batches.get(ref) or store.batches.find(ref)
+    if record is None:
+        raise BatchError(f"no batch {ref!r} in {store.source_table}")
+    if record.state != OPEN:
+        return CollectResult(record, already=True)
+    if record.status not in TERMINAL:
+        raise BatchNotReady(
+            f"batch {record.ref} is {record.status or 'not polled yet'}: poll until it has ended"
+        )
+    collector = collector or new_collector_id()
+    if not store.batches.take_collector(record.local_id, collector, collector_lease_seconds):
+        record = store.batches.get(record.local_id) or record
+        return CollectResult(record, already=record.state != OPEN, busy=record.state == OPEN)
+
+    try:
+        return _collect(
+            store,
+            settings,
+            record,
+            provider,
+            vocabulary,
+            chunk_size,
+            run_id,
+            collector,
+            collector_lease_seconds,
+            api,
+        )
+    except BaseException:
+        # Give the batch back to the next collector at once (a killed process's lease simply
+        # runs out); what was written stays written and is not written again.
+        store.batches.take_collector(record.local_id, collector, 0)
+        raise
+
+
+def _collect(
+    store: Store,
+    settings: DashScopeSettings,
+    record: BatchRecord,
+    provider: Provider,
+    vocabulary: TagVocabulary,
+    chunk_size: int,
+    run_id: str | None,
+    collector: str,
+    collector_lease_seconds: int,
+    api: BatchApi | None,
+) -> CollectResult:
+    unsupported = _unsupported_failure(record)
+    if unsupported:
+        released = give_back(store, record.local_id, REJECTED, unsupported)
+        return CollectResult(store.batches.get(record.local_id) or record, released=released)
+
+    api = api or BatchApis(settings).get(record.base_url)
+    texts = [api.content(f) for f in (record.output_file_id, record.error_file_id) if f]
+    results = parse_results(texts, f"{record.base_url.rstrip('/')}/chat/completions")
+    held = set(store.batches.held_ids(record.local_id))
+    todo = [i for i in store.batches.items(record.local_id) if i.item_id in held]
+    out = CollectResult(record)
+    for line in results.values():
+        out.prompt_tokens += line.prompt_tokens
+        out.completion_tokens += line.completion_tokens
+
+    # Paid captions go to the cache first: whatever happens next, they are not paid again.
+    store.cache.cache_captions(
+        [
+            (i.content_sha256, results[i.custom_id].caption)  # type: ignore[misc]
+            for i in todo
+            if i.custom_id in results and results[i.custom_id].caption
+        ],
+        model=record.model,
+        prompt_version=record.prompt_version,
+    )
+    provenance = Provenance(record.model, record.prompt_version)
+    missing_code, missing_message = NO_ANSWER.get(record.status or "", NO_ANSWER["failed"])
+    for start in range(0, len(todo), chunk_size):
+        if not store.batches.take_collector(record.local_id, collector, collector_lease_seconds):
+            # Stalled past the lease, and another collector took over: it finishes the job.
+            raise BatchError(f"batch {record.ref}: another collector took over")
+        works: list[WorkItem] = []
+        given_back: list[str] = []
+        for item in todo[start : start + chunk_size]:
+            work = WorkItem(
+                PendingItem(item.item_id, record.user_id, item.image, None),
+                content_sha256=item.content_sha256,
+                dominant_colors=list(item.dominant_colors),
+            )
+            line = results.get(item.custom_id)
+            if line is None:
+                work.fail(ItemError(missing_code, missing_message, False, "batch"))
+            elif line.error is not None:
+                if isinstance(line.error, FatalProviderError):
+                    # A bad key or unknown model fails every line alike: not the row's fault.
+                    given_back.append(item.item_id)
+                    continue
+                work.fail(
+                    ItemError(line.error.code, str(line.error), line.error.permanent, "caption")
+                )
+            else:
+                stages.accept_caption(work, line.caption or "", vocabulary)
+            works.append(work)
+        if given_back:
+            store.items.release(record.user_id, given_back, worker=record.worker)
+            out.released += len(given_back)
+        chunk = stages.Chunk(record.user_id, record.worker, works)
+        stages.embed_chunk(chunk, provider, enabled=record.caption_embedding)
+        written = stages.write_chunk(
+            store,
+            chunk,
+            provenance=provenance,
+            embedding_model=settings.embedding_model if record.caption_embedding else None,
+            run_id=run_id,
+        )
+        out.stats.merge(written.stats)
+        out.outcomes.extend(written.outcomes)
+
+    stats = {
+        **out.stats.summary(),
+        "released": out.released,
+        "prompt_tokens": out.prompt_tokens,
+        "completion_tokens": out.completion_tokens,
+    }
+    final = store.batches.update(
+        record.local_id,
+        expect_state=OPEN,
+        state=COLLECTED,
+        stats=stats,
+        finished_at=now(),
+        collector=None,
+        collector_expires_at=None,
+    )
+    if final is not None:
+        out.batch = final
+    return out
+
+

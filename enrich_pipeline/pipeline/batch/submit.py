@@ -1,0 +1,302 @@
+"""Submitting a user's pending rows to DashScope's Batch API.
+
+``submit_batch`` claims the rows for the worker ``batch:<submission>`` with a long lease, loads
+each image once (dominant colors and the downscaled copy, exactly as online), and writes one
+JSONL chat request per distinct image (``custom_id`` = item id; the online path's prompt, model
+and ``max_tokens``). A file holds at most ``max_lines`` lines (50,000) and ``max_bytes`` (500 MB);
+past that the submission is split into parts, one provider batch each. A part is recorded (state
+``submitting``, with what collecting needs per item) *before* its file is uploaded and its batch
+created, so a crash in between is resolved later by the poll (it looks the batch up by the local
+id sent as batch metadata). Images already in the caption cache, and images that cannot be read,
+are written at once, as online.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from enrich_pipeline.db.batches import (
+    ABANDONED,
+    OPEN,
+    REJECTED,
+    SUBMITTING,
+    BatchItem,
+    BatchRecord,
+)
+from enrich_pipeline.db.store import Store
+from enrich_pipeline.enrichment.images import ImagePolicy
+from enrich_pipeline.enrichment.records import ItemError, Provenance, WorkItem
+from enrich_pipeline.enrichment.tags import DEFAULT_VOCABULARY, TagVocabulary
+from enrich_pipeline.pipeline import stages
+from enrich_pipeline.pipeline.batch.state import give_back, new_id
+from enrich_pipeline.pipeline.stats import RunStats
+from enrich_pipeline.providers.base import FatalProviderError, Provider, ProviderError
+from enrich_pipeline.providers.batch_api import BatchApi, BatchError, BatchUnsupported
+from enrich_pipeline.providers.wire import CHAT_ENDPOINT, batch_line, caption_request_body
+from enrich_pipeline.settings import (
+    BATCH_MAX_BYTES,
+    BATCH_MAX_LINES,
+    BatchSettings,
+    DashScopeSettings,
+)
+
+
+@dataclass
+class SubmitResult:
+    submission_id: str
+    user_id: str
+    worker: str
+    parts: list[BatchRecord] = field(default_factory=list)
+    queued: int = 0  # items waiting for a batch answer
+    lines: int = 0  # distinct images sent
+    direct: RunStats = field(default_factory=RunStats)  # written at submit time
+    skipped: list[str] = field(default_factory=list)  # claimed by someone else meanwhile
+
+
+class _Part:
+    """One JSONL file in the making."""
+
+    def __init__(self, folder: Path, number: int) -> None:
+        self.number = number
+        self.path = folder / f"part-{number}.jsonl"
+        self._fh = self.path.open("wb")
+        self.lines = 0
+        self.bytes = 0
+        self.items: list[BatchItem] = []
+        self.line_of: dict[str, str] = {}  # content sha256 -> custom_id of its line
+
+    def write(self, line: bytes) -> None:
+        self._fh.write(line)
+        self.lines += 1
+        self.bytes += len(line)
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+
+
+def submit_batch(
+    store: Store,
+    provider_settings: DashScopeSettings,
+    user_id: str,
+    *,
+    limit: int | None,
+    policy: ImagePolicy,
+    max_attempts: int = 3,
+    caption_embedding: bool = True,
+    provider: Provider,
+    max_lines: int = BATCH_MAX_LINES,
+    max_bytes: int = BATCH_MAX_BYTES,
+    lease_seconds: int = BatchSettings().lease_seconds,
+    chunk_size: int = BatchSettings().chunk_size,
+    concurrent: int = 5,
+    color_count: int = 5,
+    vocabulary: TagVocabulary = DEFAULT_VOCABULARY,
+    api: BatchApi | None = None,
+    run_id: str | None = None,
+) -> SubmitResult:
+    """Claim the user's pending rows and submit their captions as one or more batches.
+
+    ``provider`` is the run's (its limiter and usage counts): it embeds the captions that
+    need no batch line (found in the cache).
+    """
+    settings = provider_settings
+    api = api or BatchApi(settings)
+    submission = new_id()
+    worker = f"batch:{submission}"
+    result = SubmitResult(submission, user_id, worker)
+    ids = store.items.pending_ids(user_id, limit=limit, max_attempts=max_attempts)
+    if not ids:
+        return result
+    provenance = Provenance(settings.vision_model, settings.prompt_version)
+    held: set[str] = set()  # claimed here, neither written nor recorded in a part yet
+    claimed: set[str] = set()
+
+    def write_direct(works: list[WorkItem]) -> None:
+        """Rows that need no batch line: cached captions, unreadable images."""
+        if not works:
+            return
+        chunk = stages.Chunk(user_id, worker, works)
+        stages.embed_chunk(chunk, provider, enabled=caption_embedding)
+        written = stages.write_chunk(
+            store,
+            chunk,
+            provenance=provenance,
+            embedding_model=settings.embedding_model if caption_embedding else None,
+            run_id=run_id,
+        )
+        result.direct.merge(written.stats)
+        held.difference_update(w.item.id for w in works)
+
+    def flush(part: _Part) -> None:
+        part.close()
+        if not part.items:
+            return
+        held.difference_update(i.item_id for i in part.items)
+        record = _submit_part(store, api, settings, result, part, caption_embedding)
+        result.parts.append(record)
+        result.queued += len(part.items)
+        result.lines += part.lines
+
+    with tempfile.TemporaryDirectory(prefix="enrich-batch-") as tmp:
+        folder = Path(tmp)
+        part = _Part(folder, 0)
+        try:
+            for start in range(0, len(ids), chunk_size):
+                chunk = stages.claim_chunk(
+                    store,
+                    user_id,
+                    ids[start : start + chunk_size],
+                    worker=worker,
+                    lease_seconds=lease_seconds,
+                    max_attempts=max_attempts,
+                )
+                mine = [w.item.id for w in chunk.items]
+                held.update(mine)
+                claimed.update(mine)
+                result.skipped.extend(chunk.skipped)
+                stages.visual_attributes(
+                    chunk,
+                    policy=policy,
+                    max_image_side=settings.max_image_side,
+                    color_count=color_count,
+                    concurrent=concurrent,
+                )
+                cached = store.cache.cached_captions(
+                    [w.content_sha256 for w in chunk.live() if w.content_sha256],
+                    model=settings.vision_model,
+                    prompt_version=settings.prompt_version,
+                )
+                direct: list[WorkItem] = []
+                for work in chunk.items:
+                    sha = work.content_sha256
+                    if not work.ok or sha is None:
+                        work.fail(ItemError("image_error", "no image content", True, "image"))
+                        direct.append(work)
+                    elif sha in cached:
+                        stages.accept_caption(work, cached[sha], vocabulary, cached=True)
+                        direct.append(work)
+                    else:
+                        part = _queue(work, part, folder, settings, max_lines, max_bytes, flush)
+                        if not work.ok:
+                            direct.append(work)
+                write_direct(direct)
+            flush(part)
+        except BaseException:
+            part.close()
+            if held:
+                store.items.release(user_id, held, worker=worker)
+            raise
+        finally:
+            # Polls renew the batch's claims from now on, not this process.
+            store.items.forget_leases(worker, claimed)
+    return result
+
+
+def _queue(
+    work: WorkItem,
+    part: _Part,
+    folder: Path,
+    settings: DashScopeSettings,
+    max_lines: int,
+    max_bytes: int,
+    flush: Callable[[_Part], None],
+) -> _Part:
+    """Add the item to the current part (a new line, or the line of its image's twin); start
+    a new part when the line would not fit. Returns the part in use."""
+    sha = work.content_sha256
+    assert sha is not None and work.vision is not None
+    custom_id = part.line_of.get(sha)
+    if custom_id is None:
+        line = batch_line(work.item.id, caption_request_body(settings, work.vision.data_url))
+        if len(line) > max_bytes:
+            work.fail(
+                ItemError(
+                    "request_too_large",
+                    f"the request for this image is {len(line)} bytes, more than a batch file "
+                    f"may hold ({max_bytes})",
+                    True,
+                    "batch",
+                )
+            )
+            return part
+        if part.lines and (part.lines + 1 > max_lines or part.bytes + len(line) > max_bytes):
+            flush(part)
+            part = _Part(folder, part.number + 1)
+        part.write(line)
+        custom_id = work.item.id
+        part.line_of[sha] = custom_id
+    part.items.append(
+        BatchItem(work.item.id, custom_id, work.item.image, sha, tuple(work.dominant_colors))
+    )
+    work.vision = None  # the data URL is in the file now; keep memory flat
+    return part
+
+
+def _submit_part(
+    store: Store,
+    api: BatchApi,
+    settings: DashScopeSettings,
+    result: SubmitResult,
+    part: _Part,
+    caption_embedding: bool,
+) -> BatchRecord:
+    local_id = f"{result.submission_id}-{part.number}"
+    store.batches.record(
+        {
+            "local_id": local_id,
+            "user_id": result.user_id,
+            "submission_id": result.submission_id,
+            "part": part.number,
+            "worker": result.worker,
+            "endpoint": CHAT_ENDPOINT,
+            "model": settings.vision_model,
+            "prompt_version": settings.prompt_version,
+            "base_url": settings.base_url,
+            "caption_embedding": caption_embedding,
+            "lines": part.lines,
+            "bytes": part.bytes,
+        },
+        part.items,
+    )
+    try:
+        uploaded = api.upload(part.path, f"enrich-{local_id}.jsonl")
+    except (BatchError, ProviderError) as exc:
+        # Nothing exists at the provider: the rows go back to the pending set as they were.
+        give_back(
+            store, local_id, REJECTED if isinstance(exc, BatchUnsupported) else ABANDONED, exc
+        )
+        raise
+    store.batches.update(local_id, input_file_id=uploaded.id)
+    try:
+        batch = api.create(uploaded.id, metadata={"enrich_local_id": local_id})
+    except (BatchError, FatalProviderError) as exc:
+        # A definite refusal: no batch was created.
+        give_back(store, local_id, REJECTED, exc)
+        raise
+    # Any other failure (timeout, 5xx after retries) leaves the part "submitting": whether the
+    # batch was created is unknown, and the poll finds out (by the metadata) after a grace time.
+    record = store.batches.update(
+        local_id,
+        expect_state=SUBMITTING,
+        state=OPEN,
+        batch_id=batch.id,
+        status=batch.status,
+    )
+    if record is None:
+        # A poll gave this part up meanwhile (it looked dead for SUBMIT_GRACE_SECONDS) and
+        # released its rows: the batch must not run for rows that are no longer held.
+        try:
+            api.cancel(batch.id)
+        except (BatchError, ProviderError):
+            pass
+        raise BatchError(
+            f"batch part {local_id} was given up by a poll while it was being submitted; "
+            f"batch {batch.id} was cancelled and its rows are pending again"
+        )
+    return record
+
+

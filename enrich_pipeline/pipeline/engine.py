@@ -1,0 +1,230 @@
+"""The streaming engine: one enrichment run outside Dagster, built on the same stages."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from enrich_pipeline.db.store import Store
+from enrich_pipeline.enrichment.images import ImagePolicy
+from enrich_pipeline.enrichment.records import ItemError, Provenance, WorkItem
+from enrich_pipeline.enrichment.tags import DEFAULT_VOCABULARY, TagVocabulary
+from enrich_pipeline.pipeline import stages
+from enrich_pipeline.pipeline.broker import CaptionBroker
+from enrich_pipeline.pipeline.stats import ItemOutcome, RunStats
+from enrich_pipeline.providers.base import FatalProviderError, Provider, Usage
+from enrich_pipeline.settings import DashScopeSettings, RunSettings
+
+OutcomeCallback = Callable[[str, ItemOutcome], None]
+
+
+def new_worker_id(prefix: str = "cli") -> str:
+    """A claim owner unique to this process, readable in the claims table."""
+    return f"{prefix}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class Engine:
+    """What a run needs, built once: the store, the provider and the policies."""
+
+    store: Store
+    provider: Provider
+    dashscope: DashScopeSettings
+    run: RunSettings
+    image_policy: ImagePolicy = field(default_factory=ImagePolicy)
+    vocabulary: TagVocabulary = field(default_factory=lambda: DEFAULT_VOCABULARY)
+
+    @property
+    def provenance(self) -> Provenance:
+        return Provenance(
+            self.provider.model_label, self.dashscope.prompt_version, self.provider.offline
+        )
+
+    @property
+    def usage(self) -> Usage:
+        return self.provider.usage
+
+    @property
+    def recaption(self) -> tuple[str, str] | None:
+        """(model, prompt version) to re-caption towards, when the run asks for it."""
+        if not self.run.recaption:
+            return None
+        return self.provider.model_label, self.dashscope.prompt_version
+
+    def enrich_user(
+        self,
+        user_id: str,
+        *,
+        limit: int | None,
+        worker: str,
+        on_outcome: OutcomeCallback | None = None,
+        run_id: str | None = None,
+    ) -> RunStats:
+        """Stream the user's pending rows through the stages; see ``_Stream``."""
+        ids = self.store.items.pending_ids(
+            user_id, limit=limit, max_attempts=self.run.max_attempts, recaption=self.recaption
+        )
+        return _Stream(self, user_id, worker, run_id, on_outcome).run(ids)
+
+    def enrich(
+        self,
+        user_id: str | None = None,
+        *,
+        on_outcome: OutcomeCallback | None = None,
+        worker: str | None = None,
+    ) -> RunStats:
+        """One user, or every user with pending rows, within ``max_items`` in total."""
+        worker = worker or new_worker_id()
+        users = (
+            [user_id]
+            if user_id is not None
+            else [u for u, _ in self.store.items.users_with_pending(self.run.max_attempts)]
+        )
+        stats = RunStats()
+        budget = self.run.max_items
+        for user in users:
+            if budget is not None and budget <= 0:
+                break
+            got = self.enrich_user(user, limit=budget, worker=worker, on_outcome=on_outcome)
+            stats.merge(got)
+            if budget is not None:
+                budget -= got.total
+        return stats
+
+
+class _Stream:
+    """Keeps ``concurrent`` model calls in flight across chunk boundaries.
+
+    The legacy script (and a chunk-at-a-time loop) waits for the slowest call of a batch before
+    starting the next: with C calls and batches of B, the pool idles while a batch drains. Here
+    items flow through one pool of C workers (load, colors, caption: the per-item stages), chunks
+    are claimed ahead as workers free up (at most 2C items in flight, so memory stays flat), and
+    a chunk is embedded and written by a small second pool as soon as its last item is done.
+    Chunks are still the unit of claiming, writing and reporting, so a crash keeps every chunk
+    written, exactly as in the Dagster graph.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        user_id: str,
+        worker: str,
+        run_id: str | None,
+        on_outcome: OutcomeCallback | None,
+    ) -> None:
+        self.engine = engine
+        self.user_id = user_id
+        self.worker = worker
+        self.run_id = run_id
+        self.on_outcome = on_outcome
+        self.stats = RunStats()
+        self.fatal: FatalProviderError | None = None
+        self.broker = CaptionBroker(
+            engine.provider, engine.store.cache, engine.dashscope.prompt_version
+        )
+        self._in_flight = 0
+        self._remaining: dict[int, int] = {}
+        self._cond = threading.Condition()
+        self._report = threading.Lock()
+        self._unwritten: dict[int, stages.Chunk] = {}
+
+    def run(self, ids: Sequence[str]) -> RunStats:
+        run = self.engine.run
+        window = 2 * run.concurrent
+        items = ThreadPoolExecutor(run.concurrent, thread_name_prefix="enrich-item")
+        # Embedding and writing a chunk is mostly waiting too; a few at once keep up with C.
+        post = ThreadPoolExecutor(4, thread_name_prefix="enrich-write")
+        post_futures: list[Future[None]] = []
+        try:
+            for n, chunk_ids in enumerate(stages.chunked(ids, run.batch_size)):
+                with self._cond:
+                    self._cond.wait_for(lambda: self._in_flight < window or self.fatal)
+                    if self.fatal:
+                        break
+                chunk = stages.claim_chunk(
+                    self.engine.store,
+                    self.user_id,
+                    chunk_ids,
+                    worker=self.worker,
+                    lease_seconds=run.lease_seconds,
+                    max_attempts=run.max_attempts,
+                    recaption=self.engine.recaption,
+                )
+                with self._cond:
+                    self._unwritten[n] = chunk
+                    self._remaining[n] = len(chunk.items)
+                    self._in_flight += len(chunk.items)
+                if not chunk.items:
+                    post_futures.append(post.submit(self._finish, n))
+                for work in chunk.items:
+                    items.submit(self._item, n, work, post, post_futures)
+            items.shutdown(wait=True)
+            for future in list(post_futures):
+                future.result()
+        finally:
+            items.shutdown(wait=True, cancel_futures=True)
+            post.shutdown(wait=True)
+            if self._unwritten:
+                every = [w.item.id for c in self._unwritten.values() for w in c.items]
+                self.engine.store.items.release(self.user_id, every, worker=self.worker)
+        if self.fatal:
+            raise self.fatal
+        return self.stats
+
+    def _item(
+        self, n: int, work: WorkItem, post: ThreadPoolExecutor, post_futures: list[Future[None]]
+    ) -> None:
+        engine = self.engine
+        try:
+            if self.fatal is None:
+                stages.load_visual(
+                    work,
+                    policy=engine.image_policy,
+                    max_image_side=engine.dashscope.max_image_side,
+                    color_count=engine.run.color_count,
+                )
+                if work.ok:
+                    stages.caption_item(work, self.broker, engine.vocabulary)
+        except FatalProviderError as exc:
+            with self._cond:
+                self.fatal = self.fatal or exc
+        except Exception as exc:  # noqa: BLE001 - e.g. the cache's database away: one row fails
+            work.fail(ItemError("internal_error", f"{type(exc).__name__}: {exc}", False, "caption"))
+        finally:
+            with self._cond:
+                self._in_flight -= 1
+                self._remaining[n] -= 1
+                done = self._remaining[n] == 0 and self.fatal is None
+                self._cond.notify_all()
+            if done:
+                post_futures.append(post.submit(self._finish, n))
+
+    def _finish(self, n: int) -> None:
+        engine, run = self.engine, self.engine.run
+        chunk = self._unwritten[n]
+        try:
+            stages.embed_chunk(chunk, engine.provider, enabled=run.caption_embedding)
+        except FatalProviderError as exc:
+            with self._cond:
+                self.fatal = self.fatal or exc
+                self._cond.notify_all()
+            return
+        result = stages.write_chunk(
+            engine.store,
+            chunk,
+            provenance=engine.provenance,
+            embedding_model=engine.dashscope.embedding_model if run.caption_embedding else None,
+            run_id=self.run_id,
+        )
+        with self._cond:
+            del self._unwritten[n]
+        with self._report:
+            self.stats.merge(result.stats)
+            if self.on_outcome:
+                for outcome in result.outcomes:
+                    self.on_outcome(self.user_id, outcome)

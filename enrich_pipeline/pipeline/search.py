@@ -1,0 +1,61 @@
+"""Caption search: a user's items by text, ranked by caption-embedding similarity.
+
+The query is embedded with the same model as the captions; ranking uses pgvector when the
+extension is installed and plain SQL on ``real[]`` otherwise, with the same results. The
+``enrich-search`` command (``cli/search.py``) is a thin shell around ``search_captions``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from enrich_pipeline.db.store import Store
+from enrich_pipeline.providers.base import Provider
+from enrich_pipeline.settings import ConfigError
+
+Method = Literal["auto", "pgvector", "sql"]
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    item_id: str
+    score: float
+    caption: str
+    dominant_colors: list[str]
+    style_tags: list[str]
+    object_tags: list[str]
+
+
+def search_captions(
+    store: Store,
+    provider: Provider,
+    user_id: str,
+    query: str,
+    *,
+    top_k: int = 10,
+    colors: Sequence[str] = (),
+    tags: Sequence[str] = (),
+    method: Method = "auto",
+) -> list[SearchHit]:
+    if not query.strip():
+        raise ConfigError("the search text is empty")
+    (vector,) = provider.embed([query])
+    use_pgvector = store.search.has_pgvector() if method == "auto" else method == "pgvector"
+    if use_pgvector and method == "pgvector" and not store.search.has_pgvector():
+        raise ConfigError("the pgvector extension is not installed in this database")
+    rows = store.search.rank(
+        user_id, vector, top_k=top_k, colors=colors, tags=tags, use_pgvector=use_pgvector
+    )
+    return [
+        SearchHit(
+            item_id,
+            score,
+            str(md.get("caption", "")),
+            list(md.get("dominant_colors") or []),
+            list(md.get("style_tags") or []),
+            list(md.get("object_tags") or []),
+        )
+        for item_id, score, md in rows
+    ]

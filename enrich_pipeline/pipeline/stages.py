@@ -1,0 +1,299 @@
+"""The enrichment stages, free of Dagster: the ops and the command line both call these.
+
+In the Dagster graph a chunk moves through ``claim_chunk`` -> ``visual_attributes`` ->
+``caption_chunk`` -> ``embed_chunk`` -> ``write_chunk``, one op each. The command line streams
+items through the per-item stages (``load_visual``, ``caption_item``) instead, and writes chunks
+with the same ``embed_chunk`` and ``write_chunk`` (engine.py); batch mode accepts the Batch
+API's answers with the same ``accept_caption`` and writes them with the same ``write_chunk``.
+Each stage records a per-item
+error instead of raising; only a fatal provider error (a rejected key) stops the run, and the
+caller then releases the claims so that nothing is left marked.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from enrich_pipeline.db.items import FailureRow, SuccessRow
+from enrich_pipeline.db.store import Store
+from enrich_pipeline.enrichment.colors import dominant_colors
+from enrich_pipeline.enrichment.images import (
+    ImageLoadError,
+    ImagePolicy,
+    load_image,
+    prepare_for_vision,
+)
+from enrich_pipeline.enrichment.records import (
+    ItemError,
+    Provenance,
+    WorkItem,
+    metadata_patch,
+    utc_timestamp,
+)
+from enrich_pipeline.enrichment.tags import DEFAULT_VOCABULARY, TagVocabulary, derive_tags
+from enrich_pipeline.pipeline.broker import CaptionBroker, CaptionCache
+from enrich_pipeline.pipeline.stats import ChunkResult, ItemOutcome, RunStats
+from enrich_pipeline.providers.base import FatalProviderError, Provider, ProviderError
+from enrich_pipeline.providers.dashscope import MAX_EMBEDDING_BATCH
+
+T = TypeVar("T")
+
+
+@dataclass
+class Chunk:
+    user_id: str
+    worker: str
+    items: list[WorkItem]
+    skipped: list[str] = field(default_factory=list)
+    # Re-captioning: each row's current caption is replaced, and only if it is still there.
+    recaption: bool = False
+
+    def live(self) -> list[WorkItem]:
+        return [w for w in self.items if w.ok]
+
+
+def chunked(ids: Sequence[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(ids), size):
+        yield list(ids[start : start + size])
+
+
+def _parallel(fn: Callable[[T], None], items: Sequence[T], workers: int) -> None:
+    """Run ``fn`` over items on a thread pool; a fatal error cancels what has not started."""
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(items)))) as pool:
+        futures = [pool.submit(fn, item) for item in items]
+        try:
+            for future in futures:
+                future.result()
+        except FatalProviderError:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def claim_chunk(
+    store: Store,
+    user_id: str,
+    ids: Sequence[str],
+    *,
+    worker: str,
+    lease_seconds: int,
+    max_attempts: int,
+    recaption: tuple[str, str] | None = None,
+) -> Chunk:
+    items, skipped = store.items.claim(
+        user_id,
+        ids,
+        worker=worker,
+        lease_seconds=lease_seconds,
+        max_attempts=max_attempts,
+        recaption=recaption,
+    )
+    return Chunk(
+        user_id=user_id,
+        worker=worker,
+        items=[WorkItem(i) for i in items],
+        skipped=skipped,
+        recaption=recaption is not None,
+    )
+
+
+_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+def load_visual(
+    work: WorkItem, *, policy: ImagePolicy, max_image_side: int, color_count: int = 5
+) -> None:
+    """Load one image once: dominant colors from its pixels, a downscaled copy for the model."""
+    metadata = work.item.metadata
+    if metadata is not None and not isinstance(metadata, dict):
+        work.fail(
+            ItemError(
+                "metadata_not_object",
+                f"metadata is a JSON {_JSON_TYPES.get(type(metadata), 'value')}, not an object; "
+                "the row was left unchanged",
+                True,
+                "read",
+            )
+        )
+        return
+    try:
+        loaded = load_image(work.item.image, policy)
+    except ImageLoadError as exc:
+        work.fail(ItemError(exc.code, str(exc), exc.permanent, "image"))
+        return
+    except Exception as exc:  # noqa: BLE001 - a decoder bug must cost one row, not the run
+        work.fail(ItemError("image_error", f"{type(exc).__name__}: {exc}", True, "image"))
+        return
+    work.content_sha256 = loaded.content_sha256
+    work.dominant_colors = dominant_colors(loaded.image, k=color_count)
+    work.vision = prepare_for_vision(loaded, max_side=max_image_side)
+
+
+def visual_attributes(
+    chunk: Chunk,
+    *,
+    policy: ImagePolicy,
+    max_image_side: int,
+    color_count: int = 5,
+    concurrent: int = 5,
+) -> Chunk:
+    """Visual attributes of every live item of the chunk, ``concurrent`` images at a time."""
+    _parallel(
+        lambda w: load_visual(
+            w, policy=policy, max_image_side=max_image_side, color_count=color_count
+        ),
+        chunk.live(),
+        concurrent,
+    )
+    return chunk
+
+
+def accept_caption(
+    work: WorkItem, caption: str, vocabulary: TagVocabulary, *, cached: bool = False
+) -> None:
+    """Take a caption for the item (online, from the cache or from a batch answer): tags
+    derived from it, the downscaled image dropped to keep memory flat."""
+    work.caption = caption
+    work.from_cache = cached
+    work.style_tags, work.object_tags = derive_tags(caption, vocabulary)
+    work.vision = None
+
+
+def caption_item(
+    work: WorkItem, broker: CaptionBroker, vocabulary: TagVocabulary = DEFAULT_VOCABULARY
+) -> None:
+    """Caption one item and derive its tags; a provider error fails the item, a fatal one
+    (rejected key) propagates to stop the run."""
+    try:
+        caption, cached = broker.caption(work)
+    except FatalProviderError:
+        raise
+    except ProviderError as exc:
+        work.fail(ItemError(exc.code, str(exc), exc.permanent, "caption"))
+        return
+    accept_caption(work, caption, vocabulary, cached=cached)
+
+
+def caption_chunk(
+    chunk: Chunk,
+    provider: Provider,
+    *,
+    concurrent: int = 5,
+    vocabulary: TagVocabulary = DEFAULT_VOCABULARY,
+    cache: CaptionCache | None = None,
+    prompt_version: str = "",
+) -> Chunk:
+    """Caption every live item, ``concurrent`` calls at a time, and derive its tags.
+
+    With a cache, an image already captioned by this model and prompt version (in any row, any
+    run) costs no call, and rows of the chunk that share an image share one call.
+    """
+    live = chunk.live()
+    broker = CaptionBroker(provider, cache, prompt_version)
+    broker.prefetch(w.content_sha256 for w in live if w.content_sha256)
+    _parallel(lambda w: caption_item(w, broker, vocabulary), live, concurrent)
+    return chunk
+
+
+def embed_chunk(
+    chunk: Chunk, provider: Provider, *, enabled: bool = True, concurrent: int = 4
+) -> Chunk:
+    """Embed the chunk's captions, ten per request, ``concurrent`` requests at a time.
+
+    An embedding failure does not cost the caption that was already paid for: the caption is
+    written without a vector and the gap is counted (and shown by the asset check).
+    """
+    if not enabled:
+        return chunk
+    live = [w for w in chunk.live() if w.caption]
+    batches = [live[i : i + MAX_EMBEDDING_BATCH] for i in range(0, len(live), MAX_EMBEDDING_BATCH)]
+
+    def one(batch: list[WorkItem]) -> None:
+        try:
+            vectors = provider.embed([w.caption or "" for w in batch])
+        except FatalProviderError:
+            raise
+        except ProviderError:
+            return
+        for work, vector in zip(batch, vectors, strict=True):
+            # float32, as stored (real[]): a quarter of a list of Python floats in memory.
+            work.embedding = array("f", vector)
+
+    _parallel(one, batches, concurrent)
+    return chunk
+
+
+def write_chunk(
+    store: Store,
+    chunk: Chunk,
+    *,
+    provenance: Provenance,
+    embedding_model: str | None,
+    run_id: str | None = None,
+) -> ChunkResult:
+    """Write the chunk back in one transaction and say what happened to each item.
+
+    ``embedding_model`` is None when the run does not embed captions; otherwise a written
+    caption without a vector is counted as an embedding failure.
+    """
+    generated_at = utc_timestamp()
+    successes = [
+        SuccessRow(
+            w.item.id,
+            w.item.image,
+            metadata_patch(w, provenance, generated_at),
+            w.embedding,
+            replaces=w.item.metadata.get("caption") if chunk.recaption else None,
+        )
+        for w in chunk.items
+        if w.ok and w.caption
+    ]
+    failures = [FailureRow(w.item.id, w.error) for w in chunk.items if w.error is not None]
+    outcome = store.items.write_chunk(
+        chunk.user_id,
+        worker=chunk.worker,
+        successes=successes,
+        failures=failures,
+        embedding_model=embedding_model,
+        run_id=run_id,
+    )
+    written = set(outcome.written)
+    outcomes: list[ItemOutcome] = []
+    stats = RunStats()
+    for w in chunk.items:
+        if w.error is not None:
+            outcomes.append(
+                ItemOutcome(w.item.id, "failed", error=w.error.message, error_code=w.error.code)
+            )
+        elif w.item.id in written:
+            outcomes.append(
+                ItemOutcome(
+                    w.item.id,
+                    "succeeded",
+                    w.caption,
+                    tuple(w.dominant_colors),
+                    tuple(w.style_tags),
+                    tuple(w.object_tags),
+                    cached=w.from_cache,
+                )
+            )
+            if w.embedding is not None:
+                stats.embedded += 1
+            elif embedding_model is not None:
+                stats.embedding_failed += 1
+        else:
+            outcomes.append(
+                ItemOutcome(w.item.id, "skipped", error="caption written by someone else meanwhile")
+            )
+    outcomes.extend(
+        ItemOutcome(i, "skipped", error="claimed by another run or no longer pending")
+        for i in chunk.skipped
+    )
+    stats.add(outcomes)
+    return ChunkResult(outcomes, stats)

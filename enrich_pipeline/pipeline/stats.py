@@ -1,0 +1,93 @@
+"""What a run did, per item and in total: the legacy end-of-run statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+SAMPLE_CAPTIONS = 5
+
+
+@dataclass(frozen=True)
+class ItemOutcome:
+    item_id: str
+    status: str  # "succeeded" | "failed" | "skipped"
+    caption: str | None = None
+    dominant_colors: tuple[str, ...] = ()
+    style_tags: tuple[str, ...] = ()
+    object_tags: tuple[str, ...] = ()
+    error: str | None = None
+    error_code: str | None = None
+    cached: bool = False
+
+
+@dataclass
+class RunStats:
+    """The legacy end-of-run statistics, mergeable across chunks and users."""
+
+    total: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    skipped: int = 0
+    embedded: int = 0
+    embedding_failed: int = 0
+    cache_hits: int = 0
+    samples: list[str] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def success_rate(self) -> float:
+        return self.succeeded / self.total if self.total else 0.0
+
+    @property
+    def cache_hit_rate(self) -> float:
+        return self.cache_hits / self.succeeded if self.succeeded else 0.0
+
+    def add(self, outcomes: Iterable[ItemOutcome]) -> None:
+        for o in outcomes:
+            self.total += 1
+            if o.status == "succeeded":
+                self.succeeded += 1
+                self.cache_hits += o.cached
+                if o.caption and len(self.samples) < SAMPLE_CAPTIONS:
+                    self.samples.append(o.caption)
+            elif o.status == "failed":
+                self.failed += 1
+                code = o.error_code or "error"
+                self.errors[code] = self.errors.get(code, 0) + 1
+            else:
+                self.skipped += 1
+
+    def merge(self, other: RunStats) -> None:
+        self.total += other.total
+        self.succeeded += other.succeeded
+        self.failed += other.failed
+        self.skipped += other.skipped
+        self.embedded += other.embedded
+        self.embedding_failed += other.embedding_failed
+        self.cache_hits += other.cache_hits
+        self.samples.extend(other.samples[: max(0, SAMPLE_CAPTIONS - len(self.samples))])
+        for code, n in other.errors.items():
+            self.errors[code] = self.errors.get(code, 0) + n
+
+    def summary(self) -> dict[str, Any]:
+        """The figures as one plain mapping: materialization metadata, batch stats, reports."""
+        return {
+            "total": self.total,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "skipped": self.skipped,
+            "success_rate": round(self.success_rate, 4),
+            "embedded": self.embedded,
+            "embedding_failed": self.embedding_failed,
+            "cache_hits": self.cache_hits,
+            "cache_hit_rate": round(self.cache_hit_rate, 4),
+            "errors": dict(self.errors),
+        }
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    outcomes: list[ItemOutcome]
+    stats: RunStats

@@ -1,0 +1,143 @@
+"""What every model provider shares: the ``Provider`` protocol, usage counts, the error classes
+and the one retry loop that online calls and Batch API calls both go through."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import tenacity
+
+from enrich_pipeline.enrichment.images import VisionImage
+
+T = TypeVar("T")
+
+
+class ProviderError(Exception):
+    """One call failed. ``permanent`` errors are recorded and never retried."""
+
+    def __init__(self, code: str, message: str, *, permanent: bool) -> None:
+        super().__init__(message)
+        self.code = code
+        self.permanent = permanent
+
+
+class FatalProviderError(ProviderError):
+    """The whole run must stop: a bad key or a missing model fails every item the same way."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message, permanent=True)
+
+
+@dataclass
+class Usage:
+    """Token and call counts, safe to update from worker threads."""
+
+    vision_calls: int = 0
+    embedding_calls: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    embedding_tokens: int = 0
+    image_tokens: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens + self.embedding_tokens
+
+    def as_dict(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "vision_calls": self.vision_calls,
+                "embedding_calls": self.embedding_calls,
+                "retries": self.retries,
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "embedding_tokens": self.embedding_tokens,
+                "image_tokens": self.image_tokens,
+                "total_tokens": self.total_tokens,
+            }
+
+
+class Provider(Protocol):
+    """What the pipeline needs from a model provider; DashScope and the offline one fit."""
+
+    model_label: str
+    offline: bool
+    usage: Usage
+
+    def caption(self, image: VisionImage) -> str: ...
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
+
+    def close(self) -> None: ...
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """The server's Retry-After hint, in seconds, if it sent one."""
+    cause = exc.__cause__ if isinstance(exc, ProviderError) else exc
+    response = getattr(cause, "response", None)
+    raw = response.headers.get("retry-after") if response is not None else None
+    try:
+        return max(0.0, float(raw)) if raw is not None else None
+    except ValueError:
+        return None
+
+
+class Backoff:
+    """Exponential backoff with full jitter, overridden by a Retry-After the server sends."""
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self.initial = initial
+        self.maximum = maximum
+
+    def __call__(self, state: tenacity.RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        hinted = retry_after(exc) if exc else None
+        if hinted is not None:
+            return min(hinted, self.maximum)
+        ceiling = min(self.maximum, self.initial * 2 ** (state.attempt_number - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, ProviderError) and not exc.permanent
+
+
+def with_retries(
+    attempt: Callable[[], T],
+    *,
+    retries: int,
+    backoff: Backoff,
+    sleep: Callable[[float], None] = tenacity.nap.sleep,
+    on_retry: Callable[[], None] | None = None,
+    transient: Callable[[BaseException], bool] = is_transient,
+) -> T:
+    """Run ``attempt`` until it succeeds, fails for good, or ``retries`` retries are spent.
+
+    ``attempt`` raises classified errors (``ProviderError``); only transient ones are retried.
+    The last error is raised as it is.
+    """
+
+    def count(_state: tenacity.RetryCallState) -> None:
+        if on_retry is not None:
+            on_retry()
+
+    retrying: Any = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(transient),
+        stop=tenacity.stop_after_attempt(retries + 1),
+        wait=backoff,
+        before_sleep=count,
+        sleep=sleep,
+        reraise=True,
+    )
+    return retrying(attempt)

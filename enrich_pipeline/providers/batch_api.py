@@ -1,0 +1,198 @@
+"""DashScope's Batch API (files and batches) under the project's API policy.
+
+The same error classes, backoff and retry loop as the online calls (``base.with_retries``); what
+a final 4xx means here (model or region without batch support, a refused batch) is decided per
+call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import openai
+
+from enrich_pipeline.providers.base import Backoff, ProviderError, with_retries
+from enrich_pipeline.providers.dashscope import openai_client
+from enrich_pipeline.providers.errors import classify
+from enrich_pipeline.providers.wire import CHAT_ENDPOINT
+from enrich_pipeline.settings import ConfigError, DashScopeSettings
+
+COMPLETION_WINDOW = "24h"
+UPLOAD_TIMEOUT = 600.0
+
+
+class BatchError(Exception):
+    """A batch could not be submitted, polled or collected; the message says why."""
+
+
+class BatchUnsupported(BatchError):
+    """The Batch API is not offered for this model, or not at this base URL (region/server)."""
+
+
+class BatchRejected(BatchError):
+    """The Batch API refused a batch for another reason (its message is kept)."""
+
+
+class BatchNotReady(BatchError):
+    """Collect was asked for a batch the provider is still working on."""
+
+
+def unsupported_message(model: str, base_url: str, detail: str) -> str:
+    return (
+        f"DashScope's Batch API does not take model {model!r} at {base_url} ({detail}). "
+        "Batch inference is offered only for some models and regions (Singapore: qwen-max, "
+        "qwen-plus, qwen-flash, qwen-turbo; Beijing: also Qwen-VL-Max/Plus/Flash and "
+        "text-embedding-v4), and not by every OpenAI-compatible server: choose a supported "
+        "model (DASHSCOPE_VISION_MODEL) or region (DASHSCOPE_BASE_URL), or use the online "
+        "path (enrich-captions)"
+    )
+
+
+
+class BatchApi:
+    """Files and batches over the OpenAI-compatible API, with the provider's retry policy:
+    transient failures (429, 5xx, timeouts, resets; ``classify`` decides) are retried with the
+    same backoff as online calls; what a final 4xx means is decided per call."""
+
+    def __init__(self, settings: DashScopeSettings, *, client: openai.OpenAI | None = None) -> None:
+        if settings.offline:
+            raise ConfigError(
+                "batch mode needs DashScope: the offline provider has no Batch API "
+                "(unset ENRICH_OFFLINE / drop --offline and set DASHSCOPE_API_KEY)"
+            )
+        settings.require_key()
+        self.settings = settings
+        self.base_url = settings.base_url
+        self._client = client or openai_client(settings)
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` with retries. A final HTTP error status is raised as the SDK exception
+        (the caller maps it); every other failure as ``classify`` maps it."""
+
+        def attempt() -> Any:
+            try:
+                return fn()
+            except openai.APIStatusError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every other SDK failure is classified
+                raise classify(exc) from exc
+
+        def transient(exc: BaseException) -> bool:
+            if isinstance(exc, openai.APIStatusError):
+                return not classify(exc).permanent
+            return isinstance(exc, ProviderError) and not exc.permanent
+
+        return with_retries(
+            attempt,
+            retries=self.settings.max_retries,
+            backoff=Backoff(self.settings.backoff_initial, self.settings.backoff_max),
+            transient=transient,
+        )
+
+    def _unsupported(self, exc: openai.APIStatusError, where: str) -> BatchUnsupported:
+        code = str(getattr(exc, "code", None) or "")
+        detail = f"HTTP {exc.status_code}{' ' + code if code else ''} on {where}: {exc.message}"
+        return BatchUnsupported(
+            unsupported_message(self.settings.vision_model, self.base_url, detail)
+        )
+
+    def upload(self, path: Path, filename: str) -> Any:
+        def send() -> Any:
+            with path.open("rb") as fh:
+                return self._client.files.create(
+                    file=(filename, fh, "application/jsonl"),
+                    purpose="batch",
+                    timeout=max(self.settings.timeout, UPLOAD_TIMEOUT),
+                )
+
+        try:
+            return self._call(send)
+        except openai.APIStatusError as exc:
+            if exc.status_code in (404, 405, 501):  # no Files API at this base URL
+                raise self._unsupported(exc, "/files") from exc
+            raise classify(exc) from exc
+
+    def create(self, input_file_id: str, *, metadata: dict[str, str]) -> Any:
+        def send() -> Any:
+            return self._client.batches.create(
+                input_file_id=input_file_id,
+                endpoint=CHAT_ENDPOINT,
+                completion_window=COMPLETION_WINDOW,
+                metadata=metadata,
+            )
+
+        try:
+            return self._call(send)
+        except openai.APIStatusError as exc:
+            if exc.status_code in (401, 403) or exc.status_code >= 500:
+                raise classify(exc) from exc
+            code = str(getattr(exc, "code", None) or "").lower()
+            if (
+                exc.status_code in (404, 405, 501)
+                or "model" in code
+                or "not supported" in str(exc.message).lower()
+            ):
+                raise self._unsupported(exc, "/batches") from exc
+            raise BatchRejected(
+                f"DashScope refused the batch for model {self.settings.vision_model!r} at "
+                f"{self.base_url} (HTTP {exc.status_code} {code}: {exc.message})"
+            ) from exc
+
+    def retrieve(self, batch_id: str) -> Any:
+        try:
+            return self._call(lambda: self._client.batches.retrieve(batch_id))
+        except openai.NotFoundError as exc:
+            raise BatchError(f"batch {batch_id} is not known at {self.base_url}") from exc
+        except openai.APIStatusError as exc:
+            raise classify(exc) from exc
+
+    def cancel(self, batch_id: str) -> Any:
+        try:
+            return self._call(lambda: self._client.batches.cancel(batch_id))
+        except openai.APIStatusError as exc:
+            raise classify(exc) from exc
+
+    def content(self, file_id: str) -> str:
+        def fetch() -> str:
+            response = self._client.files.content(
+                file_id, timeout=max(self.settings.timeout, UPLOAD_TIMEOUT)
+            )
+            return response.content.decode("utf-8", errors="replace")
+
+        try:
+            return self._call(fetch)
+        except openai.APIStatusError as exc:
+            raise classify(exc) from exc
+
+    def find(self, local_id: str, *, since: datetime | None) -> Any | None:
+        """The provider's batch created for ``local_id`` (sent as its metadata), if any."""
+        oldest = (since.timestamp() - 3600) if since else 0
+
+        def search() -> Any | None:
+            for batch in self._client.batches.list(limit=100):  # newest first, paginated
+                if (batch.metadata or {}).get("enrich_local_id") == local_id:
+                    return batch
+                if batch.created_at < oldest:
+                    return None
+            return None
+
+        try:
+            return self._call(search)
+        except openai.APIStatusError as exc:
+            raise classify(exc) from exc
+
+
+class BatchApis:
+    """One API client per base URL: a batch is polled where it was submitted."""
+
+    def __init__(self, settings: DashScopeSettings) -> None:
+        self.settings = settings
+        self._apis: dict[str, BatchApi] = {}
+
+    def get(self, base_url: str) -> BatchApi:
+        if base_url not in self._apis:
+            self._apis[base_url] = BatchApi(self.settings.with_(base_url=base_url))
+        return self._apis[base_url]

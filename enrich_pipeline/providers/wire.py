@@ -1,0 +1,155 @@
+"""The wire format of caption requests: the online chat body, the Batch API's JSONL lines that
+carry the same body, and the reading of a batch's answer lines with the online meaning."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+
+from enrich_pipeline.enrichment.text import clean_caption
+from enrich_pipeline.providers.base import ProviderError
+from enrich_pipeline.providers.errors import classify
+from enrich_pipeline.settings import DashScopeSettings
+
+try:  # the HTTP library of the installed openai SDK (httpx2 from openai 3, httpx before)
+    import httpx2 as _http
+except ImportError:  # pragma: no cover - older SDKs
+    import httpx as _http  # type: ignore[no-redef]
+
+CHAT_ENDPOINT = "/v1/chat/completions"
+
+
+def caption_request_body(settings: DashScopeSettings, data_url: str) -> dict[str, Any]:
+    """The chat request of one caption, the same online and in a batch line."""
+    return {
+        "model": settings.vision_model,
+        "max_tokens": settings.max_caption_tokens,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_url}},
+                    {"type": "text", "text": settings.prompt},
+                ],
+            }
+        ],
+    }
+
+
+def batch_line(custom_id: str, body: dict[str, Any]) -> bytes:
+    """One JSONL line of a batch input file."""
+    line = {"custom_id": custom_id, "method": "POST", "url": CHAT_ENDPOINT, "body": body}
+    return (json.dumps(line, separators=(",", ":")) + "\n").encode()
+
+
+_STATUS_ERRORS: dict[int, type[openai.APIStatusError]] = {
+    400: openai.BadRequestError,
+    401: openai.AuthenticationError,
+    403: openai.PermissionDeniedError,
+    404: openai.NotFoundError,
+    409: openai.ConflictError,
+    422: openai.UnprocessableEntityError,
+    429: openai.RateLimitError,
+}
+
+
+def status_error(status: int, body: Any, url: str) -> openai.APIStatusError:
+    """The SDK exception a live response with this status and body raises (same dispatch as
+    the SDK's), so that a batch line is classified by exactly the online policy."""
+    data = body.get("error", body) if isinstance(body, dict) else body
+    kind = (
+        openai.InternalServerError
+        if status >= 500
+        else _STATUS_ERRORS.get(status, openai.APIStatusError)
+    )
+    response = _http.Response(status, request=_http.Request("POST", url))
+    return kind(f"Error code: {status} - {body}", response=response, body=data)
+
+
+@dataclass(frozen=True)
+class LineResult:
+    caption: str | None = None
+    error: ProviderError | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def _guess_status(code: str) -> int:
+    """A status for an error line that carries only a code."""
+    code = code.lower()
+    if "inspection" in code or "invalid" in code:
+        return 400
+    if "limit" in code or "throttl" in code:
+        return 429
+    return 500
+
+
+def parse_line(obj: dict[str, Any], url: str) -> LineResult:
+    """One output or error line, with the online path's meaning: a caption, or an error
+    classified by ``classify`` (moderation and bad images permanent, 429/5xx transient)."""
+    response = obj.get("response") if isinstance(obj.get("response"), dict) else {}
+    status = response.get("status_code")
+    body = response.get("body")
+    error = obj.get("error") if isinstance(obj.get("error"), dict) else None
+    if status == 200 and isinstance(body, dict):
+        choices = body.get("choices")
+        if not isinstance(choices, list):
+            return LineResult(
+                error=ProviderError(
+                    "malformed_response", "the batch answer has no choices", permanent=False
+                )
+            )
+        message = choices[0].get("message") if choices and isinstance(choices[0], dict) else None
+        text = clean_caption(message.get("content") if isinstance(message, dict) else "")
+        usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+        tokens = {
+            "prompt_tokens": int(usage.get("prompt_tokens") or 0),
+            "completion_tokens": int(usage.get("completion_tokens") or 0),
+        }
+        if not text:
+            return LineResult(error=empty_caption(), **tokens)
+        return LineResult(caption=text, **tokens)
+    if isinstance(status, int) and status >= 400:
+        if not isinstance(body, dict) or "error" not in body:
+            body = {"error": error or {"message": str(body)}}
+        return LineResult(error=classify(status_error(status, body, url)))
+    if error is not None:
+        code = str(error.get("code") or "batch_line_error")
+        if code.lower().startswith("batch_"):  # batch_expired, batch_cancelled, ...
+            return LineResult(
+                error=ProviderError(
+                    code.lower(), str(error.get("message") or code), permanent=False
+                )
+            )
+        return LineResult(error=classify(status_error(_guess_status(code), {"error": error}, url)))
+    return LineResult(
+        error=ProviderError("malformed_response", "unreadable batch answer line", permanent=False)
+    )
+
+
+def parse_results(texts: list[str], url: str) -> dict[str, LineResult]:
+    """Output and error files, by ``custom_id``; an answer beats an error for the same id."""
+    results: dict[str, LineResult] = {}
+    for text in texts:
+        for raw in text.splitlines():
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(obj, dict) or not isinstance(obj.get("custom_id"), str):
+                continue
+            line = parse_line(obj, url)
+            known = results.get(obj["custom_id"])
+            if known is None or (known.caption is None and line.caption is not None):
+                results[obj["custom_id"]] = line
+    return results
+
+
+def empty_caption() -> ProviderError:
+    # Seen from overloaded gateways; a second try usually answers properly.
+    return ProviderError("empty_caption", "the model returned an empty caption", permanent=False)
