@@ -7,7 +7,7 @@ go to ``artifacts/bench.json``.
 
 Scenarios (``--scenarios``, all by default):
 
-- ``cli``: ``enrich-captions`` (``enrich_pipeline.cli.main``) over N items, C calls in flight,
+- ``cli``: ``enrich-captions`` (``cli.captions.main``) over N items, C calls in flight,
   latency L per call: items/s against ``min(C/L, rate limit)``, local CPU per item, peak RSS,
   image tokens per item; and the legacy algorithm at the same settings.
 - ``dagster``: the ``enriched_items`` asset materialized for one user partition, same N, C, L.
@@ -58,7 +58,7 @@ from psycopg import sql
 from benchmarks import worker as worker_module
 from benchmarks.data import write_small_images
 from benchmarks.worker import RESULT_PREFIX
-from enrich_pipeline.db.store import create_sample_table
+from enrich_pipeline.db.samples import create_sample_table
 
 REPO = Path(__file__).resolve().parent.parent
 SCENARIOS = ("cli", "dagster", "legacy", "memory", "ratelimit", "tokens", "cpu", "sensor")
@@ -207,8 +207,8 @@ class StandInProcess:
 PRELOAD = (
     "benchmarks.worker",
     "benchmarks.legacy",
-    "enrich_pipeline.cli",
-    "enrich_pipeline.definitions",
+    "enrich_pipeline.cli.captions",
+    "enrich_pipeline.defs.definitions",
     "enrich_pipeline.enrichment.colors",
 )
 
@@ -967,7 +967,7 @@ def build_report(plan: Plan, results: dict[str, Any]) -> Report:
                 verdict=_check(s["index_used"]),
             )
         )
-        report.add(Figure(sec, "index build (ItemStore.setup)", s["setup_s"], "s"))
+        report.add(Figure(sec, "index build (Store.setup)", s["setup_s"], "s"))
         if s["explain"]:
             report.appendix.append("EXPLAIN ANALYZE of the sensor's pending query:")
             report.appendix.extend("  " + line for line in s["explain"][0].splitlines())

@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import time
 
-from enrich_pipeline import stages
-from enrich_pipeline.api.dashscope import Provider
-from enrich_pipeline.db.store import ItemStore
+from enrich_pipeline.db.store import Store
 from enrich_pipeline.enrichment.images import ImagePolicy
 from enrich_pipeline.enrichment.records import Provenance
+from enrich_pipeline.pipeline import stages
+from enrich_pipeline.pipeline.stats import RunStats
+from enrich_pipeline.providers.base import Provider
 from enrich_pipeline.settings import DashScopeSettings
 
 PAUSE_SECONDS = 1.0
 
 
 def run_legacy(
-    store: ItemStore,
+    store: Store,
     provider: Provider,
     api: DashScopeSettings,
     user_id: str,
@@ -36,12 +37,12 @@ def run_legacy(
     caption_embedding: bool = True,
     policy: ImagePolicy | None = None,
     pause: float = PAUSE_SECONDS,
-) -> stages.RunStats:
+) -> RunStats:
     policy = policy or ImagePolicy()
     worker = "legacy-baseline"
     provenance = Provenance(provider.model_label, api.prompt_version, provider.offline)
-    stats = stages.RunStats()
-    ids = store.pending_ids(user_id, limit=max_items, max_attempts=3)
+    stats = RunStats()
+    ids = store.items.pending_ids(user_id, limit=max_items, max_attempts=3)
     batches = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
     for n, batch in enumerate(batches):
         chunk = stages.claim_chunk(
@@ -57,7 +58,6 @@ def run_legacy(
             chunk,
             provenance=provenance,
             embedding_model=api.embedding_model if caption_embedding else None,
-            embedding_wanted=caption_embedding,
         )
         stats.merge(result.stats)
         if n + 1 < len(batches):

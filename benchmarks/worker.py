@@ -99,8 +99,8 @@ _stage_lock = threading.Lock()
 
 def instrument() -> None:
     """Remember every DashScope provider built and time the shared stage functions."""
-    from enrich_pipeline import stages
-    from enrich_pipeline.api import dashscope
+    from enrich_pipeline.pipeline import stages
+    from enrich_pipeline.providers import dashscope
 
     original_init = dashscope.DashScopeProvider.__init__
 
@@ -151,7 +151,7 @@ def stage_breakdown() -> dict[str, dict[str, float]]:
 
 
 def run_cli(spec: dict[str, Any]) -> dict[str, Any]:
-    from enrich_pipeline import cli
+    from enrich_pipeline.cli import captions as cli
 
     instrument()
     out = TailWriter()
@@ -168,28 +168,26 @@ def run_cli(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_legacy(spec: dict[str, Any]) -> dict[str, Any]:
     from benchmarks.legacy import run_legacy as legacy
-    from enrich_pipeline.api.providers import build_provider
-    from enrich_pipeline.db.store import ItemStore
-    from enrich_pipeline.settings import DashScopeSettings, DbSettings, image_policy_from_env
+    from enrich_pipeline.bootstrap import open_runtime
+    from enrich_pipeline.settings import Settings
 
     instrument()
 
     def go() -> Any:
-        api = DashScopeSettings.from_env()
-        db = DbSettings.from_env()
-        provider = build_provider(api, embedded_db=False)
-        with ItemStore(db) as store:
-            store.setup()
+        runtime = open_runtime(Settings.from_env())
+        try:
             return legacy(
-                store,
-                provider,
-                api,
+                runtime.store,
+                runtime.provider,
+                runtime.settings.dashscope,
                 spec["user"],
                 batch_size=spec["batch_size"],
                 concurrent=spec["concurrent"],
                 max_items=spec["max_items"],
-                policy=image_policy_from_env(),
+                policy=runtime.image_policy,
             )
+        finally:
+            runtime.close()
 
     stats, figures = measure(go)
     return {
@@ -204,7 +202,7 @@ def run_legacy(spec: dict[str, Any]) -> dict[str, Any]:
 
 def enrich_job_definition() -> Any:
     """For ``reconstructable``: the job as a deployment runs it."""
-    from enrich_pipeline.definitions import defs
+    from enrich_pipeline.defs.definitions import defs
 
     return defs.resolve_job_def("enrich_job")
 
@@ -214,7 +212,7 @@ def run_dagster(spec: dict[str, Any]) -> dict[str, Any]:
     # result object, which a daemon-launched run does not, and would charge that to memory.
     from dagster import DagsterInstance, execute_job, reconstructable
 
-    from enrich_pipeline.partitions import user_to_key
+    from enrich_pipeline.defs.partitions import user_to_key
 
     instrument()
     instance = DagsterInstance.ephemeral()
@@ -367,7 +365,7 @@ def run_local(spec: dict[str, Any]) -> dict[str, Any]:
 def _capturing(store: Any) -> Iterator[list[tuple[Any, Any]]]:
     """Record the statements a store method runs (for EXPLAIN), without changing them."""
     captured: list[tuple[Any, Any]] = []
-    pool = store.pool
+    pool = store.db.pool
 
     class Conn:
         def __init__(self, conn: Any) -> None:
@@ -389,11 +387,11 @@ def _capturing(store: Any) -> Iterator[list[tuple[Any, Any]]]:
         def __getattr__(self, name: str) -> Any:
             return getattr(pool, name)
 
-    store.pool = Pool()
+    store.db.pool = Pool()  # type: ignore[assignment]
     try:
         yield captured
     finally:
-        store.pool = pool
+        store.db.pool = pool
 
 
 def run_sensor(spec: dict[str, Any]) -> dict[str, Any]:
@@ -401,10 +399,13 @@ def run_sensor(spec: dict[str, Any]) -> dict[str, Any]:
     from dagster import DagsterInstance, SensorResult, build_sensor_context
     from psycopg import sql
 
-    from enrich_pipeline.db.store import ItemStore, create_sample_table
-    from enrich_pipeline.resources.adbpg import AdbpgResource
-    from enrich_pipeline.sensors import MAX_ATTEMPTS, pending_rows_sensor
-    from enrich_pipeline.settings import DbSettings
+    from enrich_pipeline.db.samples import create_sample_table
+    from enrich_pipeline.db.store import Store
+    from enrich_pipeline.defs.resources import AdbpgResource
+    from enrich_pipeline.defs.sensors import pending_rows_sensor
+    from enrich_pipeline.settings import DbSettings, RunSettings
+
+    max_attempts = RunSettings.from_env().max_attempts
 
     db = DbSettings.from_env()
     items = sql.Identifier(db.namespace, db.table)
@@ -430,7 +431,7 @@ def run_sensor(spec: dict[str, Any]) -> dict[str, Any]:
         conn.execute(seed_sql)
         conn.commit()
         seed_s = time.perf_counter() - started
-    with ItemStore(db) as store:
+    with Store(db) as store:
         started = time.perf_counter()
         store.setup()  # migrations and the partial index on pending rows
         setup_s = time.perf_counter() - started
@@ -461,17 +462,17 @@ def run_sensor(spec: dict[str, Any]) -> dict[str, Any]:
     steady = [tick(cursor)[0] for _ in range(spec["ticks"])]
 
     explain: list[str] = []
-    with ItemStore(db) as store:
+    with Store(db) as store:
         store.setup()
-        store.pending_fingerprints(MAX_ATTEMPTS)
+        store.items.pending_fingerprints(max_attempts)
         alone = []
         for _ in range(spec["ticks"]):
             started = time.perf_counter()
-            store.pending_fingerprints(MAX_ATTEMPTS)
+            store.items.pending_fingerprints(max_attempts)
             alone.append((time.perf_counter() - started) * 1000)
         with _capturing(store) as captured:
-            store.pending_fingerprints(MAX_ATTEMPTS)
-        with store.pool.connection() as conn:
+            store.items.pending_fingerprints(max_attempts)
+        with store.db.pool.connection() as conn:
             for query, params in captured:
                 plan = conn.execute(
                     sql.SQL("EXPLAIN (ANALYZE, BUFFERS) ") + query, params

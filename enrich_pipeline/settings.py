@@ -140,7 +140,7 @@ class DbSettings(_Settings):
         120_000,
         "statement timeout of the pipeline's sessions, in ms",
         env="ADBPG_STATEMENT_TIMEOUT_MS",
-        ge=1000,
+        ge=100,
         le=86_400_000,
     )
     connect_timeout: int = setting(
@@ -248,7 +248,11 @@ class DashScopeSettings(_Settings):
     # Client-side limits so that a run at high concurrency stays under the provider's quota
     # instead of living on 429 retries (qwen-vl default: about 1,200 requests a minute).
     requests_per_minute: int = setting(
-        1200, "request quota of the vision model per minute", env="DASHSCOPE_RPM", ge=1, le=10**6
+        1200,
+        "request quota of the vision model per minute (0: not limited, e.g. a local server)",
+        env="DASHSCOPE_RPM",
+        ge=0,
+        le=10**6,
     )
     tokens_per_minute: int = setting(
         0,
@@ -259,9 +263,9 @@ class DashScopeSettings(_Settings):
     )
     embedding_requests_per_minute: int = setting(
         1800,
-        "request quota of the embedding model per minute",
+        "request quota of the embedding model per minute (0: not limited)",
         env="DASHSCOPE_EMBEDDING_RPM",
-        ge=1,
+        ge=0,
         le=10**6,
     )
     offline: bool = setting(False, "use the offline provider on purpose", env="ENRICH_OFFLINE")
@@ -309,7 +313,7 @@ class RunSettings(_Settings):
         120,
         "claim lease in s: rows of a run that died come back after it (live runs renew theirs)",
         env="ENRICH_LEASE_SECONDS",
-        ge=10,
+        ge=1,
         le=7 * 86_400,
     )
     color_count: int = setting(5, "dominant colors per image at most", ge=1, le=12)
@@ -385,14 +389,14 @@ class AutomationSettings(_Settings):
         30,
         "seconds between ticks of the pending-rows sensor",
         env="ENRICH_SENSOR_INTERVAL",
-        ge=5,
+        ge=1,
         le=86_400,
     )
     batch_poll_interval: int = setting(
         60,
         "seconds between polls of open DashScope batches",
         env="ENRICH_BATCH_POLL_INTERVAL",
-        ge=10,
+        ge=1,
         le=86_400,
     )
     max_concurrent_runs: int = setting(

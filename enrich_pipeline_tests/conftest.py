@@ -7,26 +7,39 @@ each other's rows.
 
 from __future__ import annotations
 
-import colorsys
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
 from PIL import Image
 from psycopg import sql
 
-from enrich_pipeline.db.store import ItemStore, create_sample_table, insert_sample_items
-from enrich_pipeline.enrichment.synthetic import mean_color
-from enrich_pipeline.settings import DashScopeSettings, DbSettings
+from enrich_pipeline.db.store import Store
+from enrich_pipeline.settings import DashScopeSettings
 from enrich_pipeline.testing.standin import StandIn
+from enrich_pipeline_tests.helpers import API_KEY, Items
 
-API_KEY = "sk-test-0123456789abcdef"
+# The tiers, one folder each (README "Tests"): select with -m, e.g. `pytest -m unit`.
+TIERS = ("unit", "integration", "defs", "faults", "e2e")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for tier in TIERS:
+        config.addinivalue_line("markers", f"{tier}: tests of the {tier} tier")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        for tier in TIERS:
+            if tier in parts:
+                item.add_marker(getattr(pytest.mark, tier))
+
 
 
 @pytest.fixture(scope="session")
@@ -55,137 +68,14 @@ def namespace(pg_conninfo: str) -> Iterator[str]:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
 
-def mean_of(path: Path) -> tuple[float, float, float]:
-    """The mean color the stand-in sees, to aim a fault at one image."""
-    with Image.open(path) as img:
-        return mean_color(img)
-
-
-def hues(n: int) -> list[tuple[int, int, int]]:
-    """``n`` clearly different colors (>= 40 apart in some channel for n <= 20)."""
-    out = []
-    for i in range(n):
-        r, g, b = colorsys.hsv_to_rgb(i / n, 0.7, 0.8)
-        out.append((round(r * 255), round(g * 255), round(b * 255)))
-    return out
-
-
-def paint(folder: Path, colors: list[tuple[int, int, int]], prefix: str = "img") -> list[Path]:
-    """One small solid image per color: distinct bytes (no cache sharing), distinct means."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for n, rgb in enumerate(colors):
-        path = folder / f"{prefix}{n:02d}.png"
-        Image.new("RGB", (56, 42), rgb).save(path)
-        paths.append(path)
-    return paths
-
-
-def good_chat_calls(standin: StandIn) -> int:
-    """Caption calls the stand-in answered (the ones that were paid for)."""
-    log = list(standin.requests)  # a copy: the server appends from its own thread
-    return sum(
-        1 for r in log if r["endpoint"] == "chat" and r["fault"] is None and r["status"] == 200
-    )
-
-
-# The keys one enrichment merges into metadata.
-PATCH_KEYS = {
-    "caption",
-    "dominant_colors",
-    "style_tags",
-    "object_tags",
-    "caption_generated_at",
-    "caption_model",
-    "caption_prompt_version",
-}
-
-
-def log_writes(items: Items) -> None:
-    """Log every committed UPDATE of the test's items table (to count writes per row)."""
-    items.execute(
-        "CREATE TABLE {ns}.write_log (id text, caption text)"
-        ";CREATE FUNCTION {ns}.log_write() RETURNS trigger LANGUAGE plpgsql AS $f$"
-        " BEGIN INSERT INTO {ns}.write_log VALUES (NEW.id::text, NEW.metadata->>'caption');"
-        " RETURN NEW; END $f$"
-        ";CREATE TRIGGER log_write AFTER UPDATE ON {items}"
-        " FOR EACH ROW EXECUTE FUNCTION {ns}.log_write()"
-    )
-
-
-def writes(items: Items) -> dict[str, int]:
-    return dict(items.execute("SELECT id, count(*) FROM {ns}.write_log GROUP BY id"))
-
-
-class Items:
-    """The test's items table: insert rows, read them back."""
-
-    def __init__(self, conninfo: str, namespace: str, table: str = "items") -> None:
-        self.conninfo = conninfo
-        self.namespace = namespace
-        self.table = table
-        self.ident = sql.Identifier(namespace, table)
-        with psycopg.connect(conninfo) as conn:
-            create_sample_table(conn, namespace, table)
-
-    @property
-    def settings(self) -> DbSettings:
-        return DbSettings(self.conninfo, self.namespace, self.table)
-
-    def add(
-        self,
-        user_id: str,
-        image: str | None,
-        *,
-        status: str = "active",
-        metadata: Any = {},  # noqa: B006 - never mutated
-    ) -> str:
-        with psycopg.connect(self.conninfo) as conn:
-            return insert_sample_items(
-                conn, self.namespace, self.table, [(user_id, image, status, metadata)]
-            )[0]
-
-    def row(self, item_id: str) -> dict[str, Any]:
-        with psycopg.connect(self.conninfo) as conn:
-            cur = conn.execute(
-                sql.SQL(
-                    "SELECT id::text, user_id, image, status, metadata, updated_at"
-                    " FROM {} WHERE id::text = %s"
-                ).format(self.ident),
-                (item_id,),
-            )
-            r = cur.fetchone()
-        assert r is not None, item_id
-        return dict(
-            zip(["id", "user_id", "image", "status", "metadata", "updated_at"], r, strict=True)
-        )
-
-    def all(self) -> dict[str, dict[str, Any]]:
-        with psycopg.connect(self.conninfo) as conn:
-            ids = [
-                r[0]
-                for r in conn.execute(
-                    sql.SQL("SELECT id::text FROM {} ORDER BY id").format(self.ident)
-                )
-            ]
-        return {i: self.row(i) for i in ids}
-
-    def execute(self, query: str, params: Any = None) -> list[tuple]:
-        """Run SQL with ``{items}``/``{ns}`` standing for the quoted names."""
-        composed = sql.SQL(query).format(items=self.ident, ns=sql.Identifier(self.namespace))
-        with psycopg.connect(self.conninfo) as conn:
-            cur = conn.execute(composed, params)
-            return cur.fetchall() if cur.description else []
-
-
 @pytest.fixture
 def items(pg_conninfo: str, namespace: str) -> Items:
     return Items(pg_conninfo, namespace)
 
 
 @pytest.fixture
-def store(items: Items) -> Iterator[ItemStore]:
-    s = ItemStore(items.settings)
+def store(items: Items) -> Iterator[Store]:
+    s = Store(items.settings)
     s.setup()
     yield s
     s.close()

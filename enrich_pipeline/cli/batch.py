@@ -120,23 +120,20 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             runtime = open_runtime(settings)
             store = runtime.store
         if args.command == "submit" and runtime is not None:
-            run = RunSettings.from_env(None, *given(args, RUN_FLAGS))
-            batch = BatchSettings.from_env(None, *given(args, BATCH_FLAGS))
+            run_values, run_sources = given(args, RUN_FLAGS)
+            run_values["caption_embedding"] = not args.no_caption_embedding
+            batch_values, batch_sources = given(args, BATCH_FLAGS)
+            # 0 (the default): every pending row.
+            batch_values["max_items"] = args.max_items or None
             result = submit_batch(
                 store,
                 api,
                 args.user_id,
                 provider=runtime.provider,
-                limit=args.max_items or None,
                 policy=runtime.image_policy,
-                max_attempts=run.max_attempts,
-                caption_embedding=not args.no_caption_embedding,
-                max_lines=batch.max_lines,
-                max_bytes=batch.max_bytes,
-                lease_seconds=batch.lease_seconds,
-                chunk_size=batch.chunk_size,
-                concurrent=run.concurrent,
                 vocabulary=runtime.vocabulary,
+                batch=BatchSettings.from_env(None, batch_values, batch_sources),
+                run=RunSettings.from_env(None, run_values, run_sources),
             )
             d = result.direct
             out.write(

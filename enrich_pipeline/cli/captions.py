@@ -38,8 +38,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--max-items",
         type=int,
-        default=None,
-        help="items to process at most, 0 for no limit (default 100)",
+        default=RunSettings().max_items,
+        help=f"items to process at most, 0 for no limit (default {RunSettings().max_items})",
     )
     add_setting(p, "--concurrent", RunSettings, "concurrent", flags=RUN_FLAGS)
     p.add_argument("--no-caption-embedding", action="store_true", help="do not embed the captions")

@@ -24,10 +24,13 @@ def add_setting(
     default: Any = None,
     **kwargs: Any,
 ) -> None:
-    """``flag`` for ``model.name``: unset means "the setting's variable, else its default"."""
+    """``flag`` for ``model.name``. A setting read from a variable has no argparse default, so
+    that an unset flag means "the variable, else the default"; any other takes the default."""
     info = model.model_fields[name]
-    shown = info.default if default is None else default
     var = env_name(model, name)
+    shown = info.default if default is None else default
+    if default is None and not var:
+        default = info.default
     help_text = describe(model, name).removesuffix(f" ({var})") if var else describe(model, name)
     where = f"default {shown}" + (f", or {var}" if var else "")
     if info.annotation is bool or "bool" in str(info.annotation):

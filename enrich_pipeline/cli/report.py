@@ -50,22 +50,8 @@ class Report:
     ) -> None:
         self.line(RULE)
         self.line("Statistics:")
-        self.line(f"  {'Total:':<18}{stats.total}")
-        self.line(f"  {'Succeeded:':<18}{stats.succeeded}")
-        self.line(f"  {'Failed:':<18}{stats.failed}")
-        self.line(f"  {'Skipped:':<18}{stats.skipped}")
-        self.line(f"  {'Success rate:':<18}{stats.success_rate * 100:.1f}%")
-        self.line(
-            f"  {'Cache hits:':<18}{stats.cache_hits} "
-            f"({stats.cache_hit_rate * 100:.1f}% of succeeded, no API call)"
-        )
-        if stats.errors:
-            errors = ", ".join(f"{k} {v}" for k, v in sorted(stats.errors.items()))
-            self.line(f"  {'Errors:':<18}{errors}")
-        self.line(
-            f"  {'Embedded:':<18}{stats.embedded}"
-            + (f" ({stats.embedding_failed} without embedding)" if stats.embedding_failed else "")
-        )
+        for label, value in stats.report_rows():
+            self.line(f"  {label + ':':<18}{value}")
         self.line(
             f"  {'Tokens used:':<18}{usage['total_tokens']} (prompt {usage['prompt_tokens']}, "
             f"completion {usage['completion_tokens']}, embedding {usage['embedding_tokens']})"

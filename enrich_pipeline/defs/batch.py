@@ -39,6 +39,7 @@ from enrich_pipeline.db.batches import BatchRecord
 from enrich_pipeline.defs.config import AUTOMATION, BatchCollectConfig, BatchSubmitConfig
 from enrich_pipeline.defs.partitions import key_to_user, users_partitions
 from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
+from enrich_pipeline.defs.runs import IN_FLIGHT, retry_later
 from enrich_pipeline.pipeline.batch.collect import collect_batch
 from enrich_pipeline.pipeline.batch.poll import open_batches, poll_batches
 from enrich_pipeline.pipeline.batch.submit import submit_batch
@@ -47,13 +48,6 @@ from enrich_pipeline.providers.batch_api import BatchError
 from enrich_pipeline.settings import ConfigError, DashScopeSettings
 
 BATCH_TAG = "enrich/batch"
-IN_FLIGHT = {
-    DagsterRunStatus.QUEUED,
-    DagsterRunStatus.NOT_STARTED,
-    DagsterRunStatus.STARTING,
-    DagsterRunStatus.STARTED,
-    DagsterRunStatus.CANCELING,
-}
 
 
 @op(pool="adbpg")
@@ -78,14 +72,9 @@ def batch_submit(
             user,
             provider=dashscope.provider,
             vocabulary=dashscope.vocabulary,
-            limit=config.max_items,
             policy=dashscope.image_policy,
-            max_attempts=config.max_attempts,
-            caption_embedding=config.caption_embedding,
-            max_lines=config.max_lines,
-            max_bytes=config.max_bytes,
-            lease_seconds=config.lease_seconds,
-            concurrent=config.concurrent,
+            batch=config.batch_settings(),
+            run=config.run_settings(),
             run_id=context.run_id,
         )
     except (ConfigError, BatchError, FatalProviderError) as exc:
@@ -212,10 +201,7 @@ def batch_poll_sensor(context: SensorEvaluationContext, adbpg: AdbpgResource):
         )
         still_open = open_batches(store)
     except (psycopg.Error, ConfigError) as exc:
-        return SkipReason(
-            f"cannot poll, will retry: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}"
-        )
+        return retry_later("cannot poll", exc)
     except ProviderError as exc:  # a bad key, or DashScope away after retries
         return SkipReason(f"DashScope did not answer the poll, will retry: {exc}")
     requests = [r for r in (_collect_request(context, rec) for rec in ready) if r is not None]

@@ -92,6 +92,18 @@ class BatchSubmitConfig(Config):
     max_bytes: int = field_of(BatchSettings, "max_bytes", _BATCH.max_bytes)
     lease_seconds: int = field_of(BatchSettings, "lease_seconds", _BATCH.lease_seconds)
 
+    def batch_settings(self) -> BatchSettings:
+        names = ("max_items", "max_lines", "max_bytes", "lease_seconds")
+        return BatchSettings.build(
+            {n: getattr(self, n) for n in names}, {n: f"config.{n}" for n in names}
+        )
+
+    def run_settings(self) -> RunSettings:
+        names = ("max_attempts", "caption_embedding", "concurrent")
+        return RunSettings.build(
+            {n: getattr(self, n) for n in names}, {n: f"config.{n}" for n in names}
+        )
+
 
 class BatchCollectConfig(Config):
     """Run configuration of ``batch_collect_job`` (the sensor fills it in)."""

@@ -11,4 +11,8 @@ enrich_job = define_asset_job(
     "enrich_job",
     selection=[enriched_items],
     executor_def=in_process_executor,
+    description=(
+        "Caption one user's pending items (one partition per user): claim, load images, "
+        "caption with Qwen-VL, embed, and write each chunk back as it completes."
+    ),
 )

@@ -11,7 +11,6 @@ import json
 
 import psycopg
 from dagster import (
-    DagsterRunStatus,
     DefaultSensorStatus,
     RunRequest,
     RunsFilter,
@@ -25,15 +24,8 @@ from enrich_pipeline.defs.config import AUTOMATION
 from enrich_pipeline.defs.jobs import enrich_job
 from enrich_pipeline.defs.partitions import user_to_key, users_partitions
 from enrich_pipeline.defs.resources import AdbpgResource
+from enrich_pipeline.defs.runs import IN_FLIGHT, retry_later
 from enrich_pipeline.settings import ConfigError, RunSettings
-
-IN_FLIGHT = [
-    DagsterRunStatus.QUEUED,
-    DagsterRunStatus.NOT_STARTED,
-    DagsterRunStatus.STARTING,
-    DagsterRunStatus.STARTED,
-    DagsterRunStatus.CANCELING,
-]
 
 
 def users_in_flight(context: SensorEvaluationContext) -> set[str]:
@@ -58,10 +50,7 @@ def pending_rows_sensor(context: SensorEvaluationContext, adbpg: AdbpgResource):
         fingerprints = adbpg.store.items.pending_fingerprints(max_attempts)
     except (psycopg.Error, ConfigError) as exc:
         # A database that is down is a reason to skip, not a crash: the next tick tries again.
-        return SkipReason(
-            f"database unreachable, will retry: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}"
-        )
+        return retry_later("database unreachable", exc)
     if not fingerprints:
         return SkipReason("no pending rows")
 

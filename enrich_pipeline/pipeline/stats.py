@@ -71,6 +71,25 @@ class RunStats:
         for code, n in other.errors.items():
             self.errors[code] = self.errors.get(code, 0) + n
 
+    def report_rows(self) -> list[tuple[str, str]]:
+        """The legacy report's statistics, as (label, value) lines."""
+        rows = [
+            ("Total", str(self.total)),
+            ("Succeeded", str(self.succeeded)),
+            ("Failed", str(self.failed)),
+            ("Skipped", str(self.skipped)),
+            ("Success rate", f"{self.success_rate * 100:.1f}%"),
+            (
+                "Cache hits",
+                f"{self.cache_hits} ({self.cache_hit_rate * 100:.1f}% of succeeded, no API call)",
+            ),
+        ]
+        if self.errors:
+            rows.append(("Errors", ", ".join(f"{k} {v}" for k, v in sorted(self.errors.items()))))
+        without = f" ({self.embedding_failed} without embedding)" if self.embedding_failed else ""
+        rows.append(("Embedded", f"{self.embedded}{without}"))
+        return rows
+
     def summary(self) -> dict[str, Any]:
         """The figures as one plain mapping: materialization metadata, batch stats, reports."""
         return {

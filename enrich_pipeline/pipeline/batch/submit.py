@@ -36,12 +36,7 @@ from enrich_pipeline.pipeline.stats import RunStats
 from enrich_pipeline.providers.base import FatalProviderError, Provider, ProviderError
 from enrich_pipeline.providers.batch_api import BatchApi, BatchError, BatchUnsupported
 from enrich_pipeline.providers.wire import CHAT_ENDPOINT, batch_line, caption_request_body
-from enrich_pipeline.settings import (
-    BATCH_MAX_BYTES,
-    BATCH_MAX_LINES,
-    BatchSettings,
-    DashScopeSettings,
-)
+from enrich_pipeline.settings import BatchSettings, DashScopeSettings, RunSettings
 
 
 @dataclass
@@ -80,35 +75,32 @@ class _Part:
 
 def submit_batch(
     store: Store,
-    provider_settings: DashScopeSettings,
+    settings: DashScopeSettings,
     user_id: str,
     *,
-    limit: int | None,
-    policy: ImagePolicy,
-    max_attempts: int = 3,
-    caption_embedding: bool = True,
     provider: Provider,
-    max_lines: int = BATCH_MAX_LINES,
-    max_bytes: int = BATCH_MAX_BYTES,
-    lease_seconds: int = BatchSettings().lease_seconds,
-    chunk_size: int = BatchSettings().chunk_size,
-    concurrent: int = 5,
-    color_count: int = 5,
+    policy: ImagePolicy,
+    batch: BatchSettings | None = None,
+    run: RunSettings | None = None,
     vocabulary: TagVocabulary = DEFAULT_VOCABULARY,
     api: BatchApi | None = None,
     run_id: str | None = None,
 ) -> SubmitResult:
     """Claim the user's pending rows and submit their captions as one or more batches.
 
-    ``provider`` is the run's (its limiter and usage counts): it embeds the captions that
-    need no batch line (found in the cache).
+    ``batch`` sizes the files and the claims; of ``run``, the attempts, the embedding switch,
+    the images loaded at once and the colors per image count. ``provider`` is the run's (its
+    limiter and usage counts): it embeds the captions that need no batch line (found in the
+    cache).
     """
-    settings = provider_settings
+    batch = batch or BatchSettings()
+    run = run or RunSettings()
+    caption_embedding = run.caption_embedding
     api = api or BatchApi(settings)
     submission = new_id()
     worker = f"batch:{submission}"
     result = SubmitResult(submission, user_id, worker)
-    ids = store.items.pending_ids(user_id, limit=limit, max_attempts=max_attempts)
+    ids = store.items.pending_ids(user_id, limit=batch.max_items, max_attempts=run.max_attempts)
     if not ids:
         return result
     provenance = Provenance(settings.vision_model, settings.prompt_version)
@@ -145,14 +137,14 @@ def submit_batch(
         folder = Path(tmp)
         part = _Part(folder, 0)
         try:
-            for start in range(0, len(ids), chunk_size):
+            for start in range(0, len(ids), batch.chunk_size):
                 chunk = stages.claim_chunk(
                     store,
                     user_id,
-                    ids[start : start + chunk_size],
+                    ids[start : start + batch.chunk_size],
                     worker=worker,
-                    lease_seconds=lease_seconds,
-                    max_attempts=max_attempts,
+                    lease_seconds=batch.lease_seconds,
+                    max_attempts=run.max_attempts,
                 )
                 mine = [w.item.id for w in chunk.items]
                 held.update(mine)
@@ -162,8 +154,8 @@ def submit_batch(
                     chunk,
                     policy=policy,
                     max_image_side=settings.max_image_side,
-                    color_count=color_count,
-                    concurrent=concurrent,
+                    color_count=run.color_count,
+                    concurrent=run.concurrent,
                 )
                 cached = store.cache.cached_captions(
                     [w.content_sha256 for w in chunk.live() if w.content_sha256],
@@ -180,7 +172,7 @@ def submit_batch(
                         stages.accept_caption(work, cached[sha], vocabulary, cached=True)
                         direct.append(work)
                     else:
-                        part = _queue(work, part, folder, settings, max_lines, max_bytes, flush)
+                        part = _queue(work, part, folder, settings, batch, flush)
                         if not work.ok:
                             direct.append(work)
                 write_direct(direct)
@@ -201,8 +193,7 @@ def _queue(
     part: _Part,
     folder: Path,
     settings: DashScopeSettings,
-    max_lines: int,
-    max_bytes: int,
+    batch: BatchSettings,
     flush: Callable[[_Part], None],
 ) -> _Part:
     """Add the item to the current part (a new line, or the line of its image's twin); start
@@ -212,18 +203,20 @@ def _queue(
     custom_id = part.line_of.get(sha)
     if custom_id is None:
         line = batch_line(work.item.id, caption_request_body(settings, work.vision.data_url))
-        if len(line) > max_bytes:
+        if len(line) > batch.max_bytes:
             work.fail(
                 ItemError(
                     "request_too_large",
                     f"the request for this image is {len(line)} bytes, more than a batch file "
-                    f"may hold ({max_bytes})",
+                    f"may hold ({batch.max_bytes})",
                     True,
                     "batch",
                 )
             )
             return part
-        if part.lines and (part.lines + 1 > max_lines or part.bytes + len(line) > max_bytes):
+        if part.lines and (
+            part.lines + 1 > batch.max_lines or part.bytes + len(line) > batch.max_bytes
+        ):
             flush(part)
             part = _Part(folder, part.number + 1)
         part.write(line)

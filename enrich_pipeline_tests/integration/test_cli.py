@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import io
-import re
 from pathlib import Path
 
 import pytest
 
-from enrich_pipeline import cli
+from enrich_pipeline.cli import captions as cli
 from enrich_pipeline.testing.standin import StandIn
-from enrich_pipeline_tests.conftest import Items
-
-
-def run(argv: list[str]) -> tuple[int, str]:
-    out = io.StringIO()
-    code = cli.main(argv, out=out)
-    return code, out.getvalue()
-
-
-def stat(report: str, name: str) -> str:
-    match = re.search(rf"^  {name}:\s+(\S+)", report, re.M)
-    assert match, f"{name} not in report:\n{report}"
-    return match.group(1)
+from enrich_pipeline_tests.helpers import Items, run_cli, stat
 
 
 def test_legacy_flags_have_legacy_defaults() -> None:
@@ -44,7 +30,7 @@ def test_report_numbers_match_the_database(
     items.add("alice", str(image_dir / "broken.jpg"))
     items.add("bob", str(image_dir / "yellow.jpg"))
 
-    code, report = run(["--user-id", "alice", "--batch-size", "2"])
+    code, report = run_cli(["--user-id", "alice", "--batch-size", "2"])
 
     assert code == 0, report
     assert "Configuration:" in report and "Batch size:       2" in report
@@ -72,7 +58,7 @@ def test_without_user_id_all_users_are_processed_within_max_items(
     for user in ("alice", "bob", "carol"):
         for color in ("blue", "red"):
             items.add(user, str(image_dir / f"{color}.jpg"))
-    code, report = run(["--max-items", "5", "--no-caption-embedding"])
+    code, report = run_cli(["--max-items", "5", "--no-caption-embedding"])
     assert code == 0, report
     assert "User:             all users" in report
     assert stat(report, "Total") == "5"
@@ -85,7 +71,7 @@ def test_missing_api_key_is_one_clear_line(
 ) -> None:
     items.add("alice", str(image_dir / "blue.jpg"))
     env.delenv("DASHSCOPE_API_KEY")
-    code, report = run([])
+    code, report = run_cli([])
     err = capsys.readouterr().err
     assert code == 2 and report == ""
     assert err.strip().count("\n") == 0 and "DASHSCOPE_API_KEY" in err
@@ -93,7 +79,7 @@ def test_missing_api_key_is_one_clear_line(
 
 
 def test_nothing_pending_says_so(env: pytest.MonkeyPatch, items: Items) -> None:
-    code, report = run(["--user-id", "nobody"])
+    code, report = run_cli(["--user-id", "nobody"])
     assert code == 0
     assert "No pending items for user 'nobody'" in report
 
@@ -102,7 +88,7 @@ def test_offline_flag_labels_rows(
     env: pytest.MonkeyPatch, items: Items, image_dir: Path, standin: StandIn
 ) -> None:
     item = items.add("alice", str(image_dir / "blue.jpg"))
-    code, report = run(["--offline"])
+    code, report = run_cli(["--offline"])
     assert code == 0 and "OFFLINE" in report
     md = items.row(item)["metadata"]
     assert md["caption_source"] == "offline" and md["caption_model"] == "offline-synthetic"

@@ -11,9 +11,7 @@ HTTP server of our own that misbehaves on purpose.
 
 from __future__ import annotations
 
-import base64
 import functools
-import io
 import re
 import struct
 import threading
@@ -26,20 +24,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import psycopg
 import pytest
-from PIL import Image
 from psycopg import sql
 
-from enrich_pipeline import cli
-from enrich_pipeline.api.dashscope import DashScopeProvider
-from enrich_pipeline.db.store import ItemStore, create_sample_table, insert_sample_items
+from enrich_pipeline.db.samples import create_sample_table, insert_sample_items
+from enrich_pipeline.db.store import Store
 from enrich_pipeline.enrichment.images import ImagePolicy
-from enrich_pipeline.runner import Engine
+from enrich_pipeline.pipeline.engine import Engine
+from enrich_pipeline.providers.dashscope import DashScopeProvider
 from enrich_pipeline.settings import DashScopeSettings, DbSettings, RunSettings
 from enrich_pipeline.testing.standin import StandIn
-from enrich_pipeline_tests.conftest import Items
+from enrich_pipeline_tests.helpers import Items, data_url, png, run_cli, truncated_jpeg
 
 PATCH_KEYS = [
     "caption",
@@ -55,25 +51,6 @@ IMAGE_TIMEOUT = 1.5  # ENRICH_IMAGE_TIMEOUT for the runs that meet the stalling 
 
 # ---------------------------------------------------------------------------------------------
 # Small images
-
-
-def png(color: tuple[int, int, int], size: tuple[int, int] = (48, 32)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def data_url(raw: bytes, media_type: str = "image/png") -> str:
-    return f"data:{media_type};base64,{base64.b64encode(raw).decode()}"
-
-
-def truncated_jpeg() -> bytes:
-    # Noise defeats compression, so cutting the scan data loses real content.
-    pixels = np.random.default_rng(7).integers(0, 256, (120, 160, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
-    raw = buffer.getvalue()
-    return raw[: len(raw) * 6 // 10]
 
 
 @functools.cache
@@ -222,12 +199,6 @@ def hostile() -> Iterator[Hostile]:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
-
-
-def run_cli(argv: list[str]) -> tuple[int, str]:
-    out = io.StringIO()
-    code = cli.main(argv, out=out)
-    return code, out.getvalue()
 
 
 _ITEM = re.compile(r"^\[\d+\] item (\S+) \(user (.*)\): (OK|FAILED|SKIPPED)$")
@@ -473,17 +444,17 @@ def test_hostile_servers_and_bytes_fail_per_row_and_the_run_goes_on(
         " AND coalesce(metadata->>'caption', '') = ''"
     )
     assert {r[0] for r in pending} == set(bad)
-    store = ItemStore(items.settings)
+    store = Store(items.settings)
     try:
         store.setup()
-        assert set(store.pending_ids("alice", limit=None, max_attempts=3)) == transient
+        assert set(store.items.pending_ids("alice", limit=None, max_attempts=3)) == transient
     finally:
         store.close()
 
 
 def test_redirects_into_internal_networks_are_refused_when_only_loopback_is_exempt(
     items: Items,
-    store: ItemStore,
+    store: Store,
     api_settings: DashScopeSettings,
     hostile: Hostile,
     standin: StandIn,
@@ -712,8 +683,8 @@ def test_namespace_and_table_with_odd_characters(
         )
     others_before = _all_tables(odd_table.conninfo) - {(ns, table)}
 
-    settings = DbSettings(odd_table.conninfo, ns, table)
-    with ItemStore(settings) as store:
+    settings = DbSettings(conninfo=odd_table.conninfo, namespace=ns, table=table)
+    with Store(settings) as store:
         store.setup()
         engine = Engine(
             store,

@@ -1,7 +1,8 @@
 """Process faults and concurrency: a CLI killed with SIGKILL mid-run, two workers on one user,
 and a caption written by someone else while a run is in flight.
 
-The killed run is a real ``python -m enrich_pipeline.cli`` subprocess against the test database
+The killed run is a real ``python -m enrich_pipeline.cli.captions`` subprocess against the test
+database
 and a private stand-in server; the test decides when to kill it from what the database and the
 server show, so the assertions are exact (no "probably killed in the middle").
 """
@@ -25,16 +26,16 @@ import pytest
 from psycopg import sql
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from enrich_pipeline import cli
-from enrich_pipeline.api.dashscope import DashScopeProvider
-from enrich_pipeline.db.store import ItemStore
+from enrich_pipeline.cli import captions as cli
+from enrich_pipeline.db.store import Store
 from enrich_pipeline.enrichment.images import ImagePolicy
 from enrich_pipeline.enrichment.synthetic import color_word
-from enrich_pipeline.runner import Engine
+from enrich_pipeline.pipeline.engine import Engine
+from enrich_pipeline.pipeline.stats import ItemOutcome, RunStats
+from enrich_pipeline.providers.dashscope import DashScopeProvider
 from enrich_pipeline.settings import DashScopeSettings, RunSettings
-from enrich_pipeline.stages import ItemOutcome, RunStats
 from enrich_pipeline.testing.standin import StandIn
-from enrich_pipeline_tests.conftest import (
+from enrich_pipeline_tests.helpers import (
     API_KEY,
     PATCH_KEYS,
     Items,
@@ -126,13 +127,14 @@ def cli_env(items: Items, server: StandIn) -> dict[str, str]:
 # Short, so the re-run can take the dead run's rows without the test waiting minutes. A live
 # run renews its leases every third of a lease, so this is safe for the run being killed.
 LEASE = 3
-CLI = [sys.executable, "-m", "enrich_pipeline.cli", "--user-id", "alice", "--batch-size", "2"]
+CLI = [sys.executable, "-m", "enrich_pipeline.cli.captions", "--user-id", "alice"]
+CLI += ["--batch-size", "2"]
 CLI += ["--max-items", "0", "--concurrent", "2", "--lease-seconds", str(LEASE)]
 
 
 def test_sigkill_mid_run_keeps_written_chunks_and_the_rerun_pays_nothing_twice(
     items: Items,
-    store: ItemStore,
+    store: Store,
     slow_server: tuple[StandIn, InFlight],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -206,9 +208,9 @@ def test_sigkill_mid_run_keeps_written_chunks_and_the_rerun_pays_nothing_twice(
     # then no run takes those rows, afterwards they are pending again.
     held = {r[0] for r in items.execute("SELECT item_id FROM {ns}.enrich_claims")}
     assert held and not held & set(written)
-    assert not held & set(store.pending_ids("alice", limit=None, max_attempts=3))
+    assert not held & set(store.items.pending_ids("alice", limit=None, max_attempts=3))
     time.sleep(LEASE + 0.5)
-    assert held <= set(store.pending_ids("alice", limit=None, max_attempts=3))
+    assert held <= set(store.items.pending_ids("alice", limit=None, max_attempts=3))
 
     # The re-run is the same command line, in-process (a second interpreter start buys nothing).
     server.clear_faults()
@@ -239,7 +241,7 @@ def test_sigkill_mid_run_keeps_written_chunks_and_the_rerun_pays_nothing_twice(
 
 def test_two_workers_on_the_same_user_write_each_row_once(
     items: Items,
-    store: ItemStore,
+    store: Store,
     standin: StandIn,
     api_settings: DashScopeSettings,
     tmp_path: Path,
@@ -252,7 +254,7 @@ def test_two_workers_on_the_same_user_write_each_row_once(
     hand_before = {i: items.row(i) for i in by_hand}
     log_writes(items)
     standin.latency = 0.05
-    other = ItemStore(items.settings)
+    other = Store(items.settings)
     other.setup()
     engines = [
         Engine(
@@ -300,7 +302,7 @@ def test_two_workers_on_the_same_user_write_each_row_once(
 
 def test_caption_written_by_someone_else_mid_run_is_kept(
     items: Items,
-    store: ItemStore,
+    store: Store,
     standin: StandIn,
     api_settings: DashScopeSettings,
     tmp_path: Path,

@@ -16,9 +16,9 @@ from dagster import (
 )
 from dagster._core.test_utils import create_run_for_test
 
-from enrich_pipeline.resources.adbpg import AdbpgResource
-from enrich_pipeline.sensors import pending_rows_sensor
-from enrich_pipeline_tests.conftest import Items
+from enrich_pipeline.defs.resources import AdbpgResource
+from enrich_pipeline.defs.sensors import pending_rows_sensor
+from enrich_pipeline_tests.helpers import Items
 
 
 def tick(instance: DagsterInstance, cursor: str | None = None) -> SensorResult | SkipReason:

@@ -1,6 +1,7 @@
 """End to end: the real Dagster webserver and daemon, the sensor launching runs, and the UI.
 
-One module-scoped stack runs the project's launcher (``python -m enrich_pipeline.serve``, the
+One module-scoped stack runs the project's launcher (``python -m enrich_pipeline.defs.launcher``,
+the
 ``enrich-dagster`` command: ``dagster dev`` with the repo's dagster.yaml in a temporary
 DAGSTER_HOME and run storage in a fresh database of the test PostgreSQL) against a namespace
 seeded with pending rows for two users and the stand-in DashScope server. Nobody clicks: the
@@ -34,11 +35,11 @@ import pytest
 from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 from psycopg import sql
 
-from enrich_pipeline.serve import dagster_url_for, ensure_database
+from enrich_pipeline.defs.launcher import INSTANCE_YAML, dagster_url_for, ensure_database
 from enrich_pipeline.testing.standin import StandIn
-from enrich_pipeline_tests.conftest import API_KEY, Items
+from enrich_pipeline_tests.helpers import API_KEY, Items
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -215,7 +216,7 @@ def stack(
     tmp = tmp_path_factory.mktemp("e2e")
     home = tmp / "dagster_home"
     home.mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(INSTANCE_YAML, home / "dagster.yaml")
     dbname = f"dagster_{uuid.uuid4().hex[:10]}"
     ensure_database(pg_conninfo, dbname)
     env = {
@@ -243,7 +244,7 @@ def stack(
     logs = [tmp / "servers.stdout.log", tmp / "servers.stderr.log"]
     with logs[0].open("wb") as out, logs[1].open("wb") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "enrich_pipeline.serve", "--host", "127.0.0.1"]
+            [sys.executable, "-m", "enrich_pipeline.defs.launcher", "--host", "127.0.0.1"]
             + ["--port", str(port)],
             env=env,
             cwd=str(tmp),
@@ -489,7 +490,14 @@ def test_backfill_from_the_command_line_runs_one_run_per_user(stack: Stack) -> N
     calls_before = stack.standin.count("chat")
     with _dump_output_on_failure(stack):
         done = subprocess.run(
-            [sys.executable, "-m", "enrich_pipeline.serve", "backfill", "--users", "frank,gina"],
+            [
+                sys.executable,
+                "-m",
+                "enrich_pipeline.defs.launcher",
+                "backfill",
+                "--users",
+                "frank,gina",
+            ],
             env=stack.env,
             capture_output=True,
             text=True,

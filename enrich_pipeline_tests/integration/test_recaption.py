@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from enrich_pipeline.testing.standin import StandIn
-from enrich_pipeline_tests.conftest import Items, mean_of
-from enrich_pipeline_tests.test_cli import run, stat
+from enrich_pipeline_tests.helpers import Items, mean_of, run_cli, stat
 
 
 def test_recaption_replaces_only_pipeline_captions_of_the_chosen_user(
@@ -18,18 +17,18 @@ def test_recaption_replaces_only_pipeline_captions_of_the_chosen_user(
     env.setenv("DASHSCOPE_VISION_MODEL", "qwen-vl-old")
     mine = [items.add("alice", str(image_dir / f"{c}.jpg")) for c in ("blue", "red", "green")]
     theirs = items.add("bob", str(image_dir / "yellow.jpg"))
-    assert run([])[0] == 0
+    assert run_cli([])[0] == 0
     by_hand = items.add("alice", str(image_dir / "cyan.jpg"), metadata={"caption": "Mine."})
     before = {i: items.row(i)["metadata"] for i in mine}
     assert {md["caption_model"] for md in before.values()} == {"qwen-vl-old"}
 
     env.setenv("DASHSCOPE_VISION_MODEL", "qwen-vl-new")
     # Never by surprise: a plain run with the new model leaves captioned rows alone.
-    code, report = run(["--user-id", "alice"])
+    code, report = run_cli(["--user-id", "alice"])
     assert code == 0 and "No pending items" in report
     # The red image is rejected by the new model: its old caption must survive.
     standin.add_rule("moderation", color=mean_of(image_dir / "red.jpg"), tolerance=12)
-    code, report = run(["--user-id", "alice", "--recaption"])
+    code, report = run_cli(["--user-id", "alice", "--recaption"])
     assert code == 0, report
     assert (stat(report, "Total"), stat(report, "Succeeded"), stat(report, "Failed")) == (
         "3",
@@ -45,10 +44,10 @@ def test_recaption_replaces_only_pipeline_captions_of_the_chosen_user(
     assert items.row(by_hand)["metadata"] == {"caption": "Mine."}
     assert items.row(theirs)["metadata"]["caption_model"] == "qwen-vl-old"
     # Nothing left to re-caption but the rejected row, which is in the ledger.
-    code, report = run(["--user-id", "alice", "--recaption"])
+    code, report = run_cli(["--user-id", "alice", "--recaption"])
     assert "No pending items" in report
 
 
 def test_recaption_requires_a_user(env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    code, _ = run(["--recaption"])
+    code, _ = run_cli(["--recaption"])
     assert code == 2 and "--recaption needs --user-id" in capsys.readouterr().err

@@ -25,14 +25,15 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from enrich_pipeline import stages
-from enrich_pipeline.api.dashscope import DashScopeProvider
-from enrich_pipeline.db.store import ItemStore
+from enrich_pipeline.db.items import ItemRows
+from enrich_pipeline.db.store import Store
 from enrich_pipeline.enrichment.images import ImagePolicy
-from enrich_pipeline.runner import Engine
+from enrich_pipeline.pipeline import stages
+from enrich_pipeline.pipeline.engine import Engine
+from enrich_pipeline.providers.dashscope import DashScopeProvider
 from enrich_pipeline.settings import DashScopeSettings, RunSettings
 from enrich_pipeline.testing.standin import StandIn
-from enrich_pipeline_tests.conftest import Items, good_chat_calls, hues, log_writes, paint, writes
+from enrich_pipeline_tests.helpers import Items, good_chat_calls, hues, log_writes, paint, writes
 
 LOCAL = ImagePolicy(allow_local_files=True)
 PATCH_KEYS = {"caption", "dominant_colors", "style_tags", "object_tags", "caption_generated_at"}
@@ -68,7 +69,7 @@ def assert_all_written_once(items: Items, ids: list[str]) -> None:
     assert items.execute("SELECT count(*) FROM {ns}.enrich_claims") == [(0,)]
 
 
-def engine(store: ItemStore, api: DashScopeSettings, **run: Any) -> Engine:
+def engine(store: Store, api: DashScopeSettings, **run: Any) -> Engine:
     return Engine(store, DashScopeProvider(api), api, RunSettings(**run), image_policy=LOCAL)
 
 
@@ -113,8 +114,8 @@ def lock_row(items: Items, item_id: str) -> RowLock:
 
 
 def write_attempts() -> int:
-    """Attempts of the last ``ItemStore.write_chunk`` call (tenacity's documented statistics)."""
-    return int(ItemStore.write_chunk.statistics.get("attempt_number", 0))  # type: ignore[attr-defined]
+    """Attempts of the last ``ItemRows.write_chunk`` call (tenacity's documented statistics)."""
+    return int(ItemRows.write_chunk.statistics.get("attempt_number", 0))  # type: ignore[attr-defined]
 
 
 # --- connections dropped -------------------------------------------------------------------------
@@ -122,7 +123,7 @@ def write_attempts() -> int:
 
 def test_connections_terminated_mid_run_every_row_written_once(
     items: Items,
-    store: ItemStore,
+    store: Store,
     standin: StandIn,
     api_settings: DashScopeSettings,
     tmp_path: Path,
@@ -159,7 +160,7 @@ def test_connections_terminated_mid_run_every_row_written_once(
 
 def test_connection_dropped_while_the_write_waits_is_retried(
     items: Items,
-    store: ItemStore,
+    store: Store,
     standin: StandIn,
     api_settings: DashScopeSettings,
     tmp_path: Path,
@@ -200,7 +201,7 @@ def test_statement_timeout_on_the_write_is_retried(
 ) -> None:
     ids = seed(items, tmp_path, 4)
     log_writes(items)
-    short = ItemStore(items.settings, statement_timeout_ms=300)
+    short = Store(items.settings.with_(statement_timeout_ms=300))
     short.setup()  # before the lock: CREATE INDEX CONCURRENTLY waits for open transactions
     lock = lock_row(items, ids[2])
 
@@ -232,7 +233,7 @@ def test_statement_timeout_while_caching_a_paid_caption_keeps_the_caption(
     ids = seed(items, tmp_path, 3)
     log_writes(items)
     # Another session blocks inserts into the caption cache (reads still pass) for a while.
-    short = ItemStore(items.settings, statement_timeout_ms=300)
+    short = Store(items.settings.with_(statement_timeout_ms=300))
     short.setup()
     lock = RowLock(
         items.conninfo,
@@ -344,7 +345,7 @@ def test_server_restarted_between_chunks_a_rerun_finishes_the_rest(
 
     first_error: BaseException | None = None
     started = time.monotonic()
-    with ItemStore(items.settings) as store:
+    with Store(items.settings) as store:
         store.setup()
         try:
             engine(store, api_settings, batch_size=2, concurrent=2).enrich(
@@ -362,7 +363,7 @@ def test_server_restarted_between_chunks_a_rerun_finishes_the_rest(
         assert n == 1, (i, n)
         assert PATCH_KEYS <= set(items.row(i)["metadata"])
 
-    with ItemStore(items.settings) as store:
+    with Store(items.settings) as store:
         store.setup()
         rerun = engine(store, api_settings, batch_size=2).enrich("alice")
 

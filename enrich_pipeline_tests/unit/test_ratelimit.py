@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enrich_pipeline.api.ratelimit import WINDOW, RateLimiter
+from enrich_pipeline.providers.ratelimit import WINDOW, RateLimiter
 
 
 class FakeClock:

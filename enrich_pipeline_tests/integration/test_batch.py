@@ -22,33 +22,31 @@ from dagster import (
 )
 from dagster._core.test_utils import create_run_for_test
 
-from enrich_pipeline import batch as batch_mode
-from enrich_pipeline.api.batch_api import BatchRejected, BatchUnsupported
-from enrich_pipeline.api.dashscope import DashScopeProvider
-from enrich_pipeline.batch import (
-    TERMINAL,
-    BatchRecord,
-    cancel_batch,
-    collect_batch,
-    open_batches,
-    poll_batches,
-    submit_batch,
-)
-from enrich_pipeline.batch_dagster import (
+from enrich_pipeline.bootstrap import build_provider
+from enrich_pipeline.cli import batch as batch_mode
+from enrich_pipeline.db.batches import BatchRecord
+from enrich_pipeline.db.store import Store
+from enrich_pipeline.defs.batch import (
     BATCH_JOBS,
     BATCH_SENSORS,
     batch_collect_job,
     batch_poll_sensor,
     batch_submit_job,
 )
-from enrich_pipeline.db.store import ItemStore
+from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
 from enrich_pipeline.enrichment.images import ImagePolicy, load_image, prepare_for_vision
-from enrich_pipeline.resources.adbpg import AdbpgResource
-from enrich_pipeline.resources.dashscope import DashScopeResource
-from enrich_pipeline.runner import Engine
-from enrich_pipeline.settings import DashScopeSettings, RunSettings
+from enrich_pipeline.pipeline.batch import collect as collect_mode
+from enrich_pipeline.pipeline.batch.collect import collect_batch
+from enrich_pipeline.pipeline.batch.poll import cancel_batch, open_batches, poll_batches
+from enrich_pipeline.pipeline.batch.state import TERMINAL
+from enrich_pipeline.pipeline.batch.submit import submit_batch
+from enrich_pipeline.pipeline.engine import Engine
+from enrich_pipeline.providers import wire
+from enrich_pipeline.providers.batch_api import BatchRejected, BatchUnsupported
+from enrich_pipeline.providers.dashscope import DashScopeProvider
+from enrich_pipeline.settings import BatchSettings, DashScopeSettings, RunSettings
 from enrich_pipeline.testing.standin import StandIn
-from enrich_pipeline_tests.conftest import API_KEY, Items, mean_of
+from enrich_pipeline_tests.helpers import API_KEY, Items, mean_of
 
 POLICY = ImagePolicy()  # local paths allowed: the test images are files
 
@@ -69,15 +67,35 @@ def fresh_settings(server: StandIn, **overrides: Any) -> DashScopeSettings:
         backoff_initial=0.01,
         backoff_max=0.05,
     )
-    return replace(base, **overrides)
+    return base.with_(**overrides)
 
 
-def submit(store: ItemStore, settings: DashScopeSettings, user: str = "alice", **kw: Any):
-    return submit_batch(store, settings, user, limit=kw.pop("limit", None), policy=POLICY, **kw)
+def submit(store: Store, settings: DashScopeSettings, user: str = "alice", **kw: Any):
+    """``submit_batch`` with batch and run settings from keywords (``limit``: max items)."""
+    provider = kw.pop("provider", None) or build_provider(settings, embedded_db=False)
+    batch = {"max_items": kw.pop("limit", None)}
+    batch.update({k: kw.pop(k) for k in list(kw) if k in BatchSettings.model_fields})
+    run = {k: kw.pop(k) for k in list(kw) if k in RunSettings.model_fields}
+    return submit_batch(
+        store,
+        settings,
+        user,
+        provider=provider,
+        policy=POLICY,
+        batch=BatchSettings(**batch),
+        run=RunSettings(**run),
+        **kw,
+    )
+
+
+def collect(store: Store, settings: DashScopeSettings, batch: Any, **kw: Any):
+    """``collect_batch`` with a provider of these settings, as a collecting process has."""
+    provider = kw.pop("provider", None) or build_provider(settings, embedded_db=False)
+    return collect_batch(store, settings, batch, provider=provider, **kw)
 
 
 def poll_until_ended(
-    store: ItemStore, settings: DashScopeSettings, timeout: float = 10.0
+    store: Store, settings: DashScopeSettings, timeout: float = 10.0
 ) -> list[BatchRecord]:
     deadline = time.monotonic() + timeout
     while True:
@@ -98,8 +116,8 @@ def claims_of(items: Items, worker: str) -> list[str]:
     ]
 
 
-def ledger(store: ItemStore, user: str = "alice") -> dict[str, tuple[str, bool, int]]:
-    return {e.item_id: (e.error_code, e.permanent, e.attempts) for e in store.failures(user)}
+def ledger(store: Store, user: str = "alice") -> dict[str, tuple[str, bool, int]]:
+    return {e.item_id: (e.error_code, e.permanent, e.attempts) for e in store.items.failures(user)}
 
 
 SAME_AS_ONLINE = (
@@ -113,7 +131,7 @@ SAME_AS_ONLINE = (
 
 
 def test_submit_restart_poll_collect_writes_like_the_online_path(
-    items: Items, store: ItemStore, server: StandIn, image_dir: Path
+    items: Items, store: Store, server: StandIn, image_dir: Path
 ) -> None:
     img = {c: str(image_dir / f"{c}.jpg") for c in ("blue", "green", "yellow", "cyan")}
     alice = {
@@ -163,7 +181,7 @@ def test_submit_restart_poll_collect_writes_like_the_online_path(
     store.close()
 
     # A restart: new store, new settings; everything comes from the database.
-    store2 = ItemStore(items.settings)
+    store2 = Store(items.settings)
     store2.setup()
     try:
         settings2 = fresh_settings(server)
@@ -174,7 +192,7 @@ def test_submit_restart_poll_collect_writes_like_the_online_path(
         (ended,) = poll_until_ended(store2, settings2)
         assert ended.status == "completed" and ended.output_file_id
 
-        collected = collect_batch(store2, settings2, ended)
+        collected = collect(store2, settings2, ended)
 
         s = collected.stats
         assert (s.total, s.succeeded, s.failed, s.skipped) == (5, 4, 0, 1)
@@ -211,7 +229,7 @@ def test_submit_restart_poll_collect_writes_like_the_online_path(
 
         # Collecting twice writes nothing twice.
         before = items.all()
-        again = collect_batch(store2, settings2, ended.local_id)
+        again = collect(store2, settings2, ended.local_id)
         assert again.already and again.stats.total == 0
         assert items.all() == before
         assert poll_batches(store2, settings2) == [] and open_batches(store2) == []
@@ -220,7 +238,7 @@ def test_submit_restart_poll_collect_writes_like_the_online_path(
 
 
 def test_line_errors_are_classified_as_online(
-    items: Items, store: ItemStore, server: StandIn, image_dir: Path
+    items: Items, store: Store, server: StandIn, image_dir: Path
 ) -> None:
     ids = {
         c: items.add("alice", str(image_dir / f"{c}.jpg"))
@@ -239,7 +257,7 @@ def test_line_errors_are_classified_as_online(
     (ended,) = poll_until_ended(store, settings)
     assert ended.error_file_id
 
-    collected = collect_batch(store, settings, ended)
+    collected = collect(store, settings, ended)
 
     s = collected.stats
     assert (s.total, s.succeeded, s.failed) == (4, 1, 3)
@@ -249,12 +267,12 @@ def test_line_errors_are_classified_as_online(
     assert found[ids["green"]] == ("server_error", False, 1)
     assert items.row(ids["blue"])["metadata"]["caption"]
     # Permanent errors are left out; the transient one is pending again.
-    assert store.pending_ids("alice", limit=None, max_attempts=3) == [ids["green"]]
+    assert store.items.pending_ids("alice", limit=None, max_attempts=3) == [ids["green"]]
 
 
 @pytest.mark.parametrize("ending", ["expired", "failed", "cancelled"])
 def test_a_batch_that_ends_early_writes_what_was_done_and_releases_the_rest(
-    items: Items, store: ItemStore, server: StandIn, image_dir: Path, ending: str
+    items: Items, store: Store, server: StandIn, image_dir: Path, ending: str
 ) -> None:
     ids = [items.add("alice", str(image_dir / f"{c}.jpg")) for c in ("blue", "green", "cyan")]
     settings = fresh_settings(server)
@@ -269,7 +287,7 @@ def test_a_batch_that_ends_early_writes_what_was_done_and_releases_the_rest(
     (ended,) = poll_until_ended(store, settings)
     assert ended.status == ending
 
-    collected = collect_batch(store, settings, ended)
+    collected = collect(store, settings, ended)
 
     done = 1 if ending == "expired" else (3 if ending == "cancelled" else 0)
     assert (collected.stats.succeeded, collected.stats.failed) == (done, 3 - done)
@@ -277,11 +295,11 @@ def test_a_batch_that_ends_early_writes_what_was_done_and_releases_the_rest(
     code = f"batch_{ending}"
     expected = {i: (code, False, 1) for i in ids[done:]}
     assert ledger(store) == expected
-    assert store.pending_ids("alice", limit=None, max_attempts=3) == ids[done:]
+    assert store.items.pending_ids("alice", limit=None, max_attempts=3) == ids[done:]
 
 
 def test_a_crash_midway_through_collect_is_finished_by_the_next_collect(
-    items: Items, store: ItemStore, server: StandIn, image_dir: Path
+    items: Items, store: Store, server: StandIn, image_dir: Path
 ) -> None:
     ids = [
         items.add("alice", str(image_dir / f"{c}.jpg")) for c in ("red", "blue", "green", "cyan")
@@ -302,23 +320,23 @@ def test_a_crash_midway_through_collect_is_finished_by_the_next_collect(
             return super().embed(texts)
 
     with pytest.raises(RuntimeError):
-        collect_batch(
+        collect(
             store, settings, ended, chunk_size=1, provider=DiesOnSecondEmbedding(settings)
         )
     assert items.row(ids[1])["metadata"]["caption"]  # the chunks before the crash are written
     assert "caption" not in items.row(ids[3])["metadata"]
 
-    again = collect_batch(store, fresh_settings(server), ended.local_id, chunk_size=1)
+    again = collect(store, fresh_settings(server), ended.local_id, chunk_size=1)
 
     assert (again.stats.total, again.stats.succeeded) == (1, 1)  # only what was left
     assert items.row(ids[3])["metadata"]["caption"]
     # Failures were recorded once, not once per collect.
     assert ledger(store) == {ids[0]: ("moderation", True, 1), ids[2]: ("server_error", False, 1)}
-    assert collect_batch(store, settings, ended.local_id).already
+    assert collect(store, settings, ended.local_id).already
 
 
 def test_files_are_split_by_lines_and_by_bytes(
-    items: Items, store: ItemStore, server: StandIn, image_dir: Path
+    items: Items, store: Store, server: StandIn, image_dir: Path
 ) -> None:
     colors = ("blue", "red", "green", "yellow", "cyan")
     ids = [items.add("alice", str(image_dir / f"{c}.jpg")) for c in colors]
@@ -331,7 +349,7 @@ def test_files_are_split_by_lines_and_by_bytes(
     ready = poll_until_ended(store, settings)
     assert len(ready) == 3
     for record in ready:
-        collect_batch(store, settings, record)
+        collect(store, settings, record)
     assert all(items.row(i)["metadata"]["caption"] for i in ids)
 
     # By bytes: no two requests fit in one file, so each image gets a batch of its own.
@@ -339,9 +357,9 @@ def test_files_are_split_by_lines_and_by_bytes(
     items.execute("DELETE FROM {ns}.enrich_caption_cache")  # make them go to the batch
     sizes = [
         len(
-            batch_mode._encode_line(
+            wire.batch_line(
                 "0",
-                batch_mode.caption_request_body(
+                wire.caption_request_body(
                     settings,
                     prepare_for_vision(
                         load_image(str(image_dir / f"{c}.jpg"), POLICY), max_side=1024
@@ -356,7 +374,7 @@ def test_files_are_split_by_lines_and_by_bytes(
     by_bytes = submit(store, settings, max_bytes=limit)
     assert [p.lines for p in by_bytes.parts] == [1] * 5
     for record in poll_until_ended(store, settings):
-        collect_batch(store, settings, record)
+        collect(store, settings, record)
     assert all(items.row(i)["metadata"]["caption"] for i in more)
 
     # A request larger than a file may be is a permanent failure of that row, not a crash.
@@ -368,7 +386,7 @@ def test_files_are_split_by_lines_and_by_bytes(
 
 
 def test_the_server_line_limit_and_a_refused_batch_give_the_rows_back(
-    items: Items, store: ItemStore, server: StandIn, image_dir: Path
+    items: Items, store: Store, server: StandIn, image_dir: Path
 ) -> None:
     ids = [items.add("alice", str(image_dir / f"{c}.jpg")) for c in ("blue", "red", "green")]
     server.batch_max_lines = 2  # the server's 50,000-line check, made small
@@ -377,15 +395,15 @@ def test_the_server_line_limit_and_a_refused_batch_give_the_rows_back(
     with pytest.raises(BatchRejected, match="at most 2"):
         submit(store, settings, max_lines=3)
 
-    assert store.pending_ids("alice", limit=None, max_attempts=3) == ids
-    assert store.failures("alice") == []  # not the rows' fault
+    assert store.items.pending_ids("alice", limit=None, max_attempts=3) == ids
+    assert store.items.failures("alice") == []  # not the rows' fault
     (row,) = items.execute("SELECT state, error FROM {ns}.enrich_batches")
     assert row[0] == "rejected" and "at most 2" in row[1]
     assert items.execute("SELECT count(*) FROM {ns}.enrich_claims") == [(0,)]
 
 
 def test_unsupported_model_or_region_is_a_clear_error(
-    items: Items, store: ItemStore, server: StandIn, image_dir: Path
+    items: Items, store: Store, server: StandIn, image_dir: Path
 ) -> None:
     ids = [items.add("alice", str(image_dir / f"{c}.jpg")) for c in ("blue", "red")]
     settings = fresh_settings(server, vision_model="qwen-vl-ocr-latest")
@@ -398,7 +416,7 @@ def test_unsupported_model_or_region_is_a_clear_error(
     assert "'qwen-vl-ocr-latest'" in message and server.base_url in message
     assert "not supported by the Batch API" in message and "online path" in message
     assert API_KEY not in message
-    assert store.pending_ids("alice", limit=None, max_attempts=3) == ids
+    assert store.items.pending_ids("alice", limit=None, max_attempts=3) == ids
     assert items.execute("SELECT state FROM {ns}.enrich_batches") == [("rejected",)]
 
     # A server (or region) without the Batch API at all.
@@ -407,11 +425,11 @@ def test_unsupported_model_or_region_is_a_clear_error(
     with pytest.raises(BatchUnsupported, match="no Files API|HTTP 404") as missing:
         submit(store, fresh_settings(server))
     assert server.base_url in str(missing.value)
-    assert store.pending_ids("alice", limit=None, max_attempts=3) == ids
+    assert store.items.pending_ids("alice", limit=None, max_attempts=3) == ids
 
 
 def test_a_lost_submitter_is_resolved_by_the_poll(
-    items: Items, store: ItemStore, server: StandIn, image_dir: Path
+    items: Items, store: Store, server: StandIn, image_dir: Path
 ) -> None:
     ids = [items.add("alice", str(image_dir / f"{c}.jpg")) for c in ("blue", "red")]
     settings = fresh_settings(server)
@@ -432,8 +450,8 @@ def test_a_lost_submitter_is_resolved_by_the_poll(
     server.batches.clear()
     poll_batches(store, settings, submit_grace_seconds=0)
     assert items.execute("SELECT state FROM {ns}.enrich_batches") == [("abandoned",)]
-    assert store.pending_ids("alice", limit=None, max_attempts=3) == ids
-    assert store.failures("alice") == []
+    assert store.items.pending_ids("alice", limit=None, max_attempts=3) == ids
+    assert store.items.failures("alice") == []
 
 
 def test_dagster_submit_job_poll_sensor_and_collect_job(
@@ -531,19 +549,19 @@ def test_answer_lines_read_like_online_answers() -> None:
             },
         },
     }
-    assert batch_mode.parse_line(ok, url) == batch_mode.LineResult("A blue chair.", None, 7, 3)
+    assert wire.parse_line(ok, url) == wire.LineResult("A blue chair.", None, 7, 3)
     # An error line with only DashScope's code (no response) is classified as online.
-    moderated = batch_mode.parse_line(
+    moderated = wire.parse_line(
         {"custom_id": "2", "error": {"code": "DataInspectionFailed", "message": "no"}}, url
     )
     assert moderated.error is not None and moderated.error.code == "moderation"
     assert moderated.error.permanent
-    limited = batch_mode.parse_line(
+    limited = wire.parse_line(
         {"custom_id": "3", "response": {"status_code": 429, "body": {"error": {}}}}, url
     )
     assert limited.error is not None and not limited.error.permanent
     empty = {"custom_id": "4", "response": {"status_code": 200, "body": {"choices": []}}}
-    assert batch_mode.parse_line(empty, url).error.code == "empty_caption"  # type: ignore[union-attr]
+    assert wire.parse_line(empty, url).error.code == "empty_caption"  # type: ignore[union-attr]
     # A batch that failed validation because the model is not offered in batch mode.
     failed = BatchRecord(
         "x-0",
@@ -561,6 +579,6 @@ def test_answer_lines_read_like_online_answers() -> None:
         status="failed",
         error="model_not_found: The provided model 'qwen-vl-ocr' is not supported",
     )
-    message = batch_mode._unsupported_failure(failed)
+    message = collect_mode._unsupported_failure(failed)
     assert message and "'qwen-vl-ocr'" in message and url in message
-    assert batch_mode._unsupported_failure(replace(failed, error="batch_failed: no")) is None
+    assert collect_mode._unsupported_failure(replace(failed, error="batch_failed: no")) is None

@@ -16,24 +16,22 @@ Fault matrix covered here (see the README's fault matrix):
 
 from __future__ import annotations
 
-import io
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from enrich_pipeline import cli
-from enrich_pipeline.api.dashscope import DashScopeProvider, FatalProviderError
-from enrich_pipeline.db.store import ItemStore
+from enrich_pipeline.db.store import Store
 from enrich_pipeline.enrichment.images import ImagePolicy
-from enrich_pipeline.runner import Engine
+from enrich_pipeline.pipeline.engine import Engine
+from enrich_pipeline.providers.base import FatalProviderError
+from enrich_pipeline.providers.dashscope import DashScopeProvider
 from enrich_pipeline.settings import DashScopeSettings, RunSettings
 from enrich_pipeline.testing.standin import StandIn
-from enrich_pipeline_tests.conftest import API_KEY, PATCH_KEYS, Items, hues, mean_of, paint
+from enrich_pipeline_tests.helpers import API_KEY, PATCH_KEYS, Items, hues, mean_of, paint, run_cli
 
 LOCAL = ImagePolicy(allow_local_files=True)
 TRANSIENT = ["429", "500", "503", "timeout", "reset", "malformed", "empty_caption"]
@@ -61,7 +59,7 @@ def seed(items: Items, paths: list[Path], user: str = "alice") -> tuple[list[str
 
 
 def engine(
-    store: ItemStore,
+    store: Store,
     api: DashScopeSettings,
     *,
     sleep: Callable[[float], None] | None = None,
@@ -139,7 +137,7 @@ def settings_for(server: StandIn, **overrides: Any) -> DashScopeSettings:
         backoff_initial=0.01,
         backoff_max=0.05,
     )
-    return replace(base, **overrides)
+    return base.with_(**overrides)
 
 
 # --- transient faults that clear ---------------------------------------------------------------
@@ -149,7 +147,7 @@ def settings_for(server: StandIn, **overrides: Any) -> DashScopeSettings:
 def test_transient_fault_is_retried_and_the_row_captioned_once(
     fault: str,
     items: Items,
-    store: ItemStore,
+    store: Store,
     server_for: Callable[[str], StandIn],
     tmp_path: Path,
 ) -> None:
@@ -166,7 +164,7 @@ def test_transient_fault_is_retried_and_the_row_captioned_once(
     assert eng.usage.retries == 2
     assert chat(server, ok=True) == 3, "each row is captioned by exactly one good answer"
     assert_captioned_once(items, ids, before)
-    assert store.failures("alice") == []
+    assert store.items.failures("alice") == []
     assert claims(items) == 0
     if fault == "timeout":
         # Two requests hung for 5 s each; the run gave up on each after 0.5 s. Generous bound.
@@ -176,7 +174,7 @@ def test_transient_fault_is_retried_and_the_row_captioned_once(
 
 
 def test_retry_after_is_honoured(
-    items: Items, store: ItemStore, standin: StandIn, tmp_path: Path
+    items: Items, store: Store, standin: StandIn, tmp_path: Path
 ) -> None:
     ids, before = seed(items, paint(tmp_path, hues(1)))
     standin.inject("429", times=2, endpoint="chat", retry_after=0.3)
@@ -197,11 +195,11 @@ def test_retry_after_is_honoured(
     assert eng.usage.retries == 2
     assert chat(standin, fault="429") == 2 and chat(standin, ok=True) == 1
     assert_captioned_once(items, ids, before)
-    assert store.failures("alice") == []
+    assert store.items.failures("alice") == []
 
 
 def test_429_without_retry_after_backs_off_exponentially_with_jitter(
-    items: Items, store: ItemStore, standin: StandIn, tmp_path: Path
+    items: Items, store: Store, standin: StandIn, tmp_path: Path
 ) -> None:
     ids, before = seed(items, paint(tmp_path, hues(1)))
     standin.inject("429", times=3, endpoint="chat")
@@ -229,7 +227,7 @@ def test_429_without_retry_after_backs_off_exponentially_with_jitter(
 def test_exhausted_retries_record_a_transient_failure(
     fault: str,
     items: Items,
-    store: ItemStore,
+    store: Store,
     server_for: Callable[[str], StandIn],
     tmp_path: Path,
 ) -> None:
@@ -244,7 +242,7 @@ def test_exhausted_retries_record_a_transient_failure(
 
     assert (stats.total, stats.succeeded, stats.failed) == (3, 2, 1)
     assert stats.errors == {TRANSIENT_CODES[fault]: 1}
-    (entry,) = store.failures("alice")
+    (entry,) = store.items.failures("alice")
     assert (entry.item_id, entry.attempts, entry.permanent) == (target, 1, False)
     assert entry.error_code == TRANSIENT_CODES[fault] and entry.last_error
     assert eng.usage.retries == 2  # max_retries, all on the target
@@ -255,11 +253,11 @@ def test_exhausted_retries_record_a_transient_failure(
     ) == [(0,)]
     assert claims(items) == 0
     # Transient: still pending, and the next run tries again and counts a second attempt.
-    assert store.count_pending("alice", max_attempts=3) == 1
+    assert store.items.count_pending("alice", max_attempts=3) == 1
     if fault != "timeout":
         assert chat(server, fault=fault) == 3  # 1 call + max_retries
         eng.enrich("alice")
-        (entry,) = store.failures("alice")
+        (entry,) = store.items.failures("alice")
         assert entry.attempts == 2
         assert chat(server, fault=fault) == 6
 
@@ -276,7 +274,7 @@ def test_permanent_rejection_is_recorded_once_and_not_retried(
     code: str,
     words: str,
     items: Items,
-    store: ItemStore,
+    store: Store,
     standin: StandIn,
     api_settings: DashScopeSettings,
     tmp_path: Path,
@@ -292,7 +290,7 @@ def test_permanent_rejection_is_recorded_once_and_not_retried(
     assert (stats.succeeded, stats.failed) == (2, 1) and stats.errors == {code: 1}
     assert chat(standin, fault=fault) == 1, "a permanent rejection is never retried"
     assert eng.usage.retries == 0
-    (entry,) = store.failures("alice")
+    (entry,) = store.items.failures("alice")
     assert (entry.item_id, entry.attempts, entry.permanent, entry.error_code) == (
         target,
         1,
@@ -303,7 +301,7 @@ def test_permanent_rejection_is_recorded_once_and_not_retried(
     assert_untouched(items, [target], before)
     assert_captioned_once(items, [ids[0], ids[2]], before)
     # Out of the pending set: a second run does not pay for it again.
-    assert store.count_pending("alice", max_attempts=3) == 0
+    assert store.items.count_pending("alice", max_attempts=3) == 0
     assert eng.enrich("alice").total == 0
     assert chat(standin) == 3
 
@@ -313,7 +311,7 @@ def test_permanent_rejection_is_recorded_once_and_not_retried(
 
 def test_key_rejected_mid_run_stops_at_once_and_releases_claims(
     items: Items,
-    store: ItemStore,
+    store: Store,
     standin: StandIn,
     api_settings: DashScopeSettings,
     tmp_path: Path,
@@ -334,15 +332,9 @@ def test_key_rejected_mid_run_stops_at_once_and_releases_claims(
     assert chat(standin) == 3 and chat(standin, fault="unauthorized") == 1
     assert_untouched(items, ids[2:], before)
     # Nothing is marked failed, nothing stays claimed: the next run (with a good key) has them.
-    assert store.failures("alice") == []
+    assert store.items.failures("alice") == []
     assert claims(items) == 0
-    assert store.count_pending("alice", max_attempts=3) == 4
-
-
-def run_cli(argv: list[str]) -> tuple[int, str]:
-    out = io.StringIO()
-    code = cli.main(argv, out=out)
-    return code, out.getvalue()
+    assert store.items.count_pending("alice", max_attempts=3) == 4
 
 
 def test_cli_invalid_key_exits_3_with_one_clear_line(

@@ -10,7 +10,6 @@ a secret-looking string.
 
 from __future__ import annotations
 
-import functools
 import io
 import logging
 import traceback
@@ -27,21 +26,20 @@ from dagster._serdes import serialize_value
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from enrich_pipeline import cli
-from enrich_pipeline.api.dashscope import DashScopeProvider, FatalProviderError
-from enrich_pipeline.assets import enriched_items
-from enrich_pipeline.db.store import ItemStore
-from enrich_pipeline.definitions import defs
+from enrich_pipeline.cli import captions as cli
+from enrich_pipeline.db.store import Store
+from enrich_pipeline.defs.assets import enriched_items
+from enrich_pipeline.defs.definitions import defs
+from enrich_pipeline.defs.io_managers import CHUNK_IO
+from enrich_pipeline.defs.partitions import user_to_key
+from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
 from enrich_pipeline.enrichment.images import ImagePolicy
-from enrich_pipeline.ops import CHUNK_IO
-from enrich_pipeline.partitions import user_to_key
-from enrich_pipeline.resources.adbpg import AdbpgResource
-from enrich_pipeline.resources.dashscope import DashScopeResource
-from enrich_pipeline.runner import Engine
+from enrich_pipeline.pipeline.engine import Engine
+from enrich_pipeline.providers.base import FatalProviderError
+from enrich_pipeline.providers.dashscope import DashScopeProvider
 from enrich_pipeline.settings import DashScopeSettings, DbSettings, RunSettings
 from enrich_pipeline.testing.standin import StandIn
-from enrich_pipeline_tests.conftest import Items
-from enrich_pipeline_tests.test_hostile_input import data_url, png
+from enrich_pipeline_tests.helpers import Items, data_url, png, run_cli
 
 # Distinctive values; each also has a random core that is searched for on its own, so a secret
 # that is partly masked ("sk-***<core>") or re-encoded around its core still counts as a leak.
@@ -202,12 +200,6 @@ def add_mixed_rows(items: Items, standin: StandIn, user: str) -> None:
     standin.add_rule("500", color=YELLOW, tolerance=12)
 
 
-def run_cli(argv: list[str]) -> tuple[int, str]:
-    out = io.StringIO()
-    code = cli.main(argv, out=out)
-    return code, out.getvalue()
-
-
 # ---------------------------------------------------------------------------------------------
 # The command line and the Engine
 
@@ -242,20 +234,20 @@ def test_cli_and_engine_never_show_the_api_key_or_the_database_password(
     # The same through the Engine, to look at the exception itself.
     wrong = DashScopeSettings.from_env()
     db = DbSettings.from_env()
-    with ItemStore(db) as store:
+    with Store(db) as store:
         store.setup()
         engine = Engine(store, DashScopeProvider(wrong), wrong, RunSettings(), ImagePolicy())
         with pytest.raises(FatalProviderError) as info:
             engine.enrich("bob")
         texts += exception_texts("FatalProviderError", info.value)
         assert "DASHSCOPE_API_KEY" in str(info.value)
-        with store.pool.connection() as conn:
+        with store.db.pool.connection() as conn:
             # What a developer would log while debugging; psycopg leaves the password out.
             texts += [("repr connection", repr(conn)), ("connection dsn", conn.info.dsn)]
             assert db_role["role"] in conn.info.dsn  # connected as the role with the password
         texts += [
             ("repr store", repr(store)),
-            ("repr pool", repr(store.pool)),
+            ("repr pool", repr(store.db.pool)),
             ("repr store.settings", repr(store.settings)),
             ("repr engine", repr(engine)),
         ]
@@ -301,7 +293,7 @@ def test_redacted_database_description_has_no_password(db_role: dict[str, str]) 
         ).conninfo,
     }
     for form, conninfo in forms.items():
-        settings = DbSettings(conninfo, "cleantab", "items")
+        settings = DbSettings(conninfo=conninfo, namespace="cleantab", table="items")
         shown = settings.redacted()
         assert db_role["role"] in shown, (form, shown)
         assert not leaks([(form, shown), (f"{form} repr", repr(settings))]), form
@@ -421,8 +413,8 @@ def unreachable_db(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
     env.setenv("ADBPG_HOST", str(tmp_path / "no-server-here"))
     env.setenv("ADBPG_USER", "enrich")
     env.setenv("ADBPG_PASSWORD", DB_PASSWORD)
-    # The pool gives up after its connect timeout (5 s in production); 1 s keeps this quick.
-    env.setattr(cli, "ItemStore", functools.partial(ItemStore, connect_timeout=1))
+    # The pool gives up after its connect timeout (5 s by default); 1 s keeps this quick.
+    env.setenv("ADBPG_CONNECT_TIMEOUT", "1")
 
 
 def test_unreachable_database_does_not_show_the_password(

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance, materialize
 
-from enrich_pipeline.assets import enriched_items
-from enrich_pipeline.checks import embedding_dimensions, no_unrecorded_pending_rows
-from enrich_pipeline.definitions import defs
-from enrich_pipeline.ops import CHUNK_IO
-from enrich_pipeline.partitions import key_to_user, user_to_key
+from enrich_pipeline.defs.assets import enriched_items
+from enrich_pipeline.defs.checks import embedding_dimensions, no_unrecorded_pending_rows
+from enrich_pipeline.defs.definitions import defs
+from enrich_pipeline.defs.io_managers import CHUNK_IO
+from enrich_pipeline.defs.partitions import key_to_user, user_to_key
 from enrich_pipeline.testing.standin import StandIn
-from enrich_pipeline_tests.conftest import Items, mean_of
+from enrich_pipeline_tests.helpers import Items, mean_of
 
 
 def resources() -> dict:

@@ -7,13 +7,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from enrich_pipeline.api.dashscope import DashScopeProvider
-from enrich_pipeline.db.store import ItemStore
-from enrich_pipeline.search import main as search_main
-from enrich_pipeline.search import search_captions
+from enrich_pipeline.cli.search import main as search_main
+from enrich_pipeline.db.store import Store
+from enrich_pipeline.pipeline.search import search_captions
+from enrich_pipeline.providers.dashscope import DashScopeProvider
 from enrich_pipeline.settings import DashScopeSettings
-from enrich_pipeline_tests.conftest import Items
-from enrich_pipeline_tests.test_cli import run
+from enrich_pipeline_tests.helpers import Items, run_cli
 
 
 @pytest.fixture
@@ -21,21 +20,21 @@ def captioned(env: pytest.MonkeyPatch, items: Items, image_dir: Path) -> Items:
     for color in ("blue", "red", "green", "yellow", "cyan", "magenta"):
         items.add("alice", str(image_dir / f"{color}.jpg"))
     items.add("bob", str(image_dir / "blue.jpg"))
-    assert run(["--max-items", "0"])[0] == 0
+    assert run_cli(["--max-items", "0"])[0] == 0
     with psycopg.connect(items.conninfo, autocommit=True) as conn:
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
     return items
 
 
 def test_ranks_by_caption_similarity_and_agrees_with_pgvector(
-    captioned: Items, store: ItemStore, api_settings: DashScopeSettings
+    captioned: Items, store: Store, api_settings: DashScopeSettings
 ) -> None:
     provider = DashScopeProvider(api_settings)
     caption_of = {i: r["metadata"]["caption"] for i, r in captioned.all().items()}
     target = next(iter(caption_of.values()))
     by_sql = search_captions(store, provider, "alice", target, top_k=10, method="sql")
     by_vec = search_captions(store, provider, "alice", target, top_k=10, method="pgvector")
-    assert store.has_pgvector()
+    assert store.search.has_pgvector()
     assert [h.item_id for h in by_sql] == [h.item_id for h in by_vec]
     for a, b in zip(by_sql, by_vec, strict=True):
         assert a.score == pytest.approx(b.score, abs=1e-5)
@@ -46,7 +45,7 @@ def test_ranks_by_caption_similarity_and_agrees_with_pgvector(
 
 
 def test_filters_by_color_and_tag(
-    captioned: Items, store: ItemStore, api_settings: DashScopeSettings
+    captioned: Items, store: Store, api_settings: DashScopeSettings
 ) -> None:
     provider = DashScopeProvider(api_settings)
     rows = {i: r["metadata"] for i, r in captioned.all().items() if r["user_id"] == "alice"}

@@ -7,24 +7,25 @@ from pathlib import Path
 
 import pytest
 
-from enrich_pipeline import stages
-from enrich_pipeline.api.dashscope import DashScopeProvider, FatalProviderError
-from enrich_pipeline.db.store import ItemStore
+from enrich_pipeline.db.store import Store
 from enrich_pipeline.enrichment.images import ImagePolicy
-from enrich_pipeline.runner import Engine
+from enrich_pipeline.pipeline import stages
+from enrich_pipeline.pipeline.engine import Engine
+from enrich_pipeline.providers.base import FatalProviderError
+from enrich_pipeline.providers.dashscope import DashScopeProvider
 from enrich_pipeline.settings import DashScopeSettings, RunSettings
 from enrich_pipeline.testing.standin import StandIn
-from enrich_pipeline_tests.conftest import Items, mean_of
+from enrich_pipeline_tests.helpers import Items, mean_of
 
 LOCAL = ImagePolicy(allow_local_files=True)
 
 
-def engine(store: ItemStore, api: DashScopeSettings, **run: object) -> Engine:
+def engine(store: Store, api: DashScopeSettings, **run: object) -> Engine:
     return Engine(store, DashScopeProvider(api), api, RunSettings(**run), image_policy=LOCAL)
 
 
 def test_only_pending_active_image_rows_of_the_user_are_touched(
-    items: Items, store: ItemStore, api_settings: DashScopeSettings, image_dir: Path
+    items: Items, store: Store, api_settings: DashScopeSettings, image_dir: Path
 ) -> None:
     blue = str(image_dir / "blue.jpg")
     target = items.add("alice", blue, metadata={"title": "chair", "price": 12})
@@ -60,7 +61,7 @@ def test_only_pending_active_image_rows_of_the_user_are_touched(
 
 
 def test_caption_written_between_read_and_write_is_never_overwritten(
-    items: Items, store: ItemStore, api_settings: DashScopeSettings, image_dir: Path
+    items: Items, store: Store, api_settings: DashScopeSettings, image_dir: Path
 ) -> None:
     first = items.add("alice", str(image_dir / "blue.jpg"), metadata={"k": 1})
     second = items.add("alice", str(image_dir / "red.jpg"))
@@ -85,7 +86,7 @@ def test_caption_written_between_read_and_write_is_never_overwritten(
 
 
 def test_failed_rows_are_recorded_counted_and_given_up_after_max_attempts(
-    items: Items, store: ItemStore, api_settings: DashScopeSettings, image_dir: Path
+    items: Items, store: Store, api_settings: DashScopeSettings, image_dir: Path
 ) -> None:
     good = items.add("alice", str(image_dir / "green.jpg"))
     missing = items.add("alice", str(image_dir / "nope.jpg"))
@@ -94,7 +95,7 @@ def test_failed_rows_are_recorded_counted_and_given_up_after_max_attempts(
 
     stats = eng.enrich("alice")
     assert (stats.total, stats.succeeded, stats.failed) == (3, 1, 2)
-    ledger = {e.item_id: e for e in store.failures("alice")}
+    ledger = {e.item_id: e for e in store.items.failures("alice")}
     assert set(ledger) == {missing, broken}
     assert ledger[missing].attempts == 1 and ledger[missing].error_code
     assert "nope.jpg" in ledger[missing].last_error
@@ -102,16 +103,16 @@ def test_failed_rows_are_recorded_counted_and_given_up_after_max_attempts(
     assert items.row(good)["metadata"]["caption"]
 
     # Permanent errors (unreadable images) are out of the pending set at once.
-    assert store.count_pending("alice", max_attempts=2) == 0
+    assert store.items.count_pending("alice", max_attempts=2) == 0
     assert eng.enrich("alice").total == 0
     # Until someone asks for them to be retried.
-    assert store.reset_failures("alice") == 2
-    assert store.count_pending("alice", max_attempts=2) == 2
+    assert store.items.reset_failures("alice") == 2
+    assert store.items.count_pending("alice", max_attempts=2) == 2
 
 
 def test_transient_failures_are_retried_by_later_runs_until_the_attempt_cap(
     items: Items,
-    store: ItemStore,
+    store: Store,
     api_settings: DashScopeSettings,
     image_dir: Path,
     standin: StandIn,
@@ -121,7 +122,7 @@ def test_transient_failures_are_retried_by_later_runs_until_the_attempt_cap(
     eng = engine(store, api_settings, max_attempts=2)
     assert eng.enrich("alice").failed == 1
     assert eng.enrich("alice").failed == 1
-    (entry,) = store.failures("alice")
+    (entry,) = store.items.failures("alice")
     assert (entry.item_id, entry.attempts, entry.permanent) == (item, 2, False)
     assert eng.enrich("alice").total == 0  # capped
     # Retries inside one run: 1 call + max_retries (3) per run, two runs.
@@ -130,7 +131,7 @@ def test_transient_failures_are_retried_by_later_runs_until_the_attempt_cap(
 
 def test_moderation_is_permanent_and_not_retried(
     items: Items,
-    store: ItemStore,
+    store: Store,
     api_settings: DashScopeSettings,
     image_dir: Path,
     standin: StandIn,
@@ -140,13 +141,13 @@ def test_moderation_is_permanent_and_not_retried(
     stats = engine(store, api_settings).enrich("alice")
     assert stats.failed == 1 and stats.errors == {"moderation": 1}
     assert standin.count("chat") == 1
-    (entry,) = store.failures("alice")
+    (entry,) = store.items.failures("alice")
     assert entry.item_id == item and entry.permanent and entry.error_code == "moderation"
 
 
 def test_no_caption_embedding_makes_no_embedding_call(
     items: Items,
-    store: ItemStore,
+    store: Store,
     api_settings: DashScopeSettings,
     image_dir: Path,
     standin: StandIn,
@@ -159,21 +160,21 @@ def test_no_caption_embedding_makes_no_embedding_call(
 
 
 def test_invalid_key_stops_the_run_without_marking_rows(
-    items: Items, store: ItemStore, image_dir: Path, standin: StandIn
+    items: Items, store: Store, image_dir: Path, standin: StandIn
 ) -> None:
     ids = [items.add("alice", str(image_dir / "blue.jpg")) for _ in range(4)]
     bad = DashScopeSettings(api_key="sk-wrong", base_url=standin.base_url, timeout=5.0)
     with pytest.raises(FatalProviderError, match="DASHSCOPE_API_KEY"):
         engine(store, bad).enrich("alice")
-    assert store.failures("alice") == []
+    assert store.items.failures("alice") == []
     assert items.execute("SELECT count(*) FROM {ns}.enrich_claims") == [(0,)]
     assert all(items.row(i)["metadata"] == {} for i in ids)
-    assert store.count_pending("alice", max_attempts=3) == 4
+    assert store.items.count_pending("alice", max_attempts=3) == 4
 
 
 def test_metadata_that_is_not_an_object_fails_clearly_and_is_left_alone(
     items: Items,
-    store: ItemStore,
+    store: Store,
     api_settings: DashScopeSettings,
     image_dir: Path,
     standin: StandIn,
@@ -186,23 +187,23 @@ def test_metadata_that_is_not_an_object_fails_clearly_and_is_left_alone(
 
 
 def test_concurrent_claims_never_share_a_row(
-    items: Items, store: ItemStore, image_dir: Path
+    items: Items, store: Store, image_dir: Path
 ) -> None:
     ids = [items.add("alice", str(image_dir / "blue.jpg")) for _ in range(6)]
-    a, a_skipped = store.claim("alice", ids, worker="a", lease_seconds=60, max_attempts=3)
-    b, b_skipped = store.claim("alice", ids, worker="b", lease_seconds=60, max_attempts=3)
+    a, a_skipped = store.items.claim("alice", ids, worker="a", lease_seconds=60, max_attempts=3)
+    b, b_skipped = store.items.claim("alice", ids, worker="b", lease_seconds=60, max_attempts=3)
     assert len(a) == 6 and a_skipped == []
     assert b == [] and b_skipped == ids
-    assert store.pending_ids("alice", limit=None, max_attempts=3) == []
+    assert store.items.pending_ids("alice", limit=None, max_attempts=3) == []
     # Another user's partition cannot claim alice's rows.
-    store.release("alice", ids, worker="a")
-    c, _ = store.claim("bob", ids, worker="c", lease_seconds=60, max_attempts=3)
+    store.items.release("alice", ids, worker="a")
+    c, _ = store.items.claim("bob", ids, worker="c", lease_seconds=60, max_attempts=3)
     assert c == []
 
 
 def test_duplicate_images_across_rows_and_users_cost_one_call(
     items: Items,
-    store: ItemStore,
+    store: Store,
     api_settings: DashScopeSettings,
     image_dir: Path,
     standin: StandIn,
@@ -220,20 +221,20 @@ def test_duplicate_images_across_rows_and_users_cost_one_call(
 
 def test_rerun_after_a_crash_between_caption_and_write_hits_the_cache(
     items: Items,
-    store: ItemStore,
+    store: Store,
     api_settings: DashScopeSettings,
     image_dir: Path,
     standin: StandIn,
 ) -> None:
     item = items.add("alice", str(image_dir / "green.jpg"))
     provider = DashScopeProvider(api_settings)
-    dead = ItemStore(items.settings)  # the process that will die
+    dead = Store(items.settings)  # the process that will die
     dead.setup()
     chunk = stages.claim_chunk(
         dead, "alice", [item], worker="dead", lease_seconds=1, max_attempts=3
     )
     stages.visual_attributes(chunk, policy=LOCAL, max_image_side=512)
-    stages.caption_chunk(chunk, provider, cache=dead, prompt_version="v1")
+    stages.caption_chunk(chunk, provider, cache=dead.cache, prompt_version="v1")
     assert standin.count("chat") == 1
     # It dies here: nothing written, nobody renews its lease, which then runs out.
     dead.close()

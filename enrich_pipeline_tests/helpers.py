@@ -1,0 +1,236 @@
+"""Helpers shared by the test tiers: the test's items table, images to feed the pipeline,
+request-log readers for the stand-in, and write logs."""
+
+from __future__ import annotations
+
+import base64
+import colorsys
+import io
+import re
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+from PIL import Image
+from psycopg import sql
+
+from enrich_pipeline.cli import captions
+from enrich_pipeline.db.samples import create_sample_table, insert_sample_items
+from enrich_pipeline.enrichment.images import ImageLoadError, ImagePolicy, load_image
+from enrich_pipeline.enrichment.synthetic import mean_color
+from enrich_pipeline.settings import DbSettings
+from enrich_pipeline.testing.standin import StandIn
+
+API_KEY = "sk-test-0123456789abcdef"
+
+
+def mean_of(path: Path) -> tuple[float, float, float]:
+    """The mean color the stand-in sees, to aim a fault at one image."""
+    with Image.open(path) as img:
+        return mean_color(img)
+
+
+def hues(n: int) -> list[tuple[int, int, int]]:
+    """``n`` clearly different colors (>= 40 apart in some channel for n <= 20)."""
+    out = []
+    for i in range(n):
+        r, g, b = colorsys.hsv_to_rgb(i / n, 0.7, 0.8)
+        out.append((round(r * 255), round(g * 255), round(b * 255)))
+    return out
+
+
+def paint(folder: Path, colors: list[tuple[int, int, int]], prefix: str = "img") -> list[Path]:
+    """One small solid image per color: distinct bytes (no cache sharing), distinct means."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for n, rgb in enumerate(colors):
+        path = folder / f"{prefix}{n:02d}.png"
+        Image.new("RGB", (56, 42), rgb).save(path)
+        paths.append(path)
+    return paths
+
+
+def good_chat_calls(standin: StandIn) -> int:
+    """Caption calls the stand-in answered (the ones that were paid for)."""
+    log = list(standin.requests)  # a copy: the server appends from its own thread
+    return sum(
+        1 for r in log if r["endpoint"] == "chat" and r["fault"] is None and r["status"] == 200
+    )
+
+
+# The keys one enrichment merges into metadata.
+PATCH_KEYS = {
+    "caption",
+    "dominant_colors",
+    "style_tags",
+    "object_tags",
+    "caption_generated_at",
+    "caption_model",
+    "caption_prompt_version",
+}
+
+
+def log_writes(items: Items) -> None:
+    """Log every committed UPDATE of the test's items table (to count writes per row)."""
+    items.execute(
+        "CREATE TABLE {ns}.write_log (id text, caption text)"
+        ";CREATE FUNCTION {ns}.log_write() RETURNS trigger LANGUAGE plpgsql AS $f$"
+        " BEGIN INSERT INTO {ns}.write_log VALUES (NEW.id::text, NEW.metadata->>'caption');"
+        " RETURN NEW; END $f$"
+        ";CREATE TRIGGER log_write AFTER UPDATE ON {items}"
+        " FOR EACH ROW EXECUTE FUNCTION {ns}.log_write()"
+    )
+
+
+def writes(items: Items) -> dict[str, int]:
+    return dict(items.execute("SELECT id, count(*) FROM {ns}.write_log GROUP BY id"))
+
+
+class Items:
+    """The test's items table: insert rows, read them back."""
+
+    def __init__(self, conninfo: str, namespace: str, table: str = "items") -> None:
+        self.conninfo = conninfo
+        self.namespace = namespace
+        self.table = table
+        self.ident = sql.Identifier(namespace, table)
+        with psycopg.connect(conninfo) as conn:
+            create_sample_table(conn, namespace, table)
+
+    @property
+    def settings(self) -> DbSettings:
+        return DbSettings(conninfo=self.conninfo, namespace=self.namespace, table=self.table)
+
+    def add(
+        self,
+        user_id: str,
+        image: str | None,
+        *,
+        status: str = "active",
+        metadata: Any = {},  # noqa: B006 - never mutated
+    ) -> str:
+        with psycopg.connect(self.conninfo) as conn:
+            return insert_sample_items(
+                conn, self.namespace, self.table, [(user_id, image, status, metadata)]
+            )[0]
+
+    def row(self, item_id: str) -> dict[str, Any]:
+        with psycopg.connect(self.conninfo) as conn:
+            cur = conn.execute(
+                sql.SQL(
+                    "SELECT id::text, user_id, image, status, metadata, updated_at"
+                    " FROM {} WHERE id::text = %s"
+                ).format(self.ident),
+                (item_id,),
+            )
+            r = cur.fetchone()
+        assert r is not None, item_id
+        return dict(
+            zip(["id", "user_id", "image", "status", "metadata", "updated_at"], r, strict=True)
+        )
+
+    def all(self) -> dict[str, dict[str, Any]]:
+        with psycopg.connect(self.conninfo) as conn:
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    sql.SQL("SELECT id::text FROM {} ORDER BY id").format(self.ident)
+                )
+            ]
+        return {i: self.row(i) for i in ids}
+
+    def execute(self, query: str, params: Any = None) -> list[tuple]:
+        """Run SQL with ``{items}``/``{ns}`` standing for the quoted names."""
+        composed = sql.SQL(query).format(items=self.ident, ns=sql.Identifier(self.namespace))
+        with psycopg.connect(self.conninfo) as conn:
+            cur = conn.execute(composed, params)
+            return cur.fetchall() if cur.description else []
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+def run_cli(argv: list[str]) -> tuple[int, str]:
+    out = io.StringIO()
+    code = captions.main(argv, out=out)
+    return code, out.getvalue()
+
+
+def stat(report: str, name: str) -> str:
+    match = re.search(rf"^  {name}:\s+(\S+)", report, re.M)
+    assert match, f"{name} not in report:\n{report}"
+    return match.group(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image bytes
+
+
+def png(color: tuple[int, int, int], size: tuple[int, int] = (48, 32)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def truncated_jpeg() -> bytes:
+    # Noise defeats compression, so cutting the scan data loses real content.
+    pixels = np.random.default_rng(7).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    raw = buffer.getvalue()
+    return raw[: len(raw) * 6 // 10]
+
+
+LOOPBACK = ImagePolicy(allow_private_networks=True, timeout=5.0)
+
+
+ONLY_LOOPBACK_EXEMPT = ImagePolicy(allowed_networks=frozenset({"127.0.0.0/8"}), timeout=5.0)
+
+
+def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def solid_png(
+    size: tuple[int, int] = (64, 48), color: tuple[int, int, int] = (20, 60, 200)
+) -> bytes:
+    return encode(Image.new("RGB", size, color), "PNG")
+
+
+def noisy_jpeg(size: tuple[int, int] = (320, 240)) -> bytes:
+    # Noise defeats compression, so the scan data is long and cutting it loses real content.
+    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return encode(Image.fromarray(pixels), "JPEG", quality=90)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR declares ``width`` x ``height``: a decompression bomb's calling card."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+PNG = solid_png()
+
+
+def data_url(raw: bytes, media_type: str = "image/png") -> str:
+    return f"data:{media_type};base64,{base64.b64encode(raw).decode()}"
+
+
+def load_error(source: str, policy: ImagePolicy = LOOPBACK) -> ImageLoadError:
+    with pytest.raises(ImageLoadError) as info:
+        load_image(source, policy)
+    return info.value
