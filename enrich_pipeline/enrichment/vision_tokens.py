@@ -9,8 +9,8 @@ the formula under "计算图像与视频的Token":
     image tokens = h_bar * w_bar / token_pixels + 2
 
 where ``h_bar`` x ``w_bar`` is the image after the model's resize and the 2 are the
-``<vision_bos>``/``<vision_eos>`` tokens every image carries. The resize, as the docs' estimator code
-does it:
+``<vision_bos>``/``<vision_eos>`` tokens every image carries. The resize, as the docs' estimator
+code does it:
 
 1. round each side to the nearest multiple of the patch side (``round(side / p) * p``);
 2. above ``max_pixels``: scale both sides by ``sqrt(H*W / max_pixels)`` and floor each to a
@@ -64,7 +64,8 @@ raises the per-image limit "至 16384 Token 对应的像素值" and ignores ``ma
 # the earlier snapshots (qwen-vl-max-2025-04-08, qwen-vl-plus-2025-05-07, ...) stay 28x28.
 _FIRST_32PX_SNAPSHOT = {"max": date(2025, 8, 13), "plus": date(2025, 7, 10)}
 _VL_SNAPSHOT = re.compile(r"^qwen-vl-(max|plus)-(\d{4})-(\d{2})-(\d{2})$")
-# "qwen3.5系列、qwen3.6系列、qwen3.7系列、Qwen3-VL、qwen-vl-max、qwen-vl-plus: 每个Token对应32x32像素"
+# The vision page: "qwen3.7系列、qwen3.6系列、qwen3.5系列、Qwen3-VL、qwen-vl-max、qwen-vl-plus:
+# 每个Token对应32x32像素".
 _QWEN3_SERIES = re.compile(r"^qwen3(\.\d+)?-vl\b|^qwen3\.\d+-")
 
 
