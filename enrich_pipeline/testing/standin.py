@@ -222,9 +222,10 @@ FAULTS = frozenset(
 )
 HUGE_CAPTION_CHARS = 200_000
 # Largest max_tokens per model. The official model table could not be read from here: 8192 is
-# what DashScope answers for qwen-vl-max/plus ("Range of max_tokens should be [1, 8192]", seen
-# in public test fixtures) and what the Bailian console lists for them; Qwen3-VL models list 32K.
-# Unknown models get the smaller cap, the stricter choice. `max_output_tokens=` overrides.
+# what DashScope answers ("Range of max_tokens should be [1, 8192]", seen in public test
+# fixtures) and the output limit a third-party scrape of the Bailian console gives for
+# qwen-vl-max/plus; the same scrape gives 32K for the Qwen3-VL models. Unknown models get the
+# smaller cap, the stricter choice. `max_output_tokens=` overrides per model.
 DEFAULT_MAX_OUTPUT_TOKENS = 8192
 _MAX_OUTPUT_BY_PREFIX = (("qwen3-vl", 32768),)
 IMAGE_TOKEN_RULES = ("legacy", "dashscope")
