@@ -16,6 +16,61 @@ pace and the end are controllable: ``batch_delay`` seconds before a batch ends, 
 (``"expired"`` after ``batch_expire_after`` lines, or ``"failed"``) for batches created next,
 ``batch_max_lines`` (50,000) checked on create, ``batch_unsupported_models`` refused with 400,
 and ``batch_enabled = False`` for a server without the API (404).
+
+Fidelity
+--------
+What the stand-in does because DashScope documents it, and where. Pages that are stored copies
+(not readable live from here) are named by their public URL; where the docs are silent the code
+says so next to the choice, which is always the stricter one.
+
+Rate limits (https://www.alibabacloud.com/help/en/model-studio/rate-limit,
+https://docs.qwencloud.com/developer-guides/administration/rate-limits):
+
+- Limits are per account and per model: one budget shared by every key and workspace, so one
+  server is one account, and each model has its own windows. ``rpm_limit``/``tpm_limit`` take one
+  number for every model or a ``{model: limit}`` mapping (``"*"`` for the rest).
+- ``per_second=True`` also enforces "RPS = RPM / 60, TPS = TPM / 60" in any one-second window:
+  "Burst requests within a single second can trigger throttling even if total usage stays below
+  the per-minute limit."
+- TPM counts input plus output tokens ("每分钟消耗Token数(TPM) 含输入与输出Token",
+  https://help.aliyun.com/document_detail/2712574.html).
+- Refusals: 429 ``limit_requests`` "Requests rate limit exceeded, please try again later." for
+  requests (native ``Throttling.RateQuota``), 429 ``insufficient_quota`` "Allocated quota
+  exceeded, please increase your quota limit." for tokens (native ``Throttling.AllocationQuota``;
+  https://help.aliyun.com/en/model-studio/error-code-start lists "Throttling.RateQuota,
+  Throttling.AllocationQuota/insufficient_quota"). Logged with fault ``rpm_limit``,
+  ``rps_limit``, ``tpm_limit`` or ``tps_limit``. No ``Retry-After``: none is documented.
+- Batch lines are not rate-limited: "批量请求不受实时限流约束"
+  (https://help.aliyun.com/document_detail/2399482.html).
+
+Error bodies, compatible mode: ``{"error": {"message", "type", "param": null, "code"},
+"request_id"}`` with the request id also in ``x-request-id``. Codes and messages from
+https://help.aliyun.com/en/model-studio/error-code and its Qwen Cloud twin
+https://docs.qwencloud.com/api-reference/preparation/error-messages (see ``_ERRORS``):
+``arrearage`` 400 ``Arrearage``, ``model_access_denied`` 403 ``Model.AccessDenied``,
+``unauthorized`` 401 ``invalid_api_key``, ``model_not_found`` 404, ``bad_request`` /
+``no_image_support`` / ``image_download_failed`` / ``bad_image`` 400 ``invalid_parameter_error``
+(native ``InternalError.Algo.InvalidParameter``), ``moderation`` / ``output_moderation`` 400
+``data_inspection_failed`` (native ``DataInspectionFailed``), ``tpm_throttle`` 429.
+
+Request validation done by the server itself (same error pages):
+
+- ``max_tokens`` (or ``max_completion_tokens``) outside ``[1, model's max output]``: 400 "Range of
+  max_tokens should be [1, N]".
+- An image sent to a model in ``text_only_models``: 400 "The provided messages input is invalid.
+  The error info is [Unexpected item type in content]" (the page's "Common scenario" for
+  text-only models).
+
+Image tokens (https://help.aliyun.com/zh/model-studio/vision): with ``image_token_rule=
+"dashscope"``, ``usage.prompt_tokens`` counts each image as
+:func:`enrich_pipeline.enrichment.vision_tokens.image_tokens` for the request's model and its
+``vl_high_resolution_images`` flag. The default, ``"legacy"``, keeps the older estimate (one token
+per started 28x28 patch, at least 4) that existing tests pin.
+
+Hostile-provider modes are not DashScope behaviour but what any provider can do to a client:
+``trickle`` (a 200 sent one byte per ``trickle_interval`` seconds), ``nan_embedding`` /
+``inf_embedding`` / ``short_embedding``, and captions with NUL, a lone surrogate, 200,000
+characters, only invisible characters, or control characters.
 """
 
 from __future__ import annotations
@@ -27,6 +82,7 @@ import binascii
 import io
 import itertools
 import json
+import math
 import re
 import socket
 import struct
@@ -34,7 +90,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,11 +99,11 @@ import uvicorn
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from enrich_pipeline.enrichment.images import image_tokens
+from enrich_pipeline.enrichment import vision_tokens
 from enrich_pipeline.enrichment.synthetic import (
     hashed_embedding,
     mean_color,
@@ -65,24 +121,139 @@ BATCH_MAX_BYTES = 500 * 1024 * 1024  # DashScope: size of one batch file
 BATCH_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
 BATCH_FORCED = (None, "expired", "failed")
 
-# fault -> (status, code, message) as compatible mode sends them; `type` follows from the code.
+# fault -> (status, code, message) as compatible mode sends them; `type` follows from the code
+# (see _Reply). Codes and messages: https://help.aliyun.com/en/model-studio/error-code and
+# https://docs.qwencloud.com/api-reference/preparation/error-messages, checked against bodies
+# users pasted in issues. The native protocol's code is noted where it differs. "{model}" is
+# filled with the request's model.
+_INVALID = "<400> InternalError.Algo.InvalidParameter: "
 _ERRORS: dict[str, tuple[int, str, str]] = {
+    # Native Throttling.RateQuota; the same body answers the per-second (RPS) limit.
     "429": (429, "limit_requests", "Requests rate limit exceeded, please try again later."),
+    # Native Throttling.AllocationQuota: TPM or TPS. The pages list the compatible code
+    # (insufficient_quota) but show no compatible `type`; it echoes the code, as for
+    # limit_requests and Arrearage.
+    "tpm_throttle": (
+        429,
+        "insufficient_quota",
+        "Allocated quota exceeded, please increase your quota limit.",
+    ),
     "500": (500, "internal_error", "An internal error has occured."),
     "503": (503, "internal_error", "The service is temporarily unavailable."),
+    # Native DataInspectionFailed (also InternalError.Algo.DataInspectionFailed in messages);
+    # the error page lists the input and the output variants of the message.
     "moderation": (400, "data_inspection_failed", "Input data may contain inappropriate content."),
+    "output_moderation": (
+        400,
+        "data_inspection_failed",
+        "Output data may contain inappropriate content.",
+    ),
     "bad_image": (
         400,
         "invalid_parameter_error",
         "The image format is illegal and cannot be opened",
     ),
+    # "Failed to download multimodal content." Observed compatible body (BerriAI/litellm#6307):
+    # code invalid_parameter_error, message prefixed "<400> InternalError.Algo.InvalidParameter: ".
+    "image_download_failed": (
+        400,
+        "invalid_parameter_error",
+        _INVALID + "Failed to download multimodal content",
+    ),
+    # The error page: an image_url item sent to a text-only model gives this 400, code
+    # InternalError.Algo.InvalidParameter.
+    "no_image_support": (
+        400,
+        "invalid_parameter_error",
+        _INVALID + "The provided messages input is invalid. The error info is [Unexpected item "
+        "type in content]",
+    ),
+    # A 400 about the request itself, whatever the image: "Range of max_tokens should be
+    # [1, xxx]" on the error page, 8192 being qwen-vl-max/plus's output cap.
+    "bad_request": (
+        400,
+        "invalid_parameter_error",
+        _INVALID + "Range of max_tokens should be [1, 8192]",
+    ),
     "unauthorized": (401, "invalid_api_key", "Incorrect API key provided."),
+    # The error page's own example: {'code': 'Arrearage', 'param': None, 'message': 'Access
+    # denied, please make sure your account is in good standing.', 'type': 'Arrearage'}. The
+    # account owes money: every request fails, for every key, until it is paid.
+    "arrearage": (
+        400,
+        "Arrearage",
+        "Access denied, please make sure your account is in good standing.",
+    ),
+    # A sub-workspace key without permission for the model (the page's 403-Model.AccessDenied;
+    # message as users report it, langgenius/dify#13769). The compatible code is not shown;
+    # the native one is kept, as compatible mode does for Arrearage.
+    "model_access_denied": (403, "Model.AccessDenied", "Model access denied."),
+    # Native ModelNotFound; the page lists "The model xxx does not exist or you do not have
+    # access to it." under 404-ModelNotFound/model_not_found.
+    "model_not_found": (
+        404,
+        "model_not_found",
+        "The model `{model}` does not exist or you do not have access to it.",
+    ),
 }
-FAULTS = frozenset({*_ERRORS, "timeout", "reset", "malformed", "empty_caption"})
+# Codes compatible mode files under OpenAI's invalid_request_error type; others echo the code.
+_REQUEST_ERROR_CODES = frozenset({"invalid_api_key", "invalid_parameter_error", "model_not_found"})
+# Rate-limit refusals (logged fault) -> the body they are answered with.
+_LIMIT_REPLIES = {
+    "rpm_limit": "429",
+    "rps_limit": "429",
+    "tpm_limit": "tpm_throttle",
+    "tps_limit": "tpm_throttle",
+}
+# Successful answers with hostile content: chat captions and embedding vectors.
+CAPTION_FAULTS = frozenset(
+    {
+        "empty_caption",
+        "nul_caption",
+        "surrogate_caption",
+        "huge_caption",
+        "blank_caption",
+        "control_caption",
+    }
+)
+EMBEDDING_FAULTS = frozenset({"nan_embedding", "inf_embedding", "short_embedding"})
+FAULTS = frozenset(
+    {*_ERRORS, "timeout", "reset", "malformed", "trickle", *CAPTION_FAULTS, *EMBEDDING_FAULTS}
+)
+HUGE_CAPTION_CHARS = 200_000
+# Largest max_tokens per model. The official model table could not be read from here: 8192 is
+# what DashScope answers ("Range of max_tokens should be [1, 8192]", seen in public test
+# fixtures) and the output limit a third-party scrape of the Bailian console gives for
+# qwen-vl-max/plus; the same scrape gives 32K for the Qwen3-VL models. Unknown models get the
+# smaller cap, the stricter choice. `max_output_tokens=` overrides per model.
+DEFAULT_MAX_OUTPUT_TOKENS = 8192
+_MAX_OUTPUT_BY_PREFIX = (("qwen3-vl", 32768),)
+IMAGE_TOKEN_RULES = ("legacy", "dashscope")
+_LEGACY_PATCH = 28
+
+# Per-model limit: one number for every model, or a mapping with "*" as the default.
+Limit = int | Mapping[str, int] | None
 
 
 def _count_tokens(text: str) -> int:
     return len(re.findall(r"\w+|[^\w\s]", text))
+
+
+def _limit_for(limit: Limit, model: str) -> int | None:
+    if limit is None or isinstance(limit, int):
+        return limit
+    return limit.get(model, limit.get("*"))
+
+
+def _legacy_image_tokens(width: int, height: int) -> int:
+    """The estimate the stand-in used before vision_tokens: one token per started 28x28 patch."""
+    return max(4, math.ceil(width / _LEGACY_PATCH) * math.ceil(height / _LEGACY_PATCH))
+
+
+def _dumps(content: Any) -> bytes:
+    """JSON as Python writes it by default: NaN/Infinity as bare tokens and non-ASCII escaped,
+    so a lone surrogate travels as the escape \\ud800 (Starlette's JSONResponse refuses both)."""
+    return json.dumps(content, separators=(",", ":")).encode()
 
 
 class _Reply(Exception):
@@ -94,21 +265,23 @@ class _Reply(Exception):
         message: str = "",
         fault: str | None = None,
         code: str | None = None,
+        model: str = "",
     ) -> None:
         if isinstance(fault_or_status, str):
             self.status, self.code, self.message = _ERRORS[fault_or_status]
+            self.message = self.message.replace("{model}", model)
         else:  # request validation: DashScope's InvalidParameter unless a code is given
             self.status, self.message = fault_or_status, message
             self.code = code or "invalid_parameter_error"
-        # DashScope files both client-side errors under one OpenAI type; others echo the code.
-        self.type = "invalid_request_error" if self.code.startswith("invalid_") else self.code
+        self.type = "invalid_request_error" if self.code in _REQUEST_ERROR_CODES else self.code
         self.fault = fault
         self.headers: dict[str, str] = {}
         super().__init__(self.message)
 
 
-# Parsed request: image mean colours and texts (for rules), and a builder of the success body.
-_Parsed = tuple[list[tuple[float, float, float]], list[str], Callable[[bool], dict[str, Any]]]
+# Parsed request: image mean colours and texts (for rules), and a builder of the success body
+# given the fault to serve (None, or a caption/embedding fault that mangles the content).
+_Parsed = tuple[list[tuple[float, float, float]], list[str], Callable[[str | None], dict[str, Any]]]
 
 
 @dataclass
@@ -150,15 +323,32 @@ def _log_entry(endpoint: str) -> dict[str, Any]:
         "fault": None,
         "time": time.time(),
         "image_tokens": 0,
+        "prompt_tokens": 0,
     }
+
+
+def _applies(fault: str, kind: str) -> bool:
+    """Whether `fault` can be served on a `kind` ("chat" or "embeddings") request: hostile
+    captions only come back from chat, hostile vectors only from embeddings."""
+    if fault in CAPTION_FAULTS:
+        return kind == "chat"
+    if fault in EMBEDDING_FAULTS:
+        return kind == "embeddings"
+    return True
 
 
 class StandIn:
     """OpenAI-compatible DashScope stand-in running in a background thread.
 
-    `requests` is appended when a request completes (a hung "timeout" request appears late),
-    with `time` its arrival; a "reset" is logged with status 0 and rpm-limited calls with
-    fault "rpm_limit".
+    `requests` is appended when a request completes (a hung "timeout" request appears late; a
+    "trickle" one when its body starts), with `time` its arrival; a "reset" is logged with status
+    0, rate-limit refusals with fault "rpm_limit", "rps_limit", "tpm_limit" or "tps_limit".
+
+    Knobs (all attributes, changeable while serving): `rpm_limit` / `tpm_limit` per model (an int
+    for every model or a ``{model: limit}`` mapping, ``"*"`` the default), `per_second` to also
+    enforce RPM/60 and TPM/60 in any one-second window, `trickle_interval` for the "trickle"
+    fault, `text_only_models` refused images, `max_output_tokens` overriding the per-model
+    max_tokens caps, and `image_token_rule` ("legacy" or "dashscope", see the module docstring).
     """
 
     def __init__(
@@ -168,22 +358,38 @@ class StandIn:
         host: str = "127.0.0.1",
         port: int = 0,
         latency: float = 0.0,
-        rpm_limit: int | None = None,
+        rpm_limit: Limit = None,
+        tpm_limit: Limit = None,
+        per_second: bool = False,
         hang_seconds: float = 30.0,
+        trickle_interval: float = 1.0,
+        text_only_models: Iterable[str] = (),
+        max_output_tokens: Mapping[str, int] | None = None,
+        image_token_rule: str = "legacy",
         batch_delay: float = 0.0,
     ) -> None:
+        if image_token_rule not in IMAGE_TOKEN_RULES:
+            raise ValueError(f"image_token_rule must be one of {IMAGE_TOKEN_RULES}")
         self.api_key = api_key
         self.host = host
         self.port = port
         self.latency = latency
         self.rpm_limit = rpm_limit
+        self.tpm_limit = tpm_limit
+        self.per_second = per_second
         self.hang_seconds = hang_seconds
+        self.trickle_interval = trickle_interval
+        self.text_only_models = set(text_only_models)
+        self.max_output_tokens = dict(max_output_tokens or {})
+        self.image_token_rule = image_token_rule
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._injected: list[_Injected] = []
         self._rules: list[_Rule] = []
-        # DashScope limits each model separately: one sliding window per model.
+        # DashScope limits each model separately: per model, the arrival times of requests and
+        # the [time, tokens] charged for them, kept for the last minute.
         self._windows: dict[str, deque[float]] = {}
+        self._token_windows: dict[str, deque[list[float]]] = {}
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -288,6 +494,8 @@ class StandIn:
             raise ValueError(f"unknown fault {fault!r}; expected one of {sorted(FAULTS)}")
         if endpoint not in ENDPOINTS:
             raise ValueError(f"endpoint must be one of {ENDPOINTS}, not {endpoint!r}")
+        if endpoint in ("chat", "embeddings") and not _applies(fault, endpoint):
+            raise ValueError(f"{fault!r} cannot be served on {endpoint}")
         if times < 1:
             raise ValueError("times must be >= 1")
         with self._lock:
@@ -345,19 +553,28 @@ class StandIn:
         with self._lock:
             self.requests.clear()
 
-    def _take_injected(self, endpoint: str) -> _Injected | None:
+    def _take_injected(self, endpoint: str, kind: str) -> _Injected | None:
+        """The next injected fault aimed at `endpoint` that a `kind` request can carry; a
+        hostile caption waits for a chat request rather than being spent on an embedding."""
         with self._lock:
             for item in self._injected:
-                if item.endpoint == endpoint or (item.endpoint == "any" and endpoint != "batch"):
+                aimed = item.endpoint == endpoint or (
+                    item.endpoint == "any" and endpoint != "batch"
+                )
+                if aimed and _applies(item.fault, kind):
                     item.remaining -= 1
                     if item.remaining <= 0:
                         self._injected.remove(item)
                     return item
         return None
 
-    def _match_rule(self, means: list[tuple[float, float, float]], texts: list[str]) -> str | None:
+    def _match_rule(
+        self, means: list[tuple[float, float, float]], texts: list[str], kind: str
+    ) -> str | None:
         with self._lock:
             for rule in self._rules:
+                if not _applies(rule.fault, kind):
+                    continue
                 hit = (
                     rule.color is not None
                     and any(
@@ -376,18 +593,67 @@ class StandIn:
                     return rule.fault
         return None
 
-    def _admit(self, model: str) -> bool:
+    def _admit(
+        self, model: str, tokens: int | None = None
+    ) -> tuple[str | None, list[float] | None]:
+        """Count one request (`tokens` None) or `tokens` against `model`'s limits.
+
+        Returns the refusal ("rpm_limit", "rps_limit", "tpm_limit", "tps_limit") or None, and
+        for tokens the ``[time, tokens]`` charge, which _settle corrects once the answer's
+        usage is known. A refused request is not charged.
+
+        The minute and the second are sliding windows. The docs give RPS = RPM / 60 and
+        TPS = TPM / 60 but not how fractions round; the per-second budget is rounded down (the
+        stricter choice) but never below 1, or a limit under 60 RPM would refuse everything.
+        """
         with self._lock:
-            if self.rpm_limit is None:
-                return True
             now = time.monotonic()
-            window = self._windows.setdefault(model, deque())
-            while window and now - window[0] >= 60.0:
-                window.popleft()
-            if len(window) >= self.rpm_limit:
-                return False
-            window.append(now)
-            return True
+            if tokens is None:
+                window = self._windows.setdefault(model, deque())
+                while window and now - window[0] >= 60.0:
+                    window.popleft()
+                rpm = _limit_for(self.rpm_limit, model)
+                if rpm is not None:
+                    if len(window) >= rpm:
+                        return "rpm_limit", None
+                    last_second = sum(1 for t in window if now - t < 1.0)
+                    if self.per_second and last_second >= max(1, rpm // 60):
+                        return "rps_limit", None
+                window.append(now)
+                return None, None
+            charges = self._token_windows.setdefault(model, deque())
+            while charges and now - charges[0][0] >= 60.0:
+                charges.popleft()
+            tpm = _limit_for(self.tpm_limit, model)
+            if tpm is not None:
+                if sum(c[1] for c in charges) + tokens > tpm:
+                    return "tpm_limit", None
+                last_second = sum(c[1] for c in charges if now - c[0] < 1.0)
+                if self.per_second and last_second + tokens > max(1, tpm // 60):
+                    return "tps_limit", None
+            charge = [now, float(tokens)]
+            charges.append(charge)
+            return None, charge
+
+    def _settle(self, charge: list[float] | None, answer: dict[str, Any]) -> None:
+        """Replace the admission estimate with what the answer's usage says was used."""
+        usage = answer.get("usage")
+        if charge is not None and isinstance(usage, dict):
+            with self._lock:
+                charge[1] = float(usage.get("total_tokens", charge[1]))
+
+    def _max_output(self, model: str) -> int:
+        if model in self.max_output_tokens:
+            return self.max_output_tokens[model]
+        for prefix, cap in _MAX_OUTPUT_BY_PREFIX:
+            if model.startswith(prefix):
+                return cap
+        return DEFAULT_MAX_OUTPUT_TOKENS
+
+    def _image_tokens(self, width: int, height: int, model: str, high_resolution: bool) -> int:
+        if self.image_token_rule == "dashscope":
+            return vision_tokens.image_tokens(width, height, model, high_resolution=high_resolution)
+        return _legacy_image_tokens(width, height)
 
     # -- HTTP --------------------------------------------------------------------------------
 
@@ -411,19 +677,29 @@ class StandIn:
                 entry["model"] = body["model"]
             if request.headers.get("authorization") != f"Bearer {self.api_key}":
                 raise _Reply("unauthorized")
-            if not self._admit(entry["model"]):
-                raise _Reply("429", fault="rpm_limit")
+            refusal, _ = self._admit(entry["model"])
+            if refusal is not None:
+                raise _Reply(_LIMIT_REPLIES[refusal], fault=refusal)
             if self.latency > 0:
                 await asyncio.sleep(self.latency)
             if not isinstance(body, dict):
                 raise _Reply(400, "The request body is not valid JSON.")
             parse = self._parse_chat if endpoint == "chat" else self._parse_embeddings
             means, texts, respond = parse(body, entry)
-            injected = self._take_injected(endpoint)
-            fault = injected.fault if injected else self._match_rule(means, texts)
+            # Tokens can only be counted once the body is parsed. The docs do not say what is
+            # charged at admission, before the output exists; reserving the input plus
+            # max_tokens (when given) is the stricter reading, corrected to the real usage
+            # after the answer. Refused or failed requests keep their reservation.
+            refusal, charge = self._admit(
+                entry["model"], entry["prompt_tokens"] + _requested_output(body)
+            )
+            if refusal is not None:
+                raise _Reply(_LIMIT_REPLIES[refusal], fault=refusal)
+            injected = self._take_injected(endpoint, endpoint)
+            fault = injected.fault if injected else self._match_rule(means, texts, endpoint)
             entry["fault"] = fault
             if fault == "timeout":
-                await self._hang()
+                await self._pause(self.hang_seconds)
             elif fault == "reset":
                 # Logged before the abort: the client may act on the reset before we resume.
                 entry["status"], logged = 0, True
@@ -432,11 +708,17 @@ class StandIn:
             elif fault == "malformed":
                 return Response('{"id": "chatcmpl-', 200, headers, "application/json")
             elif fault in _ERRORS:
-                reply = _Reply(fault, fault=fault)
+                reply = _Reply(fault, fault=fault, model=entry["model"])
                 if injected and injected.retry_after is not None:
                     reply.headers["Retry-After"] = f"{injected.retry_after:g}"
                 raise reply
-            return JSONResponse(respond(fault == "empty_caption"), headers=headers)
+            answer = respond(fault)
+            self._settle(charge, answer)
+            if fault == "trickle":
+                return self._trickle(request, _dumps(answer), headers)
+            if fault in CAPTION_FAULTS or fault in EMBEDDING_FAULTS:
+                return Response(_dumps(answer), 200, headers, "application/json")
+            return JSONResponse(answer, headers=headers)
         except _Reply as reply:
             entry["status"], entry["fault"] = reply.status, reply.fault
             error = {"message": reply.message, "type": reply.type, "param": None}
@@ -450,12 +732,35 @@ class StandIn:
         with self._lock:
             self.requests.append(entry)
 
-    async def _hang(self) -> None:
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep `seconds` unless the server stops first; True when it is stopping."""
         assert self._stopping is not None
         try:
-            await asyncio.wait_for(self._stopping.wait(), timeout=self.hang_seconds)
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
         except TimeoutError:
-            pass
+            return False
+        return True
+
+    def _trickle(self, request: Request, body: bytes, headers: dict[str, str]) -> Response:
+        """A complete, valid 200 sent one byte per `trickle_interval` seconds.
+
+        Each byte arrives well within any per-read timeout, so only a deadline on the whole
+        response stops a client waiting for it. The full Content-Length is promised up front,
+        as a real server would; when the stand-in stops mid-body the connection is dropped,
+        since ending the body short would break the HTTP framing instead.
+        """
+        transport = request.scope.get("standin.transport")
+
+        async def drip() -> AsyncIterator[bytes]:
+            for i in range(len(body)):
+                yield body[i : i + 1]
+                if i + 1 < len(body) and await self._pause(self.trickle_interval):
+                    if transport is not None:
+                        await self._abort(transport)
+                    return
+
+        headers = headers | {"content-length": str(len(body))}
+        return StreamingResponse(drip(), 200, headers, media_type="application/json")
 
     async def _reset(self, request: Request) -> Response:
         transport = request.scope.get("standin.transport")
@@ -465,15 +770,31 @@ class StandIn:
         if sock is not None:
             # Zero linger turns close() into a RST, like a load balancer dropping the flow.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await self._abort(transport)
+        return Response(status_code=204)
+
+    async def _abort(self, transport: asyncio.Transport) -> None:
         transport.abort()
         # Let connection_lost run so uvicorn marks the cycle disconnected and drops our reply.
         await asyncio.sleep(0.01)
-        return Response(status_code=204)
 
     def _parse_chat(self, body: dict[str, Any], entry: dict[str, Any]) -> _Parsed:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise _Reply(400, "messages must be a non-empty list.")
+        model = entry["model"]
+        cap = self._max_output(model)
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = body.get(name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= cap
+            ):
+                # The error page: "Range of max_tokens should be [1, xxx]", xxx the model's cap.
+                raise _Reply(400, f"{_INVALID}Range of max_tokens should be [1, {cap}]")
+        # vl_high_resolution_images is not an OpenAI parameter: the SDK sends it from extra_body
+        # at the top level of the body (the API reference: extra_body={"vl_high_resolution_images":
+        # xxx}); it raises the per-image cap to 16384 tokens.
+        high_resolution = body.get("vl_high_resolution_images") is True
         text_tokens = 0
         images: list[Image.Image] = []
         means: list[tuple[float, float, float]] = []
@@ -490,6 +811,8 @@ class StandIn:
                     text_tokens += _count_tokens(str(part.get("text", "")))
                     keys.append(str(part.get("text", "")))
                 elif part.get("type") == "image_url":
+                    if model in self.text_only_models:
+                        raise _Reply("no_image_support", model=model)
                     url = part.get("image_url")
                     url = url.get("url") if isinstance(url, dict) else url
                     if not isinstance(url, str):
@@ -498,22 +821,24 @@ class StandIn:
                         image = _decode_data_url(url)
                         images.append(image)
                         means.append(mean_color(image))
-                        entry["image_tokens"] += image_tokens(image.width, image.height)
+                        entry["image_tokens"] += self._image_tokens(
+                            image.width, image.height, model, high_resolution
+                        )
                     elif url.startswith(("http://", "https://")):
                         keys.insert(0, url)  # not fetched: no tokens, but a stable caption
                     else:
                         raise _Reply("bad_image")
                     entry["n_inputs"] += 1
-        model = entry["model"]
         prompt_tokens = text_tokens + entry["image_tokens"]
+        entry["prompt_tokens"] = prompt_tokens
 
-        def respond(empty: bool) -> dict[str, Any]:
+        def respond(fault: str | None) -> dict[str, Any]:
             caption = (
                 synthetic_caption(images[0])
                 if images
                 else synthetic_caption_for_key("|".join(keys))
             )
-            caption = "" if empty else caption
+            caption = _hostile_caption(fault, caption)
             completion = _count_tokens(caption)
             return {
                 "id": f"chatcmpl-{uuid.uuid4()}",
@@ -556,16 +881,18 @@ class StandIn:
         if encoding not in ("float", "base64"):
             raise _Reply(400, "encoding_format should be float or base64.")
         model = entry["model"]
+        tokens = sum(max(1, len(re.findall(r"\w+", t))) for t in texts)
+        entry["prompt_tokens"] = tokens
 
-        def respond(_empty: bool) -> dict[str, Any]:
+        def respond(fault: str | None) -> dict[str, Any]:
             data = []
             for i, text in enumerate(texts):
-                vector: list[float] | str = hashed_embedding(text, dims)
+                vector: list[float] | str = _hostile_vector(fault, hashed_embedding(text, dims))
                 if encoding == "base64":
-                    # The SDK decodes base64 as little-endian float32 (numpy.frombuffer).
+                    # The SDK decodes base64 as little-endian float32 (numpy.frombuffer); NaN
+                    # and infinities survive the trip as IEEE 754 bit patterns.
                     vector = base64.b64encode(np.asarray(vector, "<f4").tobytes()).decode()
                 data.append({"object": "embedding", "index": i, "embedding": vector})
-            tokens = sum(max(1, len(re.findall(r"\w+", t))) for t in texts)
             return {
                 "object": "list",
                 "data": data,
@@ -839,15 +1166,7 @@ class StandIn:
     def _batch_line(self, line: dict[str, Any], kind: str) -> tuple[bool, dict[str, Any]]:
         """One request of a batch through the online logic: (answered, output/error line)."""
         request_id = str(uuid.uuid4())
-        entry: dict[str, Any] = {
-            "endpoint": f"batch_{kind}",
-            "model": "",
-            "n_inputs": 0,
-            "status": 200,
-            "fault": None,
-            "time": time.time(),
-            "image_tokens": 0,
-        }
+        entry = _log_entry(f"batch_{kind}")
         custom_id = line.get("custom_id")
         try:
             body = line.get("body")
@@ -857,17 +1176,20 @@ class StandIn:
                 entry["model"] = body["model"]
             parse = self._parse_chat if kind == "chat" else self._parse_embeddings
             means, texts, respond = parse(body, entry)
-            injected = self._take_injected("batch")
-            fault = injected.fault if injected else self._match_rule(means, texts)
+            injected = self._take_injected("batch", kind)
+            fault = injected.fault if injected else self._match_rule(means, texts, kind)
             entry["fault"] = fault
             if fault in _ERRORS:
-                raise _Reply(fault, fault=fault)
+                raise _Reply(fault, fault=fault, model=entry["model"])
             if fault in ("timeout", "reset"):  # no connection to drop in a batch: a 500 line
                 raise _Reply("500", fault=fault)
+            # A "trickle" has no connection to slow down either: the line is answered as is.
+            # Hostile captions and vectors go into the output file; json.dumps keeps NaN and
+            # lone surrogates there as Python writes them.
             answer = (
                 {"id": "chatcmpl-", "object": "chat.completion"}
                 if fault == "malformed"
-                else respond(fault == "empty_caption")
+                else respond(fault)
             )
             return True, {
                 "id": f"batch_req_{uuid.uuid4().hex}",
@@ -995,6 +1317,57 @@ def _batch_error_line(
     }
 
 
+def _requested_output(body: dict[str, Any]) -> int:
+    """The output tokens a chat request asks for at most (0 when it does not say)."""
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0
+
+
+# Zero-width and other invisible characters with no letter among them: `str.strip()` leaves
+# U+200B, U+2060 and U+FEFF in place, so a naive emptiness check passes this as a caption.
+_BLANK_CAPTION = "\u200b \u200b\u2060\ufeff\t\u3000\u200b\n\u00a0\u200b"
+# Terminal escapes (clear screen, red), BEL, backspace, DEL, CR, form feed, vertical tab and the
+# C1 controls NEL and CSI: what breaks logs, terminals and CSV exports.
+_CONTROL_PREFIX = "\x1b[2J\x1b[31m"
+_CONTROL_SUFFIX = "\x07\x08\x7f\r\x0c\x0b\x85\x9b"
+
+
+def _hostile_caption(fault: str | None, caption: str) -> str:
+    """`caption` as a hostile provider might send it for a caption fault."""
+    if fault == "empty_caption":
+        return ""
+    if fault == "nul_caption":
+        half = len(caption) // 2
+        return caption[:half] + "\u0000" + caption[half:]
+    if fault == "surrogate_caption":
+        # A lone high surrogate: legal in JSON (as the escape) and in a Python str, but not
+        # encodable as UTF-8, so it fails only when the caption is written somewhere.
+        return caption + " \ud800"
+    if fault == "huge_caption":
+        return ((caption + " ") * (HUGE_CAPTION_CHARS // (len(caption) + 1) + 1))[
+            :HUGE_CAPTION_CHARS
+        ]
+    if fault == "blank_caption":
+        return _BLANK_CAPTION
+    if fault == "control_caption":
+        return _CONTROL_PREFIX + caption + _CONTROL_SUFFIX
+    return caption
+
+
+def _hostile_vector(fault: str | None, vector: list[float]) -> list[float]:
+    """`vector` as a hostile provider might send it for an embedding fault."""
+    if fault == "nan_embedding":
+        return [math.nan, *vector[1:]]
+    if fault == "inf_embedding":
+        return [math.inf, *vector[1:-1], -math.inf]
+    if fault == "short_embedding":
+        return vector[: len(vector) // 2]
+    return vector
+
+
 def _decode_data_url(url: str) -> Image.Image:
     header, _, payload = url.partition(",")
     if ";base64" not in header:
@@ -1013,8 +1386,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--api-key", default="sk-standin")
     parser.add_argument("--latency", type=float, default=0.0)
-    parser.add_argument("--rpm-limit", type=int, default=None)
+    parser.add_argument("--rpm-limit", type=int, default=None, help="requests/minute, per model")
+    parser.add_argument("--tpm-limit", type=int, default=None, help="tokens/minute, per model")
+    parser.add_argument(
+        "--per-second", action="store_true", help="also enforce RPM/60 and TPM/60 per second"
+    )
     parser.add_argument("--hang-seconds", type=float, default=30.0)
+    parser.add_argument("--trickle-interval", type=float, default=1.0)
+    parser.add_argument(
+        "--text-only-model",
+        dest="text_only_models",
+        action="append",
+        default=[],
+        help="a model that refuses images (repeatable)",
+    )
+    parser.add_argument("--image-token-rule", choices=IMAGE_TOKEN_RULES, default="legacy")
     parser.add_argument(
         "--batch-delay", type=float, default=0.0, help="seconds a batch takes to complete"
     )
