@@ -77,11 +77,12 @@ class Runtime:
         self.store.close()
 
 
-def open_store(settings: Settings, *, seed: bool = True) -> Store:
-    """The configured database, or the embedded one (seeded with samples), migrated."""
+def open_store(settings: Settings, *, seed: bool = True, admin: bool = False) -> Store:
+    """The configured database, or the embedded one (seeded with samples), checked and set up
+    (``Store.setup``)."""
     store = Store(embedded.resolve(settings.db, seed=seed))
     try:
-        store.setup()
+        store.setup(admin=admin)
     except BaseException:
         store.close()
         raise

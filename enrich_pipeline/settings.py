@@ -146,6 +146,14 @@ class DbSettings(_Settings):
     connect_timeout: int = setting(
         5, "seconds to wait for a connection", env="ADBPG_CONNECT_TIMEOUT", ge=1, le=600
     )
+    failover_seconds: float = setting(
+        60,
+        "how long a run waits for the database to come back (a failover drops connections "
+        "for about 30 s)",
+        env="ADBPG_FAILOVER_SECONDS",
+        ge=0,
+        le=3600,
+    )
     # Set once the embedded server has been started for these settings.
     embedded_server: bool = False
 

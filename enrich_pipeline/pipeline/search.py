@@ -11,11 +11,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from enrich_pipeline.db.dialect import Dialect
 from enrich_pipeline.db.store import Store
 from enrich_pipeline.providers.base import Provider
 from enrich_pipeline.settings import ConfigError
 
-Method = Literal["auto", "pgvector", "sql"]
+Method = Literal["auto", "fastann", "pgvector", "sql"]
+
+
+def ranking(dialect: Dialect, method: Method = "auto") -> Literal["fastann", "pgvector", "sql"]:
+    """The ranking the server can do: FastANN on AnalyticDB, pgvector where installed, plain
+    SQL anywhere; asking for one the server lacks is one clear error."""
+    if method == "auto":
+        return "fastann" if dialect.fastann else "pgvector" if dialect.pgvector else "sql"
+    if method == "fastann" and not dialect.fastann:
+        raise ConfigError("this server has no FastANN index method (AnalyticDB vector search)")
+    if method == "pgvector" and not dialect.pgvector:
+        raise ConfigError("the pgvector extension is not installed in this database")
+    return method
 
 
 @dataclass(frozen=True)
@@ -41,13 +54,9 @@ def search_captions(
 ) -> list[SearchHit]:
     if not query.strip():
         raise ConfigError("the search text is empty")
+    chosen = ranking(store.dialect, method)
     (vector,) = provider.embed([query])
-    use_pgvector = store.search.has_pgvector() if method == "auto" else method == "pgvector"
-    if use_pgvector and method == "pgvector" and not store.search.has_pgvector():
-        raise ConfigError("the pgvector extension is not installed in this database")
-    rows = store.search.rank(
-        user_id, vector, top_k=top_k, colors=colors, tags=tags, use_pgvector=use_pgvector
-    )
+    rows = store.search.rank(user_id, vector, top_k=top_k, colors=colors, tags=tags, method=chosen)
     return [
         SearchHit(
             item_id,

@@ -114,8 +114,8 @@ def lock_row(items: Items, item_id: str) -> RowLock:
 
 
 def write_attempts() -> int:
-    """Attempts of the last ``ItemRows.write_chunk`` call (tenacity's documented statistics)."""
-    return int(ItemRows.write_chunk.statistics.get("attempt_number", 0))  # type: ignore[attr-defined]
+    """Attempts of the last chunk write (tenacity's documented statistics)."""
+    return int(ItemRows._write.statistics.get("attempt_number", 0))  # type: ignore[attr-defined]
 
 
 # --- connections dropped -------------------------------------------------------------------------

@@ -21,9 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
-from psycopg import sql
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from enrich_pipeline.cli import captions as cli
@@ -318,13 +316,7 @@ def test_caption_written_by_someone_else_mid_run_is_kept(
 
     def backoff(seconds: float) -> None:
         if not written_by_hand.is_set():
-            with psycopg.connect(items.conninfo) as conn:
-                conn.execute(
-                    sql.SQL("UPDATE {} SET metadata = metadata || %s::jsonb WHERE id = %s").format(
-                        items.ident
-                    ),
-                    ('{"caption": "theirs, by hand"}', int(target)),
-                )
+            items.write_by_hand(target, caption="theirs, by hand")
             written_by_hand.set()
         time.sleep(seconds)
 

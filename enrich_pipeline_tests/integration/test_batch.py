@@ -173,11 +173,7 @@ def test_submit_restart_poll_collect_writes_like_the_online_path(
     assert server.count("chat") == 0
 
     # Meanwhile somebody writes a caption: it must win.
-    items.execute(
-        """UPDATE {items} SET metadata = metadata || '{{"caption": "meanwhile"}}'::jsonb"""
-        " WHERE id::text = %s",
-        (alice["yellow"],),
-    )
+    items.write_by_hand(alice["yellow"], caption="meanwhile")
     store.close()
 
     # A restart: new store, new settings; everything comes from the database.

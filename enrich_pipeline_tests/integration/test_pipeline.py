@@ -72,10 +72,7 @@ def test_caption_written_between_read_and_write_is_never_overwritten(
     stages.visual_attributes(chunk, policy=LOCAL, max_image_side=512)
     stages.caption_chunk(chunk, provider)
     # Someone else captions the first row while our run is in flight.
-    items.execute(
-        'UPDATE {items} SET metadata = metadata || \'{{"caption": "theirs"}}\' WHERE id = %s',
-        (int(first),),
-    )
+    items.write_by_hand(first, caption="theirs")
     engine_ = engine(store, api_settings)
     result = stages.write_chunk(store, chunk, provenance=engine_.provenance, embedding_model=None)
 

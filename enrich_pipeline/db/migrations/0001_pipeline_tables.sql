@@ -10,8 +10,8 @@ CREATE TABLE IF NOT EXISTS {ns}.enrich_embeddings (
     embedding      real[]      NOT NULL,
     created_at     timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (source_table, item_id)
-);
-CREATE INDEX IF NOT EXISTS enrich_embeddings_user_idx
+) /*GREENPLUM DISTRIBUTED BY (item_id) */;
+CREATE INDEX enrich_embeddings_user_idx
     ON {ns}.enrich_embeddings (source_table, user_id);
 
 -- The failure ledger: one row per failing item, attempts counted, the last error kept.
@@ -27,8 +27,8 @@ CREATE TABLE IF NOT EXISTS {ns}.enrich_failures (
     first_failed_at timestamptz NOT NULL DEFAULT now(),
     last_failed_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (source_table, item_id)
-);
-CREATE INDEX IF NOT EXISTS enrich_failures_user_idx
+) /*GREENPLUM DISTRIBUTED BY (item_id) */;
+CREATE INDEX enrich_failures_user_idx
     ON {ns}.enrich_failures (source_table, user_id);
 
 -- Claims with a lease, so that two runs for the same user never work on the same row and a
@@ -40,4 +40,4 @@ CREATE TABLE IF NOT EXISTS {ns}.enrich_claims (
     worker       text        NOT NULL,
     expires_at   timestamptz NOT NULL,
     PRIMARY KEY (source_table, item_id)
-);
+) /*GREENPLUM DISTRIBUTED BY (item_id) */;

@@ -7,4 +7,4 @@ CREATE TABLE IF NOT EXISTS {ns}.enrich_caption_cache (
     caption        text        NOT NULL,
     created_at     timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (content_sha256, model, prompt_version)
-);
+) /*GREENPLUM DISTRIBUTED BY (content_sha256) */;

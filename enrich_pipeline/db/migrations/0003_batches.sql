@@ -40,8 +40,8 @@ CREATE TABLE IF NOT EXISTS {ns}.enrich_batches (
     polled_at            timestamptz,
     finished_at          timestamptz,
     PRIMARY KEY (local_id)
-);
-CREATE INDEX IF NOT EXISTS enrich_batches_state_idx
+) /*GREENPLUM DISTRIBUTED BY (local_id) */;
+CREATE INDEX enrich_batches_state_idx
     ON {ns}.enrich_batches (source_table, state);
 
 -- custom_id: the line whose answer captions the item (rows of one part that share an image
@@ -54,4 +54,4 @@ CREATE TABLE IF NOT EXISTS {ns}.enrich_batch_items (
     content_sha256  text  NOT NULL,
     dominant_colors jsonb NOT NULL,
     PRIMARY KEY (local_id, item_id)
-);
+) /*GREENPLUM DISTRIBUTED BY (local_id) */;
