@@ -197,7 +197,13 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except (psycopg.OperationalError, PoolTimeout) as exc:
         where = db.redacted() if db is not None else "the database"
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if started is None:
+        if isinstance(exc, psycopg.errors.DeadlockDetected | psycopg.errors.LockNotAvailable):
+            print(
+                f"error: the database ({where}) refused a lock ({type(exc).__name__}: {reason});"
+                " another process was setting up or writing the same rows: run again",
+                file=sys.stderr,
+            )
+        elif started is None:
             print(f"error: cannot connect to {where}: {reason}", file=sys.stderr)
         else:
             print(

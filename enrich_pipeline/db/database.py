@@ -44,8 +44,19 @@ def _note_outage(state: tenacity.RetryCallState) -> None:
 retry_db = tenacity.retry(
     retry=tenacity.retry_if_exception_type(psycopg.OperationalError),
     stop=tenacity.stop_any(tenacity.stop_after_attempt(1000), _outage_over),
-    wait=tenacity.wait_exponential_jitter(initial=0.5, max=5),
+    wait=tenacity.wait_exponential_jitter(multiplier=0.5, max=5),
     before_sleep=_note_outage,
+    reraise=True,
+)
+
+# Set-up statements are retried when they meet another process's set-up (a deadlock, a lock
+# timeout), not when the database is unreachable: then the command says so at once.
+retry_setup = tenacity.retry(
+    retry=tenacity.retry_if_exception_type(
+        (psycopg.errors.DeadlockDetected, psycopg.errors.LockNotAvailable)
+    ),
+    stop=tenacity.stop_after_attempt(5),
+    wait=tenacity.wait_exponential_jitter(multiplier=0.2, max=3),
     reraise=True,
 )
 

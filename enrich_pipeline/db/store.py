@@ -11,7 +11,7 @@ import psycopg
 from enrich_pipeline.db import preflight
 from enrich_pipeline.db.batches import BatchRows
 from enrich_pipeline.db.cache import CaptionCacheRows
-from enrich_pipeline.db.database import Database, retry_db
+from enrich_pipeline.db.database import Database, retry_setup
 from enrich_pipeline.db.dialect import Dialect, probe
 from enrich_pipeline.db.items import ItemRows
 from enrich_pipeline.db.migrate import migrate, pending
@@ -85,7 +85,7 @@ class Store:
         self.db.dialect = readiness.dialect
         self.db.id_type = readiness.id_type
 
-    @retry_db
+    @retry_setup
     def _prepare(self, admin: bool) -> tuple[list[int], Readiness]:
         ns = self.settings.namespace
         notes: list[str] = []
