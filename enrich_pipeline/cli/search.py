@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import psycopg
 from psycopg_pool import PoolTimeout
 
-from enrich_pipeline.bootstrap import Runtime, open_runtime
+from enrich_pipeline.bootstrap import Runtime, open_runtime, open_store
 from enrich_pipeline.pipeline.search import search_captions
 from enrich_pipeline.providers.base import ProviderError
 from enrich_pipeline.settings import ConfigError, Settings
@@ -19,8 +19,13 @@ MAX_TOP_K = 1000
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="enrich-search", description=__doc__.splitlines()[0])
-    p.add_argument("query", help="text to look for")
-    p.add_argument("--user-id", required=True)
+    p.add_argument("query", nargs="?", help="text to look for")
+    p.add_argument("--user-id")
+    p.add_argument(
+        "--create-ann-index",
+        action="store_true",
+        help="AnalyticDB: create the FastANN index on the caption embeddings, and exit",
+    )
     p.add_argument("--color", action="append", default=[], help="dominant color (repeatable)")
     p.add_argument("--tag", action="append", default=[], help="style or object tag (repeatable)")
     p.add_argument("--top-k", type=int, default=10, help=f"hits to show, 1 to {MAX_TOP_K}")
@@ -34,6 +39,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env()
         if args.offline:
             settings = settings.with_(dashscope=settings.dashscope.with_(offline=True))
+        if args.create_ann_index:
+            with open_store(settings, seed=False) as store:
+                name = store.search.create_ann_index(settings.dashscope.embedding_dimensions)
+            print(f"created FastANN index {name}")
+            return 0
+        if not args.query or not args.user_id:
+            raise ConfigError("a search needs the text and --user-id")
         runtime = open_runtime(settings, seed=False)
         hits = search_captions(
             runtime.store,

@@ -85,3 +85,11 @@ def test_search_command(captioned: Items, capsys: pytest.CaptureFixture[str]) ->
     assert out.count("score") == 2 and " 1. item " in out
     assert search_main(["--user-id", "nobody", "sofa"]) == 0
     assert "No matching items." in capsys.readouterr().out
+
+
+def test_ann_index_is_refused_with_one_line_where_fastann_is_absent(
+    captioned: Items, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert search_main(["--create-ann-index"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "FastANN" in err and err.count("\n") == 1, err
