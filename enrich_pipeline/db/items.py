@@ -297,9 +297,12 @@ class ItemRows:
             f=self.db.t("enrich_failures"),
             unclaimed=self._unclaimed(),
         )
+        # real[] holds NaN and infinities, which rank first in plain SQL and break pgvector.
         embed_sql = sql.SQL(
             "SELECT count(*), count(*) FILTER (WHERE array_length(embedding, 1) IS DISTINCT FROM"
-            " %(dims)s OR dimensions <> %(dims)s) FROM {e}"
+            " %(dims)s OR dimensions <> %(dims)s),"
+            " count(*) FILTER (WHERE EXISTS (SELECT 1 FROM unnest(embedding) AS x"
+            " WHERE x IN ('NaN'::real, 'Infinity'::real, '-Infinity'::real))) FROM {e}"
             " WHERE source_table = %(src)s AND user_id = %(user)s"
         ).format(e=self.db.t("enrich_embeddings"))
         failed_sql = sql.SQL(
@@ -315,6 +318,7 @@ class ItemRows:
             "pending_unrecorded": int(unrecorded[0]),
             "embeddings": int(embeddings[0]),
             "embeddings_wrong_dimensions": int(embeddings[1]),
+            "embeddings_not_finite": int(embeddings[2]),
             "failures_recorded": int(failed[0]),
         }
 

@@ -43,7 +43,8 @@ def no_unrecorded_pending_rows(
 @asset_check(
     asset=enriched_items,
     partitions_def=users_partitions,
-    description="Every stored caption embedding of the user has the configured dimensions.",
+    description="Every stored caption embedding of the user has the configured dimensions and "
+    "only finite values.",
 )
 def embedding_dimensions(
     context: AssetCheckExecutionContext, adbpg: AdbpgResource, dashscope: DashScopeResource
@@ -52,12 +53,14 @@ def embedding_dimensions(
     dims = dashscope.settings.embedding_dimensions
     figures = adbpg.store.items.check_partition(user, dims)
     wrong = figures["embeddings_wrong_dimensions"]
+    not_finite = figures["embeddings_not_finite"]
     return AssetCheckResult(
-        passed=wrong == 0,
+        passed=wrong == 0 and not_finite == 0,
         severity=AssetCheckSeverity.ERROR,
         metadata={
             "expected_dimensions": dims,
             "embeddings": figures["embeddings"],
             "wrong_dimensions": wrong,
+            "not_finite": not_finite,
         },
     )

@@ -378,3 +378,18 @@ def test_a_30_second_failover_mid_run_waits_and_writes_every_row_once(
     assert set(writes(items).values()) == {1}, "every row written exactly once"
     waits = [r for r in caplog.records if "unavailable" in r.getMessage()]
     assert len(waits) == 1, [r.getMessage() for r in waits]
+
+
+def test_non_finite_vectors_already_stored_are_caught_by_the_check_figures(items: Items) -> None:
+    with Store(items.settings) as store:
+        store.setup()
+        for n, vector in enumerate([[1.0, 0.0], [float("nan"), 1.0], [float("inf"), 0.0]]):
+            items.execute(
+                "INSERT INTO {ns}.enrich_embeddings (source_table, item_id, user_id, model,"
+                " dimensions, embedding) VALUES (%s, %s, 'alice', 'm', 2, %s::real[])",
+                (store.source_table, str(n), vector),
+            )
+        figures = store.items.check_partition("alice", 2)
+    assert figures["embeddings"] == 3
+    assert figures["embeddings_not_finite"] == 2
+    assert figures["embeddings_wrong_dimensions"] == 0
