@@ -144,7 +144,7 @@ def test_submit_restart_poll_collect_writes_like_the_online_path(
     done = items.add("alice", img["green"], metadata={"caption": "by hand"})
     bob = items.add("bob", img["blue"], metadata={"sku": "b-1"})
     untouched = {i: items.row(i) for i in (done, bob)}
-    server.batch_delay = 0.3
+    server.batch_delay = 2.0  # long enough that the first poll finds it running on a busy machine
     settings = fresh_settings(server)
 
     result = submit(store, settings)
