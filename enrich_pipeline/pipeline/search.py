@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from enrich_pipeline.db.store import Store
-from enrich_pipeline.providers.base import Provider
+from enrich_pipeline.providers.base import Provider, ProviderError, usable_vector
 from enrich_pipeline.settings import ConfigError
 
 Method = Literal["auto", "pgvector", "sql"]
@@ -42,6 +42,10 @@ def search_captions(
     if not query.strip():
         raise ConfigError("the search text is empty")
     (vector,) = provider.embed([query])
+    if not usable_vector(vector):  # the provider's vector was not finite or of the wrong size
+        raise ProviderError(
+            "bad_embedding", "the embedding model returned an unusable vector", permanent=False
+        )
     use_pgvector = store.search.has_pgvector() if method == "auto" else method == "pgvector"
     if use_pgvector and method == "pgvector" and not store.search.has_pgvector():
         raise ConfigError("the pgvector extension is not installed in this database")
