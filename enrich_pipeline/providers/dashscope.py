@@ -206,7 +206,7 @@ class DashScopeProvider:
                     self.usage.add(**{f"failed_{kind}_calls": 1})
                     if isinstance(error, FatalProviderError):
                         raise self._stop.set(error) from exc
-                    governor.attempt_failed(error, retry_after(error))
+                    governor.attempt_failed(error, retry_after(error), tries)
                     raise error from exc
                 governor.attempt_ok()
                 return result
@@ -235,8 +235,9 @@ class DashScopeProvider:
             if not isinstance(getattr(response, "choices", None), list):
                 raise ValueError("the response has no choices")
             usage = response.usage
+            # Tokens are billed whatever the answer; the call counts as answered only with a
+            # caption (an empty one is a failed call, counted as such by ``_call``).
             self.usage.add(
-                vision_calls=1,
                 image_tokens=image.tokens,
                 prompt_tokens=usage.prompt_tokens if usage else 0,
                 completion_tokens=usage.completion_tokens if usage else 0,
@@ -244,6 +245,7 @@ class DashScopeProvider:
             text = clean_caption(response.choices[0].message.content if response.choices else "")
             if not text:
                 raise empty_caption()
+            self.usage.add(vision_calls=1)
             return text
 
         return self._call(

@@ -229,7 +229,8 @@ class CallContext:
 
     @property
     def where(self) -> str:
-        return self.base_url or "DASHSCOPE_BASE_URL"
+        """The base URL, named by its variable: ``DASHSCOPE_BASE_URL (https://...)``."""
+        return f"DASHSCOPE_BASE_URL ({self.base_url})" if self.base_url else "DASHSCOPE_BASE_URL"
 
 
 VISION = CallContext()
@@ -290,8 +291,7 @@ def _stop(verdict: str, answer: str, ctx: CallContext) -> FatalProviderError:
             "invalid_api_key",
             f"DashScope rejected the API key ({answer}): check DASHSCOPE_API_KEY. Keys are per "
             "region: an international (Singapore) key on the Beijing endpoint, or a Beijing key "
-            f"on the international one, also gets 401, so check DASHSCOPE_BASE_URL too "
-            f"(now {ctx.where})",
+            f"on the international one, also gets 401, so check {ctx.where} too",
             kind=kind,
         )
     if verdict == MODEL_DENIED:
@@ -307,14 +307,14 @@ def _stop(verdict: str, answer: str, ctx: CallContext) -> FatalProviderError:
             "model_not_found",
             f"{ctx.the_model[0].upper() + ctx.the_model[1:]} does not exist at {ctx.where} "
             f"({answer}): check the name in {ctx.model_setting} and whether the model is "
-            "offered in this region (DASHSCOPE_BASE_URL)",
+            "offered in this region",
             kind=kind,
         )
     if verdict == WRONG_URL:
         return FatalProviderError(
             "wrong_base_url",
-            f"DASHSCOPE_BASE_URL ({ctx.where}) has no OpenAI-compatible {kind} endpoint "
-            f"({answer}): check the URL (DashScope's ends in /compatible-mode/v1)",
+            f"{ctx.where} has no OpenAI-compatible {kind} endpoint ({answer}): the URL is "
+            "probably mistyped (DashScope's ends in /compatible-mode/v1)",
             kind=kind,
         )
     if verdict == NO_IMAGES:

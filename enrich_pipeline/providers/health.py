@@ -144,6 +144,8 @@ class Governor:
             self._failed_in_a_row = 0
             self._run_failures = 0
             self._refusal = (("", ""), 0)
+            self._streak = 0
+            self._failing_since = None
 
     # -- admission -----------------------------------------------------------------------
 
@@ -178,9 +180,13 @@ class Governor:
                 self.limit += 1
                 self._cond.notify_all()
 
-    def attempt_failed(self, error: ProviderError, hint: float | None = None) -> None:
-        """A failed try. Throttling and service failures slow every call of the model down;
-        a row's own rejection does not."""
+    def attempt_failed(
+        self, error: ProviderError, hint: float | None = None, attempt: int = 1
+    ) -> None:
+        """A failed try (the call's ``attempt``-th). Throttling and service failures slow every
+        call of the model down: the calls in flight are halved and every call waits half the
+        failing call's backoff ceiling (or the server's Retry-After); a row's own rejection
+        slows nothing down."""
         if error.scope == SCOPE_ROW:
             return
         with self._cond:
@@ -191,7 +197,7 @@ class Governor:
             if now >= self._no_cut_until:
                 self.limit = max(1, min(self.limit, self.in_flight) // 2)
                 self.lowest_limit = min(self.lowest_limit, self.limit)
-            ceiling = min(self.backoff_max, self.backoff_initial * 2 ** (self._streak - 1))
+            ceiling = min(self.backoff_max, self.backoff_initial * 2 ** (attempt - 1))
             pause = min(hint, self.backoff_max) if hint is not None else ceiling / 2
             if now + pause > self._pause_until:
                 self._pause_until = now + pause
@@ -255,7 +261,7 @@ class Governor:
                 "request_refused",
                 f"DashScope refused {count} calls in a row with the same answer ({error}): a "
                 f"problem of the request or the settings, not of the images; check "
-                f"{self.ctx.the_model} and DASHSCOPE_BASE_URL ({self.ctx.where})",
+                f"{self.ctx.the_model} and {self.ctx.where}",
                 kind=self.ctx.kind,
             )
         )
