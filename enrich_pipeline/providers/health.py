@@ -274,9 +274,13 @@ class Governor:
 
     def row_at_fault(self, *, likely_row: bool = False) -> bool:
         """Whether a service error that persisted through one row's retries is the row's: yes
-        while most recent calls succeed; with no success at all to go by, only for an error
-        that is likely the row's (an HTTP 500) and the run's only failed call so far."""
+        while most recent calls succeed and the provider answered since the previous failed
+        call (two failed calls in a row: it is failing now); with no success at all to go by,
+        only for an error that is likely the row's (an HTTP 500) and the run's only failed
+        call so far."""
         with self._cond:
+            if self._failed_in_a_row > 1:
+                return False
             ok = self._recent.count(True)
             if ok:
                 return ok >= len(self._recent) - ok
