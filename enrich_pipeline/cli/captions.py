@@ -3,6 +3,13 @@ flags and report.
 
 It runs the same stages as the Dagster job, against the configured database or, when
 ``ADBPG_HOST`` is unset, the embedded one with its sample items.
+
+Exit codes: 0 the run completed (rows that failed are in the ledger and the report); 2 a
+configuration or database problem; 3 the provider stopped the run for a reason someone must fix
+(the account, the key, the model or the request itself: one ``error:`` line says what); 4 the
+provider was unavailable (throttled, unreachable or failing past the retries): run again later.
+On 3 and 4 no row was charged, the unwritten rows are released, and the statistics of what was
+done before the stop are still printed.
 """
 
 from __future__ import annotations
@@ -21,12 +28,15 @@ from enrich_pipeline.cli.flags import FlagMap, add_setting, given
 from enrich_pipeline.cli.report import Report
 from enrich_pipeline.db.preflight import grants
 from enrich_pipeline.enrichment.images import redact_source
-from enrich_pipeline.providers.base import FatalProviderError
+from enrich_pipeline.pipeline.stats import RunStats
+from enrich_pipeline.providers.base import FatalProviderError, ProviderUnavailable
 from enrich_pipeline.providers.pricing import estimate_cost, load_prices
 from enrich_pipeline.settings import ConfigError, DbSettings, RunSettings, Settings
 
 RUN_FLAGS: FlagMap = {}
 DB_FLAGS: FlagMap = {}
+
+EXIT_OK, EXIT_CONFIG, EXIT_PROVIDER_STOP, EXIT_PROVIDER_UNAVAILABLE = 0, 2, 3, 4
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -140,6 +150,17 @@ def configuration(runtime: Runtime, user_id: str | None) -> list[tuple[str, str]
     ]
 
 
+def _statistics(report: Report, runtime: Runtime, stats: RunStats, started: float) -> None:
+    usage = runtime.provider.usage.as_dict()
+    cost = estimate_cost(
+        usage,
+        vision_model=runtime.provider.model_label,
+        embedding_model=runtime.settings.dashscope.embedding_model,
+        prices=load_prices(),
+    )
+    report.statistics(stats, usage, time.monotonic() - started, cost)
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     args = parse_args(argv)
@@ -185,15 +206,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         )
         started = time.monotonic()
         stats = engine.enrich(args.user_id, on_outcome=report.item)
-        usage = runtime.provider.usage.as_dict()
-        cost = estimate_cost(
-            usage,
-            vision_model=runtime.provider.model_label,
-            embedding_model=settings.dashscope.embedding_model,
-            prices=load_prices(),
-        )
-        report.statistics(stats, usage, time.monotonic() - started, cost)
-        return 0
+        _statistics(report, runtime, stats, started)
+        return EXIT_OK
     except (psycopg.OperationalError, PoolTimeout) as exc:
         where = db.redacted() if db is not None else "the database"
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -217,8 +231,13 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             print(f"error: {line}", file=sys.stderr)
         return 2
     except FatalProviderError as exc:
+        if runtime is not None and started is not None:
+            done = exc.stats if isinstance(exc.stats, RunStats) else RunStats()
+            _statistics(report, runtime, done, started)
         print(f"error: run stopped: {exc}", file=sys.stderr)
-        return 3
+        if isinstance(exc, ProviderUnavailable):
+            return EXIT_PROVIDER_UNAVAILABLE
+        return EXIT_PROVIDER_STOP
     finally:
         if runtime is not None:
             runtime.close()

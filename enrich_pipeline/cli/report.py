@@ -56,10 +56,18 @@ class Report:
             f"  {'Tokens used:':<18}{usage['total_tokens']} (prompt {usage['prompt_tokens']}, "
             f"completion {usage['completion_tokens']}, embedding {usage['embedding_tokens']})"
         )
+        # Every call made counts, answered or failed; the failed ones are also shown apart.
+        failed_vision = usage.get("failed_vision_calls", 0)
+        failed_embedding = usage.get("failed_embedding_calls", 0)
         self.line(
-            f"  {'API calls:':<18}{usage['vision_calls']} vision, "
-            f"{usage['embedding_calls']} embedding, {usage['retries']} retries"
+            f"  {'API calls:':<18}{usage['vision_calls'] + failed_vision} vision, "
+            f"{usage['embedding_calls'] + failed_embedding} embedding, {usage['retries']} retries"
         )
+        if failed_vision or failed_embedding:
+            self.line(
+                f"  {'Failed calls:':<18}{failed_vision} vision, {failed_embedding} embedding "
+                "(errors, timeouts, refused connections; counted in API calls)"
+            )
         if cost is not None:
             self.line(f"  {'Estimated cost:':<18}{cost:.6f} USD (ENRICH_PRICES)")
         self.line(f"  {'Elapsed:':<18}{elapsed:.1f} s")

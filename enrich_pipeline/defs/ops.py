@@ -28,7 +28,7 @@ from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
 from enrich_pipeline.enrichment.records import Provenance
 from enrich_pipeline.pipeline import stages
 from enrich_pipeline.pipeline.stats import ChunkResult, RunStats
-from enrich_pipeline.providers.base import FatalProviderError
+from enrich_pipeline.providers.base import FatalProviderError, ProviderUnavailable
 from enrich_pipeline.providers.pricing import estimate_cost, load_prices
 from enrich_pipeline.settings import ConfigError, RunSettings
 
@@ -68,6 +68,10 @@ def _user(context: OpExecutionContext) -> str:
     return key_to_user(context.partition_key)
 
 
+def _release(adbpg: AdbpgResource, chunk: stages.Chunk) -> None:
+    adbpg.store.items.release(chunk.user_id, [w.item.id for w in chunk.items], worker=chunk.worker)
+
+
 @contextmanager
 def _provider_step(
     context: OpExecutionContext,
@@ -75,18 +79,51 @@ def _provider_step(
     dashscope: DashScopeResource,
     state: ChunkState,
 ) -> Iterator[None]:
-    """Count the step's token usage into the chunk; a fatal provider error releases the
-    chunk's claims and fails the run without retries (a bad key fails every row alike)."""
+    """Count the step's token usage into the chunk, and end the run cleanly when the provider
+    stops it (an account, key, model or request problem, or the provider given up on after
+    throttling or an outage): no row is charged, the chunk's claims are released and the run
+    fails without retries. When the embedding model stopped it, the chunk's captions are paid
+    for and written first, without the vectors they lack (counted as embedding failures).
+    Anything else that escapes the stage releases the chunk's claims before the step fails."""
     provider = dashscope.provider
     before = provider.usage.as_dict()
     try:
         yield
     except FatalProviderError as exc:
-        adbpg.store.items.release(
-            state.chunk.user_id, [w.item.id for w in state.chunk.items], worker=state.chunk.worker
-        )
+        chunk = state.chunk
+        written = 0
+        embedding_step = context.op_def.name == caption_embeddings.name
+        if embedding_step and exc.kind == "embedding" and any(w.caption for w in chunk.items):
+            settings = dashscope.settings
+            result = stages.write_chunk(
+                adbpg.store,
+                chunk,
+                provenance=Provenance(
+                    provider.model_label, settings.prompt_version, provider.offline
+                ),
+                embedding_model=settings.embedding_model if state.run.caption_embedding else None,
+                run_id=context.run_id,
+            )
+            written = result.stats.succeeded
+            context.log.warning(
+                f"{written} paid caption(s) of the chunk written without embeddings before "
+                "the stop"
+            )
+        else:
+            _release(adbpg, chunk)
         context.log.error(f"stopping the run: {exc}")
-        raise Failure(description=str(exc), allow_retries=False) from exc
+        raise Failure(
+            description=str(exc),
+            allow_retries=False,
+            metadata={
+                "stopped_because": exc.code,
+                "provider_unavailable": isinstance(exc, ProviderUnavailable),
+                "captions_written_before_the_stop": written,
+            },
+        ) from exc
+    except Exception:
+        _release(adbpg, state.chunk)
+        raise
     finally:
         for k, v in provider.usage.as_dict().items():
             state.usage[k] = state.usage.get(k, 0) + v - before.get(k, 0)
@@ -139,13 +176,17 @@ def visual_attributes(
         max_attempts=run.max_attempts,
         recaption=_recaption(run, dashscope),
     )
-    stages.visual_attributes(
-        chunk,
-        policy=dashscope.image_policy,
-        max_image_side=dashscope.settings.max_image_side,
-        color_count=run.color_count,
-        concurrent=run.concurrent,
-    )
+    try:
+        stages.visual_attributes(
+            chunk,
+            policy=dashscope.image_policy,
+            max_image_side=dashscope.settings.max_image_side,
+            color_count=run.color_count,
+            concurrent=run.concurrent,
+        )
+    except Exception:  # per-row trouble is the row's (stages); anything else frees the rows
+        _release(adbpg, chunk)
+        raise
     return ChunkState(chunk, run)
 
 

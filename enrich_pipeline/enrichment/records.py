@@ -22,14 +22,34 @@ class PendingItem:
     metadata: Any
 
 
+# Whose fault an item's failure is (``ItemError.blame``): the row's (recorded in the ledger and
+# counted toward its attempts), the provider's (throttling, an outage: the row is given back
+# untouched), or unclear until the provider's other calls are known (a 5xx or timeout on one
+# row while most calls succeed is the row's; see ``pipeline.stages.settle_blame``). "Likely the
+# row's" is an unclear error that is the row's even without that evidence when it is the run's
+# only failure (an HTTP 500, which the request itself can cause).
+BLAME_ROW = "row"
+BLAME_PROVIDER = "provider"
+BLAME_UNCLEAR = "unclear"
+BLAME_LIKELY_ROW = "likely_row"
+UNSETTLED = frozenset({BLAME_UNCLEAR, BLAME_LIKELY_ROW})
+
+
 @dataclass(frozen=True)
 class ItemError:
-    """Why one item failed. ``permanent`` errors are not retried by later runs."""
+    """Why one item failed. ``permanent`` errors are not retried by later runs; an error whose
+    ``blame`` is the provider's costs the row nothing (no ledger entry, attempts unchanged)."""
 
     code: str
     message: str
     permanent: bool
     stage: str
+    blame: str = BLAME_ROW
+
+    @property
+    def charged(self) -> bool:
+        """Recorded in the ledger: the row's own error (unclear ones count as the row's)."""
+        return self.blame != BLAME_PROVIDER
 
 
 @dataclass
@@ -44,6 +64,7 @@ class WorkItem:
     embedding: Sequence[float] | None = None
     error: ItemError | None = None
     from_cache: bool = False
+    caption_truncated: bool = False
 
     @property
     def ok(self) -> bool:
@@ -82,6 +103,8 @@ def metadata_patch(work: WorkItem, provenance: Provenance, generated_at: str) ->
         "caption_model": provenance.model,
         "caption_prompt_version": provenance.prompt_version,
     }
+    if work.caption_truncated:
+        patch["caption_truncated"] = True
     if provenance.offline:
         patch["caption_source"] = "offline"
     return patch

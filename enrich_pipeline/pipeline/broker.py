@@ -8,7 +8,9 @@ from concurrent.futures import Future
 from typing import Protocol
 
 from enrich_pipeline.enrichment.records import WorkItem
+from enrich_pipeline.enrichment.text import clean_caption
 from enrich_pipeline.providers.base import Provider
+from enrich_pipeline.providers.wire import empty_caption
 
 
 class CaptionCache(Protocol):
@@ -56,7 +58,7 @@ class CaptionBroker:
         sha = work.content_sha256
         if sha is None:
             assert work.vision is not None
-            return self.provider.caption(work.vision), False
+            return clean_caption(self.provider.caption(work.vision)), False
         with self._lock:
             if sha in self._known:
                 return self._known[sha], True
@@ -86,7 +88,11 @@ class CaptionBroker:
                     self._known[sha] = hit[sha]
                 return hit[sha], True
         assert work.vision is not None
-        caption = self.provider.caption(work.vision)
+        # Cleaned before it is cached: whatever the provider, no NUL or lone surrogate reaches
+        # the cache insert, and a caption of invisible characters is no caption.
+        caption = clean_caption(self.provider.caption(work.vision))
+        if not caption:
+            raise empty_caption()
         if self.cache is not None:
             self.cache.cache_caption(
                 sha, model=model, prompt_version=self.prompt_version, caption=caption

@@ -14,6 +14,7 @@ from enrich_pipeline.db.store import Store
 from enrich_pipeline.enrichment.images import ImagePolicy
 from enrich_pipeline.enrichment.records import ItemError, Provenance, WorkItem
 from enrich_pipeline.enrichment.tags import DEFAULT_VOCABULARY, TagVocabulary
+from enrich_pipeline.enrichment.text import clean_message
 from enrich_pipeline.pipeline import stages
 from enrich_pipeline.pipeline.broker import CaptionBroker
 from enrich_pipeline.pipeline.stats import ItemOutcome, RunStats
@@ -80,6 +81,9 @@ class Engine:
     ) -> RunStats:
         """One user, or every user with pending rows, within ``max_items`` in total."""
         worker = worker or new_worker_id()
+        begin_run = getattr(self.provider, "begin_run", None)
+        if begin_run is not None:  # a provider used for run after run: this is a new one
+            begin_run()
         users = (
             [user_id]
             if user_id is not None
@@ -90,7 +94,14 @@ class Engine:
         for user in users:
             if budget is not None and budget <= 0:
                 break
-            got = self.enrich_user(user, limit=budget, worker=worker, on_outcome=on_outcome)
+            try:
+                got = self.enrich_user(user, limit=budget, worker=worker, on_outcome=on_outcome)
+            except FatalProviderError as stop:
+                # What the run did before it stopped travels with the stop (the report).
+                if isinstance(stop.stats, RunStats):
+                    stats.merge(stop.stats)
+                stop.stats = stats
+                raise
             stats.merge(got)
             if budget is not None:
                 budget -= got.total
@@ -173,6 +184,7 @@ class _Stream:
                 every = [w.item.id for c in self._unwritten.values() for w in c.items]
                 self.engine.store.items.release(self.user_id, every, worker=self.worker)
         if self.fatal:
+            self.fatal.stats = self.stats
             raise self.fatal
         return self.stats
 
@@ -194,7 +206,14 @@ class _Stream:
             with self._cond:
                 self.fatal = self.fatal or exc
         except Exception as exc:  # noqa: BLE001 - e.g. the cache's database away: one row fails
-            work.fail(ItemError("internal_error", f"{type(exc).__name__}: {exc}", False, "caption"))
+            work.fail(
+                ItemError(
+                    "internal_error",
+                    clean_message(f"{type(exc).__name__}: {exc}"),
+                    False,
+                    "caption",
+                )
+            )
         finally:
             with self._cond:
                 self._in_flight -= 1
@@ -207,13 +226,20 @@ class _Stream:
     def _finish(self, n: int) -> None:
         engine, run = self.engine, self.engine.run
         chunk = self._unwritten[n]
+        # Every call of the chunk is done: now say whose fault its unclear failures were.
+        stages.settle_blame(chunk, engine.provider)
+        stop: FatalProviderError | None = None
         try:
             stages.embed_chunk(chunk, engine.provider, enabled=run.caption_embedding)
         except FatalProviderError as exc:
-            with self._cond:
-                self.fatal = self.fatal or exc
-                self._cond.notify_all()
+            stop = exc
+        if stop is not None and stop.kind != "embedding":
+            # The run stopped on the vision side meanwhile: the chunk is given back (its paid
+            # captions are in the cache, the next run embeds and writes them for nothing).
+            self._stopped(stop)
             return
+        # The embedding model stopped the run (a rejected key, access denied, gone): the
+        # chunk's captions are paid, so they are written, without the vectors they lack.
         result = stages.write_chunk(
             engine.store,
             chunk,
@@ -228,3 +254,10 @@ class _Stream:
             if self.on_outcome:
                 for outcome in result.outcomes:
                     self.on_outcome(self.user_id, outcome)
+        if stop is not None:
+            self._stopped(stop)
+
+    def _stopped(self, stop: FatalProviderError) -> None:
+        with self._cond:
+            self.fatal = self.fatal or stop
+            self._cond.notify_all()

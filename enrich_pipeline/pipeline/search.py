@@ -13,7 +13,7 @@ from typing import Literal
 
 from enrich_pipeline.db.dialect import Dialect
 from enrich_pipeline.db.store import Store
-from enrich_pipeline.providers.base import Provider
+from enrich_pipeline.providers.base import Provider, ProviderError, usable_vector
 from enrich_pipeline.settings import ConfigError
 
 Method = Literal["auto", "fastann", "pgvector", "sql"]
@@ -56,6 +56,10 @@ def search_captions(
         raise ConfigError("the search text is empty")
     chosen = ranking(store.dialect, method)
     (vector,) = provider.embed([query])
+    if not usable_vector(vector):  # the provider's vector was not finite or of the wrong size
+        raise ProviderError(
+            "bad_embedding", "the embedding model returned an unusable vector", permanent=False
+        )
     rows = store.search.rank(user_id, vector, top_k=top_k, colors=colors, tags=tags, method=chosen)
     return [
         SearchHit(

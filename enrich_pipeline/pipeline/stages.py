@@ -5,9 +5,13 @@ In the Dagster graph a chunk moves through ``claim_chunk`` -> ``visual_attribute
 items through the per-item stages (``load_visual``, ``caption_item``) instead, and writes chunks
 with the same ``embed_chunk`` and ``write_chunk`` (engine.py); batch mode accepts the Batch
 API's answers with the same ``accept_caption`` and writes them with the same ``write_chunk``.
-Each stage records a per-item
-error instead of raising; only a fatal provider error (a rejected key) stops the run, and the
-caller then releases the claims so that nothing is left marked.
+
+Anything one row's data causes is that row's error: each stage records a per-item error instead
+of raising, whatever goes wrong for that item (a decoder bug, hostile caption text, a vector that
+is not finite). Only a stop of the provider (``FatalProviderError``: a rejected key, a missing
+model, the provider given up on) ends the run, and the caller then releases the claims so that
+nothing is left marked. Whose fault a failure is decides whether the row is charged an attempt
+(``ItemError.blame``, ``settle_blame``): rows the provider failed are given back untouched.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from enrich_pipeline.db.items import FailureRow, SuccessRow
@@ -28,6 +32,11 @@ from enrich_pipeline.enrichment.images import (
     prepare_for_vision,
 )
 from enrich_pipeline.enrichment.records import (
+    BLAME_LIKELY_ROW,
+    BLAME_PROVIDER,
+    BLAME_ROW,
+    BLAME_UNCLEAR,
+    UNSETTLED,
     ItemError,
     Provenance,
     WorkItem,
@@ -35,9 +44,18 @@ from enrich_pipeline.enrichment.records import (
     utc_timestamp,
 )
 from enrich_pipeline.enrichment.tags import DEFAULT_VOCABULARY, TagVocabulary, derive_tags
+from enrich_pipeline.enrichment.text import clean_caption, clean_message, fit_caption
 from enrich_pipeline.pipeline.broker import CaptionBroker, CaptionCache
 from enrich_pipeline.pipeline.stats import ChunkResult, ItemOutcome, RunStats
-from enrich_pipeline.providers.base import FatalProviderError, Provider, ProviderError
+from enrich_pipeline.providers.base import (
+    SCOPE_ROW,
+    SCOPE_THROTTLE,
+    FatalProviderError,
+    Provider,
+    ProviderError,
+    row_at_fault,
+    usable_vector,
+)
 from enrich_pipeline.providers.dashscope import MAX_EMBEDDING_BATCH
 
 T = TypeVar("T")
@@ -124,15 +142,17 @@ def load_visual(
         return
     try:
         loaded = load_image(work.item.image, policy)
+        work.content_sha256 = loaded.content_sha256
+        work.dominant_colors = dominant_colors(loaded.image, k=color_count)
+        work.vision = prepare_for_vision(loaded, max_side=max_image_side)
     except ImageLoadError as exc:
-        work.fail(ItemError(exc.code, str(exc), exc.permanent, "image"))
-        return
+        work.fail(ItemError(exc.code, clean_message(exc), exc.permanent, "image"))
     except Exception as exc:  # noqa: BLE001 - a decoder bug must cost one row, not the run
-        work.fail(ItemError("image_error", f"{type(exc).__name__}: {exc}", True, "image"))
-        return
-    work.content_sha256 = loaded.content_sha256
-    work.dominant_colors = dominant_colors(loaded.image, k=color_count)
-    work.vision = prepare_for_vision(loaded, max_side=max_image_side)
+        work.fail(ItemError("image_error", _describe(exc), True, "image"))
+
+
+def _describe(exc: BaseException) -> str:
+    return clean_message(f"{type(exc).__name__}: {exc}")
 
 
 def visual_attributes(
@@ -157,27 +177,69 @@ def visual_attributes(
 def accept_caption(
     work: WorkItem, caption: str, vocabulary: TagVocabulary, *, cached: bool = False
 ) -> None:
-    """Take a caption for the item (online, from the cache or from a batch answer): tags
-    derived from it, the downscaled image dropped to keep memory flat."""
-    work.caption = caption
+    """Take a caption for the item (online, from the cache or from a batch answer): made fit to
+    store (``text.clean_caption``, capped at ``text.CAPTION_MAX_CHARS`` and marked
+    ``caption_truncated``), tags derived from it, the downscaled image dropped to keep memory
+    flat. Whatever provider it came from, a caption that is empty once cleaned is no caption."""
+    text, truncated = fit_caption(clean_caption(caption))
+    if not text:
+        work.fail(
+            ItemError(
+                "empty_caption",
+                "the model returned an empty caption",
+                False,
+                "caption",
+                BLAME_UNCLEAR,
+            )
+        )
+        return
+    work.caption = text
+    work.caption_truncated = truncated
     work.from_cache = cached
-    work.style_tags, work.object_tags = derive_tags(caption, vocabulary)
+    work.style_tags, work.object_tags = derive_tags(text, vocabulary)
     work.vision = None
+
+
+def _blame(error: ProviderError) -> str:
+    """A provider error's first verdict: the row's, the provider's, or unclear until the
+    provider's other calls are known (``settle_blame``)."""
+    if error.scope == SCOPE_ROW:
+        return BLAME_ROW
+    if error.scope == SCOPE_THROTTLE:
+        return BLAME_PROVIDER
+    return BLAME_LIKELY_ROW if error.status == 500 else BLAME_UNCLEAR
 
 
 def caption_item(
     work: WorkItem, broker: CaptionBroker, vocabulary: TagVocabulary = DEFAULT_VOCABULARY
 ) -> None:
-    """Caption one item and derive its tags; a provider error fails the item, a fatal one
-    (rejected key) propagates to stop the run."""
+    """Caption one item and derive its tags; a provider error fails the item, a stop of the
+    provider (rejected key, provider given up on) propagates to stop the run. Anything else that
+    goes wrong for this item fails this item alone (``internal_error``, transient)."""
     try:
         caption, cached = broker.caption(work)
+        accept_caption(work, caption, vocabulary, cached=cached)
     except FatalProviderError:
         raise
     except ProviderError as exc:
-        work.fail(ItemError(exc.code, str(exc), exc.permanent, "caption"))
-        return
-    accept_caption(work, caption, vocabulary, cached=cached)
+        work.fail(ItemError(exc.code, clean_message(exc), exc.permanent, "caption", _blame(exc)))
+    except Exception as exc:  # noqa: BLE001 - one row's trouble must not end the run
+        work.fail(ItemError("internal_error", _describe(exc), False, "caption"))
+
+
+def settle_blame(chunk: Chunk, provider: Provider, kind: str = "vision") -> Chunk:
+    """Decide the unclear failures of a chunk whose calls are all done: a service error (5xx,
+    timeout, connection, unreadable or empty answer) that persisted through one row's retries
+    is that row's while most of the provider's recent calls succeed, and the provider's
+    otherwise (the row is given back untouched, its attempts unchanged). With no success to go
+    by, an HTTP 500 that is the run's only failed call is the row's (``Governor.row_at_fault``).
+    """
+    for w in chunk.items:
+        if w.error is not None and w.error.blame in UNSETTLED:
+            likely = w.error.blame == BLAME_LIKELY_ROW
+            own = row_at_fault(provider, kind, likely_row=likely)
+            w.error = replace(w.error, blame=BLAME_ROW if own else BLAME_PROVIDER)
+    return chunk
 
 
 def caption_chunk(
@@ -198,7 +260,7 @@ def caption_chunk(
     broker = CaptionBroker(provider, cache, prompt_version)
     broker.prefetch(w.content_sha256 for w in live if w.content_sha256)
     _parallel(lambda w: caption_item(w, broker, vocabulary), live, concurrent)
-    return chunk
+    return settle_blame(chunk, provider)
 
 
 def embed_chunk(
@@ -207,7 +269,10 @@ def embed_chunk(
     """Embed the chunk's captions, ten per request, ``concurrent`` requests at a time.
 
     An embedding failure does not cost the caption that was already paid for: the caption is
-    written without a vector and the gap is counted (and shown by the asset check).
+    written without a vector and the gap is counted (and shown by the asset check). A vector
+    that is not finite or not of the configured length is refused for its row alone. A stop of
+    the provider propagates; the caller still writes the chunk's paid captions (engine,
+    ``defs.ops._provider_step``).
     """
     if not enabled:
         return chunk
@@ -219,11 +284,14 @@ def embed_chunk(
             vectors = provider.embed([w.caption or "" for w in batch])
         except FatalProviderError:
             raise
-        except ProviderError:
+        except ProviderError:  # a failed batch costs its vectors, not the captions
+            return
+        if len(vectors) != len(batch):
             return
         for work, vector in zip(batch, vectors, strict=True):
-            # float32, as stored (real[]): a quarter of a list of Python floats in memory.
-            work.embedding = array("f", vector)
+            if usable_vector(vector):
+                # float32, as stored (real[]): a quarter of a list of Python floats in memory.
+                work.embedding = array("f", vector)
 
     _parallel(one, batches, concurrent)
     return chunk
@@ -240,7 +308,9 @@ def write_chunk(
     """Write the chunk back in one transaction and say what happened to each item.
 
     ``embedding_model`` is None when the run does not embed captions; otherwise a written
-    caption without a vector is counted as an embedding failure.
+    caption without a vector is counted as an embedding failure. Only the rows' own failures go
+    to the ledger; rows the provider failed (throttling, an outage) and rows the run never got
+    to are given back: claims released, no ledger entry, attempts unchanged.
     """
     generated_at = utc_timestamp()
     successes = [
@@ -254,7 +324,16 @@ def write_chunk(
         for w in chunk.items
         if w.ok and w.caption
     ]
-    failures = [FailureRow(w.item.id, w.error) for w in chunk.items if w.error is not None]
+    failures = [
+        FailureRow(w.item.id, w.error)
+        for w in chunk.items
+        if w.error is not None and w.error.charged
+    ]
+    given_back = [
+        w
+        for w in chunk.items
+        if (w.error is not None and not w.error.charged) or (w.error is None and not w.caption)
+    ]
     outcome = store.items.write_chunk(
         chunk.user_id,
         worker=chunk.worker,
@@ -263,11 +342,27 @@ def write_chunk(
         embedding_model=embedding_model,
         run_id=run_id,
     )
+    if given_back:
+        store.items.release(chunk.user_id, [w.item.id for w in given_back], worker=chunk.worker)
     written = set(outcome.written)
     outcomes: list[ItemOutcome] = []
     stats = RunStats()
     for w in chunk.items:
-        if w.error is not None:
+        if w.error is not None and not w.error.charged:
+            outcomes.append(
+                ItemOutcome(
+                    w.item.id,
+                    "skipped",
+                    error=f"not charged, left pending: {w.error.message}",
+                    error_code=w.error.code,
+                    deferred=True,
+                )
+            )
+        elif w.error is None and not w.caption:
+            outcomes.append(
+                ItemOutcome(w.item.id, "skipped", error="not processed: the run stopped")
+            )
+        elif w.error is not None:
             outcomes.append(
                 ItemOutcome(w.item.id, "failed", error=w.error.message, error_code=w.error.code)
             )

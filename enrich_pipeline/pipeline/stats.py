@@ -20,6 +20,8 @@ class ItemOutcome:
     error: str | None = None
     error_code: str | None = None
     cached: bool = False
+    # Skipped because the provider failed it (throttling, an outage): given back, not charged.
+    deferred: bool = False
 
 
 @dataclass
@@ -33,6 +35,7 @@ class RunStats:
     embedded: int = 0
     embedding_failed: int = 0
     cache_hits: int = 0
+    deferred: int = 0  # of the skipped: given back uncharged because the provider failed them
     samples: list[str] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
 
@@ -58,6 +61,7 @@ class RunStats:
                 self.errors[code] = self.errors.get(code, 0) + 1
             else:
                 self.skipped += 1
+                self.deferred += o.deferred
 
     def merge(self, other: RunStats) -> None:
         self.total += other.total
@@ -67,6 +71,7 @@ class RunStats:
         self.embedded += other.embedded
         self.embedding_failed += other.embedding_failed
         self.cache_hits += other.cache_hits
+        self.deferred += other.deferred
         self.samples.extend(other.samples[: max(0, SAMPLE_CAPTIONS - len(self.samples))])
         for code, n in other.errors.items():
             self.errors[code] = self.errors.get(code, 0) + n
@@ -86,6 +91,14 @@ class RunStats:
         ]
         if self.errors:
             rows.append(("Errors", ", ".join(f"{k} {v}" for k, v in sorted(self.errors.items()))))
+        if self.deferred:
+            rows.append(
+                (
+                    "Not charged",
+                    f"{self.deferred} (DashScope throttled or failed them: left pending, "
+                    "attempts unchanged)",
+                )
+            )
         without = f" ({self.embedding_failed} without embedding)" if self.embedding_failed else ""
         rows.append(("Embedded", f"{self.embedded}{without}"))
         return rows
@@ -102,6 +115,7 @@ class RunStats:
             "embedding_failed": self.embedding_failed,
             "cache_hits": self.cache_hits,
             "cache_hit_rate": round(self.cache_hit_rate, 4),
+            "deferred": self.deferred,
             "errors": dict(self.errors),
         }
 

@@ -3,6 +3,7 @@ and the one retry loop that online calls and Batch API calls both go through."""
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 from collections.abc import Callable, Sequence
@@ -16,28 +17,67 @@ from enrich_pipeline.enrichment.images import VisionImage
 T = TypeVar("T")
 
 
-class ProviderError(Exception):
-    """One call failed. ``permanent`` errors are recorded and never retried."""
+# What a failed call says about whose problem it is (``ProviderError.scope``):
+#   "row"      the request of this one row (moderation, an image the model cannot use);
+#   "throttle" the account's quota (429): never the row's;
+#   "service"  the provider itself (5xx, timeout, connection, unreadable or empty answer): the
+#              row's only if the provider is otherwise answering (most other calls succeed).
+SCOPE_ROW = "row"
+SCOPE_THROTTLE = "throttle"
+SCOPE_SERVICE = "service"
 
-    def __init__(self, code: str, message: str, *, permanent: bool) -> None:
+
+class ProviderError(Exception):
+    """One call failed. ``permanent`` errors are recorded and never retried; ``scope`` says
+    whether the row, the quota or the service is at fault; ``kind`` which model was called
+    ("vision" or "embedding")."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        permanent: bool,
+        scope: str = SCOPE_ROW,
+        kind: str = "vision",
+        status: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.permanent = permanent
+        self.scope = scope
+        self.kind = kind
+        self.status = status  # the HTTP status of the provider's answer, when there was one
 
 
 class FatalProviderError(ProviderError):
-    """The whole run must stop: a bad key or a missing model fails every item the same way."""
+    """The whole run must stop: a problem of the account, the key, the model or the request
+    itself fails every row alike. No row is charged; the claims are released.
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(code, message, permanent=True)
+    ``stats`` is filled by the engine with what the run did before it stopped (the report
+    prints it)."""
+
+    def __init__(self, code: str, message: str, *, kind: str = "vision") -> None:
+        super().__init__(code, message, permanent=True, kind=kind)
+        self.stats: Any = None
+
+
+class ProviderUnavailable(FatalProviderError):
+    """The run gave up on the provider: throttled, unreachable or failing on call after call
+    past the retries. Not any row's fault: no row is charged, the claims are released, and a
+    later run simply tries again (the command line exits 4, not 3)."""
 
 
 @dataclass
 class Usage:
     """Token and call counts, safe to update from worker threads."""
 
+    # Calls answered; failed calls (errors, timeouts, refused connections) are counted apart,
+    # so that calls made = answered + failed.
     vision_calls: int = 0
     embedding_calls: int = 0
+    failed_vision_calls: int = 0
+    failed_embedding_calls: int = 0
     retries: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -59,6 +99,8 @@ class Usage:
             return {
                 "vision_calls": self.vision_calls,
                 "embedding_calls": self.embedding_calls,
+                "failed_vision_calls": self.failed_vision_calls,
+                "failed_embedding_calls": self.failed_embedding_calls,
                 "retries": self.retries,
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
@@ -80,6 +122,22 @@ class Provider(Protocol):
     def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
 
     def close(self) -> None: ...
+
+
+def usable_vector(vector: Sequence[float] | None, dimensions: int | None = None) -> bool:
+    """A vector worth storing: not empty (a refusal), every component a finite number, and of
+    ``dimensions`` components when given."""
+    if not vector or (dimensions is not None and len(vector) != dimensions):
+        return False
+    return all(isinstance(v, int | float) and math.isfinite(v) for v in vector)
+
+
+def row_at_fault(provider: object, kind: str = "vision", *, likely_row: bool = False) -> bool:
+    """Whether a service error of one row (a 5xx or timeout that persisted through its retries)
+    is that row's own, judged by the provider's other ``kind`` calls (``Governor.row_at_fault``).
+    Providers that keep no such record (the offline one) say yes."""
+    judge = getattr(provider, "row_at_fault", None)
+    return True if judge is None else bool(judge(kind, likely_row=likely_row))
 
 
 def retry_after(exc: BaseException) -> float | None:

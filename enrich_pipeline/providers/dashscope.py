@@ -1,31 +1,101 @@
 """The DashScope client: Qwen-VL captions and text embeddings over the OpenAI-compatible API.
 
-Every online call to the model provider goes through ``DashScopeProvider``: paced by the rate
-limiter, classified by ``errors.classify``, retried by ``base.with_retries``. The ``openai``
+Every online call to the model provider goes through ``DashScopeProvider``: admitted by the
+model's ``health.Governor`` (fewer calls in flight and a shared pause when the provider
+struggles, the run's stop once it gives up), paced by the rate limiter, bounded by a total
+deadline, classified by ``errors.classify``, retried by ``base.with_retries``. The ``openai``
 SDK's own retries are switched off so that the policy here is the only one.
+
+The total deadline: the SDK's ``timeout`` bounds each read, so a server that answers one byte a
+second keeps a call open forever. Each call runs under a watchdog that gives up after
+``DASHSCOPE_TIMEOUT`` seconds in all (a transient ``timeout``), and the HTTP client's response
+hook ends the abandoned response at the first byte past that deadline, dropping its connection.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import openai
-import tenacity
 
 from enrich_pipeline.enrichment.images import VisionImage
 from enrich_pipeline.enrichment.text import clean_caption
-from enrich_pipeline.providers.base import Backoff, ProviderError, Usage, with_retries
-from enrich_pipeline.providers.errors import classify
+from enrich_pipeline.providers.base import (
+    SCOPE_SERVICE,
+    Backoff,
+    FatalProviderError,
+    ProviderError,
+    Usage,
+    retry_after,
+    usable_vector,
+    with_retries,
+)
+from enrich_pipeline.providers.errors import CallContext, classify
+from enrich_pipeline.providers.health import Governor, StopLatch
 from enrich_pipeline.providers.ratelimit import RateLimiter
 from enrich_pipeline.providers.wire import caption_request_body, empty_caption
 from enrich_pipeline.settings import DashScopeSettings
 
+try:  # the HTTP library of the installed openai SDK (httpx2 from openai 3, httpx before)
+    import httpx2 as _http
+except ImportError:  # pragma: no cover - older SDKs
+    import httpx as _http  # type: ignore[no-redef]
+
 MAX_EMBEDDING_BATCH = 10  # DashScope rejects more inputs per embeddings request
+_DEADLINE = "enrich_pipeline.deadline"
+
+
+class _DeadlineStream(_http.SyncByteStream):
+    """A response body that ends with a read timeout at the first chunk past the deadline."""
+
+    def __init__(self, inner: Any, deadline: float, request: Any) -> None:
+        self._inner = inner
+        self._deadline = deadline
+        self._request = request
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._inner:
+            yield chunk
+            if time.monotonic() > self._deadline:
+                raise _http.ReadTimeout(
+                    "the answer took longer than the call's total deadline", request=self._request
+                )
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+# Only model calls get a total deadline; file uploads and downloads of the Batch API keep the
+# per-read timeout (a 500 MB upload may rightly take longer than any one model call).
+_MODEL_PATHS = ("/chat/completions", "/embeddings")
+
+
+def _start_deadline(request: Any) -> None:
+    total = (request.extensions.get("timeout") or {}).get("read")
+    if total and request.url.path.endswith(_MODEL_PATHS):
+        request.extensions[_DEADLINE] = time.monotonic() + float(total)
+
+
+def _bound_body(response: Any) -> None:
+    deadline = response.request.extensions.get(_DEADLINE)
+    if deadline is not None:
+        response.stream = _DeadlineStream(response.stream, deadline, response.request)
+
+
+def http_client(timeout: float) -> Any:
+    """The SDK's default HTTP client (same limits, redirects), whose responses end at their
+    total deadline: the request's read timeout, counted from when it was sent."""
+    return openai.DefaultHttpxClient(
+        timeout=timeout, event_hooks={"request": [_start_deadline], "response": [_bound_body]}
+    )
 
 
 def openai_client(settings: DashScopeSettings, **options: Any) -> openai.OpenAI:
     """The SDK client for these settings, without the SDK's own retries."""
+    options.setdefault("http_client", http_client(settings.timeout))
     return openai.OpenAI(
         api_key=settings.api_key,
         base_url=settings.base_url,
@@ -57,26 +127,105 @@ class DashScopeProvider:
             settings.requests_per_minute, settings.tokens_per_minute
         )
         self._embedding_limiter = RateLimiter(settings.embedding_requests_per_minute)
-        self._sleep = sleep or tenacity.nap.sleep
+        self._stop = StopLatch()
+        self._contexts = {k: CallContext.of(settings, k) for k in ("vision", "embedding")}
+        self.governors = {
+            kind: Governor(
+                ctx,
+                backoff_initial=settings.backoff_initial,
+                backoff_max=settings.backoff_max,
+                stop=self._stop,
+            )
+            for kind, ctx in self._contexts.items()
+        }
+        # A sleep given by a caller (tests record the backoffs) is used as is; the default one
+        # ends early when the run stops, so that a stop does not wait out a 30 s backoff.
+        self._sleep = sleep or self._stop.wait
 
     def close(self) -> None:
         self._client.close()
 
-    def _call(self, fn: Callable[[], Any], limiter: RateLimiter, tokens: int = 0) -> Any:
-        def attempt() -> Any:
-            limiter.acquire(tokens)
-            try:
-                return fn()
-            except Exception as exc:  # noqa: BLE001 - every SDK failure is classified below
-                raise classify(exc) from exc
+    @property
+    def stopped(self) -> FatalProviderError | None:
+        """The error the provider stopped the run with, if it did."""
+        return self._stop.error
 
-        return with_retries(
-            attempt,
-            retries=self.settings.max_retries,
-            backoff=Backoff(self.settings.backoff_initial, self.settings.backoff_max),
-            sleep=self._sleep,
-            on_retry=lambda: self.usage.add(retries=1),
-        )
+    def row_at_fault(self, kind: str = "vision", *, likely_row: bool = False) -> bool:
+        """Whether one row's persistent service error is the row's (``Governor.row_at_fault``)."""
+        return self.governors[kind].row_at_fault(likely_row=likely_row)
+
+    def begin_run(self) -> None:
+        """A new run on this provider: the last run's stop and give-up count are forgotten."""
+        self._stop.reset()
+        for governor in self.governors.values():
+            governor.begin_run()
+
+    def _within_deadline(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` under a watchdog: a transient timeout after ``DASHSCOPE_TIMEOUT`` seconds in
+        all, however the server dribbles its answer. The abandoned call ends by itself at the
+        first byte past its deadline (``_DeadlineStream``) and its result is dropped."""
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                box["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="dashscope-call", daemon=True).start()
+        if not done.wait(self.settings.timeout):
+            raise ProviderError(
+                "timeout",
+                f"DashScope did not answer in time (DASHSCOPE_TIMEOUT={self.settings.timeout:g}"
+                " s in total)",
+                permanent=False,
+                scope=SCOPE_SERVICE,
+            )
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def _call(self, fn: Callable[[], Any], kind: str, limiter: RateLimiter, tokens: int = 0) -> Any:
+        governor, ctx = self.governors[kind], self._contexts[kind]
+        tries = 0
+
+        def attempt() -> Any:
+            nonlocal tries
+            with governor.slot():
+                limiter.acquire(tokens)
+                self._stop.check()
+                tries += 1
+                try:
+                    result = self._within_deadline(fn)
+                except Exception as exc:  # noqa: BLE001 - every SDK failure is classified here
+                    error = classify(exc, ctx)
+                    error.kind = kind
+                    self.usage.add(**{f"failed_{kind}_calls": 1})
+                    if isinstance(error, FatalProviderError):
+                        raise self._stop.set(error) from exc
+                    governor.attempt_failed(error, retry_after(error), tries)
+                    raise error from exc
+                governor.attempt_ok()
+                return result
+
+        try:
+            result = with_retries(
+                attempt,
+                retries=self.settings.max_retries,
+                backoff=Backoff(self.settings.backoff_initial, self.settings.backoff_max),
+                sleep=self._sleep,
+                on_retry=lambda: self.usage.add(retries=1),
+            )
+        except ProviderError as error:
+            final = governor.call_failed(error, tries)
+            if final is error:
+                raise
+            raise final from error
+        governor.call_ok()
+        return result
 
     def caption(self, image: VisionImage) -> str:
         def request() -> str:
@@ -86,8 +235,9 @@ class DashScopeProvider:
             if not isinstance(getattr(response, "choices", None), list):
                 raise ValueError("the response has no choices")
             usage = response.usage
+            # Tokens are billed whatever the answer; the call counts as answered only with a
+            # caption (an empty one is a failed call, counted as such by ``_call``).
             self.usage.add(
-                vision_calls=1,
                 image_tokens=image.tokens,
                 prompt_tokens=usage.prompt_tokens if usage else 0,
                 completion_tokens=usage.completion_tokens if usage else 0,
@@ -95,19 +245,21 @@ class DashScopeProvider:
             text = clean_caption(response.choices[0].message.content if response.choices else "")
             if not text:
                 raise empty_caption()
+            self.usage.add(vision_calls=1)
             return text
 
         return self._call(
-            request, self._limiter, tokens=image.tokens + self.settings.max_caption_tokens
+            request, "vision", self._limiter, tokens=image.tokens + self.settings.max_caption_tokens
         )
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """One vector per text; a vector that is not finite or not of the configured length is
+        refused on its own and returned as ``[]`` (that row is written without a vector)."""
         vectors: list[list[float]] = []
         for start in range(0, len(texts), MAX_EMBEDDING_BATCH):
             batch = list(texts[start : start + MAX_EMBEDDING_BATCH])
-            vectors.extend(
-                self._call(lambda b=batch: self._embed_batch(b), self._embedding_limiter)
-            )
+            limiter = self._embedding_limiter
+            vectors.extend(self._call(lambda b=batch: self._embed_batch(b), "embedding", limiter))
         return vectors
 
     def _embed_batch(self, batch: list[str]) -> list[list[float]]:
@@ -120,16 +272,9 @@ class DashScopeProvider:
         data = sorted(response.data, key=lambda d: d.index)
         if len(data) != len(batch):
             raise ValueError(f"asked for {len(batch)} embeddings, got {len(data)}")
-        vectors = [list(d.embedding) for d in data]
-        dims = self.settings.embedding_dimensions
-        if any(len(v) != dims for v in vectors):
-            raise ProviderError(
-                "bad_dimensions",
-                f"the embedding model did not return {dims}-dim vectors",
-                permanent=True,
-            )
         self.usage.add(
             embedding_calls=1,
             embedding_tokens=response.usage.total_tokens if response.usage else 0,
         )
-        return vectors
+        dims = self.settings.embedding_dimensions
+        return [list(d.embedding) if usable_vector(d.embedding, dims) else [] for d in data]

@@ -10,8 +10,8 @@ from typing import Any
 import openai
 
 from enrich_pipeline.enrichment.text import clean_caption
-from enrich_pipeline.providers.base import ProviderError
-from enrich_pipeline.providers.errors import classify
+from enrich_pipeline.providers.base import SCOPE_SERVICE, ProviderError
+from enrich_pipeline.providers.errors import classify, classify_answer
 from enrich_pipeline.settings import DashScopeSettings
 
 try:  # the HTTP library of the installed openai SDK (httpx2 from openai 3, httpx before)
@@ -77,19 +77,10 @@ class LineResult:
     completion_tokens: int = 0
 
 
-def _guess_status(code: str) -> int:
-    """A status for an error line that carries only a code."""
-    code = code.lower()
-    if "inspection" in code or "invalid" in code:
-        return 400
-    if "limit" in code or "throttl" in code:
-        return 429
-    return 500
-
-
 def parse_line(obj: dict[str, Any], url: str) -> LineResult:
     """One output or error line, with the online path's meaning: a caption, or an error
-    classified by ``classify`` (moderation and bad images permanent, 429/5xx transient)."""
+    classified by the same table as online answers (``errors.classify``): moderation and bad
+    images permanent, 429/5xx transient, account/key/model problems a stop."""
     response = obj.get("response") if isinstance(obj.get("response"), dict) else {}
     status = response.get("status_code")
     body = response.get("body")
@@ -124,7 +115,10 @@ def parse_line(obj: dict[str, Any], url: str) -> LineResult:
                     code.lower(), str(error.get("message") or code), permanent=False
                 )
             )
-        return LineResult(error=classify(status_error(_guess_status(code), {"error": error}, url)))
+        # Only a code (native names such as DataInspectionFailed, Arrearage, Throttling.*): the
+        # same table, matched on the code and the message alone.
+        codes = {code, str(error.get("type") or "")} - {""}
+        return LineResult(error=classify_answer(None, codes, str(error.get("message") or "")))
     return LineResult(
         error=ProviderError("malformed_response", "unreadable batch answer line", permanent=False)
     )
@@ -151,5 +145,12 @@ def parse_results(texts: list[str], url: str) -> dict[str, LineResult]:
 
 
 def empty_caption() -> ProviderError:
-    # Seen from overloaded gateways; a second try usually answers properly.
-    return ProviderError("empty_caption", "the model returned an empty caption", permanent=False)
+    # Seen from overloaded gateways; a second try usually answers properly. A caption of only
+    # invisible characters is empty too (``clean_caption``). A service error: the row's only
+    # when the model captions the other rows.
+    return ProviderError(
+        "empty_caption",
+        "the model returned an empty caption",
+        permanent=False,
+        scope=SCOPE_SERVICE,
+    )
