@@ -12,15 +12,22 @@ Secrets (the API key, the database password inside a connection string) are kept
 from __future__ import annotations
 
 import ipaddress
+import json
+import logging
+import math
 import os
-from collections.abc import Mapping
+import re
+import threading
+from collections.abc import Iterable, Mapping
 from typing import Any, Self
+from urllib.parse import quote, unquote, urlsplit
 
+import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 
-from enrich_pipeline.enrichment.images import ImagePolicy
+from enrich_pipeline.enrichment.images import ImagePolicy, redact_source
 
 BEIJING_BASE_URL = "https://dashscope.aliyuncs.com/compatible-mode/v1"
 DEFAULT_PROMPT = (
@@ -35,19 +42,114 @@ class ConfigError(Exception):
     """A configuration problem the user must fix; its message is one clear line."""
 
 
+# --------------------------------------------------------------------------------------------
+# Secrets in URLs and in third-party log lines
+
+# Query parameters whose values are credentials (presigned URLs, gateways' ?api-key=...).
+_SENSITIVE_QUERY = ("sig", "token", "secret", "pass", "credential", "key", "auth")
+
+
+def url_secrets(url: str) -> tuple[str, ...]:
+    """The credentials a URL carries: its userinfo (the password, or a lone token before the
+    ``@``) and the values of secret-looking query parameters, as written, decoded and encoded."""
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return ()
+    found: list[str] = []
+    userinfo = parts.netloc.rpartition("@")[0]
+    if userinfo:
+        user, _, password = userinfo.partition(":")
+        found += [userinfo, password or user]
+    for pair in parts.query.split("&"):
+        name, _, value = pair.partition("=")
+        if value and any(hint in unquote(name).lower() for hint in _SENSITIVE_QUERY):
+            found.append(value)
+    found += [unquote(f) for f in found]
+    found += [quote(f, safe="") for f in found]
+    return tuple(dict.fromkeys(f for f in found if len(f) >= _MIN_SECRET))
+
+
+# Shorter strings are not hidden: replacing them would garble every log line that has them.
+_MIN_SECRET = 4
+
+
+class _SecretFilter(logging.Filter):
+    """Replaces every registered secret in the records of the loggers it is attached to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._secrets: tuple[str, ...] = ()
+        self._lock = threading.Lock()
+
+    def add(self, secrets: Iterable[str]) -> None:
+        with self._lock:
+            merged = set(self._secrets) | {s for s in secrets if len(s) >= _MIN_SECRET}
+            # Longest first, so a secret that contains another is replaced whole.
+            self._secrets = tuple(sorted(merged, key=len, reverse=True))
+
+    def scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "***")
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self._secrets:
+            return True
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a broken record is the logging module's business
+            return True
+        cleaned = self.scrub(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.scrub(record.exc_text)
+        return True
+
+
+_SECRET_FILTER = _SecretFilter()
+
+# The loggers of the libraries that print what they were given: the connection pool (libpq's
+# messages), the HTTP client under the openai SDK (request URLs, credentials included).
+DB_LOGGERS = ("psycopg", "psycopg.pool")
+HTTP_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "openai._base_client")
+
+
+def hide_in_logs(secrets: Iterable[str], loggers: Iterable[str]) -> None:
+    """From now on, ``secrets`` appear as ``***`` in every record of ``loggers``."""
+    _SECRET_FILTER.add(secrets)
+    for name in loggers:
+        logger = logging.getLogger(name)
+        if _SECRET_FILTER not in logger.filters:
+            logger.addFilter(_SECRET_FILTER)
+
+
+def scrub_secrets(text: str) -> str:
+    """``text`` with every secret registered by ``hide_in_logs`` replaced by ``***``."""
+    return _SECRET_FILTER.scrub(text)
+
+
 def setting(
     default: Any,
     description: str,
     *,
     env: str | None = None,
     secret: bool = False,
+    url: bool = False,
     **bounds: Any,
 ) -> Any:
     """A settings field: its default, its help text, the variable it is read from, its bounds
-    (``ge``, ``le``, ``gt``, ``min_length``...)."""
+    (``ge``, ``le``, ``gt``, ``min_length``...). ``secret``: never shown; ``url``: may carry
+    credentials, shown redacted (in ``repr`` and in errors)."""
     extra: dict[str, Any] = {"env": env} if env else {}
     if secret:
         extra["secret"] = True
+    if url:
+        extra["url"] = True
     return Field(
         default, description=description, repr=not secret, json_schema_extra=extra, **bounds
     )
@@ -56,6 +158,12 @@ def setting(
 def env_name(model: type[BaseModel], name: str) -> str | None:
     extra = model.model_fields[name].json_schema_extra
     return extra.get("env") if isinstance(extra, dict) else None  # type: ignore[return-value]
+
+
+def _is_url(model: type[BaseModel], name: str) -> bool:
+    info = model.model_fields.get(name)
+    extra = info.json_schema_extra if info is not None else None
+    return isinstance(extra, dict) and bool(extra.get("url"))
 
 
 def describe(model: type[BaseModel], name: str) -> str:
@@ -80,18 +188,40 @@ class _Settings(BaseModel):
 
     @classmethod
     def build(cls, values: Mapping[str, Any], sources: Mapping[str, str] | None = None) -> Self:
-        """Validate ``values``; an error names the value's source (variable, flag, config key)."""
+        """Validate ``values``; an error names the value's source (variable, flag, config key).
+
+        Every bad value is in the one line (the first one leads), so a user with two junk
+        variables fixes both at once.
+        """
         try:
             return cls.model_validate(dict(values))
         except ValidationError as exc:
-            error = exc.errors()[0]
-            name = str(error["loc"][0]) if error["loc"] else ""
-            where = (sources or {}).get(name) or env_name(cls, name) or name
-            info = cls.model_fields.get(name)
-            secret = info is not None and not info.repr
-            got = "" if secret else f", got {error.get('input')!r}"
-            message = error["msg"].removeprefix("Value error, ")
-            raise ConfigError(f"{where}: {message[:1].lower()}{message[1:]}{got}") from None
+            problems = [cls._problem(error, sources or {}) for error in exc.errors()]
+            raise ConfigError("; ".join(dict.fromkeys(problems))) from None
+
+    @classmethod
+    def _problem(cls, error: Any, sources: Mapping[str, str]) -> str:
+        name = str(error["loc"][0]) if error["loc"] else ""
+        where = sources.get(name) or env_name(cls, name) or name
+        info = cls.model_fields.get(name)
+        secret = info is not None and not info.repr
+        value = error.get("input")
+        if secret:
+            got = ""
+        elif _is_url(cls, name) and isinstance(value, str):
+            got = f", got {redact_source(value)!r}"
+        else:
+            got = f", got {value!r}"
+        message = error["msg"].removeprefix("Value error, ")
+        return f"{where}: {message[:1].lower()}{message[1:]}{got}"
+
+    def __repr_args__(self) -> Any:
+        # A URL field may carry credentials (user:password@, ?api-key=): shown redacted.
+        for name, value in super().__repr_args__():
+            if name and isinstance(value, str) and _is_url(type(self), name):
+                yield name, redact_source(value)
+            else:
+                yield name, value
 
     @classmethod
     def from_env(
@@ -176,6 +306,15 @@ class DbSettings(_Settings):
             env = {**env, "ADBPG_URL": env["ADBPG_DSN"]}
         return super().from_env(env, given, sources)
 
+    @field_validator("conninfo")
+    @classmethod
+    def _valid_conninfo(cls, value: str) -> str:
+        return checked_conninfo(value)
+
+    def secrets(self) -> tuple[str, ...]:
+        """The secrets in the connection string, in the forms a log line could show them."""
+        return conninfo_secrets(self.conninfo)
+
     def with_embedded_server(self, conninfo: str) -> DbSettings:
         return self.with_(conninfo=conninfo, embedded_server=True)
 
@@ -190,6 +329,60 @@ class DbSettings(_Settings):
         params.pop("password", None)
         user, host = params.get("user") or "?", params.get("host", "localhost")
         return f"{user}@{host}:{params.get('port', 5432)}/{params.get('dbname', '?')}"
+
+
+# A "%" that does not start a %XX escape: libpq refuses the whole URL, and its message quotes the
+# token (the password, say) back to every log and terminal.
+_BARE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_QUOTED = re.compile(r'"[^"]*"')
+
+
+def checked_conninfo(value: str) -> str:
+    """``value`` if libpq can parse it; a URL whose password (or any part) holds a bare ``%``
+    is read leniently (the ``%`` is meant literally: nothing else can be meant) and
+    re-encoded. Anything else unparsable is an error that quotes nothing back."""
+    if not value:
+        return value
+    try:
+        params = conninfo_to_dict(value)
+    except psycopg.ProgrammingError as exc:
+        fixed = _BARE_PERCENT.sub("%25", value)
+        is_url = value.lstrip().lower().startswith(("postgresql://", "postgres://"))
+        try:
+            if not is_url or fixed == value:
+                raise
+            params = conninfo_to_dict(fixed)
+            value = fixed
+        except psycopg.ProgrammingError:
+            # libpq quotes the offending token, which may be the password: never echo it
+            # (quoted punctuation such as "=" stays: it says what is missing).
+            reason = _QUOTED.sub(_unquoted, (str(exc).strip().splitlines() or ["?"])[0])
+            raise ValueError(f"not a valid libpq connection string or URL ({reason})") from None
+    for port in str(params.get("port") or "").split(","):
+        if port.strip() and not (port.strip().isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(f"port must be a number from 1 to 65535, got {port.strip()!r}")
+    return value
+
+
+def _unquoted(match: re.Match[str]) -> str:
+    token = match[0][1:-1]
+    return match[0] if len(token) <= 2 and not any(c.isalnum() for c in token) else '"..."'
+
+
+def conninfo_secrets(conninfo: str) -> tuple[str, ...]:
+    """The password (and SSL key password) of a connection string, raw and URL-encoded."""
+    if not conninfo:
+        return ()
+    try:
+        params = conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        return ()
+    found: list[str] = []
+    for key in ("password", "sslpassword"):
+        value = str(params.get(key) or "")
+        if value:
+            found += [value, quote(value, safe=""), quote(value)]
+    return tuple(dict.fromkeys(found))
 
 
 def _conninfo_from_parts(env: Mapping[str, str]) -> str:
@@ -215,25 +408,36 @@ class DashScopeSettings(_Settings):
         BEIJING_BASE_URL,
         "OpenAI-compatible base URL (Beijing, Singapore, or any compatible server)",
         env="DASHSCOPE_BASE_URL",
+        url=True,
         min_length=1,
+        max_length=2000,
     )
     vision_model: str = setting(
-        "qwen3-vl-plus", "Qwen-VL model for captions", env="DASHSCOPE_VISION_MODEL", min_length=1
+        "qwen3-vl-plus",
+        "Qwen-VL model for captions",
+        env="DASHSCOPE_VISION_MODEL",
+        min_length=1,
+        max_length=200,
     )
     embedding_model: str = setting(
         "text-embedding-v4",
         "text embedding model for captions",
         env="DASHSCOPE_EMBEDDING_MODEL",
         min_length=1,
+        max_length=200,
     )
     embedding_dimensions: int = setting(
         1024, "dimensions of caption embeddings", env="DASHSCOPE_EMBEDDING_DIMENSIONS"
     )
-    prompt: str = setting(DEFAULT_PROMPT, "the caption prompt", min_length=1)
+    prompt: str = setting(DEFAULT_PROMPT, "the caption prompt", min_length=1, max_length=20_000)
     # Bump when the prompt changes in a way that should make old captions eligible for
     # re-captioning; it is recorded with every caption.
     prompt_version: str = setting(
-        "v1", "version recorded with every caption", env="ENRICH_PROMPT_VERSION", min_length=1
+        "v1",
+        "version recorded with every caption",
+        env="ENRICH_PROMPT_VERSION",
+        min_length=1,
+        max_length=100,
     )
     timeout: float = setting(
         60.0, "seconds a model call may take", env="DASHSCOPE_TIMEOUT", gt=0, le=3600
@@ -277,6 +481,36 @@ class DashScopeSettings(_Settings):
         le=10**6,
     )
     offline: bool = setting(False, "use the offline provider on purpose", env="ENRICH_OFFLINE")
+
+    @field_validator("api_key")
+    @classmethod
+    def _printable_key(cls, value: str) -> str:
+        # A key with a line break or a space inside would be sent as a broken header, and
+        # the HTTP library's error quotes the header (the key) back.
+        if any(ch.isspace() or not ch.isprintable() for ch in value):
+            raise ValueError("must not contain spaces, line breaks or control characters")
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises on a junk port
+        except ValueError:
+            raise ValueError("not a valid URL") from None
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value
+
+    @property
+    def base_url_shown(self) -> str:
+        """The base URL without the credentials it may carry, for reports, logs and tables."""
+        return redact_source(self.base_url)
+
+    def url_secrets(self) -> tuple[str, ...]:
+        """The credentials inside the base URL (user:password@, secret-looking query values)."""
+        return url_secrets(self.base_url)
 
     @field_validator("embedding_dimensions")
     @classmethod
@@ -334,10 +568,14 @@ class ImageSettings(_Settings):
     """Image fetching limits. Private networks stay refused unless explicitly allowed."""
 
     max_bytes: int = setting(
-        20 * 1024 * 1024, "largest image file, in bytes", env="ENRICH_IMAGE_MAX_BYTES", gt=0
+        20 * 1024 * 1024,
+        "largest image file, in bytes",
+        env="ENRICH_IMAGE_MAX_BYTES",
+        gt=0,
+        le=1024 * 1024 * 1024,
     )
     max_pixels: int = setting(
-        50_000_000, "largest image, in pixels", env="ENRICH_IMAGE_MAX_PIXELS", gt=0
+        50_000_000, "largest image, in pixels", env="ENRICH_IMAGE_MAX_PIXELS", gt=0, le=10**9
     )
     timeout: float = setting(
         15.0, "seconds to fetch one image", env="ENRICH_IMAGE_TIMEOUT", gt=0, le=600
@@ -449,6 +687,34 @@ class Settings(_Settings):
     tag_vocabulary: str = setting(
         "", "JSON file extending the tag vocabulary", env="ENRICH_TAG_VOCABULARY"
     )
+    # Read by providers/pricing.py at the end of a run; checked here, before anything is paid.
+    prices: str = setting(
+        "", "price table for cost estimates (JSON)", env="ENRICH_PRICES", max_length=100_000
+    )
+
+    @field_validator("prices")
+    @classmethod
+    def _price_table(cls, value: str) -> str:
+        if not value:
+            return value
+        try:
+            table = json.loads(value)
+        except ValueError:
+            raise ValueError('must be JSON like {"qwen3-vl-plus": [0.2, 1.6]}') from None
+        if not isinstance(table, dict):
+            raise ValueError('must be a JSON object like {"qwen3-vl-plus": [0.2, 1.6]}')
+        for model, pair in table.items():
+            if (
+                not isinstance(pair, list)
+                or len(pair) != 2
+                or not all(isinstance(p, int | float) and not isinstance(p, bool) for p in pair)
+                or not all(math.isfinite(p) and 0 <= p <= 10_000 for p in pair)
+            ):
+                raise ValueError(
+                    f"{model!r} must have [USD per million input tokens, USD per million "
+                    "output tokens], two numbers from 0 to 10000"
+                )
+        return value
 
     @classmethod
     def from_env(
@@ -457,13 +723,32 @@ class Settings(_Settings):
         given: Mapping[str, Any] | None = None,
         sources: Mapping[str, str] | None = None,
     ) -> Self:
-        """Each part from the environment; ``given`` may replace whole parts (``run=...``)."""
+        """Each part from the environment; ``given`` may replace whole parts (``run=...``).
+        Every part's bad values are reported together, in one line."""
         env = os.environ if env is None else env
-        parts: dict[str, Any] = {
-            "db": DbSettings.from_env(env),
-            "dashscope": DashScopeSettings.from_env(env),
-            "run": RunSettings.from_env(env),
-            "images": ImageSettings.from_env(env),
-            "tag_vocabulary": (env.get("ENRICH_TAG_VOCABULARY") or "").strip(),
+        given = dict(given or {})
+        models: dict[str, type[_Settings]] = {
+            "db": DbSettings,
+            "dashscope": DashScopeSettings,
+            "run": RunSettings,
+            "images": ImageSettings,
         }
-        return cls.build({**parts, **(given or {})}, sources)
+        parts: dict[str, Any] = {
+            "tag_vocabulary": (env.get("ENRICH_TAG_VOCABULARY") or "").strip(),
+            "prices": (env.get("ENRICH_PRICES") or "").strip(),
+        }
+        problems: list[str] = []
+        for name, model in models.items():
+            if name in given:
+                continue
+            try:
+                parts[name] = model.from_env(env)
+            except ConfigError as exc:
+                problems.append(str(exc))
+        try:
+            settings = cls.build({**parts, **given}, sources)
+        except ConfigError as exc:
+            problems.append(str(exc))
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return settings

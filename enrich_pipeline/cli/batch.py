@@ -10,22 +10,29 @@ from collections.abc import Sequence
 from functools import partial
 from typing import TextIO
 
+import psycopg
+from psycopg_pool import PoolTimeout
+
 from enrich_pipeline.bootstrap import Runtime, open_runtime, open_store
 from enrich_pipeline.cli.flags import FlagMap, add_setting, given
 from enrich_pipeline.db.batches import BatchRecord
 from enrich_pipeline.db.store import Store
 from enrich_pipeline.pipeline.batch.collect import CollectResult, collect_batch
 from enrich_pipeline.pipeline.batch.poll import cancel_batch, open_batches, poll_batches
+from enrich_pipeline.pipeline.batch.state import batch_api
 from enrich_pipeline.pipeline.batch.submit import submit_batch
 from enrich_pipeline.providers.base import FatalProviderError, ProviderError
-from enrich_pipeline.providers.batch_api import BatchApi, BatchError
+from enrich_pipeline.providers.batch_api import BatchError
 from enrich_pipeline.settings import (
     BatchSettings,
     ConfigError,
     DbSettings,
     RunSettings,
     Settings,
+    bounds,
 )
+
+MAX_ITEMS = bounds(BatchSettings.model_fields["max_items"])["le"]
 
 DB_FLAGS: FlagMap = {}
 RUN_FLAGS: FlagMap = {}
@@ -46,7 +53,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     submit = sub.add_parser("submit", help="claim a user's pending rows and submit batches")
     submit.add_argument("--user-id", required=True)
     submit.add_argument(
-        "--max-items", type=int, default=None, help="rows to submit at most (0: all, the default)"
+        "--max-items",
+        type=int,
+        default=None,
+        help=f"rows to submit at most, up to {MAX_ITEMS} (0: every pending row, the default)",
     )
     add_setting(submit, "--max-attempts", RunSettings, "max_attempts", flags=RUN_FLAGS)
     add_setting(submit, "--concurrent", RunSettings, "concurrent", flags=RUN_FLAGS)
@@ -98,6 +108,24 @@ def _print_collected(out: TextIO, result: CollectResult) -> None:
     )
 
 
+def submit_settings(args: argparse.Namespace) -> tuple[BatchSettings, RunSettings]:
+    """``submit``'s flags as settings; a bad value is one line naming its flag."""
+    run_values, run_sources = given(args, RUN_FLAGS)
+    run_values["caption_embedding"] = not args.no_caption_embedding
+    batch_values, batch_sources = given(args, BATCH_FLAGS)
+    if args.max_items is not None and not 0 <= args.max_items <= MAX_ITEMS:
+        raise ConfigError(
+            f"--max-items: must be 0 (every pending row) or a number up to {MAX_ITEMS}, "
+            f"got {args.max_items}"
+        )
+    batch_values["max_items"] = args.max_items or None
+    batch_sources["max_items"] = "--max-items"
+    return (
+        BatchSettings.from_env(None, batch_values, batch_sources),
+        RunSettings.from_env(None, run_values, run_sources),
+    )
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """``enrich-batch submit|poll|collect|cancel|status``.
 
@@ -109,22 +137,22 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = parse_args(argv)
     runtime: Runtime | None = None
     store: Store | None = None
+    db: DbSettings | None = None
     try:
         db = DbSettings.from_env(None, *given(args, DB_FLAGS))
         settings = Settings.from_env(given={"db": db})
         api = settings.dashscope
+        # Every flag is checked before anything is opened, claimed or paid for.
+        if args.command == "submit":
+            batch, run = submit_settings(args)
         if args.command == "status":
             store = open_store(settings)
         else:
-            BatchApi(api)  # the key and the offline switch are checked before anything else
+            batch_api(api)  # the key and the offline switch are checked before anything else
             runtime = open_runtime(settings)
             store = runtime.store
+        db = store.settings
         if args.command == "submit" and runtime is not None:
-            run_values, run_sources = given(args, RUN_FLAGS)
-            run_values["caption_embedding"] = not args.no_caption_embedding
-            batch_values, batch_sources = given(args, BATCH_FLAGS)
-            # 0 (the default): every pending row.
-            batch_values["max_items"] = args.max_items or None
             result = submit_batch(
                 store,
                 api,
@@ -132,8 +160,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
                 provider=runtime.provider,
                 policy=runtime.image_policy,
                 vocabulary=runtime.vocabulary,
-                batch=BatchSettings.from_env(None, batch_values, batch_sources),
-                run=RunSettings.from_env(None, run_values, run_sources),
+                batch=batch,
+                run=run,
             )
             d = result.direct
             out.write(
@@ -172,6 +200,23 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return 0
     except (ConfigError, BatchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (psycopg.OperationalError, PoolTimeout) as exc:
+        where = db.redacted() if db is not None else "the database"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if store is None:
+            print(f"error: cannot connect to {where}: {reason}", file=sys.stderr)
+        else:
+            print(
+                f"error: the database ({where}) failed: {reason}; what was done is recorded, "
+                "run the command again",
+                file=sys.stderr,
+            )
+        return 2
+    except psycopg.Error as exc:  # refused by the server: rights, a missing table...
+        where = db.redacted() if db is not None else "the database"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: the database ({where}) refused: {reason}", file=sys.stderr)
         return 2
     except FatalProviderError as exc:
         print(f"error: run stopped: {exc}", file=sys.stderr)

@@ -8,6 +8,7 @@ Identifiers from configuration (namespace, table) are only ever composed with
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -16,10 +17,16 @@ from contextlib import contextmanager
 import psycopg
 import tenacity
 from psycopg import sql
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from enrich_pipeline.db.dialect import Dialect
-from enrich_pipeline.settings import ConfigError, DbSettings
+from enrich_pipeline.settings import (
+    DB_LOGGERS,
+    ConfigError,
+    DbSettings,
+    hide_in_logs,
+    scrub_secrets,
+)
 
 # Column types we can compare ids in natively (so the primary key index is used); anything
 # else is compared as text.
@@ -61,6 +68,54 @@ retry_setup = tenacity.retry(
 )
 
 
+class _PoolLog(logging.Filter):
+    """Watches the pool's "error connecting" warnings: keeps the last reason of each pool, so
+    that a timeout can say why (in one line), and drops the warning when no logging is set up
+    at all (a command line), where Python would print each attempt, libpq's multi-line
+    message included, to stderr before the command's own one-line error."""
+
+    _ERROR = re.compile(r"error connecting in '(?P<pool>[^']*)': (?P<reason>.*)", re.S)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: dict[str, str] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            match = self._ERROR.match(record.getMessage())
+        except Exception:  # noqa: BLE001 - a broken record is the logging module's business
+            return True
+        if match is None:
+            return True
+        reason = (match["reason"].strip().splitlines() or ["?"])[0]
+        self.last[match["pool"]] = scrub_secrets(reason)
+        return _someone_listens(logging.getLogger(record.name))
+
+
+def _someone_listens(logger: logging.Logger) -> bool:
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.handlers:
+            return True
+        if not current.propagate:
+            return False
+        current = current.parent
+    return False
+
+
+_POOL_LOG = _PoolLog()
+
+
+def _watch_pool_log(secrets: tuple[str, ...]) -> None:
+    pool_logger = logging.getLogger("psycopg.pool")
+    if _POOL_LOG not in pool_logger.filters:
+        # First, so that it reads the record before the secrets are replaced in it.
+        pool_logger.filters.insert(0, _POOL_LOG)
+    # libpq's messages may quote what it was given (a token of a URL it cannot parse), and the
+    # pool logs them: the password is replaced in every record of these loggers.
+    hide_in_logs(secrets, DB_LOGGERS)
+
+
 class Database:
     """A psycopg 3 pool on one items table's database, and the names of its tables."""
 
@@ -74,6 +129,7 @@ class Database:
         # Rows of the pipeline's tables carry the items table they belong to.
         self.source_table = f"{settings.namespace}.{settings.table}"
         self.items = sql.Identifier(settings.namespace, settings.table)
+        _watch_pool_log(settings.secrets())
         self.pool = ConnectionPool(
             settings.conninfo,
             min_size=1,
@@ -122,10 +178,16 @@ class Database:
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection]:
-        with self.pool.connection() as conn:
-            if self._outage_since is not None:
-                self.note_back()
-            yield conn
+        try:
+            with self.pool.connection() as conn:
+                if self._outage_since is not None:
+                    self.note_back()
+                yield conn
+        except PoolTimeout as exc:
+            last = _POOL_LOG.last.get(self.pool.name)
+            if last and "last error" not in str(exc):
+                raise PoolTimeout(f"{exc}; last error: {last}") from None
+            raise
 
     def t(self, name: str) -> sql.Identifier:
         """One of the pipeline's own tables, in the items table's namespace."""

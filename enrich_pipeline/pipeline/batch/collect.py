@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from enrich_pipeline.db.batches import COLLECTED, OPEN, REJECTED, BatchRecord
 from enrich_pipeline.db.store import Store
+from enrich_pipeline.enrichment.images import redact_source
 from enrich_pipeline.enrichment.records import ItemError, PendingItem, Provenance, WorkItem
 from enrich_pipeline.enrichment.tags import DEFAULT_VOCABULARY, TagVocabulary
 from enrich_pipeline.pipeline import stages
@@ -27,6 +28,7 @@ from enrich_pipeline.pipeline.batch.state import (
     COLLECT_LEASE_SECONDS,
     NO_ANSWER,
     TERMINAL,
+    BatchClients,
     give_back,
     now,
 )
@@ -34,7 +36,6 @@ from enrich_pipeline.pipeline.stats import ItemOutcome, RunStats
 from enrich_pipeline.providers.base import FatalProviderError, Provider
 from enrich_pipeline.providers.batch_api import (
     BatchApi,
-    BatchApis,
     BatchError,
     BatchNotReady,
     unsupported_message,
@@ -61,7 +62,7 @@ def _unsupported_failure(record: BatchRecord) -> str | None:
         return None
     text = record.error.lower()
     if "model_not_found" in text or "not supported" in text or "unsupported" in text:
-        return unsupported_message(record.model, record.base_url, record.error)
+        return unsupported_message(record.model, redact_source(record.base_url), record.error)
     return None
 
 
@@ -135,9 +136,10 @@ def _collect(
         released = give_back(store, record.local_id, REJECTED, unsupported)
         return CollectResult(store.batches.get(record.local_id) or record, released=released)
 
-    api = api or BatchApis(settings).get(record.base_url)
+    api = api or BatchClients(settings).get(record.base_url)
     texts = [api.content(f) for f in (record.output_file_id, record.error_file_id) if f]
-    results = parse_results(texts, f"{record.base_url.rstrip('/')}/chat/completions")
+    shown = redact_source(record.base_url)  # rows stored before credentials were kept out
+    results = parse_results(texts, f"{shown.rstrip('/')}/chat/completions")
     held = set(store.batches.held_ids(record.local_id))
     todo = [i for i in store.batches.items(record.local_id) if i.item_id in held]
     out = CollectResult(record)

@@ -11,12 +11,13 @@ from enrich_pipeline.db.store import Store
 from enrich_pipeline.pipeline.batch.state import (
     SUBMIT_GRACE_SECONDS,
     TERMINAL,
+    BatchClients,
     batch_fields,
     give_back,
     now,
 )
 from enrich_pipeline.providers.base import FatalProviderError, ProviderError
-from enrich_pipeline.providers.batch_api import BatchApi, BatchApis, BatchError
+from enrich_pipeline.providers.batch_api import BatchApi, BatchError
 from enrich_pipeline.settings import BatchSettings, DashScopeSettings
 
 
@@ -31,7 +32,7 @@ def poll_batches(
 ) -> list[BatchRecord]:
     """Refresh every open batch's status; return those that have ended and wait to be
     collected. Parts left "submitting" by a dead submitter are resolved on the way."""
-    apis = BatchApis(settings)
+    apis = BatchClients(settings)
     for record in store.batches.list(
         states=[SUBMITTING], user_id=user_id, idle_seconds=submit_grace_seconds
     ):
@@ -100,7 +101,7 @@ def cancel_batch(store: Store, settings: DashScopeSettings, ref: str) -> BatchRe
         raise BatchError(f"no batch {ref!r} in {store.source_table}")
     if record.state != OPEN or record.batch_id is None:
         raise BatchError(f"batch {record.ref} is {record.state}, not open")
-    batch = BatchApis(settings).get(record.base_url).cancel(record.batch_id)
+    batch = BatchClients(settings).get(record.base_url).cancel(record.batch_id)
     updated = store.batches.update(record.local_id, expect_state=OPEN, **batch_fields(batch))
     return updated or record
 

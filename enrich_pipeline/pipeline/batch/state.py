@@ -14,6 +14,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from enrich_pipeline.db.store import Store
+from enrich_pipeline.enrichment.images import redact_source
+from enrich_pipeline.providers.batch_api import BatchApi
+from enrich_pipeline.providers.dashscope import openai_client
+from enrich_pipeline.settings import HTTP_LOGGERS, DashScopeSettings, hide_in_logs
 
 # A part still "submitting" after this long lost its submitter; the poll resolves it.
 SUBMIT_GRACE_SECONDS = 3600
@@ -74,3 +78,52 @@ def batch_fields(batch: Any) -> dict[str, Any]:
         # The provider's errors (validation); a successful poll clears an earlier poll error.
         "error": "; ".join(messages)[:2000] or None,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Base URLs: stored without credentials, polled with the configured ones
+
+
+def batch_api(settings: DashScopeSettings, base_url: str | None = None) -> BatchApi:
+    """The Batch API at ``base_url`` (default: the configured one) with these settings' key.
+
+    A base URL may carry credentials (``https://user:password@gateway/v1``, ``?api-key=``).
+    The client gets the URL as it is; the API object, whose messages name the URL and end up
+    on the terminal, in ``enrich_batches.error`` and in Dagster's event log, gets it redacted;
+    and the HTTP client's log lines (which show request URLs) have the credentials hidden.
+    """
+    real = settings if base_url in (None, settings.base_url) else settings.with_(base_url=base_url)
+    hide_in_logs(real.url_secrets(), HTTP_LOGGERS)
+    shown = real.with_(base_url=real.base_url_shown)
+    return BatchApi(shown, client=openai_client(real))
+
+
+class BatchClients:
+    """One Batch API client per base URL: a batch is polled where it was submitted.
+
+    ``enrich_batches.base_url`` holds the URL without its credentials (a table is no place
+    for them). A batch whose stored URL is the configured one, redacted, is reached with the
+    configured URL and its credentials, the way the API key too comes from the environment of
+    the process that polls; a batch submitted elsewhere is reached at its stored URL.
+    """
+
+    def __init__(self, settings: DashScopeSettings) -> None:
+        self.settings = settings
+        self._apis: dict[str, BatchApi] = {}
+
+    def url_for(self, stored: str | None) -> str:
+        configured = self.settings.base_url
+        if stored is None or stored in (configured, redact_source(configured)):
+            return configured
+        return stored
+
+    def get(self, stored: str | None = None) -> BatchApi:
+        url = self.url_for(stored)
+        if url not in self._apis:
+            self._apis[url] = batch_api(self.settings, url)
+        return self._apis[url]
+
+
+def stored_base_url(settings: DashScopeSettings) -> str:
+    """What ``enrich_batches.base_url`` records: the base URL without credentials."""
+    return settings.base_url_shown

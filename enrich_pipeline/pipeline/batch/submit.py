@@ -31,7 +31,7 @@ from enrich_pipeline.enrichment.images import ImagePolicy
 from enrich_pipeline.enrichment.records import ItemError, Provenance, WorkItem
 from enrich_pipeline.enrichment.tags import DEFAULT_VOCABULARY, TagVocabulary
 from enrich_pipeline.pipeline import stages
-from enrich_pipeline.pipeline.batch.state import give_back, new_id
+from enrich_pipeline.pipeline.batch.state import batch_api, give_back, new_id, stored_base_url
 from enrich_pipeline.pipeline.stats import RunStats
 from enrich_pipeline.providers.base import FatalProviderError, Provider, ProviderError
 from enrich_pipeline.providers.batch_api import BatchApi, BatchError, BatchUnsupported
@@ -96,7 +96,7 @@ def submit_batch(
     batch = batch or BatchSettings()
     run = run or RunSettings()
     caption_embedding = run.caption_embedding
-    api = api or BatchApi(settings)
+    api = api or batch_api(settings)
     submission = new_id()
     worker = f"batch:{submission}"
     result = SubmitResult(submission, user_id, worker)
@@ -248,7 +248,8 @@ def _submit_part(
             "endpoint": CHAT_ENDPOINT,
             "model": settings.vision_model,
             "prompt_version": settings.prompt_version,
-            "base_url": settings.base_url,
+            # Without credentials: polls take them from their own configuration.
+            "base_url": stored_base_url(settings),
             "caption_embedding": caption_embedding,
             "lines": part.lines,
             "bytes": part.bytes,
