@@ -15,6 +15,31 @@ from enrich_pipeline.providers.base import ProviderError
 from enrich_pipeline.settings import ConfigError, Settings
 
 MAX_TOP_K = 1000
+# text-embedding-v4 takes up to 8,192 tokens; a search text is a phrase, not a document.
+MAX_QUERY_CHARS = 2000
+MAX_FILTERS, MAX_FILTER_CHARS = 20, 100
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag within its bounds, or one line naming it."""
+    if not 1 <= args.top_k <= MAX_TOP_K:
+        raise ConfigError(f"--top-k: must be between 1 and {MAX_TOP_K}, got {args.top_k}")
+    if args.create_ann_index:
+        return
+    if not args.query or not args.query.strip() or not args.user_id:
+        raise ConfigError("a search needs the text and --user-id")
+    if len(args.query) > MAX_QUERY_CHARS:
+        raise ConfigError(
+            f"the search text is {len(args.query)} characters, more than {MAX_QUERY_CHARS}"
+        )
+    for flag, values in (("--color", args.color), ("--tag", args.tag)):
+        if len(values) > MAX_FILTERS:
+            raise ConfigError(f"{flag}: at most {MAX_FILTERS} of them, got {len(values)}")
+        for value in values:
+            if not value.strip() or len(value) > MAX_FILTER_CHARS:
+                raise ConfigError(
+                    f"{flag}: must be 1 to {MAX_FILTER_CHARS} characters, got {value[:40]!r}"
+                )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,9 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--offline", action="store_true", help="embed the query offline")
     args = p.parse_args(argv)
     runtime: Runtime | None = None
+    settings: Settings | None = None
     try:
-        if not 1 <= args.top_k <= MAX_TOP_K:
-            raise ConfigError(f"--top-k: must be between 1 and {MAX_TOP_K}, got {args.top_k}")
+        check_args(args)
         settings = Settings.from_env()
         if args.offline:
             settings = settings.with_(dashscope=settings.dashscope.with_(offline=True))
@@ -44,8 +69,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 name = store.search.create_ann_index(settings.dashscope.embedding_dimensions)
             print(f"created FastANN index {name}")
             return 0
-        if not args.query or not args.user_id:
-            raise ConfigError("a search needs the text and --user-id")
         runtime = open_runtime(settings, seed=False)
         hits = search_captions(
             runtime.store,
@@ -61,8 +84,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (psycopg.OperationalError, PoolTimeout) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"error: cannot reach the database: {reason}", file=sys.stderr)
+        where = settings.db.redacted() if settings is not None else "the database"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: cannot reach the database {where}: {reason}", file=sys.stderr)
+        return 2
+    except psycopg.Error as exc:  # refused by the server: rights, a missing table...
+        where = settings.db.redacted() if settings is not None else "the database"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: the database {where} refused the search: {reason}", file=sys.stderr)
         return 2
     finally:
         if runtime is not None:

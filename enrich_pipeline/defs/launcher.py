@@ -22,6 +22,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from enrich_pipeline.bootstrap import open_store
 from enrich_pipeline.db import embedded
+from enrich_pipeline.enrichment.images import redact_source
 from enrich_pipeline.settings import (
     AutomationSettings,
     ConfigError,
@@ -160,23 +161,52 @@ def backfill(env: dict[str, str], users: list[str] | None) -> int:
     return subprocess.call(cmd, env=env, cwd=env["DAGSTER_HOME"])
 
 
+def check_args(args: argparse.Namespace) -> list[str] | None:
+    """Every flag within its bounds, or one line naming it; the users to backfill, if any."""
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port: must be a port number from 1 to 65535, got {args.port}")
+    if not args.host or any(ch.isspace() or not ch.isprintable() for ch in args.host):
+        raise ConfigError(f"--host: must be a host name or address, got {args.host!r}")
+    if args.command != "backfill" or args.all_pending:
+        return None
+    users = args.users.split(",")
+    if any(not u for u in users):
+        raise ConfigError(f"--users: an empty user id in {args.users!r} (comma-separated ids)")
+    return list(dict.fromkeys(users))
+
+
+def _storage_error(env: dict[str, str], exc: Exception) -> str:
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and str(cause).strip():
+        reason += f" ({str(cause).strip().splitlines()[0]})"
+    where = redact_source(env.get("DAGSTER_PG_URL", ""))
+    return f"DAGSTER_PG_URL: cannot open Dagster's run storage at {where}: {reason}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="enrich-dagster", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command")
     ui = sub.add_parser("ui", help="start the webserver and daemon (the default)")
     for parser in (p, ui):
         parser.add_argument("--host", default="127.0.0.1")
-        parser.add_argument("--port", type=int, default=3000)
+        parser.add_argument("--port", type=int, default=3000, help="1 to 65535 (default 3000)")
     bf = sub.add_parser("backfill", help="backfill user partitions (one run per user)")
     who = bf.add_mutually_exclusive_group(required=True)
     who.add_argument("--users", help="comma-separated user ids")
     who.add_argument("--all-pending", action="store_true", help="every user with pending rows")
     args = p.parse_args(argv)
     try:
+        users = check_args(args)
         env = prepare_environment(dict(os.environ))
-        set_pool_limits(env)
+        try:
+            set_pool_limits(env)
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - dagster-postgres and SQLAlchemy errors alike
+            raise ConfigError(_storage_error(env, exc)) from None
         if args.command == "backfill":
-            return backfill(env, None if args.all_pending else args.users.split(","))
+            return backfill(env, users)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
