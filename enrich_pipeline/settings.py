@@ -386,7 +386,7 @@ def conninfo_secrets(conninfo: str) -> tuple[str, ...]:
 
 
 def _conninfo_from_parts(env: Mapping[str, str]) -> str:
-    port = (env.get("ADBPG_PORT") or "5432").strip()
+    port = (env.get("ADBPG_PORT") or "").strip() or "5432"
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ConfigError(f"ADBPG_PORT: must be a port number (1-65535), got {port!r}")
     # A socket directory in ADBPG_HOST works as in libpq: make_conninfo passes it through.

@@ -42,7 +42,7 @@ def check_args(args: argparse.Namespace) -> None:
                 )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="enrich-search", description=__doc__.splitlines()[0])
     p.add_argument("query", nargs="?", help="text to look for")
     p.add_argument("--user-id")
@@ -56,7 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=10, help=f"hits to show, 1 to {MAX_TOP_K}")
     p.add_argument("--method", choices=["auto", "fastann", "pgvector", "sql"], default="auto")
     p.add_argument("--offline", action="store_true", help="embed the query offline")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     runtime: Runtime | None = None
     settings: Settings | None = None
     try:

@@ -184,7 +184,7 @@ def _storage_error(env: dict[str, str], exc: Exception) -> str:
     return f"DAGSTER_PG_URL: cannot open Dagster's run storage at {where}: {reason}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="enrich-dagster", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command")
     ui = sub.add_parser("ui", help="start the webserver and daemon (the default)")
@@ -195,7 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     who = bf.add_mutually_exclusive_group(required=True)
     who.add_argument("--users", help="comma-separated user ids")
     who.add_argument("--all-pending", action="store_true", help="every user with pending rows")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         users = check_args(args)
         env = prepare_environment(dict(os.environ))
