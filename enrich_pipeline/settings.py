@@ -24,7 +24,14 @@ from urllib.parse import quote, unquote, urlsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 
 from enrich_pipeline.enrichment.images import ImagePolicy, redact_source
@@ -311,6 +318,13 @@ class DbSettings(_Settings):
     def _valid_conninfo(cls, value: str) -> str:
         return checked_conninfo(value)
 
+    @model_validator(mode="after")
+    def _hidden_in_logs(self) -> Self:
+        # From the moment it is read, the password appears as *** in the database driver's
+        # and the pool's log lines.
+        hide_in_logs(self.secrets(), DB_LOGGERS)
+        return self
+
     def secrets(self) -> tuple[str, ...]:
         """The secrets in the connection string, in the forms a log line could show them."""
         return conninfo_secrets(self.conninfo)
@@ -518,6 +532,13 @@ class DashScopeSettings(_Settings):
         if value not in EMBEDDING_DIMENSIONS:
             raise ValueError(f"must be one of {', '.join(map(str, EMBEDDING_DIMENSIONS))}")
         return value
+
+    @model_validator(mode="after")
+    def _hidden_in_logs(self) -> Self:
+        # From the moment they are read, the key and the base URL's credentials appear as ***
+        # in the HTTP client's log lines (which show request URLs), whichever path logs them.
+        hide_in_logs((*self.url_secrets(), self.api_key), HTTP_LOGGERS)
+        return self
 
     def require_key(self) -> None:
         if not self.offline and not self.api_key:

@@ -214,3 +214,32 @@ def test_code_location_loads_with_junk_intervals_and_names_each() -> None:
         assert len(errors) == 1, done.stderr  # one line, naming both
         assert "ENRICH_SENSOR_INTERVAL: " in errors[0], errors
         assert "ENRICH_BATCH_POLL_INTERVAL: " in errors[0], errors
+
+
+def test_database_down_in_a_terminal_prints_one_line_not_the_pools_warnings(
+    tmp_path: Path,
+) -> None:
+    """Without logging set up, Python printed each of the pool's connection attempts (libpq's
+    message, two lines each) to stderr before the command's error line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ADBPG_", "DASHSCOPE_"))}
+    env.update(
+        ADBPG_HOST=str(tmp_path / "no-server-here"),
+        ADBPG_USER="enrich",
+        ADBPG_CONNECT_TIMEOUT="1",
+        DASHSCOPE_API_KEY="sk-unused",
+    )
+    for module, argv in (
+        ("enrich_pipeline.cli.search", ["--user-id", "alice", "chair"]),
+        ("enrich_pipeline.cli.batch", ["status"]),
+        ("enrich_pipeline.cli.captions", ["--user-id", "alice"]),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", module, *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert done.returncode == 2, (module, done.stderr)
+        line = one_error_line(done.stderr, "error: ")
+        assert "no-server-here" in line and "enrich@" in line, (module, line)
