@@ -87,6 +87,16 @@ class Store:
 
     @retry_setup
     def _prepare(self, admin: bool) -> tuple[list[int], Readiness]:
+        try:
+            return self._prepare_once(admin)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            reason = (str(exc).strip().splitlines() or ["permission denied"])[0]
+            raise ConfigError(
+                f"this role lacks a right the pipeline needs ({reason}): an administrator runs "
+                "`enrich-captions --setup --grant-to ROLE` to print the grants"
+            ) from None
+
+    def _prepare_once(self, admin: bool) -> tuple[list[int], Readiness]:
         ns = self.settings.namespace
         notes: list[str] = []
         with self.db.connection() as conn:

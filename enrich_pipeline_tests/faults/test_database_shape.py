@@ -393,3 +393,24 @@ def test_non_finite_vectors_already_stored_are_caught_by_the_check_figures(items
     assert figures["embeddings"] == 3
     assert figures["embeddings_not_finite"] == 2
     assert figures["embeddings_wrong_dimensions"] == 0
+
+
+def test_a_role_without_rights_on_the_schema_is_one_line(
+    env: pytest.MonkeyPatch,
+    items: Items,
+    runner_role: tuple[str, str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    role, password = runner_role
+    assert run_cli(["--setup"])[0] == 0  # the tables exist; the role has no grant on them
+    with psycopg.connect(items.conninfo, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("REVOKE USAGE ON SCHEMA {} FROM {}").format(
+                sql.Identifier(items.namespace), sql.Identifier(role)
+            )
+        )
+    env.setenv("ADBPG_URL", as_role(items.conninfo, role, password))
+    code, _ = run_cli(["--user-id", "alice"])
+    lines = errors(capsys.readouterr().err)
+    assert code == 2 and lines and all(line.startswith("error: ") for line in lines), lines
+    assert "Traceback" not in "\n".join(lines)
