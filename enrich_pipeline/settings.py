@@ -12,6 +12,8 @@ Secrets (the API key, the database password inside a connection string) are kept
 from __future__ import annotations
 
 import ipaddress
+import json
+import math
 import os
 from collections.abc import Mapping
 from typing import Any, Self
@@ -29,6 +31,38 @@ DEFAULT_PROMPT = (
 )
 # text-embedding-v4's documented output sizes (v3 takes the ones up to 1024).
 EMBEDDING_DIMENSIONS = (64, 128, 256, 512, 768, 1024, 1536, 2048)
+PRICES_FORMAT = (
+    'JSON like {"qwen3-vl-plus": [0.2, 1.6], "currency": "USD"} (per million input and '
+    "output tokens; currency optional)"
+)
+
+
+def parse_prices(raw: str) -> tuple[dict[str, tuple[float, float]], str | None]:
+    """``ENRICH_PRICES``: ``{model: [input, output] per million tokens}`` and an optional
+    ``"currency"``. Raises ValueError with a one-line reason. Pure, so the settings tree can
+    validate it when a command starts, before any call is made."""
+    try:
+        given = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"must be {PRICES_FORMAT}: {exc}") from None
+    if not isinstance(given, dict):
+        raise ValueError(f"must be {PRICES_FORMAT}, not a JSON {type(given).__name__}")
+    currency = given.pop("currency", None)
+    if currency is not None and (not isinstance(currency, str) or not currency.strip()):
+        raise ValueError(f"currency must be a name such as \"USD\", not {currency!r}")
+    prices: dict[str, tuple[float, float]] = {}
+    for model, pair in given.items():
+        values = pair if isinstance(pair, list) else [pair]
+        if not 1 <= len(values) <= 2 or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+            for v in values
+        ):
+            raise ValueError(
+                f"{model!r} must be [input, output] (non-negative numbers per million tokens), "
+                f"not {pair!r}"
+            )
+        prices[str(model)] = (float(values[0]), float(values[1]) if len(values) > 1 else 0.0)
+    return prices, currency.strip().upper() if currency else None
 
 
 class ConfigError(Exception):
@@ -239,14 +273,16 @@ class DashScopeSettings(_Settings):
     backoff_max: float = setting(30.0, "longest retry backoff, in s", gt=0, le=3600)
     max_image_side: int = setting(
         1024,
-        "longer side of the image sent to the model, in px",
+        "longer side of the image sent to the model, in px (snapped to the model's patch grid)",
         env="ENRICH_MAX_IMAGE_SIDE",
         ge=64,
         le=2048,
     )
     max_caption_tokens: int = setting(200, "max_tokens of a caption call", ge=16, le=8192)
     # Client-side limits so that a run at high concurrency stays under the provider's quota
-    # instead of living on 429 retries (qwen-vl default: about 1,200 requests a minute).
+    # instead of living on 429 retries. DashScope's qwen-vl defaults: about 1,200 requests and
+    # 1,000,000 tokens a minute per account and model, also enforced per second (RPM/60,
+    # TPM/60); check the console (Monitoring) or GET /api/v1/quotas for the account's own.
     requests_per_minute: int = setting(
         1200,
         "request quota of the vision model per minute (0: not limited, e.g. a local server)",
@@ -255,11 +291,34 @@ class DashScopeSettings(_Settings):
         le=10**6,
     )
     tokens_per_minute: int = setting(
-        0,
-        "token quota of the vision model per minute (0: not limited)",
+        1_000_000,
+        "token quota of the vision model per minute, input plus output (0: not limited)",
         env="DASHSCOPE_TPM",
         ge=0,
         le=10**9,
+    )
+    rate_per_second: bool = setting(
+        True,
+        "also pace per second (RPM/60, TPM/60), as DashScope enforces",
+        env="DASHSCOPE_RATE_PER_SECOND",
+    )
+    rate_margin: float = setting(
+        0.05,
+        "share of each second held back for network jitter (0.05: pace at 95% of the quota)",
+        env="DASHSCOPE_RATE_MARGIN",
+        ge=0,
+        le=1,
+    )
+    shared_quota: bool | None = setting(
+        None,
+        "share one rate budget per model with every process on the same database "
+        "(default: on with a configured database, off for the embedded demo)",
+        env="ENRICH_SHARED_QUOTA",
+    )
+    prices: str = setting(
+        "",
+        "price table for cost estimates, merged over the region's list prices",
+        env="ENRICH_PRICES",
     )
     embedding_requests_per_minute: int = setting(
         1800,
@@ -269,6 +328,13 @@ class DashScopeSettings(_Settings):
         le=10**6,
     )
     offline: bool = setting(False, "use the offline provider on purpose", env="ENRICH_OFFLINE")
+
+    @field_validator("prices")
+    @classmethod
+    def _prices(cls, value: str) -> str:
+        if value.strip():
+            parse_prices(value)
+        return value
 
     @field_validator("embedding_dimensions")
     @classmethod

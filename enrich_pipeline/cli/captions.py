@@ -151,13 +151,14 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         started = time.monotonic()
         stats = engine.enrich(args.user_id, on_outcome=report.item)
         usage = runtime.provider.usage.as_dict()
+        prices = load_prices(base_url=settings.dashscope.base_url)
         cost = estimate_cost(
             usage,
             vision_model=runtime.provider.model_label,
             embedding_model=settings.dashscope.embedding_model,
-            prices=load_prices(),
+            prices=prices,
         )
-        report.statistics(stats, usage, time.monotonic() - started, cost)
+        report.statistics(stats, usage, time.monotonic() - started, cost, prices.currency)
         return 0
     except (psycopg.OperationalError, PoolTimeout) as exc:
         where = db.redacted() if db is not None else "the database"

@@ -46,7 +46,12 @@ class Report:
             self.line(f"    Reason:  {o.error}")
 
     def statistics(
-        self, stats: RunStats, usage: dict[str, int], elapsed: float, cost: float | None = None
+        self,
+        stats: RunStats,
+        usage: dict[str, int],
+        elapsed: float,
+        cost: float | None = None,
+        currency: str = "USD",
     ) -> None:
         self.line(RULE)
         self.line("Statistics:")
@@ -61,6 +66,6 @@ class Report:
             f"{usage['embedding_calls']} embedding, {usage['retries']} retries"
         )
         if cost is not None:
-            self.line(f"  {'Estimated cost:':<18}{cost:.6f} USD (ENRICH_PRICES)")
+            self.line(f"  {'Estimated cost:':<18}{cost:.6f} {currency} (ENRICH_PRICES)")
         self.line(f"  {'Elapsed:':<18}{elapsed:.1f} s")
         self.line(RULE)
