@@ -17,6 +17,7 @@ from enrich_pipeline.enrichment.images import VisionImage
 from enrich_pipeline.enrichment.text import clean_caption
 from enrich_pipeline.providers.base import Backoff, ProviderError, Usage, with_retries
 from enrich_pipeline.providers.errors import classify
+from enrich_pipeline.providers.quota import RateBudget, SharedRateLimiter, pacer
 from enrich_pipeline.providers.ratelimit import RateLimiter
 from enrich_pipeline.providers.wire import caption_request_body, empty_caption
 from enrich_pipeline.settings import DashScopeSettings
@@ -44,25 +45,44 @@ class DashScopeProvider:
         self,
         settings: DashScopeSettings,
         *,
-        limiter: RateLimiter | None = None,
+        limiter: RateLimiter | SharedRateLimiter | None = None,
         sleep: Callable[[float], None] | None = None,
+        budget: RateBudget | None = None,
     ) -> None:
         settings.require_key()
         self.settings = settings
         self.model_label = settings.vision_model
         self.usage = Usage()
         self._client = openai_client(settings)
-        # DashScope's limits are per model: the vision and the embedding model each get a budget.
-        self._limiter = limiter or RateLimiter(
-            settings.requests_per_minute, settings.tokens_per_minute
+        # DashScope's limits are per account and per model, per minute and per second: the
+        # vision and the embedding model each get a budget, shared with every process on the
+        # same database when `budget` is given (see providers/quota.py).
+        self._budget = budget
+        self._limiter = limiter or pacer(
+            settings,
+            settings.vision_model,
+            settings.requests_per_minute,
+            settings.tokens_per_minute,
+            budget,
         )
-        self._embedding_limiter = RateLimiter(settings.embedding_requests_per_minute)
+        self._embedding_limiter = pacer(
+            settings, settings.embedding_model, settings.embedding_requests_per_minute, 0, budget
+        )
         self._sleep = sleep or tenacity.nap.sleep
+
+    @property
+    def limiters(self) -> tuple[RateLimiter | SharedRateLimiter, RateLimiter | SharedRateLimiter]:
+        """The vision and the embedding model's limiters."""
+        return self._limiter, self._embedding_limiter
 
     def close(self) -> None:
         self._client.close()
+        if self._budget is not None:
+            self._budget.close()
 
-    def _call(self, fn: Callable[[], Any], limiter: RateLimiter, tokens: int = 0) -> Any:
+    def _call(
+        self, fn: Callable[[], Any], limiter: RateLimiter | SharedRateLimiter, tokens: int = 0
+    ) -> Any:
         def attempt() -> Any:
             limiter.acquire(tokens)
             try:

@@ -183,6 +183,17 @@ class RateLimiter:
                 self.waited += wait
             self._sleep(wait)
 
+    def next_free(self) -> float:
+        """When the next request could go by the smoothing schedule (this limiter's clock)."""
+        with self._lock:
+            return max(self._next_request, self._next_token)
+
+    def defer(self, until: float) -> None:
+        """Send the next request no sooner than ``until`` (this limiter's clock)."""
+        with self._lock:
+            self._next_request = max(self._next_request, until)
+            self._next_token = max(self._next_token, until)
+
     def record(self, tokens: float = 0) -> None:
         """Book a send that was paced elsewhere, now, without waiting."""
         if not self._windows:
