@@ -83,6 +83,7 @@ class SharedRateLimiter:
         self._fallback: RateLimiter | None = None
         self._mine: deque[tuple[float, int]] = deque()  # (when, the budget's counter)
         self._latest = float("-inf")  # the latest send time this process was given
+        self._queued = 0  # calls waiting in the local fallback
         self.shared_calls = 0
         self.local_calls = 0
         self.failures = 0
@@ -109,9 +110,14 @@ class SharedRateLimiter:
         if now >= self._retry_at:
             with self._lock:
                 # Back from local pacing: the budget does not know what was sent meanwhile, so
-                # the first slots start after the local schedule's last one.
-                fallback = self._fallback
-            not_before = fallback.next_free() - now if fallback is not None else 0.0
+                # the first slots start after the local schedule's last one, and after those of
+                # the calls still waiting in it.
+                fallback, queued = self._fallback, self._queued
+            not_before = (
+                fallback.next_free() + queued * fallback.request_spacing - now
+                if fallback is not None
+                else 0.0
+            )
             try:
                 wait, counter = self.budget.reserve(
                     self.account,
@@ -131,7 +137,12 @@ class SharedRateLimiter:
         with self._lock:
             fallback = self._fallback or self.local
             self.local_calls += 1
-        fallback.acquire(tokens)
+            self._queued += 1
+        try:
+            fallback.acquire(tokens)
+        finally:
+            with self._lock:
+                self._queued -= 1
 
     def _shared(self, counter: int, wait: float) -> None:
         now = self._clock()
