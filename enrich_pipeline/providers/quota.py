@@ -122,7 +122,7 @@ class SharedRateLimiter:
                 wait, counter = self.budget.reserve(
                     self.account,
                     self.model,
-                    request_spacing=self.local.request_spacing,
+                    request_spacing=self.local.spacing_next(),
                     token_spacing=self.local.spacing_after(tokens),
                     not_before=not_before,
                 )

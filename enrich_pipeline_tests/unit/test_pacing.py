@@ -7,7 +7,12 @@ import random
 
 import pytest
 
-from enrich_pipeline.providers.ratelimit import MINUTE, RateLimiter, per_second_budget
+from enrich_pipeline.providers.ratelimit import (
+    FIRST_CALL_ALLOWANCE,
+    MINUTE,
+    RateLimiter,
+    per_second_budget,
+)
 
 
 class FakeClock:
@@ -61,8 +66,11 @@ def test_calls_leave_evenly_spaced_not_a_second_at_once() -> None:
     for _ in range(100):
         lim.acquire()
         stamps.append(clock.now)
-    gaps = {round(b - a, 6) for a, b in zip(stamps, stamps[1:], strict=False)}
-    assert gaps == {round(1.05 / 20, 6)}  # 20 a second, spread over 1.05 s
+    gaps = [round(b - a, 6) for a, b in zip(stamps, stamps[1:], strict=False)]
+    # 20 a second, spread over 1.05 s; after the very first call a little more (a process's
+    # first call sets up its HTTP client and arrives late).
+    assert gaps[0] == round(1.05 / 20 + FIRST_CALL_ALLOWANCE, 6)
+    assert set(gaps[1:]) == {round(1.05 / 20, 6)}
     # The old sliding-minute limiter let the minute's 1,200 go in the first instant.
     assert most_in(stamps, 0.25) <= 5
 
@@ -82,13 +90,16 @@ def test_a_pause_is_not_saved_up_into_a_burst() -> None:
 
 def test_burst_allows_a_few_at_once_but_never_more_than_a_second() -> None:
     lim, clock = limiter(1200, burst=4)
+    lim.acquire()
+    clock.now += 5.0
     stamps = []
     for n in range(200):
         lim.acquire()
         stamps.append(clock.now)
         if n % 50 == 49:
             clock.now += 5.0
-    assert stamps[:4] == [0.0] * 4 and stamps[4] > 0
+    assert stamps[:4] == [5.0] * 4 and stamps[4] > 5.0
+    assert max(stamps.count(t) for t in stamps) == 4
     assert most_in(stamps, 1.0) <= 20
 
 
@@ -146,7 +157,7 @@ def test_record_books_a_send_paced_elsewhere() -> None:
         lim.record()
     lim.acquire()
     # The ten recorded sends filled the second: the next waits for the spacing after them.
-    assert clock.now == pytest.approx(1.05, abs=1e-6)
+    assert clock.now == pytest.approx(1.05 + FIRST_CALL_ALLOWANCE, abs=1e-6)
 
 
 def test_per_second_off_keeps_only_the_minute() -> None:
