@@ -272,7 +272,7 @@ class DashScopeSettings(_Settings):
     )
     backoff_max: float = setting(30.0, "longest retry backoff, in s", gt=0, le=3600)
     max_image_side: int = setting(
-        1024,
+        896,
         "longer side of the image sent to the model, in px (snapped to the model's patch grid)",
         env="ENRICH_MAX_IMAGE_SIDE",
         ge=64,

@@ -145,6 +145,7 @@ def visual_attributes(
         max_image_side=dashscope.settings.max_image_side,
         color_count=run.color_count,
         concurrent=run.concurrent,
+        vision_model=dashscope.settings.vision_model,
     )
     return ChunkState(chunk, run)
 

@@ -156,6 +156,7 @@ def submit_batch(
                     max_image_side=settings.max_image_side,
                     color_count=run.color_count,
                     concurrent=run.concurrent,
+                    vision_model=settings.vision_model,
                 )
                 cached = store.cache.cached_captions(
                     [w.content_sha256 for w in chunk.live() if w.content_sha256],
