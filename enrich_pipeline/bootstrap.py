@@ -59,6 +59,8 @@ def shared_budget(
         return None
     db = db or DbSettings.from_env()
     if not db.conninfo:
+        if settings.shared_quota is not True:
+            return None  # no database configured to share through
         db = embedded.resolve(db, seed=False)
     return RateBudgetTable(db)
 

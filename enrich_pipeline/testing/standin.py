@@ -118,7 +118,13 @@ DEFAULT_DIMENSIONS = 1024
 MAX_EMBEDDING_BATCH = 10
 BATCH_MAX_LINES = 50_000  # DashScope: requests in one batch file
 BATCH_MAX_BYTES = 500 * 1024 * 1024  # DashScope: size of one batch file
-BATCH_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
+# /v1/chat/ds-test: the endpoint of DashScope's free test model, batch-test-model
+# (https://help.aliyun.com/document_detail/2975721.html); served here as chat.
+BATCH_ENDPOINTS = {
+    "/v1/chat/completions": "chat",
+    "/v1/embeddings": "embeddings",
+    "/v1/chat/ds-test": "chat",
+}
 BATCH_FORCED = (None, "expired", "failed")
 
 # fault -> (status, code, message) as compatible mode sends them; `type` follows from the code
