@@ -48,6 +48,7 @@ from enrich_pipeline.db.samples import create_sample_table
 REPO = Path(__file__).resolve().parent.parent
 API_KEY = "sk-pacing"
 VISION = "qwen3-vl-plus"
+CLI = ["-m", "enrich_pipeline.cli.captions"]
 
 
 # --- the stand-in in its own process -------------------------------------------------------
@@ -152,6 +153,7 @@ class Result:
     refused: int
     uncaptioned: int
     elapsed: list[float] = field(default_factory=list)
+    refused_at: list[float] = field(default_factory=list)  # s after the first vision call
 
     @property
     def refused_share(self) -> float:
@@ -192,6 +194,7 @@ class Bench:
         self.database_url = self._pg.get_uri()
         self.images = write_small_images(self.tmp / "images", 4 * 1000 + 100, (320, 240))
         self.standins: dict[tuple[int, float], StandInProcess] = {}
+        self.margin: float | None = None  # DASHSCOPE_RATE_MARGIN, when not the default
 
     def close(self) -> None:
         for s in self.standins.values():
@@ -248,12 +251,13 @@ class Bench:
             "ENRICH_SHARED_QUOTA": "true" if s.shared else "false",
             "ENRICH_ALLOW_LOCAL_FILES": "true",
             "ENRICH_HOME": str(self.tmp / "home"),
+            **({"DASHSCOPE_RATE_MARGIN": str(self.margin)} if self.margin is not None else {}),
         }
         argv = ["--max-items", "0", "--concurrent", str(s.concurrent), "--batch-size", "10",
                 "--quiet"]
         procs = [
             subprocess.Popen(
-                [sys.executable, "-m", "enrich_pipeline.cli.captions", "--user-id",
+                [sys.executable, *CLI, "--user-id",
                  f"user{r}", *argv],
                 cwd=REPO,
                 env=env,
@@ -273,13 +277,15 @@ class Bench:
         log = server.log()
         vision = [r for r in log if r[1] == "chat" and r[2] == VISION]
         refused = sum(1 for r in vision if r[3] == 429)
+        first = min((r[0] for r in vision), default=0.0)
+        refused_at = [round(r[0] - first, 3) for r in vision if r[3] == 429]
         left = self.uncaptioned(namespace)
         done = s.runs * s.n - left
         # The runs start together; the slowest one's engine time is the span of the work.
         rate = done / max(elapsed)
         with psycopg.connect(self.database_url, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(namespace)))
-        return Result(s, rate, rate / s.bound, len(vision), refused, left, elapsed)
+        return Result(s, rate, rate / s.bound, len(vision), refused, left, elapsed, refused_at)
 
 
 def render(results: list[Result]) -> str:
@@ -308,9 +314,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller N (about 4 minutes)")
     parser.add_argument("--only", default="", help="comma-separated scenario names")
     parser.add_argument("--json", default=str(REPO / "artifacts" / "pacing.json"))
+    parser.add_argument("--margin", type=float, default=None, help="DASHSCOPE_RATE_MARGIN")
     args = parser.parse_args(argv)
     chosen = [s for s in scenarios(args.quick) if not args.only or s.name in args.only.split(",")]
     bench = Bench()
+    bench.margin = args.margin
     results = []
     try:
         for s in chosen:
@@ -338,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "refused_share": r.refused_share,
                     "uncaptioned": r.uncaptioned,
                     "elapsed": r.elapsed,
+                    "refused_at": r.refused_at[:200],
                 }
                 for r in results
             ],
