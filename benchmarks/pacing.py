@@ -210,6 +210,15 @@ class Bench:
         server.ask("reset")
         return server
 
+    def prepare(self, namespace: str) -> None:
+        """Migrate and index once, as a deployment's first run would: four runs starting their
+        very first setup at the same moment can deadlock building the pending-rows index."""
+        from enrich_pipeline.db.store import Store
+        from enrich_pipeline.settings import DbSettings
+
+        with Store(DbSettings(conninfo=self.database_url, namespace=namespace)) as store:
+            store.setup()
+
     def seed(self, runs: int, n: int) -> str:
         namespace = f"pacing_{uuid.uuid4().hex[:10]}"
         with psycopg.connect(self.database_url) as conn:
@@ -222,6 +231,7 @@ class Bench:
                     for k in range(n):
                         path = self.images[r * n + k]
                         out.write_row((f"user{r}", str(path), "active", json.dumps({"k": k})))
+        self.prepare(namespace)
         return namespace
 
     def uncaptioned(self, namespace: str) -> int:

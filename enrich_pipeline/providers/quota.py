@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-from enrich_pipeline.providers.ratelimit import RateLimiter, keep_calls_on_time
+from enrich_pipeline.providers.ratelimit import RateLimiter
 from enrich_pipeline.providers.regions import host_of, region_of
 from enrich_pipeline.settings import DashScopeSettings
 
@@ -204,8 +204,6 @@ def pacer(
         per_second=settings.rate_per_second,
         margin=settings.rate_margin,
     )
-    if local.limited and settings.rate_per_second:
-        keep_calls_on_time()
     # The budget keeps a schedule of per-second spacing; without it there is nothing to share.
     if budget is None or not local.limited or not settings.rate_per_second:
         return local

@@ -29,7 +29,6 @@ from a true history.
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from collections import deque
@@ -45,20 +44,6 @@ FIRST_CALL_ALLOWANCE = 0.1
 """Seconds added to the spacing after a limiter's first request: a process's first call sets up
 its HTTP client and arrives 50-80 ms late (measured here), which would squeeze the calls after
 it into the provider's second."""
-
-SWITCH_INTERVAL = 0.001
-"""The interpreter's thread switch interval while calls are paced per second (Python's default
-is 5 ms). A thread whose slot has come must get the GIL back from the threads decoding images
-before its request leaves; at 5 ms a turn that took long enough, under load, for about 1.3 % of
-calls to arrive late enough to be refused (benchmarks/pacing.py, single-1200), at 1 ms 0.3-0.7 %.
-The cost is more frequent switching between CPU-bound threads, which here is noise."""
-
-
-def keep_calls_on_time() -> None:
-    """Lower the thread switch interval to SWITCH_INTERVAL (never raise it)."""
-    if sys.getswitchinterval() > SWITCH_INTERVAL:
-        sys.setswitchinterval(SWITCH_INTERVAL)
-
 
 # Kept for callers that import the old name of the minute window.
 WINDOW = MINUTE
