@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from enrich_pipeline.db import embedded
+from enrich_pipeline.db.quota import RateBudgetTable
 from enrich_pipeline.db.store import Store
 from enrich_pipeline.enrichment.images import ImagePolicy
 from enrich_pipeline.enrichment.tags import DEFAULT_VOCABULARY, TagVocabulary
@@ -18,11 +19,23 @@ from enrich_pipeline.pipeline.engine import Engine
 from enrich_pipeline.providers.base import Provider
 from enrich_pipeline.providers.dashscope import DashScopeProvider
 from enrich_pipeline.providers.offline import OfflineProvider
-from enrich_pipeline.settings import ConfigError, DashScopeSettings, RunSettings, Settings
+from enrich_pipeline.settings import (
+    ConfigError,
+    DashScopeSettings,
+    DbSettings,
+    RunSettings,
+    Settings,
+)
 
 
-def build_provider(settings: DashScopeSettings, *, embedded_db: bool) -> Provider:
-    """The embedded demo falls back to offline with no key; a real database never does."""
+def build_provider(
+    settings: DashScopeSettings, *, embedded_db: bool, db: DbSettings | None = None
+) -> Provider:
+    """The embedded demo falls back to offline with no key; a real database never does.
+
+    With ``ENRICH_SHARED_QUOTA`` on (the default with a configured database) the provider paces
+    on the rate budget in ``db`` (by default the database of the environment), shared with
+    every other process on it."""
     if settings.offline:
         return OfflineProvider(settings.embedding_dimensions)
     if not settings.api_key:
@@ -32,7 +45,24 @@ def build_provider(settings: DashScopeSettings, *, embedded_db: bool) -> Provide
             "DASHSCOPE_API_KEY is not set: export it (or pass --offline to use the offline "
             "provider on purpose)"
         )
-    return DashScopeProvider(settings)
+    return DashScopeProvider(settings, budget=shared_budget(settings, embedded_db, db))
+
+
+def shared_budget(
+    settings: DashScopeSettings, embedded_db: bool, db: DbSettings | None = None
+) -> RateBudgetTable | None:
+    """The account's shared rate budget, or None to pace this process alone: on by default
+    against a configured database (Dagster runs, CLI runs and batch collects all reach it), off
+    for the embedded demo unless asked for."""
+    wanted = settings.shared_quota if settings.shared_quota is not None else not embedded_db
+    if not wanted or not (settings.requests_per_minute or settings.tokens_per_minute):
+        return None
+    db = db or DbSettings.from_env()
+    if not db.conninfo:
+        if settings.shared_quota is not True:
+            return None  # no database configured to share through
+        db = embedded.resolve(db, seed=False)
+    return RateBudgetTable(db)
 
 
 def load_vocabulary(path: str) -> TagVocabulary:
@@ -91,7 +121,9 @@ def open_store(settings: Settings, *, seed: bool = True, admin: bool = False) ->
 
 def open_runtime(settings: Settings, *, seed: bool = True) -> Runtime:
     """Provider first (a missing key costs nothing), then the database, then the policies."""
-    provider = build_provider(settings.dashscope, embedded_db=settings.db.embedded)
+    provider = build_provider(
+        settings.dashscope, embedded_db=settings.db.embedded, db=settings.db
+    )
     try:
         policy, vocabulary = run_policies(settings, embedded=settings.db.embedded)
         store = open_store(settings, seed=seed)

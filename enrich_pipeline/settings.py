@@ -43,6 +43,42 @@ DEFAULT_PROMPT = (
 )
 # text-embedding-v4's documented output sizes (v3 takes the ones up to 1024).
 EMBEDDING_DIMENSIONS = (64, 128, 256, 512, 768, 1024, 1536, 2048)
+PRICES_FORMAT = (
+    'JSON like {"qwen3-vl-plus": [0.2, 1.6], "currency": "USD"} (per million input and '
+    "output tokens; currency optional)"
+)
+
+
+def parse_prices(raw: str) -> tuple[dict[str, tuple[float, float]], str | None]:
+    """``ENRICH_PRICES``: ``{model: [input, output] per million tokens}`` and an optional
+    ``"currency"``. Raises ValueError with a one-line reason. Pure, so the settings tree can
+    validate it when a command starts, before any call is made."""
+    try:
+        given = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"must be {PRICES_FORMAT}: {exc}") from None
+    if not isinstance(given, dict):
+        raise ValueError(f"must be a JSON object: {PRICES_FORMAT}")
+    currency = given.pop("currency", None)
+    if currency is not None and (not isinstance(currency, str) or not currency.strip()):
+        raise ValueError(f"currency must be a name such as \"USD\", not {currency!r}")
+    prices: dict[str, tuple[float, float]] = {}
+    for model, pair in given.items():
+        if not (
+            isinstance(pair, list)
+            and len(pair) == 2
+            and all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                and v >= 0
+                for v in pair
+            )
+        ):
+            raise ValueError(
+                f"{model!r} must be two numbers [input, output] (non-negative, per million "
+                f"tokens), not {pair!r}"
+            )
+        prices[str(model)] = (float(pair[0]), float(pair[1]))
+    return prices, currency.strip().upper() if currency else None
 
 
 class ConfigError(Exception):
@@ -464,15 +500,17 @@ class DashScopeSettings(_Settings):
     )
     backoff_max: float = setting(30.0, "longest retry backoff, in s", gt=0, le=3600)
     max_image_side: int = setting(
-        1024,
-        "longer side of the image sent to the model, in px",
+        896,
+        "longer side of the image sent to the model, in px (snapped to the model's patch grid)",
         env="ENRICH_MAX_IMAGE_SIDE",
         ge=64,
         le=2048,
     )
     max_caption_tokens: int = setting(200, "max_tokens of a caption call", ge=16, le=8192)
     # Client-side limits so that a run at high concurrency stays under the provider's quota
-    # instead of living on 429 retries (qwen-vl default: about 1,200 requests a minute).
+    # instead of living on 429 retries. DashScope's qwen-vl defaults: about 1,200 requests and
+    # 1,000,000 tokens a minute per account and model, also enforced per second (RPM/60,
+    # TPM/60); check the console (Monitoring) or GET /api/v1/quotas for the account's own.
     requests_per_minute: int = setting(
         1200,
         "request quota of the vision model per minute (0: not limited, e.g. a local server)",
@@ -481,11 +519,34 @@ class DashScopeSettings(_Settings):
         le=10**6,
     )
     tokens_per_minute: int = setting(
-        0,
-        "token quota of the vision model per minute (0: not limited)",
+        1_000_000,
+        "token quota of the vision model per minute, input plus output (0: not limited)",
         env="DASHSCOPE_TPM",
         ge=0,
         le=10**9,
+    )
+    rate_per_second: bool = setting(
+        True,
+        "also pace per second (RPM/60, TPM/60), as DashScope enforces",
+        env="DASHSCOPE_RATE_PER_SECOND",
+    )
+    rate_margin: float = setting(
+        0.05,
+        "share of each second held back for network jitter (0.05: pace at 95% of the quota)",
+        env="DASHSCOPE_RATE_MARGIN",
+        ge=0,
+        le=1,
+    )
+    shared_quota: bool | None = setting(
+        None,
+        "share one rate budget per model with every process on the same database "
+        "(default: on with a configured database, off for the embedded demo)",
+        env="ENRICH_SHARED_QUOTA",
+    )
+    prices: str = setting(
+        "",
+        "price table for cost estimates, merged over the region's list prices",
+        env="ENRICH_PRICES",
     )
     embedding_requests_per_minute: int = setting(
         1800,
@@ -525,6 +586,13 @@ class DashScopeSettings(_Settings):
     def url_secrets(self) -> tuple[str, ...]:
         """The credentials inside the base URL (user:password@, secret-looking query values)."""
         return url_secrets(self.base_url)
+
+    @field_validator("prices")
+    @classmethod
+    def _prices(cls, value: str) -> str:
+        if value.strip():
+            parse_prices(value)
+        return value
 
     @field_validator("embedding_dimensions")
     @classmethod
@@ -708,35 +776,6 @@ class Settings(_Settings):
     tag_vocabulary: str = setting(
         "", "JSON file extending the tag vocabulary", env="ENRICH_TAG_VOCABULARY"
     )
-    # Read by providers/pricing.py at the end of a run; checked here, before anything is paid.
-    prices: str = setting(
-        "", "price table for cost estimates (JSON)", env="ENRICH_PRICES", max_length=100_000
-    )
-
-    @field_validator("prices")
-    @classmethod
-    def _price_table(cls, value: str) -> str:
-        if not value:
-            return value
-        try:
-            table = json.loads(value)
-        except ValueError:
-            raise ValueError('must be JSON like {"qwen3-vl-plus": [0.2, 1.6]}') from None
-        if not isinstance(table, dict):
-            raise ValueError('must be a JSON object like {"qwen3-vl-plus": [0.2, 1.6]}')
-        for model, pair in table.items():
-            if (
-                not isinstance(pair, list)
-                or len(pair) != 2
-                or not all(isinstance(p, int | float) and not isinstance(p, bool) for p in pair)
-                or not all(math.isfinite(p) and 0 <= p <= 10_000 for p in pair)
-            ):
-                raise ValueError(
-                    f"{model!r} must have [USD per million input tokens, USD per million "
-                    "output tokens], two numbers from 0 to 10000"
-                )
-        return value
-
     @classmethod
     def from_env(
         cls,
@@ -756,7 +795,6 @@ class Settings(_Settings):
         }
         parts: dict[str, Any] = {
             "tag_vocabulary": (env.get("ENRICH_TAG_VOCABULARY") or "").strip(),
-            "prices": (env.get("ENRICH_PRICES") or "").strip(),
         }
         problems: list[str] = []
         for name, model in models.items():

@@ -30,7 +30,7 @@ from enrich_pipeline.db.preflight import grants
 from enrich_pipeline.enrichment.images import redact_source
 from enrich_pipeline.pipeline.stats import RunStats
 from enrich_pipeline.providers.base import FatalProviderError, ProviderUnavailable
-from enrich_pipeline.providers.pricing import estimate_cost, load_prices
+from enrich_pipeline.providers.pricing import estimate_cost, price_table
 from enrich_pipeline.settings import ConfigError, DbSettings, RunSettings, Settings
 
 RUN_FLAGS: FlagMap = {}
@@ -152,13 +152,15 @@ def configuration(runtime: Runtime, user_id: str | None) -> list[tuple[str, str]
 
 def _statistics(report: Report, runtime: Runtime, stats: RunStats, started: float) -> None:
     usage = runtime.provider.usage.as_dict()
+    api = runtime.settings.dashscope
+    prices = price_table(api.base_url, api.prices)
     cost = estimate_cost(
         usage,
         vision_model=runtime.provider.model_label,
-        embedding_model=runtime.settings.dashscope.embedding_model,
-        prices=load_prices(),
+        embedding_model=api.embedding_model,
+        prices=prices,
     )
-    report.statistics(stats, usage, time.monotonic() - started, cost)
+    report.statistics(stats, usage, time.monotonic() - started, cost, prices.currency)
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:

@@ -46,7 +46,12 @@ class Report:
             self.line(f"    Reason:  {o.error}")
 
     def statistics(
-        self, stats: RunStats, usage: dict[str, int], elapsed: float, cost: float | None = None
+        self,
+        stats: RunStats,
+        usage: dict[str, int],
+        elapsed: float,
+        cost: float | None = None,
+        currency: str = "USD",
     ) -> None:
         self.line(RULE)
         self.line("Statistics:")
@@ -69,6 +74,6 @@ class Report:
                 "(errors, timeouts, refused connections; counted in API calls)"
             )
         if cost is not None:
-            self.line(f"  {'Estimated cost:':<18}{cost:.6f} USD (ENRICH_PRICES)")
+            self.line(f"  {'Estimated cost:':<18}{cost:.6f} {currency} (ENRICH_PRICES)")
         self.line(f"  {'Elapsed:':<18}{elapsed:.1f} s")
         self.line(RULE)

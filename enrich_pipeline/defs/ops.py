@@ -183,6 +183,7 @@ def visual_attributes(
             max_image_side=dashscope.settings.max_image_side,
             color_count=run.color_count,
             concurrent=run.concurrent,
+            vision_model=dashscope.settings.vision_model,
         )
     except Exception:  # per-row trouble is the row's (stages); anything else frees the rows
         _release(adbpg, chunk)
@@ -271,17 +272,19 @@ def summarize(
     user = _user(context)
     ledger = adbpg.store.items.failures(user)
     provider = dashscope.provider
+    prices = load_prices(base_url=dashscope.settings.base_url)
     cost = estimate_cost(
         usage,
         vision_model=provider.model_label,
         embedding_model=dashscope.settings.embedding_model,
-        prices=load_prices(),
+        prices=prices,
     )
     figures = stats.summary()
     summary = {
         "user_id": user,
         **figures,
         "estimated_cost_usd": cost,
+        "cost_currency": prices.currency,
         "usage": usage,
         "provider": "offline (synthetic captions)" if provider.offline else "dashscope",
         "model": provider.model_label,
@@ -304,6 +307,8 @@ def summarize(
         "image_tokens": usage.get("image_tokens", 0),
         # A number, so the UI plots spend per partition across runs; -1 when a model is unpriced.
         "estimated_cost_usd": MetadataValue.float(round(cost, 6) if cost is not None else -1.0),
+        # The list prices' currency: CNY for Beijing, USD for Singapore and US.
+        "cost_currency": prices.currency,
         "embedded": figures["embedded"],
         "cache_hits": figures["cache_hits"],
         "cache_hit_rate": MetadataValue.float(figures["cache_hit_rate"]),

@@ -38,6 +38,8 @@ from urllib3.exceptions import (
     SSLError,
 )
 
+from enrich_pipeline.enrichment import vision_tokens
+
 __all__ = [
     "WORK_MAX_SIDE",
     "ImageLoadError",
@@ -57,9 +59,9 @@ WORK_MAX_SIDE = 2048
 """Longest side of the decoded working copy; enough for K-Means and for a 1024 px vision input."""
 
 _CHUNK = 64 * 1024
-# Qwen-VL sees an image as 28x28 patches (14 px ViT patches merged 2x2); one patch ~ one token.
-_PATCH = 28
-_SNAP_MIN_SIDE = 10 * _PATCH
+# Qwen-VL sees an image as patches of 32x32 px (Qwen3-VL, current qwen-vl-max/plus) or 28x28 px
+# (Qwen2.5-VL era, QVQ), one token each, capped per image: see vision_tokens.
+_SNAP_MIN_PATCHES = 10
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # 408/425/429 and gateway errors say "not now", not "never": the row deserves another attempt.
 _TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -434,23 +436,42 @@ def load_image(source: str, policy: ImagePolicy = _DEFAULT_POLICY) -> LoadedImag
     return _decode(source, raw, policy, display)
 
 
-def image_tokens(width: int, height: int) -> int:
-    """Approximate DashScope vision tokens: one per 28x28 patch, at least 4."""
-    return max(4, math.ceil(width / _PATCH) * math.ceil(height / _PATCH))
+def image_tokens(
+    width: int,
+    height: int,
+    model: str = vision_tokens.DEFAULT_MODEL,
+    *,
+    high_resolution: bool = False,
+) -> int:
+    """Input tokens ``model`` bills for a ``width`` x ``height`` image, as DashScope counts
+    them (its resize to the patch grid, the per-image cap, the two special tokens)."""
+    return vision_tokens.image_tokens(width, height, model, high_resolution=high_resolution)
 
 
-def prepare_for_vision(img: LoadedImage, max_side: int = 1024, quality: int = 85) -> VisionImage:
-    """Downscale and JPEG-encode ``img`` for a vision request.
+def prepare_for_vision(
+    img: LoadedImage,
+    max_side: int = 896,
+    quality: int = 85,
+    *,
+    model: str = vision_tokens.DEFAULT_MODEL,
+    high_resolution: bool = False,
+) -> VisionImage:
+    """Downscale and JPEG-encode ``img`` for a vision request to ``model``.
 
-    Sides are snapped to multiples of 28 because Qwen-VL resizes to that grid anyway: sending the
-    grid size avoids a second resample server-side and makes the token estimate exact. Snapping
-    rounds down whenever rounding up would exceed ``max_side`` or enlarge the image.
+    Sides are snapped to the model's patch grid (32 or 28 px) because the service resizes to
+    that grid anyway: sending the grid size avoids a second resample server-side and makes the
+    token estimate exact. Snapping rounds down whenever rounding up would exceed ``max_side``
+    or enlarge the image. An image above the model's per-image cap is sent at the size the
+    service would shrink it to: more pixels than the cap buy nothing, they are not even seen.
     """
     if max_side < 1:
         raise ValueError("max_side must be positive")
     image = img.image if img.image.mode == "RGB" else img.image.convert("RGB")
     width, height = image.size
-    target = _vision_size(width, height, max_side)
+    patch = vision_tokens.patch_side(model)
+    target = _vision_size(width, height, max_side, patch)
+    if target[0] * target[1] > vision_tokens.max_pixels(model, high_resolution):
+        target = vision_tokens.resized_size(*target, model, high_resolution=high_resolution)
     if target != (width, height):
         # Area averaging (BOX) is the right filter for shrinking and a third of Lanczos' cost
         # (about 6 ms against 20 ms for 1600x1200 -> 1008x756); the model resamples anyway.
@@ -462,34 +483,34 @@ def prepare_for_vision(img: LoadedImage, max_side: int = 1024, quality: int = 85
         data_url=f"data:image/jpeg;base64,{encoded}",
         width=target[0],
         height=target[1],
-        tokens=image_tokens(*target),
+        tokens=image_tokens(*target, model, high_resolution=high_resolution),
     )
 
 
-def _vision_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+def _vision_size(width: int, height: int, max_side: int, patch: int = 32) -> tuple[int, int]:
     longest = max(width, height)
     scale = min(1.0, max_side / longest)
     # Snap the long side first and derive one scale from it, so both sides shrink alike and
     # the aspect ratio survives the rounding better than with two independent roundings.
-    scale = _snap_to_grid(longest * scale, min(longest, max_side)) / longest
+    scale = _snap_to_grid(longest * scale, min(longest, max_side), patch) / longest
     return (
-        _snap_to_grid(width * scale, min(width, max_side)),
-        _snap_to_grid(height * scale, min(height, max_side)),
+        _snap_to_grid(width * scale, min(width, max_side), patch),
+        _snap_to_grid(height * scale, min(height, max_side), patch),
     )
 
 
-def _snap_to_grid(side: float, limit: int) -> int:
-    """``side`` rounded to a multiple of 28 that does not exceed ``limit``.
+def _snap_to_grid(side: float, limit: int, patch: int = 32) -> int:
+    """``side`` rounded to a multiple of ``patch`` that does not exceed ``limit``.
 
     Sides under ten patches are left alone: there one patch is more than 10% of the side, so
     snapping would visibly distort a thumbnail, and the server pads it for a handful of tokens.
     """
-    if side < _SNAP_MIN_SIDE:
+    if side < _SNAP_MIN_PATCHES * patch:
         return max(1, min(limit, round(side)))
-    nearest = round(side / _PATCH) * _PATCH
+    nearest = round(side / patch) * patch
     if nearest <= limit:
         return nearest
-    return max(_PATCH, math.floor(min(side, limit) / _PATCH) * _PATCH)
+    return max(patch, math.floor(min(side, limit) / patch) * patch)
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import re
 from datetime import date
 
 __all__ = [
+    "DEFAULT_MODEL",
     "DEFAULT_MAX_TOKENS_28",
     "DEFAULT_MAX_TOKENS_32",
     "HIGH_RESOLUTION_MAX_TOKENS",
@@ -35,9 +36,13 @@ __all__ = [
     "VISION_SPECIAL_TOKENS",
     "image_tokens",
     "max_image_tokens",
+    "max_pixels",
     "patch_side",
     "resized_size",
 ]
+
+DEFAULT_MODEL = "qwen3-vl-plus"
+"""The pipeline's default vision model (``DASHSCOPE_VISION_MODEL``)."""
 
 MIN_TOKENS = 4
 """Floor of the resize, in patches: the docs' ``min_pixels = 4 * factor * factor``."""
@@ -97,6 +102,13 @@ def _cap_tokens(model: str, high_resolution: bool) -> int:
     if high_resolution:
         return HIGH_RESOLUTION_MAX_TOKENS
     return DEFAULT_MAX_TOKENS_32 if patch_side(model) == 32 else DEFAULT_MAX_TOKENS_28
+
+
+def max_pixels(model: str, high_resolution: bool = False) -> int:
+    """The largest image (in pixels, after the resize) `model` looks at: above it the service
+    shrinks the image, so sending more buys nothing."""
+    p = patch_side(model)
+    return _cap_tokens(model, high_resolution) * p * p
 
 
 def max_image_tokens(model: str, high_resolution: bool = False) -> int:

@@ -199,6 +199,7 @@ class _Stream:
                     policy=engine.image_policy,
                     max_image_side=engine.dashscope.max_image_side,
                     color_count=engine.run.color_count,
+                    vision_model=engine.dashscope.vision_model,
                 )
                 if work.ok:
                     stages.caption_item(work, self.broker, engine.vocabulary)

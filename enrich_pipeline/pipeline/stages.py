@@ -24,6 +24,7 @@ from typing import TypeVar
 
 from enrich_pipeline.db.items import FailureRow, SuccessRow
 from enrich_pipeline.db.store import Store
+from enrich_pipeline.enrichment import vision_tokens
 from enrich_pipeline.enrichment.colors import dominant_colors
 from enrich_pipeline.enrichment.images import (
     ImageLoadError,
@@ -125,7 +126,12 @@ _JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", boo
 
 
 def load_visual(
-    work: WorkItem, *, policy: ImagePolicy, max_image_side: int, color_count: int = 5
+    work: WorkItem,
+    *,
+    policy: ImagePolicy,
+    max_image_side: int,
+    color_count: int = 5,
+    vision_model: str | None = None,
 ) -> None:
     """Load one image once: dominant colors from its pixels, a downscaled copy for the model."""
     metadata = work.item.metadata
@@ -144,7 +150,9 @@ def load_visual(
         loaded = load_image(work.item.image, policy)
         work.content_sha256 = loaded.content_sha256
         work.dominant_colors = dominant_colors(loaded.image, k=color_count)
-        work.vision = prepare_for_vision(loaded, max_side=max_image_side)
+        work.vision = prepare_for_vision(
+            loaded, max_side=max_image_side, model=vision_model or vision_tokens.DEFAULT_MODEL
+        )
     except ImageLoadError as exc:
         work.fail(ItemError(exc.code, clean_message(exc), exc.permanent, "image"))
     except Exception as exc:  # noqa: BLE001 - a decoder bug must cost one row, not the run
@@ -162,11 +170,17 @@ def visual_attributes(
     max_image_side: int,
     color_count: int = 5,
     concurrent: int = 5,
+    vision_model: str | None = None,
 ) -> Chunk:
-    """Visual attributes of every live item of the chunk, ``concurrent`` images at a time."""
+    """Visual attributes of every live item of the chunk, ``concurrent`` images at a time;
+    the copy for the model is sized for ``vision_model``'s patch grid and cap."""
     _parallel(
         lambda w: load_visual(
-            w, policy=policy, max_image_side=max_image_side, color_count=color_count
+            w,
+            policy=policy,
+            max_image_side=max_image_side,
+            color_count=color_count,
+            vision_model=vision_model,
         ),
         chunk.live(),
         concurrent,

@@ -17,11 +17,80 @@ import openai
 from enrich_pipeline.providers.base import Backoff, ProviderError, with_retries
 from enrich_pipeline.providers.dashscope import openai_client
 from enrich_pipeline.providers.errors import classify
+from enrich_pipeline.providers.regions import BEIJING, SINGAPORE, region_of
 from enrich_pipeline.providers.wire import CHAT_ENDPOINT
 from enrich_pipeline.settings import ConfigError, DashScopeSettings
 
 COMPLETION_WINDOW = "24h"
 UPLOAD_TIMEOUT = 600.0
+
+# Which models the Batch API takes, by region (Model Studio, "Batch interfaces compatible with
+# OpenAI", https://www.alibabacloud.com/help/en/model-studio/batch-interfaces-compatible-with-
+# openai, Jan 2026): "Mainland China ... Multimodal models: Stable and some latest versions of
+# Qwen-VL-Max, Qwen-VL-Plus, and Qwen-VL-Flash. Also Qwen-OCR. Text embedding models:
+# text-embedding-v4"; "International ... Singapore region ... Supported models: qwen-max,
+# qwen-plus, qwen-flash, and qwen-turbo". The newer zh page adds qwen3-vl-plus and
+# qwen3-vl-flash (https://help.aliyun.com/zh/model-studio/batch-interfaces-compatible-with-openai).
+# Captions need a vision model, so Singapore has no caption batches at all. Other regions (US,
+# Hong Kong, ...) are not documented for batch. Any other server (a local one, the stand-in)
+# decides for itself. Dated snapshots of a listed family are left to the service to judge.
+TEST_MODEL = "batch-test-model"
+"""DashScope's free end-to-end test model: no inference, no charge; at most 100 lines and 1 MB
+per file, 2 batches at once; its lines go to ``/v1/chat/ds-test``
+(https://help.aliyun.com/document_detail/2975721.html)."""
+TEST_ENDPOINT = "/v1/chat/ds-test"
+TEST_MAX_LINES = 100
+TEST_MAX_BYTES = 1024 * 1024
+_TEXT_MODELS = ("qwen-max", "qwen-plus", "qwen-flash", "qwen-turbo")
+BATCH_MODELS: dict[str, tuple[str, ...]] = {
+    BEIJING: (
+        "qwen3-vl-plus",
+        "qwen3-vl-flash",
+        "qwen-vl-max",
+        "qwen-vl-plus",
+        "qwen-vl-flash",
+        "qwen-vl-ocr",
+        "text-embedding-v4",
+        "text-embedding-v3",
+        *_TEXT_MODELS,
+        TEST_MODEL,
+    ),
+    SINGAPORE: (*_TEXT_MODELS, TEST_MODEL),
+}
+_MATRIX = "Beijing: Qwen-VL-Max/Plus/Flash, qwen3-vl-plus/flash, text-embedding-v4; Singapore: "
+_MATRIX += "text models only (qwen-max, qwen-plus, qwen-flash, qwen-turbo)"
+
+
+def _listed(model: str, families: tuple[str, ...]) -> bool:
+    name = model.strip().lower()
+    return any(name == f or name.startswith(f + "-") for f in families)
+
+
+def batch_refusal(settings: DashScopeSettings) -> str | None:
+    """Why the Batch API will not take ``settings``' vision model in its region, in one line;
+    None when it does, or when the base URL is no known Model Studio region."""
+    region = region_of(settings.base_url)
+    if region is None:
+        return None
+    model = settings.vision_model
+    families = BATCH_MODELS.get(region)
+    if families is None:
+        return (
+            f"DashScope's Batch API is not offered in the {region} region ({settings.base_url}): "
+            f"{_MATRIX}. Use the online path (enrich-captions) or a Beijing base URL"
+        )
+    if _listed(model, families):
+        return None
+    return (
+        f"DashScope's Batch API in {region.capitalize()} does not take model {model!r} "
+        f"({_MATRIX}): choose another DASHSCOPE_VISION_MODEL or DASHSCOPE_BASE_URL, or use the "
+        "online path (enrich-captions)"
+    )
+
+
+def batch_endpoint(model: str) -> str:
+    """The endpoint a batch of ``model``'s caption lines is sent to."""
+    return TEST_ENDPOINT if model == TEST_MODEL else CHAT_ENDPOINT
 
 
 class BatchError(Exception):
@@ -119,7 +188,7 @@ class BatchApi:
         def send() -> Any:
             return self._client.batches.create(
                 input_file_id=input_file_id,
-                endpoint=CHAT_ENDPOINT,
+                endpoint=batch_endpoint(self.settings.vision_model),
                 completion_window=COMPLETION_WINDOW,
                 metadata=metadata,
             )

@@ -35,6 +35,7 @@ from enrich_pipeline.providers.base import (
 )
 from enrich_pipeline.providers.errors import CallContext, classify
 from enrich_pipeline.providers.health import Governor, StopLatch
+from enrich_pipeline.providers.quota import RateBudget, SharedRateLimiter, pacer
 from enrich_pipeline.providers.ratelimit import RateLimiter
 from enrich_pipeline.providers.wire import caption_request_body, empty_caption
 from enrich_pipeline.settings import DashScopeSettings
@@ -114,19 +115,29 @@ class DashScopeProvider:
         self,
         settings: DashScopeSettings,
         *,
-        limiter: RateLimiter | None = None,
+        limiter: RateLimiter | SharedRateLimiter | None = None,
         sleep: Callable[[float], None] | None = None,
+        budget: RateBudget | None = None,
     ) -> None:
         settings.require_key()
         self.settings = settings
         self.model_label = settings.vision_model
         self.usage = Usage()
         self._client = openai_client(settings)
-        # DashScope's limits are per model: the vision and the embedding model each get a budget.
-        self._limiter = limiter or RateLimiter(
-            settings.requests_per_minute, settings.tokens_per_minute
+        # DashScope's limits are per account and per model, per minute and per second: the
+        # vision and the embedding model each get a budget, shared with every process on the
+        # same database when `budget` is given (see providers/quota.py).
+        self._budget = budget
+        self._limiter = limiter or pacer(
+            settings,
+            settings.vision_model,
+            settings.requests_per_minute,
+            settings.tokens_per_minute,
+            budget,
         )
-        self._embedding_limiter = RateLimiter(settings.embedding_requests_per_minute)
+        self._embedding_limiter = pacer(
+            settings, settings.embedding_model, settings.embedding_requests_per_minute, 0, budget
+        )
         self._stop = StopLatch()
         self._contexts = {k: CallContext.of(settings, k) for k in ("vision", "embedding")}
         self.governors = {
@@ -142,8 +153,15 @@ class DashScopeProvider:
         # ends early when the run stops, so that a stop does not wait out a 30 s backoff.
         self._sleep = sleep or self._stop.wait
 
+    @property
+    def limiters(self) -> tuple[RateLimiter | SharedRateLimiter, RateLimiter | SharedRateLimiter]:
+        """The vision and the embedding model's limiters."""
+        return self._limiter, self._embedding_limiter
+
     def close(self) -> None:
         self._client.close()
+        if self._budget is not None:
+            self._budget.close()
 
     @property
     def stopped(self) -> FatalProviderError | None:
@@ -188,7 +206,13 @@ class DashScopeProvider:
             raise box["error"]
         return box["value"]
 
-    def _call(self, fn: Callable[[], Any], kind: str, limiter: RateLimiter, tokens: int = 0) -> Any:
+    def _call(
+        self,
+        fn: Callable[[], Any],
+        kind: str,
+        limiter: RateLimiter | SharedRateLimiter,
+        tokens: int = 0,
+    ) -> Any:
         governor, ctx = self.governors[kind], self._contexts[kind]
         tries = 0
 

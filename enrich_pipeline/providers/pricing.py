@@ -1,42 +1,133 @@
-"""Estimated spend from token usage and a configurable price table.
+"""Estimated spend from token usage, at the list prices of the region the base URL points at.
 
-The defaults are illustrative list prices in USD per million tokens, not a quote: set
-``ENRICH_PRICES`` (JSON, ``{"model": [input_per_million, output_per_million]}``) from your own
-Model Studio price list or contract; it is merged over the defaults. Batch mode bills half.
+Prices are per million tokens, ``(input, output)``, in the region's currency. They are list
+prices as found, with their source and date, not a quote: set ``ENRICH_PRICES`` from your own
+price list or contract (``{"model": [input, output], "currency": "USD"}``; validated when a
+command starts). It is merged over the region's table; a ``currency`` other than the region's
+replaces the table instead. An unknown host (a local server, a proxy) has no list prices, so
+there is no estimate unless ``ENRICH_PRICES`` gives one. Batch calls bill half ("at 50% of the
+cost of real-time calls", https://www.alibabacloud.com/help/en/model-studio/batch-interfaces-
+compatible-with-openai, Jan 2026).
+
+Where the figures come from (see also the README, "Caption cache, re-captioning, cost"):
+
+- Beijing, CNY. Vision models: a third-party scrape of the Bailian console
+  (http://47.109.151.80:15030/Maas2-group/Maas-Model-platform, ``parsed_json/<model>.json``,
+  2026, "元/千tokens"; qwen3-vl-plus at its <=32K-input tier, where captions are). No official
+  page with these figures could be read. Embeddings: the official zh page
+  https://help.aliyun.com/zh/model-studio/text-embedding-synchronous-api (Beijing table, as
+  transcribed in a public repository on 2026-09-09: 0.0005 元 per 1,000 tokens).
+- Singapore, USD. Embeddings: official, https://www.alibabacloud.com/help/en/model-studio/
+  developer-reference/text-embedding-synchronous-api ("$0.07"). Vision models: third-party
+  figures only (OpenRouter for qwen-vl-max, $0.80/$3.20; API Evangelist's "Qwen3-VL-Plus input
+  $0.2/M up to 32K"; memories.ai's reseller prices, about 5 % above $0.20/$1.60 and
+  $0.21/$0.63).
+- US (Virginia): no list price found; no default estimate.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 
-from enrich_pipeline.settings import ConfigError
+from enrich_pipeline.providers.regions import BEIJING, SINGAPORE, US, region_of
+from enrich_pipeline.settings import BEIJING_BASE_URL, ConfigError, parse_prices
 
-DEFAULT_PRICES: dict[str, tuple[float, float]] = {
-    "qwen3-vl-plus": (0.20, 1.60),
-    "qwen3-vl-flash": (0.05, 0.40),
-    "qwen-vl-max": (0.80, 3.20),
-    "qwen-vl-plus": (0.21, 0.63),
-    "text-embedding-v4": (0.07, 0.0),
-    "text-embedding-v3": (0.07, 0.0),
-    "offline-synthetic": (0.0, 0.0),
+Prices = dict[str, tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class ListPrices:
+    currency: str
+    prices: Prices
+    sources: dict[str, str]
+
+
+_CONSOLE_SCRAPE = "third-party scrape of the Bailian console, 2026"
+_ZH_EMBEDDING_PAGE = "help.aliyun.com text-embedding-synchronous-api (zh), as of 2026-09-09"
+_INTL_EMBEDDING_PAGE = "alibabacloud.com text-embedding-synchronous-api (official)"
+
+LIST_PRICES: dict[str, ListPrices] = {
+    BEIJING: ListPrices(
+        "CNY",
+        {
+            "qwen3-vl-plus": (1.0, 10.0),
+            "qwen3-vl-flash": (0.15, 1.5),
+            "qwen-vl-max": (1.6, 4.0),
+            "qwen-vl-plus": (0.8, 2.0),
+            "text-embedding-v4": (0.5, 0.0),
+            "text-embedding-v3": (0.5, 0.0),
+        },
+        {
+            "qwen3-vl-plus": _CONSOLE_SCRAPE,
+            "qwen3-vl-flash": _CONSOLE_SCRAPE,
+            "qwen-vl-max": _CONSOLE_SCRAPE,
+            "qwen-vl-plus": _CONSOLE_SCRAPE,
+            "text-embedding-v4": _ZH_EMBEDDING_PAGE,
+            "text-embedding-v3": _ZH_EMBEDDING_PAGE,
+        },
+    ),
+    SINGAPORE: ListPrices(
+        "USD",
+        {
+            "qwen3-vl-plus": (0.20, 1.60),
+            "qwen-vl-max": (0.80, 3.20),
+            "qwen-vl-plus": (0.21, 0.63),
+            "text-embedding-v4": (0.07, 0.0),
+            "text-embedding-v3": (0.07, 0.0),
+        },
+        {
+            "qwen3-vl-plus": "third-party only (API Evangelist, memories.ai), 2026",
+            "qwen-vl-max": "third-party only (OpenRouter), 2026",
+            "qwen-vl-plus": "third-party only (memories.ai), 2026",
+            "text-embedding-v4": _INTL_EMBEDDING_PAGE,
+            "text-embedding-v3": _INTL_EMBEDDING_PAGE,
+        },
+    ),
+    US: ListPrices("USD", {}, {}),
 }
+# The offline provider's label: its rows cost nothing, in any currency.
+_FREE = {"offline-synthetic": (0.0, 0.0)}
 
 
-def load_prices(env: Mapping[str, str] | None = None) -> dict[str, tuple[float, float]]:
-    env = os.environ if env is None else env
-    prices = dict(DEFAULT_PRICES)
-    raw = env.get("ENRICH_PRICES")
-    if raw:
+class PriceTable(dict[str, tuple[float, float]]):
+    """``{model: (input, output)}`` per million tokens, with the currency and region it is in."""
+
+    def __init__(
+        self, prices: Mapping[str, tuple[float, float]], currency: str, region: str | None
+    ) -> None:
+        super().__init__(prices)
+        self.currency = currency
+        self.region = region
+
+
+def price_table(base_url: str, prices: str = "") -> PriceTable:
+    """The list prices of ``base_url``'s region, with ``prices`` (``ENRICH_PRICES``) applied."""
+    region = region_of(base_url)
+    listed = LIST_PRICES.get(region) if region else None
+    table: Prices = dict(listed.prices) if listed else {}
+    currency = listed.currency if listed else ""
+    if prices.strip():
         try:
-            given = json.loads(raw)
-            prices.update({str(m): (float(p[0]), float(p[1])) for m, p in given.items()})
-        except (ValueError, TypeError, IndexError, AttributeError) as exc:
-            raise ConfigError(
-                'ENRICH_PRICES must be JSON like {"qwen3-vl-plus": [0.2, 1.6]}: ' + str(exc)
-            ) from None
-    return prices
+            given, given_currency = parse_prices(prices)
+        except ValueError as exc:
+            raise ConfigError(f"ENRICH_PRICES: {exc}") from None
+        if given_currency and given_currency != currency:
+            table, currency = {}, given_currency
+        table.update(given)
+        currency = currency or "(ENRICH_PRICES)"
+    return PriceTable({**_FREE, **table}, currency, region)
+
+
+def load_prices(
+    env: Mapping[str, str] | None = None, *, base_url: str | None = None
+) -> PriceTable:
+    """The price table for this process: ``ENRICH_PRICES`` over the list prices of the region
+    of ``base_url`` (by default ``DASHSCOPE_BASE_URL``)."""
+    env = os.environ if env is None else env
+    url = base_url or (env.get("DASHSCOPE_BASE_URL") or "").strip() or BEIJING_BASE_URL
+    return price_table(url, env.get("ENRICH_PRICES") or "")
 
 
 def estimate_cost(
@@ -47,14 +138,15 @@ def estimate_cost(
     prices: Mapping[str, tuple[float, float]],
     batch: bool = False,
 ) -> float | None:
-    """Spend in the price table's currency, or None when a model has no price."""
-    if vision_model not in prices or embedding_model not in prices:
+    """Spend in the price table's currency, or None when a model that was used has no price."""
+    embedding_used = usage.get("embedding_tokens", 0)
+    if vision_model not in prices or (embedding_used and embedding_model not in prices):
         return None
-    vin, vout = prices[vision_model]
-    ein, _ = prices[embedding_model]
+    vin, vout = prices.get(vision_model, (0.0, 0.0))
+    ein, _ = prices.get(embedding_model, (0.0, 0.0))
     cost = (
         usage.get("prompt_tokens", 0) * vin
         + usage.get("completion_tokens", 0) * vout
-        + usage.get("embedding_tokens", 0) * ein
+        + embedding_used * ein
     ) / 1_000_000
     return cost / 2 if batch else cost

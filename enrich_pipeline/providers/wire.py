@@ -39,9 +39,9 @@ def caption_request_body(settings: DashScopeSettings, data_url: str) -> dict[str
     }
 
 
-def batch_line(custom_id: str, body: dict[str, Any]) -> bytes:
+def batch_line(custom_id: str, body: dict[str, Any], url: str = CHAT_ENDPOINT) -> bytes:
     """One JSONL line of a batch input file."""
-    line = {"custom_id": custom_id, "method": "POST", "url": CHAT_ENDPOINT, "body": body}
+    line = {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
     return (json.dumps(line, separators=(",", ":")) + "\n").encode()
 
 

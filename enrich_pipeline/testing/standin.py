@@ -62,10 +62,10 @@ Request validation done by the server itself (same error pages):
   text-only models).
 
 Image tokens (https://help.aliyun.com/zh/model-studio/vision): with ``image_token_rule=
-"dashscope"``, ``usage.prompt_tokens`` counts each image as
+"dashscope"`` (the default), ``usage.prompt_tokens`` counts each image as
 :func:`enrich_pipeline.enrichment.vision_tokens.image_tokens` for the request's model and its
-``vl_high_resolution_images`` flag. The default, ``"legacy"``, keeps the older estimate (one token
-per started 28x28 patch, at least 4) that existing tests pin.
+``vl_high_resolution_images`` flag (32x32 or 28x28 px patches, capped, plus two special tokens).
+``"legacy"`` keeps the older estimate (one token per started 28x28 patch, at least 4).
 
 Hostile-provider modes are not DashScope behaviour but what any provider can do to a client:
 ``trickle`` (a 200 sent one byte per ``trickle_interval`` seconds), ``nan_embedding`` /
@@ -118,7 +118,13 @@ DEFAULT_DIMENSIONS = 1024
 MAX_EMBEDDING_BATCH = 10
 BATCH_MAX_LINES = 50_000  # DashScope: requests in one batch file
 BATCH_MAX_BYTES = 500 * 1024 * 1024  # DashScope: size of one batch file
-BATCH_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
+# /v1/chat/ds-test: the endpoint of DashScope's free test model, batch-test-model
+# (https://help.aliyun.com/document_detail/2975721.html); served here as chat.
+BATCH_ENDPOINTS = {
+    "/v1/chat/completions": "chat",
+    "/v1/embeddings": "embeddings",
+    "/v1/chat/ds-test": "chat",
+}
 BATCH_FORCED = (None, "expired", "failed")
 
 # fault -> (status, code, message) as compatible mode sends them; `type` follows from the code
@@ -365,7 +371,7 @@ class StandIn:
         trickle_interval: float = 1.0,
         text_only_models: Iterable[str] = (),
         max_output_tokens: Mapping[str, int] | None = None,
-        image_token_rule: str = "legacy",
+        image_token_rule: str = "dashscope",
         batch_delay: float = 0.0,
     ) -> None:
         if image_token_rule not in IMAGE_TOKEN_RULES:
@@ -1400,7 +1406,7 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         help="a model that refuses images (repeatable)",
     )
-    parser.add_argument("--image-token-rule", choices=IMAGE_TOKEN_RULES, default="legacy")
+    parser.add_argument("--image-token-rule", choices=IMAGE_TOKEN_RULES, default="dashscope")
     parser.add_argument(
         "--batch-delay", type=float, default=0.0, help="seconds a batch takes to complete"
     )

@@ -578,3 +578,43 @@ def test_answer_lines_read_like_online_answers() -> None:
     message = collect_mode._unsupported_failure(failed)
     assert message and "'qwen-vl-ocr'" in message and url in message
     assert collect_mode._unsupported_failure(replace(failed, error="batch_failed: no")) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The region/model matrix and the free test model
+
+
+def test_a_region_without_batch_for_the_model_is_refused_before_anything_is_uploaded(
+    items: Items, store: Store, server: StandIn, image_dir: Path
+) -> None:
+    ids = [items.add("alice", str(image_dir / f"{c}.jpg")) for c in ("blue", "red")]
+    # Singapore's Batch API takes text models only: a caption batch is refused here, before a
+    # row is claimed or a byte sent (the host is not even reachable from these machines).
+    singapore = fresh_settings(
+        server, base_url="https://dashscope-intl.aliyuncs.com/compatible-mode/v1"
+    )
+    with pytest.raises(BatchUnsupported) as refused:
+        submit(store, singapore)
+    message = str(refused.value)
+    assert "\n" not in message and "Singapore" in message and "'qwen3-vl-plus'" in message
+    assert "text models only" in message and API_KEY not in message
+    assert store.items.pending_ids("alice", limit=None, max_attempts=3) == ids
+    assert items.execute("SELECT count(*) FROM {ns}.enrich_batches") == [(0,)]
+    assert items.execute("SELECT count(*) FROM {ns}.enrich_claims") == [(0,)]
+    assert not server.requests and not server.files
+
+
+def test_batch_test_model_lines_go_to_its_own_endpoint(
+    items: Items, store: Store, server: StandIn, image_dir: Path
+) -> None:
+    ids = [items.add("alice", str(image_dir / f"{c}.jpg")) for c in ("blue", "red")]
+    settings = fresh_settings(server, vision_model="batch-test-model")
+    result = submit(store, settings, caption_embedding=False)
+    (part,) = result.parts
+    upload = next(f for f in server.files.values() if f["purpose"] == "batch")
+    lines = [json.loads(x) for x in upload["_content"].decode().splitlines()]
+    assert {x["url"] for x in lines} == {"/v1/chat/ds-test"}
+    assert items.execute("SELECT endpoint FROM {ns}.enrich_batches") == [("/v1/chat/ds-test",)]
+    (ended,) = poll_until_ended(store, settings)
+    collected = collect(store, settings, ended)
+    assert collected.stats.succeeded == len(ids)

@@ -66,11 +66,12 @@ def test_chat_caption_is_deterministic_and_billed_per_patch() -> None:
     assert "blue" in caption.split()
     assert first.choices[0].finish_reason == "stop"
     assert first.id.startswith("chatcmpl-")
-    # ceil(100/28) * ceil(60/28) = 4 * 3 image tokens, plus "Describe this product ." as text.
-    assert first.usage.prompt_tokens == 12 + 4
+    # DashScope's rule for qwen-vl-plus (32-px patches): 100x60 is resized to 96x64, 3 * 2
+    # patches, plus <vision_bos>/<vision_eos>; plus "Describe this product ." as text.
+    assert first.usage.prompt_tokens == 8 + 4
     assert first.usage.total_tokens == first.usage.prompt_tokens + first.usage.completion_tokens
     assert entry == entry | {"endpoint": "chat", "model": VL_MODEL, "n_inputs": 1, "status": 200}
-    assert entry["image_tokens"] == 12 and entry["fault"] is None
+    assert entry["image_tokens"] == 8 and entry["fault"] is None
 
 
 @pytest.mark.parametrize(
@@ -95,10 +96,11 @@ def test_tiny_image_bills_minimum_tokens_and_remote_urls_are_not_fetched() -> No
         remote = _caption(client, "https://example.com/chair.jpg")
         text_only = _caption(client)
 
-    assert tiny.usage.prompt_tokens == 4 + 4
+    # The 4-patch floor plus the two special tokens.
+    assert tiny.usage.prompt_tokens == 6 + 4
     assert remote.usage.prompt_tokens == 4 and remote.choices[0].message.content
     assert text_only.choices[0].message.content
-    assert [r["image_tokens"] for r in server.requests] == [4, 0, 0]
+    assert [r["image_tokens"] for r in server.requests] == [6, 0, 0]
 
 
 def test_undecodable_image_is_invalid_parameter() -> None:

@@ -228,10 +228,14 @@ def _loaded(width: int, height: int) -> LoadedImage:
 
 
 def test_image_tokens() -> None:
-    assert image_tokens(28, 28) == 4  # the floor
-    assert image_tokens(280, 280) == 100
-    assert image_tokens(29, 280) == 20
-    assert image_tokens(1, 1) == 4
+    # As DashScope counts them (vision_tokens): patches of the model's grid, at least 4, plus
+    # <vision_bos>/<vision_eos>, capped. The default model, qwen3-vl-plus, has 32-px patches.
+    assert image_tokens(28, 28) == 4 + 2  # the floor
+    assert image_tokens(320, 320) == 100 + 2
+    assert image_tokens(280, 280, "qvq-max") == 100 + 2  # a 28-px model
+    assert image_tokens(29, 280, "qvq-max") == 10 + 2
+    assert image_tokens(1, 1) == 4 + 2
+    assert image_tokens(4000, 3000) == 58 * 43 + 2  # the 2,560-token cap: 1856x1376
 
 
 def test_downscaling_saves_at_least_two_thirds_of_tokens(tmp_path: Path) -> None:
@@ -242,7 +246,7 @@ def test_downscaling_saves_at_least_two_thirds_of_tokens(tmp_path: Path) -> None
     assert vision.tokens == image_tokens(vision.width, vision.height)
     assert vision.tokens * 3 <= full
     assert max(vision.width, vision.height) <= 1024
-    assert vision.width % 28 == 0 and vision.height % 28 == 0
+    assert vision.width % 32 == 0 and vision.height % 32 == 0  # qwen3-vl-plus's grid
     assert abs(vision.width / vision.height - 4 / 3) < 0.03
 
     assert vision.data_url.startswith("data:image/jpeg;base64,")
@@ -252,7 +256,9 @@ def test_downscaling_saves_at_least_two_thirds_of_tokens(tmp_path: Path) -> None
 
 def test_vision_sizes_snap_to_the_patch_grid() -> None:
     wide = prepare_for_vision(_loaded(1500, 300), max_side=1024)
-    assert (wide.width, wide.height) == (1008, 202)
+    assert (wide.width, wide.height) == (1024, 205)  # 32-px grid (the short side is < 10 patches)
+    old_grid = prepare_for_vision(_loaded(1500, 300), max_side=1024, model="qvq-max")
+    assert (old_grid.width, old_grid.height) == (1008, 202)
     # Small images keep their size: snapping 100x50 would distort it for no saving.
     small = prepare_for_vision(_loaded(100, 50))
     assert (small.width, small.height) == (100, 50)

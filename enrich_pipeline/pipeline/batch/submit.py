@@ -34,8 +34,17 @@ from enrich_pipeline.pipeline import stages
 from enrich_pipeline.pipeline.batch.state import batch_api, give_back, new_id, stored_base_url
 from enrich_pipeline.pipeline.stats import RunStats
 from enrich_pipeline.providers.base import FatalProviderError, Provider, ProviderError
-from enrich_pipeline.providers.batch_api import BatchApi, BatchError, BatchUnsupported
-from enrich_pipeline.providers.wire import CHAT_ENDPOINT, batch_line, caption_request_body
+from enrich_pipeline.providers.batch_api import (
+    TEST_MAX_BYTES,
+    TEST_MAX_LINES,
+    TEST_MODEL,
+    BatchApi,
+    BatchError,
+    BatchUnsupported,
+    batch_endpoint,
+    batch_refusal,
+)
+from enrich_pipeline.providers.wire import batch_line, caption_request_body
 from enrich_pipeline.settings import BatchSettings, DashScopeSettings, RunSettings
 
 
@@ -93,7 +102,18 @@ def submit_batch(
     limiter and usage counts): it embeds the captions that need no batch line (found in the
     cache).
     """
+    # The region/model matrix first: a model the region's Batch API does not take is refused
+    # before a row is claimed or a byte uploaded.
+    refusal = batch_refusal(settings)
+    if refusal is not None:
+        raise BatchUnsupported(refusal)
     batch = batch or BatchSettings()
+    if settings.vision_model == TEST_MODEL:
+        # The free test model takes at most 100 lines and 1 MB per file.
+        batch = batch.with_(
+            max_lines=min(batch.max_lines, TEST_MAX_LINES),
+            max_bytes=min(batch.max_bytes, TEST_MAX_BYTES),
+        )
     run = run or RunSettings()
     caption_embedding = run.caption_embedding
     api = api or batch_api(settings)
@@ -156,6 +176,7 @@ def submit_batch(
                     max_image_side=settings.max_image_side,
                     color_count=run.color_count,
                     concurrent=run.concurrent,
+                    vision_model=settings.vision_model,
                 )
                 cached = store.cache.cached_captions(
                     [w.content_sha256 for w in chunk.live() if w.content_sha256],
@@ -202,7 +223,11 @@ def _queue(
     assert sha is not None and work.vision is not None
     custom_id = part.line_of.get(sha)
     if custom_id is None:
-        line = batch_line(work.item.id, caption_request_body(settings, work.vision.data_url))
+        line = batch_line(
+            work.item.id,
+            caption_request_body(settings, work.vision.data_url),
+            batch_endpoint(settings.vision_model),
+        )
         if len(line) > batch.max_bytes:
             work.fail(
                 ItemError(
@@ -245,7 +270,7 @@ def _submit_part(
             "submission_id": result.submission_id,
             "part": part.number,
             "worker": result.worker,
-            "endpoint": CHAT_ENDPOINT,
+            "endpoint": batch_endpoint(settings.vision_model),
             "model": settings.vision_model,
             "prompt_version": settings.prompt_version,
             # Without credentials: polls take them from their own configuration.

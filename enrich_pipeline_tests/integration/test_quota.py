@@ -1,0 +1,307 @@
+"""One quota per account: runs that share a database share one rate budget per model, so that
+together they stay under DashScope's per-second limits; a database blip falls back to local
+pacing with a warning and no row fails. Real PostgreSQL, the stand-in in per-second mode."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from enrich_pipeline.bootstrap import build_provider
+from enrich_pipeline.db.quota import RateBudgetTable
+from enrich_pipeline.db.store import Store
+from enrich_pipeline.enrichment.images import ImagePolicy
+from enrich_pipeline.pipeline.engine import Engine
+from enrich_pipeline.providers.dashscope import DashScopeProvider
+from enrich_pipeline.providers.quota import SharedRateLimiter
+from enrich_pipeline.providers.ratelimit import RateLimiter
+from enrich_pipeline.settings import DashScopeSettings, DbSettings, RunSettings
+from enrich_pipeline.testing.standin import StandIn
+from enrich_pipeline_tests.helpers import API_KEY, Items, data_url, png
+
+VISION = "qwen3-vl-plus"
+RPM = 600  # the stand-in's quota for the vision model: 10 calls a second
+
+
+@pytest.fixture
+def strict(standin: StandIn) -> Iterator[StandIn]:
+    """The stand-in enforcing RPM per second on the vision model, from an empty window."""
+    with standin._lock:
+        standin._windows.clear()
+        standin._token_windows.clear()
+    standin.per_second = True
+    standin.rpm_limit = {VISION: RPM}
+    standin.latency = 0.2
+    try:
+        yield standin
+    finally:
+        standin.per_second = False
+        standin.rpm_limit = None
+
+
+def add_rows(items: Items, user: str, n: int, seed: int) -> list[str]:
+    """``n`` rows with distinct tiny images (one paid call each)."""
+    return [
+        items.add(user, data_url(png((seed % 256, n_ % 256, (seed + n_) // 256 % 256))))
+        for n_ in range(n)
+    ]
+
+
+def refusals(server: StandIn) -> int:
+    return sum(1 for r in list(server.requests) if r["status"] == 429)
+
+
+def timeline(server: StandIn) -> str:
+    """Arrivals (s from the first) and statuses of the vision calls, to read a failure."""
+    log = sorted((r["time"], r["status"]) for r in list(server.requests) if r["endpoint"] == "chat")
+    return " ".join(f"{t - log[0][0]:.3f}{'!' if s == 429 else ''}" for t, s in log)
+
+
+def calls(server: StandIn) -> list[float]:
+    """Arrival times of the vision calls the stand-in admitted (refusals are not counted)."""
+    log = list(server.requests)
+    return sorted(r["time"] for r in log if r["endpoint"] == "chat" and r["status"] != 429)
+
+
+def most_in_a_second(stamps: list[float]) -> int:
+    best, start = 0, 0
+    for end, t in enumerate(stamps):
+        while t - stamps[start] >= 1.0:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+def api(server: StandIn, **changes: object) -> DashScopeSettings:
+    return DashScopeSettings(
+        api_key=API_KEY,
+        base_url=server.base_url,
+        timeout=10.0,
+        backoff_initial=0.05,
+        backoff_max=0.5,
+        requests_per_minute=RPM,
+        embedding_requests_per_minute=0,
+        **changes,  # type: ignore[arg-type]
+    )
+
+
+def test_reservations_of_two_budgets_are_spaced_as_one(
+    pg_conninfo: str, store: Store, items: Items
+) -> None:
+    a, b = RateBudgetTable(items.settings), RateBudgetTable(items.settings)
+    try:
+        slots = []
+        for n in range(20):
+            budget = a if n % 2 else b
+            wait, count = budget.reserve("acct", "m", request_spacing=0.1, token_spacing=0.0)
+            slots.append(time.monotonic() + wait)
+            assert count == n + 1
+        # Twenty reservations at once: slots 0.1 s apart whoever asked.
+        gaps = [y - x for x, y in zip(slots, slots[1:], strict=False)]
+        assert all(g == pytest.approx(0.1, abs=0.03) for g in gaps), gaps
+        # Tokens space the next request too, and a slot can be asked for later than now.
+        wait, _ = a.reserve("acct", "t", request_spacing=0.0, token_spacing=0.5)
+        assert wait < 0.05
+        wait, _ = b.reserve("acct", "t", request_spacing=0.0, token_spacing=0.0, not_before=0.2)
+        assert wait == pytest.approx(0.5, abs=0.05)
+        wait, _ = b.reserve("acct", "u", request_spacing=0.0, token_spacing=0.0, not_before=0.3)
+        assert wait == pytest.approx(0.3, abs=0.05)
+        # Another model of the same account has its own schedule.
+        assert a.reserve("acct", "other", request_spacing=0.1, token_spacing=0.0)[0] < 0.05
+    finally:
+        a.close()
+        b.close()
+
+
+def test_four_engines_on_separate_stores_share_one_quota(
+    strict: StandIn, items: Items, pg_conninfo: str
+) -> None:
+    users = [f"user{k}" for k in range(4)]
+    for k, user in enumerate(users):
+        add_rows(items, user, 12, seed=40 * k)
+    settings = api(strict)
+    engines = []
+    for _ in users:
+        store = Store(items.settings)
+        store.setup()
+        provider = build_provider(settings, embedded_db=False, db=items.settings)
+        assert isinstance(provider.limiters[0], SharedRateLimiter)
+        engines.append(
+            Engine(
+                store,
+                provider,
+                settings,
+                RunSettings(concurrent=8, batch_size=6, max_items=None),
+                image_policy=ImagePolicy(),
+            )
+        )
+    results = {}
+
+    def run(k: int) -> None:
+        results[k] = engines[k].enrich(users[k])
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - started
+    for e in engines:
+        e.provider.close()
+        e.store.close()
+
+    assert all(results[k].succeeded == 12 for k in range(4)), results
+    stamps = calls(strict)
+    assert refusals(strict) <= 3, timeline(strict)  # 48 calls; cold starts on shared cores
+    assert most_in_a_second(stamps) <= RPM // 60
+    # 48 calls at 10 a second: not much slower than the quota allows (loose: shared cores).
+    assert elapsed < 48 / (RPM / 60) * 2
+
+
+def test_without_the_shared_budget_four_runs_send_four_times_the_quota(
+    strict: StandIn, items: Items
+) -> None:
+    settings = api(strict, max_retries=0)
+    providers = [
+        build_provider(settings.with_(shared_quota=False), embedded_db=False) for _ in range(4)
+    ]
+    assert all(isinstance(p.limiters[0], RateLimiter) for p in providers)
+    from enrich_pipeline.enrichment.images import load_image, prepare_for_vision
+
+    images = [
+        prepare_for_vision(load_image(data_url(png((k, 9, 9))), ImagePolicy())) for k in range(40)
+    ]
+    failed = []
+
+    def run(p: DashScopeProvider, part: list) -> None:
+        for image in part:
+            try:
+                p.caption(image)
+            except Exception as exc:  # noqa: BLE001 - counted below
+                failed.append(exc)
+
+    threads = [
+        threading.Thread(target=run, args=(p, images[k::4])) for k, p in enumerate(providers)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for p in providers:
+        p.close()
+    # Each paces itself at the whole quota: the account sees about four times it.
+    assert refusals(strict) >= 10 and failed
+
+
+def test_processes_share_the_budget_through_the_database(
+    strict: StandIn, items: Items, store: Store
+) -> None:
+    users = ["p0", "p1", "p2"]
+    for k, user in enumerate(users):
+        add_rows(items, user, 10, seed=90 + 30 * k)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("ADBPG_", "DASHSCOPE_"))},
+        "ADBPG_URL": items.conninfo,
+        "ADBPG_NAMESPACE": items.namespace,
+        "DASHSCOPE_API_KEY": API_KEY,
+        "DASHSCOPE_BASE_URL": strict.base_url,
+        "DASHSCOPE_RPM": str(RPM),
+        "DASHSCOPE_EMBEDDING_RPM": "0",
+        "DASHSCOPE_BACKOFF_INITIAL": "0.05",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "enrich_pipeline.cli.captions", "--user-id", user,
+             "--concurrent", "8", "--quiet"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for user in users
+    ]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert all("Succeeded:        10" in out for out in outputs), outputs
+    # A process's first calls open connections and arrive a little late, which can cost one
+    # refusal at a process start (retried): far from the ~2/3 refused without the budget.
+    assert refusals(strict) <= 3, timeline(strict)
+    (count,) = items.execute(
+        "SELECT reservations FROM {ns}.enrich_rate_budget WHERE model = %s", (VISION,)
+    )[0]
+    assert count >= 30
+
+
+def test_a_database_blip_falls_back_to_local_pacing_and_no_row_fails(
+    strict: StandIn, items: Items, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    add_rows(items, "blip", 60, seed=200)
+    settings = api(strict)
+    provider = build_provider(settings, embedded_db=False, db=items.settings)
+    limiter = provider.limiters[0]
+    assert isinstance(limiter, SharedRateLimiter)
+    limiter.retry_after = 1.0
+    limiter.budget.timeout = 0.5  # type: ignore[attr-defined]
+    table = sql.Identifier(items.namespace, "enrich_rate_budget")
+    blip = threading.Event()
+
+    def hold_the_table() -> None:
+        # A blip: the budget's table is locked for 2.5 s (its statements time out), then free.
+        with psycopg.connect(items.conninfo) as conn:
+            while not limiter.shared_calls:
+                time.sleep(0.01)
+            conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table))
+            blip.set()
+            time.sleep(2.5)
+
+    holder = threading.Thread(target=hold_the_table)
+    holder.start()
+    engine = Engine(
+        store,
+        provider,
+        settings,
+        RunSettings(concurrent=8, batch_size=10, max_items=None),
+        image_policy=ImagePolicy(),
+    )
+    with caplog.at_level(logging.WARNING, logger="enrich_pipeline.providers.quota"):
+        stats = engine.enrich("blip")
+    holder.join()
+    provider.close()
+
+    assert blip.is_set()
+    assert stats.succeeded == 60 and stats.failed == 0
+    assert limiter.failures >= 1 and limiter.local_calls >= 1
+    text = caplog.text
+    assert "unavailable" in text and "pacing this process alone" in text
+    assert "reachable again" in text  # and it went back to the shared budget
+    # Switching schedules twice may cost a refusal (retried, as every 429 is).
+    assert refusals(strict) <= 3, timeline(strict)
+
+
+def test_shared_quota_setting_defaults_on_with_a_database_and_off_embedded(
+    items: Items, standin: StandIn
+) -> None:
+    settings = api(standin)
+    shared = build_provider(settings, embedded_db=False, db=items.settings)
+    alone = build_provider(settings, embedded_db=True, db=DbSettings())
+    forced_off = build_provider(
+        settings.with_(shared_quota=False), embedded_db=False, db=items.settings
+    )
+    try:
+        assert isinstance(shared.limiters[0], SharedRateLimiter)
+        assert isinstance(shared.limiters[1], RateLimiter)  # no embedding limit: nothing to share
+        assert isinstance(alone.limiters[0], RateLimiter)
+        assert isinstance(forced_off.limiters[0], RateLimiter)
+    finally:
+        for p in (shared, alone, forced_off):
+            p.close()
