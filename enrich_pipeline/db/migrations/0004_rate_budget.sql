@@ -15,4 +15,4 @@ CREATE TABLE IF NOT EXISTS {ns}.enrich_rate_budget (
     reservations bigint           NOT NULL DEFAULT 0,
     updated_at   timestamptz      NOT NULL DEFAULT now(),
     PRIMARY KEY (account, model)
-);
+) /*GREENPLUM DISTRIBUTED BY (account) */;
