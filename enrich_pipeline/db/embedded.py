@@ -12,7 +12,6 @@ import warnings
 from pathlib import Path
 
 import psycopg
-from PIL import Image, ImageDraw
 
 from enrich_pipeline.db.samples import (
     create_pgvector_extension,
@@ -20,12 +19,14 @@ from enrich_pipeline.db.samples import (
     insert_sample_items,
     table_is_empty,
 )
+from enrich_pipeline.enrichment.synthetic import draw_sample
 from enrich_pipeline.settings import DbSettings
 
 _lock = threading.Lock()
 _servers: dict[Path, object] = {}
 
-# (user, shape, foreground, background): simple drawings with known dominant colors.
+# (user, subject, foreground, background): flat drawings (``synthetic.draw_sample``) whose
+# subject and colors are known, so the offline provider can describe them truthfully.
 _SAMPLES = [
     ("alice", "chair", (40, 80, 200), (245, 245, 245)),
     ("alice", "lamp", (235, 215, 50), (60, 60, 60)),
@@ -43,31 +44,6 @@ _SAMPLES = [
 def home() -> Path:
     """Where the embedded database and sample images live (``ENRICH_HOME``)."""
     return Path(os.environ.get("ENRICH_HOME") or Path.cwd() / ".enrich_pipeline").resolve()
-
-
-def draw_sample(shape: str, fg: tuple[int, int, int], bg: tuple[int, int, int]) -> Image.Image:
-    img = Image.new("RGB", (640, 480), bg)
-    d = ImageDraw.Draw(img)
-    if shape == "chair":
-        d.rectangle((220, 120, 300, 330), fill=fg)
-        d.rectangle((220, 260, 420, 300), fill=fg)
-        d.rectangle((400, 300, 420, 420), fill=fg)
-        d.rectangle((220, 300, 240, 420), fill=fg)
-    elif shape == "lamp":
-        d.polygon([(250, 100), (390, 100), (430, 220), (210, 220)], fill=fg)
-        d.rectangle((312, 220, 328, 400), fill=fg)
-        d.ellipse((260, 390, 380, 430), fill=fg)
-    elif shape == "vase":
-        d.ellipse((230, 180, 410, 420), fill=fg)
-        d.rectangle((290, 100, 350, 200), fill=fg)
-    elif shape == "sofa":
-        d.rectangle((120, 200, 520, 360), fill=fg)
-        d.rectangle((100, 240, 160, 380), fill=fg)
-        d.rectangle((480, 240, 540, 380), fill=fg)
-    else:
-        d.rectangle((180, 120, 460, 300), fill=fg)
-        d.polygon([(140, 320), (500, 320), (540, 370), (100, 370)], fill=fg)
-    return img
 
 
 def write_sample_images(folder: Path) -> list[tuple[str, Path]]:
