@@ -3,11 +3,15 @@ sensor, and the resources."""
 
 import os
 
-from dagster import Definitions, EnvVar, in_process_executor
+from dagster import Definitions, EnvVar, colored_console_logger, in_process_executor
 
 from enrich_pipeline.defs.assets import enriched_items
 from enrich_pipeline.defs.batch import BATCH_JOBS, BATCH_SENSORS
-from enrich_pipeline.defs.checks import embedding_dimensions, no_unrecorded_pending_rows
+from enrich_pipeline.defs.checks import (
+    embedding_dimensions,
+    failure_share,
+    no_unrecorded_pending_rows,
+)
 from enrich_pipeline.defs.io_managers import CHUNK_IO, handoff_io_manager
 from enrich_pipeline.defs.jobs import enrich_job
 from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
@@ -22,7 +26,7 @@ def _secret(variable: str) -> EnvVar | None:
 
 defs = Definitions(
     assets=[enriched_items],
-    asset_checks=[no_unrecorded_pending_rows, embedding_dimensions],
+    asset_checks=[no_unrecorded_pending_rows, embedding_dimensions, failure_share],
     jobs=[enrich_job, *BATCH_JOBS],
     sensors=[pending_rows_sensor, *BATCH_SENSORS],
     resources={
@@ -31,4 +35,8 @@ defs = Definitions(
         CHUNK_IO: handoff_io_manager,
     },
     executor=in_process_executor,
+    # Runs echo their events to the server's console at INFO, not DEBUG: every step's start and
+    # output events stay in the event log (the UI shows them) without flooding the server log.
+    # A run's own lines (rows pending, chunks written, failed rows) are INFO and WARNING.
+    loggers={"console": colored_console_logger.configured({"log_level": "INFO"})},
 )
