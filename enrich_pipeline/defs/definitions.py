@@ -3,7 +3,7 @@ sensor, and the resources."""
 
 import os
 
-from dagster import Definitions, EnvVar, colored_console_logger, in_process_executor
+from dagster import Definitions, EnvVar, in_process_executor
 
 from enrich_pipeline.defs.assets import enriched_items
 from enrich_pipeline.defs.batch import BATCH_JOBS, BATCH_SENSORS
@@ -35,8 +35,4 @@ defs = Definitions(
         CHUNK_IO: handoff_io_manager,
     },
     executor=in_process_executor,
-    # Runs echo their events to the server's console at INFO, not DEBUG: every step's start and
-    # output events stay in the event log (the UI shows them) without flooding the server log.
-    # A run's own lines (rows pending, chunks written, failed rows) are INFO and WARNING.
-    loggers={"console": colored_console_logger.configured({"log_level": "INFO"})},
 )

@@ -237,9 +237,7 @@ def test_more_users_than_the_queue_takes_share_bounded_runs(
             span = order[order.index(r[0]) : order.index(r[1]) + 1]
             assert "u00004" not in span and len(span) <= 3
     # The others are left for later ticks: not in the cursor.
-    requested = sum(
-        1 if len(r) == 1 else order.index(r[1]) - order.index(r[0]) + 1 for r in ranges
-    )
+    requested = sum(1 if len(r) == 1 else order.index(r[1]) - order.index(r[0]) + 1 for r in ranges)
     assert len(Seen.parse(result.cursor).digests) == requested
     # Shared runs share the quota too.
     shared = [r for r in result.run_requests if not r.partition_key]
