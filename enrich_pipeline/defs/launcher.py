@@ -406,15 +406,19 @@ def main(argv: list[str] | None = None) -> int:
     parts.add_argument("--remove", nargs="+", metavar="USER", help="partitions to remove")
     parts.add_argument("--force", action="store_true", help="remove even users that have rows")
     sub.add_parser("db-url", help="print the running embedded database's URL")
-    pq = sub.add_parser("psql", help="open psql on the embedded database")
-    pq.add_argument("psql_args", nargs=argparse.REMAINDER, help="passed on to psql")
-    args = p.parse_args(argv)
+    sub.add_parser("psql", help="open psql on the embedded database (arguments go to psql)")
+    argv = sys.argv[1:] if argv is None else argv
     env = dict(os.environ)
+    if argv[:1] == ["psql"]:  # everything after it is psql's, options included
+        try:
+            return psql(env, argv[1:])
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    args = p.parse_args(argv)
     try:
         if args.command == "db-url":
             return db_url(env)
-        if args.command == "psql":
-            return psql(env, args.psql_args)
         env = prepare_environment(env)
         set_pool_limits(env)
         if args.command == "backfill":
