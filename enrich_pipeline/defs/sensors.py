@@ -272,14 +272,14 @@ def pending_rows_sensor(context: SensorEvaluationContext, adbpg: AdbpgResource):
     requested = {k for p in planned for k in p.keys if k in changed}
     for key in requested:
         seen.add(key, keys[key])
-    cursor = seen.kept(keys.items())
+    cursor = seen.kept(keys.items()).dumps()
     waiting_busy = len(set(changed) & set(busy))
     waiting_budget = len(set(counts) - requested)
     elapsed = (time.perf_counter() - started) * 1000
     context.log.info(
         f"{len(keys)} user(s) pending, {len(changed)} changed: {len(requests)} run(s) for "
         f"{len(requested)} user(s); {waiting_busy} held by another run, {waiting_budget} left "
-        f"for later ticks (budget {budget}); {elapsed:.0f} ms"
+        f"for later ticks (budget {budget}); {elapsed:.0f} ms, cursor {len(cursor)} B"
     )
     if requests:
         skip = None
@@ -292,7 +292,7 @@ def pending_rows_sensor(context: SensorEvaluationContext, adbpg: AdbpgResource):
         dynamic_partitions_requests=[users_partitions.build_add_request(new_keys)]
         if new_keys
         else [],
-        cursor=cursor.dumps(),
+        cursor=cursor,
         skip_reason=skip,
     )
 

@@ -472,6 +472,26 @@ def test_ui_shows_user_partitions_and_latest_statistics(stack: Stack, tmp_path: 
                 expect(page.get_by_role("link", name=SENSOR)).to_be_visible()
                 expect_statistics(page, latest)
                 screenshot(page, "overview")
+
+                # The launchpad is usable without the README: the job says what it does, and
+                # on an emptied editor "Scaffold all default config" fills in every default.
+                page.goto(f"{stack.url}/locations/enrich_pipeline/jobs/{JOB}/playground")
+                editor = page.locator(".CodeMirror").first
+                expect(editor).to_contain_text("batch_size", timeout=UI_TIMEOUT_MS)
+                editor.click()
+                page.keyboard.press("Control+A")
+                page.keyboard.press("Delete")
+                scaffold = page.get_by_role("button", name="Scaffold all default config")
+                expect(scaffold).to_be_enabled(timeout=UI_TIMEOUT_MS)
+                scaffold.click()
+                page.get_by_role("button", name="Confirm").click()
+                for default in ("batch_size: 100", "max_attempts: 3", "overlap:"):
+                    expect(editor).to_contain_text(default)
+                screenshot(page, "launchpad")
+                page.goto(f"{stack.url}/locations/enrich_pipeline/jobs/{JOB}")
+                expect(
+                    page.get_by_text("write each chunk back as it completes").first
+                ).to_be_visible(timeout=UI_TIMEOUT_MS)
             except BaseException:
                 page.screenshot(path=str(tmp_path / "e2e_ui_failure.png"), full_page=True)
                 page.screenshot(path=str(ARTIFACTS / "e2e_ui_failure.png"), full_page=True)
