@@ -323,7 +323,10 @@ def visual_attributes(
     lookahead = dashscope.scope.lookahead
     if lookahead is None:  # a step re-executed on its own
         return _loader(adbpg, dashscope, context.run_id)(spec)
-    return lookahead.visual(spec.index)
+    try:
+        return lookahead.visual(spec.index)
+    except FatalProviderError as exc:  # an earlier chunk's call stopped the run
+        raise Failure(description=f"the run was stopped: {exc}", allow_retries=False) from exc
 
 
 @op(out=Out(ChunkState, io_manager_key=CHUNK_IO), pool="dashscope", tags=_depth_first(2))
