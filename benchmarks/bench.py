@@ -1064,13 +1064,13 @@ def build_report(plan: Plan, results: dict[str, Any]) -> Report:
             steps = r.get("steps", {})
             chunks = steps.get("chunks") or 0
             for op, seconds in sorted((steps.get("step_seconds") or {}).items()):
+                once = op in ("pending_rows", "summarize") or op.startswith("enriched_items_")
+                label = f"{op} step" + ("" if once else f", mean of {chunks}")
                 report.add(
                     Figure(
                         sec,
-                        f"  overlap={mode}: {op} step, mean of {chunks}",
-                        seconds / max(1, chunks)
-                        if op != "pending_rows" and op != "summarize"
-                        else seconds,
+                        f"  overlap={mode}: {label}",
+                        seconds if once else seconds / max(1, chunks),
                         "s",
                     )
                 )
