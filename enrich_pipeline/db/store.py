@@ -1,5 +1,6 @@
 """The store: one connection pool and the statements of every table the pipeline touches,
-grouped by the tables they serve (``items``, ``cache``, ``search``, ``batches``)."""
+grouped by the tables they serve (``items``, ``cache``, ``search``, ``batches``), and
+read-only figures by user (``summary``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from enrich_pipeline.db.dialect import Dialect, probe
 from enrich_pipeline.db.items import ItemRows
 from enrich_pipeline.db.migrate import migrate, pending
 from enrich_pipeline.db.search import SearchRows
+from enrich_pipeline.db.summary import SummaryRows
 from enrich_pipeline.settings import ConfigError, DbSettings
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ class Store:
         self.cache = CaptionCacheRows(self.db)
         self.search = SearchRows(self.db)
         self.batches = BatchRows(self.db)
+        self.summary = SummaryRows(self.db)
         self._create_pending_index = create_pending_index
         self.readiness: Readiness | None = None
 

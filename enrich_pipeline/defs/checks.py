@@ -1,23 +1,57 @@
-"""Asset checks on each user partition of ``enriched_items``."""
+"""Asset checks on each user partition of ``enriched_items``.
 
-import warnings
+Partitioned asset checks are a Dagster preview feature (we rely on it knowingly; see README).
+A run of one partition returns its check result; a run that covers a range of partitions (the
+sensor's shared runs of small users) records one evaluation per partition itself, since Dagster
+would otherwise record a single evaluation with no partition.
+"""
+
+from collections.abc import Callable
+from typing import Any
 
 from dagster import (
+    AssetCheckEvaluation,
     AssetCheckExecutionContext,
     AssetCheckResult,
     AssetCheckSeverity,
-    PreviewWarning,
     asset_check,
 )
 
 from enrich_pipeline.defs.assets import enriched_items
+from enrich_pipeline.defs.config import dagster_settings
 from enrich_pipeline.defs.partitions import key_to_user, users_partitions
 from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
+from enrich_pipeline.settings import RunSettings
 
-# Partitioned asset checks are a Dagster preview feature; we rely on it knowingly (README).
-warnings.filterwarnings(
-    "ignore", category=PreviewWarning, message=".*partitions_def on an AssetCheckSpec"
-)
+Verdict = tuple[bool, AssetCheckSeverity, dict[str, Any], str | None]
+
+
+def _per_partition(
+    context: AssetCheckExecutionContext,
+    name: str,
+    judge: Callable[[list[str]], dict[str, Verdict]],
+) -> AssetCheckResult | None:
+    op_context = context.op_execution_context
+    if op_context.has_partition_key:
+        key = context.partition_key
+        passed, severity, metadata, description = judge([key])[key]
+        return AssetCheckResult(
+            passed=passed, severity=severity, metadata=metadata, description=description
+        )
+    keys = list(op_context.partition_keys)
+    for key, (passed, severity, metadata, description) in judge(keys).items():
+        op_context.log_event(
+            AssetCheckEvaluation(
+                asset_key=enriched_items.key,
+                check_name=name,
+                passed=passed,
+                severity=severity,
+                metadata=metadata,
+                description=description,
+                partition=key,
+            )
+        )
+    return None
 
 
 @asset_check(
@@ -27,17 +61,24 @@ warnings.filterwarnings(
 )
 def no_unrecorded_pending_rows(
     context: AssetCheckExecutionContext, adbpg: AdbpgResource, dashscope: DashScopeResource
-) -> AssetCheckResult:
-    user = key_to_user(context.partition_key)
-    figures = adbpg.store.items.check_partition(user, dashscope.settings.embedding_dimensions)
-    left = figures["pending_unrecorded"]
-    return AssetCheckResult(
-        passed=left == 0,
-        # Rows can arrive during a run; that is a reason to look, not to stop anything.
-        severity=AssetCheckSeverity.WARN,
-        metadata={"pending_unrecorded": left, "failures_recorded": figures["failures_recorded"]},
-        description=f"{left} pending row(s) without a recorded failure" if left else None,
-    )
+) -> AssetCheckResult | None:
+    dims = dashscope.settings.embedding_dimensions
+
+    def judge(keys: list[str]) -> dict[str, Verdict]:
+        out: dict[str, Verdict] = {}
+        for key in keys:
+            figures = adbpg.store.items.check_partition(key_to_user(key), dims)
+            left = figures["pending_unrecorded"]
+            out[key] = (
+                left == 0,
+                # Rows can arrive during a run; that is a reason to look, not to stop anything.
+                AssetCheckSeverity.WARN,
+                {"pending_unrecorded": left, "failures_recorded": figures["failures_recorded"]},
+                f"{left} pending row(s) without a recorded failure" if left else None,
+            )
+        return out
+
+    return _per_partition(context, "no_unrecorded_pending_rows", judge)
 
 
 @asset_check(
@@ -48,19 +89,76 @@ def no_unrecorded_pending_rows(
 )
 def embedding_dimensions(
     context: AssetCheckExecutionContext, adbpg: AdbpgResource, dashscope: DashScopeResource
-) -> AssetCheckResult:
-    user = key_to_user(context.partition_key)
+) -> AssetCheckResult | None:
     dims = dashscope.settings.embedding_dimensions
-    figures = adbpg.store.items.check_partition(user, dims)
-    wrong = figures["embeddings_wrong_dimensions"]
-    not_finite = figures["embeddings_not_finite"]
-    return AssetCheckResult(
-        passed=wrong == 0 and not_finite == 0,
-        severity=AssetCheckSeverity.ERROR,
-        metadata={
-            "expected_dimensions": dims,
-            "embeddings": figures["embeddings"],
-            "wrong_dimensions": wrong,
-            "not_finite": not_finite,
-        },
-    )
+
+    def judge(keys: list[str]) -> dict[str, Verdict]:
+        out: dict[str, Verdict] = {}
+        for key in keys:
+            figures = adbpg.store.items.check_partition(key_to_user(key), dims)
+            wrong = figures["embeddings_wrong_dimensions"]
+            not_finite = figures["embeddings_not_finite"]
+            problems = [
+                f"{wrong} embedding(s) without {dims} dimensions" if wrong else "",
+                f"{not_finite} embedding(s) with NaN or infinite values" if not_finite else "",
+            ]
+            out[key] = (
+                wrong == 0 and not_finite == 0,
+                AssetCheckSeverity.ERROR,
+                {
+                    "expected_dimensions": dims,
+                    "embeddings": figures["embeddings"],
+                    "wrong_dimensions": wrong,
+                    "not_finite": not_finite,
+                },
+                "; ".join(p for p in problems if p) or None,
+            )
+        return out
+
+    return _per_partition(context, "embedding_dimensions", judge)
+
+
+@asset_check(
+    asset=enriched_items,
+    partitions_def=users_partitions,
+    description=(
+        "Warns when more than ENRICH_FAILURE_SHARE_WARN (default 10%) of the rows the pipeline "
+        "attempted for the user failed (still retried, or given up): the partition is "
+        "materialized either way, this is what shows a user whose rows keep failing."
+    ),
+)
+def failure_share(
+    context: AssetCheckExecutionContext, adbpg: AdbpgResource
+) -> AssetCheckResult | None:
+    threshold = dagster_settings().failure_share_warn
+
+    def judge(keys: list[str]) -> dict[str, Verdict]:
+        users = {key_to_user(k): k for k in keys}
+        max_attempts = RunSettings.from_env().max_attempts
+        figures = adbpg.store.summary.user_items(users, max_attempts=max_attempts)
+        out: dict[str, Verdict] = {}
+        for user, key in users.items():
+            f = figures[user]
+            share = f.failure_share
+            failed = f.failed_retrying + f.given_up
+            over = share is not None and share > threshold
+            metadata: dict[str, Any] = {
+                "threshold": threshold,
+                "failed_rows": failed,
+                "given_up": f.given_up,
+                "captioned_by_pipeline": f.captioned_by_pipeline,
+            }
+            if share is not None:
+                metadata["failure_share"] = round(share, 4)
+            out[key] = (
+                not over,
+                AssetCheckSeverity.WARN,
+                metadata,
+                f"{failed} of {f.captioned_by_pipeline + failed} attempted row(s) failed "
+                f"({share:.0%} > {threshold:.0%}); see the failure ledger in the metadata"
+                if over and share is not None
+                else None,
+            )
+        return out
+
+    return _per_partition(context, "failure_share", judge)

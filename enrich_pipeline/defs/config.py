@@ -14,14 +14,17 @@ from typing import Any, TypeVar
 from dagster import Config
 from pydantic import BaseModel, Field
 
+from enrich_pipeline.defs.lookahead import Overlap
 from enrich_pipeline.settings import (
     DAGSTER_BATCH_SIZE,
     AutomationSettings,
     BatchSettings,
     ConfigError,
     RunSettings,
+    _Settings,
     bounds,
     describe,
+    setting,
 )
 
 M = TypeVar("M", bound=BaseModel)
@@ -36,8 +39,69 @@ def loaded(model: type[M]) -> M:
         return model()
 
 
+class DagsterSettings(_Settings):
+    """Settings of the Dagster layer only: how the sensor groups users into runs, when the
+    failure check warns, how a dead run is noticed."""
+
+    bundle_rows: int = setting(
+        500,
+        "a user with fewer pending rows than this shares a run with other such users, up to "
+        "this many rows a run (one run per user above it)",
+        env="ENRICH_BUNDLE_ROWS",
+        ge=1,
+        le=1_000_000,
+    )
+    bundle_users: int = setting(
+        200, "user partitions in one shared run at most", env="ENRICH_BUNDLE_USERS", ge=1, le=5000
+    )
+    runs_per_tick: int = setting(
+        0,
+        "runs one sensor tick requests at most (0: twice ENRICH_MAX_CONCURRENT_RUNS, less the "
+        "runs already queued or running)",
+        env="ENRICH_SENSOR_MAX_RUNS",
+        ge=0,
+        le=10_000,
+    )
+    sensor_concurrent: int = setting(
+        16,
+        "model calls in flight in each run the sensor requests",
+        env="ENRICH_SENSOR_CONCURRENT",
+        ge=1,
+        le=256,
+    )
+    failure_share_warn: float = setting(
+        0.1,
+        "the failure check warns when more than this share of a user's attempted rows failed",
+        env="ENRICH_FAILURE_SHARE_WARN",
+        ge=0.0,
+        le=1.0,
+    )
+    heartbeat_interval: float = setting(
+        10.0,
+        "seconds between a run's heartbeats",
+        env="ENRICH_RUN_HEARTBEAT_INTERVAL",
+        gt=0,
+        le=3600,
+    )
+    heartbeat_timeout: float = setting(
+        90.0,
+        "seconds without a heartbeat after which run monitoring fails a run as dead",
+        env="ENRICH_RUN_HEARTBEAT_TIMEOUT",
+        gt=0,
+        le=86_400,
+    )
+
+
 RUN = loaded(RunSettings)
 AUTOMATION = loaded(AutomationSettings)
+# Read at load time for the definitions; what runs, ticks and checks use is read again when
+# they run (``dagster_settings()``), like every other setting.
+DAGSTER = loaded(DagsterSettings)
+
+
+def dagster_settings() -> DagsterSettings:
+    """The Dagster layer's settings as the environment has them now."""
+    return loaded(DagsterSettings)
 
 
 def field_of(model: type[BaseModel], name: str, default: Any, note: str = "") -> Any:
@@ -69,9 +133,18 @@ class EnrichConfig(Config):
     recaption: bool = field_of(
         RunSettings, "recaption", False, "; each old caption stays until its new one is written"
     )
+    overlap: Overlap = Field(
+        default=Overlap.captions,
+        description=(
+            "how far the run works ahead of its steps: 'captions' (default: the next chunk is "
+            "loaded and its caption calls queued while this one finishes, so calls stay in "
+            "flight between chunks), 'load' (only the next chunk's claim and images), 'none' "
+            "(strictly one step at a time)"
+        ),
+    )
 
     def run_settings(self) -> RunSettings:
-        values = self.model_dump(exclude={"retry_failed"})
+        values = self.model_dump(exclude={"retry_failed", "overlap"})
         return RunSettings.build(values, {k: f"config.{k}" for k in values})
 
 

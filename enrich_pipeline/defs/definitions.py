@@ -7,7 +7,11 @@ from dagster import Definitions, EnvVar, in_process_executor
 
 from enrich_pipeline.defs.assets import enriched_items
 from enrich_pipeline.defs.batch import BATCH_JOBS, BATCH_SENSORS
-from enrich_pipeline.defs.checks import embedding_dimensions, no_unrecorded_pending_rows
+from enrich_pipeline.defs.checks import (
+    embedding_dimensions,
+    failure_share,
+    no_unrecorded_pending_rows,
+)
 from enrich_pipeline.defs.io_managers import CHUNK_IO, handoff_io_manager
 from enrich_pipeline.defs.jobs import enrich_job
 from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
@@ -22,7 +26,7 @@ def _secret(variable: str) -> EnvVar | None:
 
 defs = Definitions(
     assets=[enriched_items],
-    asset_checks=[no_unrecorded_pending_rows, embedding_dimensions],
+    asset_checks=[no_unrecorded_pending_rows, embedding_dimensions, failure_share],
     jobs=[enrich_job, *BATCH_JOBS],
     sensors=[pending_rows_sensor, *BATCH_SENSORS],
     resources={

@@ -4,6 +4,18 @@ On the embedded default it starts the embedded PostgreSQL with its sample items,
 Dagster's run and event storage at a ``dagster`` database in that same server, and starts
 ``dagster dev``; the sensor then launches runs without a click. Against a real deployment it
 only needs ``DAGSTER_PG_URL`` (and the ``ADBPG_*`` and ``DASHSCOPE_*`` variables).
+
+Stopping: ``kill PID`` (SIGTERM), Ctrl-C (SIGINT) and a closed terminal (SIGHUP) all stop, in
+this order, the webserver, the daemon (``dagster dev`` shuts both down) and then the embedded
+database, within seconds, however it was started. A background job starts with SIGINT
+ignored, which Python and ``dagster dev`` would inherit and which made ``kill`` do nothing:
+``dagster dev`` therefore runs with default signal dispositions, in a process group of its
+own (a terminal's Ctrl-C reaches only this process, which stops the rest in order), and with
+Linux's parent-death signal, so that even ``kill -9`` of this process stops ``dagster dev``
+and with it the webserver and daemon instead of leaving them orphaned.
+
+Other commands: ``backfill`` (user partitions, validated against the table), ``partitions``
+(list them, or remove typos), ``db-url`` and ``psql`` (reach the embedded database).
 """
 
 from __future__ import annotations
@@ -14,6 +26,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
@@ -34,6 +49,24 @@ from enrich_pipeline.settings import (
 # The instance configuration ships with the package, so an installed code location has it too.
 INSTANCE_YAML = Path(__file__).with_name("dagster.yaml")
 WORKSPACE_YAML = Path(__file__).resolve().parents[2] / "workspace.yaml"
+# Seconds ``dagster dev`` gets to stop the webserver and the daemon before it is killed.
+STOP_GRACE = 30.0
+
+# Run as ``python -c`` in the child before it becomes ``dagster dev``: default dispositions for
+# the stop signals (a background job's SIGINT is ignored, and exec keeps "ignored"), and
+# SIGTERM when this launcher dies, however it dies (PR_SET_PDEATHSIG survives exec).
+_CHILD = (
+    "import ctypes, os, signal, sys\n"
+    "for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):\n"
+    "    signal.signal(s, signal.SIG_DFL)\n"
+    "try:\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)\n"
+    "except (OSError, AttributeError):\n"
+    "    pass\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(0)\n"
+    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])\n"
+)
 
 
 def dagster_url_for(conninfo: str, dbname: str = "dagster") -> str:
@@ -81,36 +114,120 @@ def prepare_environment(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
+@contextmanager
+def _environ(env: dict[str, str]) -> Iterator[None]:
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def set_pool_limits(env: dict[str, str]) -> None:
     """Slots of the op concurrency pools: how many caption / database steps run at once."""
     from dagster import DagsterInstance
 
     automation = AutomationSettings.from_env(env)
     slots = {"dashscope": automation.dashscope_pool_slots, "adbpg": automation.adbpg_pool_slots}
-    saved = dict(os.environ)
-    os.environ.update(env)
-    try:
-        with DagsterInstance.get() as instance:
-            for pool, n in slots.items():
-                instance.event_log_storage.set_concurrency_slots(pool, n)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    with _environ(env), DagsterInstance.get() as instance:
+        for pool, n in slots.items():
+            instance.event_log_storage.set_concurrency_slots(pool, n)
+
+
+# --- the UI --------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """A stop signal arrived."""
 
 
 def start_ui(env: dict[str, str], host: str, port: int) -> int:
-    cmd = [sys.executable, "-m", "dagster", "dev", *_target(), "-h", host, "-p", str(port)]
+    """``dagster dev`` until a stop signal; then webserver, daemon, embedded database."""
+    dev = [sys.executable, "-m", "dagster", "dev", *_target(), "-h", host, "-p", str(port)]
+    cmd = [sys.executable, "-c", _CHILD, str(os.getpid()), *dev[1:]]
     print(f"Dagster UI on http://{host}:{port} (DAGSTER_HOME={env['DAGSTER_HOME']})", flush=True)
-    # Started from DAGSTER_HOME: from the checkout, Dagster would warn about the dagster.yaml
-    # it finds there on every start.
-    proc = subprocess.Popen(cmd, env=env, cwd=env["DAGSTER_HOME"])
-    # A service manager stops us with SIGTERM: pass it on so webserver and daemon stop too.
-    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            raise _Stop
+
+    # Installed before the child starts, so no signal is missed; explicit, so that a SIGINT
+    # ignored by the shell (a background job) still stops us.
+    previous = {
+        s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    }
+    proc: subprocess.Popen[bytes] | None = None
     try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        return proc.wait()
+        try:
+            # Started from DAGSTER_HOME: from the checkout, Dagster would warn about the
+            # dagster.yaml it finds there on every start.
+            proc = subprocess.Popen(cmd, env=env, cwd=env["DAGSTER_HOME"], process_group=0)
+            code = proc.wait()
+            print(f"dagster dev exited with {code}", file=sys.stderr, flush=True)
+            return code
+        except _Stop:
+            name = signal.Signals(received[0]).name
+            print(f"{name} received: stopping the webserver and the daemon", flush=True)
+            if proc is not None:
+                return _stop_dev(proc)
+            return 0
+    finally:
+        if proc is not None and proc.poll() is None:
+            _stop_dev(proc)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if DbSettings.from_env(env).embedded:
+            stopped = embedded.stop(Path(env["ENRICH_HOME"]))
+            print(
+                "embedded PostgreSQL stopped"
+                if stopped
+                else "embedded PostgreSQL left running: another process still uses it",
+                flush=True,
+            )
+
+
+def _stop_dev(proc: subprocess.Popen[bytes]) -> int:
+    """SIGTERM to ``dagster dev`` (it stops the webserver, then the daemon); whatever is left of
+    its process group after the grace period is killed."""
+    started = time.monotonic()
+    try:
+        proc.send_signal(signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = started + STOP_GRACE
+    while True:
+        try:
+            code = proc.wait(timeout=0.2)
+            break
+        except subprocess.TimeoutExpired:
+            if time.monotonic() > deadline:
+                print("dagster dev did not stop in time: killing it", file=sys.stderr)
+                _signal_group(proc.pid, signal.SIGKILL)
+                code = proc.wait()
+                break
+        except _Stop:  # a second signal while stopping: keep stopping
+            continue
+    print(f"dagster dev exited ({time.monotonic() - started:.1f} s)", flush=True)
+    # Run workers, code servers: nothing of the group may outlive us.
+    _signal_group(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while _signal_group(proc.pid, 0) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _signal_group(proc.pid, signal.SIGKILL)
+    print(f"webserver and daemon stopped ({time.monotonic() - started:.1f} s)", flush=True)
+    return 0 if code in (0, -signal.SIGTERM, 128 + signal.SIGTERM) else code
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 def _target() -> list[str]:
@@ -119,7 +236,41 @@ def _target() -> list[str]:
     return ["-m", "enrich_pipeline.defs.definitions"]
 
 
-def backfill(env: dict[str, str], users: list[str] | None) -> int:
+# --- user partitions -------------------------------------------------------------------------
+
+
+def parse_users(text: str) -> list[str]:
+    """Comma-separated user ids, each trimmed; empty ones dropped, duplicates once."""
+    seen: list[str] = []
+    for part in text.split(","):
+        user = part.strip()
+        if user and user not in seen:
+            seen.append(user)
+    return seen
+
+
+def check_users(users: list[str], *, allow_unknown: bool) -> list[str]:
+    """The users, once each of them has rows in the items table (or ``allow_unknown``)."""
+    with open_store(Settings.from_env()) as store:
+        known = store.summary.existing_users(users)
+        table = store.source_table
+        unknown = [u for u in users if u not in known]
+        # A typo of a real id with spaces around it: say which one exists.
+        hints = []
+        for u in unknown:
+            near = store.summary.existing_users([f" {u}", f"{u} ", f" {u} "])
+            hints += [f"{u!r}: did you mean {n!r}? (pass it with --user, verbatim)" for n in near]
+    if unknown and not allow_unknown:
+        listed = ", ".join(repr(u) for u in unknown)
+        more = ("; " + "; ".join(hints)) if hints else ""
+        raise ConfigError(
+            f"no row of {table} has user_id {listed}: no partition added{more}. Check the "
+            "spelling, or pass --allow-unknown to add the partition(s) anyway"
+        )
+    return users
+
+
+def backfill(env: dict[str, str], users: list[str] | None, *, allow_unknown: bool = False) -> int:
     """Add the users' partitions and submit one backfill of their partitions (one run each).
 
     The daemon of ``enrich-dagster`` (or of any deployment on the same instance) runs it.
@@ -128,22 +279,19 @@ def backfill(env: dict[str, str], users: list[str] | None) -> int:
 
     from enrich_pipeline.defs.partitions import user_to_key, users_partitions
 
-    saved = dict(os.environ)
-    os.environ.update(env)
-    try:
+    with _environ(env):
         if users is None:
             with open_store(Settings.from_env()) as store:
                 max_attempts = RunSettings.from_env().max_attempts
                 users = [u for u, _ in store.items.users_with_pending(max_attempts)]
+        else:
+            users = check_users(users, allow_unknown=allow_unknown)
         if not users:
             print("No user has pending rows: nothing to backfill.")
             return 0
         keys = [user_to_key(u) for u in users]
         with DagsterInstance.get() as instance:
             instance.add_dynamic_partitions(users_partitions.name, keys)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
     cmd = [
         sys.executable,
         "-m",
@@ -169,10 +317,11 @@ def check_args(args: argparse.Namespace) -> list[str] | None:
         raise ConfigError(f"--host: must be a host name or address, got {args.host!r}")
     if args.command != "backfill" or args.all_pending:
         return None
-    users = args.users.split(",")
-    if any(not u for u in users):
+    if args.user:
+        return list(dict.fromkeys(args.user))
+    if any(not u.strip() for u in args.users.split(",")):
         raise ConfigError(f"--users: an empty user id in {args.users!r} (comma-separated ids)")
-    return list(dict.fromkeys(users))
+    return parse_users(args.users)
 
 
 def _storage_error(env: dict[str, str], exc: Exception) -> str:
@@ -184,6 +333,81 @@ def _storage_error(env: dict[str, str], exc: Exception) -> str:
     return f"DAGSTER_PG_URL: cannot open Dagster's run storage at {where}: {reason}"
 
 
+def partitions(env: dict[str, str], remove: list[str] | None, *, force: bool = False) -> int:
+    """List the user partitions (flagging those no row has), or remove some."""
+    from dagster import DagsterInstance
+
+    from enrich_pipeline.defs.partitions import key_to_user, user_to_key, users_partitions
+
+    with _environ(env), DagsterInstance.get() as instance:
+        keys = list(instance.get_dynamic_partitions(users_partitions.name))
+        with open_store(Settings.from_env()) as store:
+            known = store.summary.existing_users(key_to_user(k) for k in keys)
+        if not remove:
+            for key in keys:
+                user = key_to_user(key)
+                note = "" if user in known else "   (no row has this user id)"
+                shown = key if key == user else f"{key} = {user!r}"
+                print(f"{shown}{note}")
+            return 0
+        wanted = [r if r in keys else user_to_key(r) for r in remove]
+        missing = [r for r, k in zip(remove, wanted, strict=True) if k not in keys]
+        if missing:
+            print(f"error: no such partition: {', '.join(map(repr, missing))}", file=sys.stderr)
+            return 2
+        used = [k for k in wanted if key_to_user(k) in known]
+        if used and not force:
+            print(
+                f"error: user(s) {', '.join(repr(key_to_user(k)) for k in used)} have rows: "
+                "their partitions are kept (pass --force to remove them anyway)",
+                file=sys.stderr,
+            )
+            return 2
+        for key in wanted:
+            instance.delete_dynamic_partition(users_partitions.name, key)
+            print(f"removed partition {key}")
+    return 0
+
+
+# --- the embedded database ---------------------------------------------------------------------
+
+
+def embedded_url(env: dict[str, str]) -> str | None:
+    return embedded.conninfo(Path(env.get("ENRICH_HOME") or embedded.home()))
+
+
+def db_url(env: dict[str, str]) -> int:
+    if not DbSettings.from_env(env).embedded:
+        print("error: ADBPG_HOST/ADBPG_URL is set: not the embedded database", file=sys.stderr)
+        return 2
+    url = embedded_url(env)
+    if url is None:
+        print(
+            "error: the embedded database is not running (it runs while enrich-dagster or "
+            "enrich-captions does); `enrich-dagster psql` starts it for a session",
+            file=sys.stderr,
+        )
+        return 1
+    print(url)
+    return 0
+
+
+def psql(env: dict[str, str], args: list[str]) -> int:
+    if not DbSettings.from_env(env).embedded:
+        print("error: ADBPG_HOST/ADBPG_URL is set: not the embedded database", file=sys.stderr)
+        return 2
+    exe = embedded.psql_path() or shutil.which("psql")
+    if exe is None:
+        print("error: no psql found (the embedded server ships one)", file=sys.stderr)
+        return 1
+    # Started (or joined) for the session, and left as it was found when psql exits.
+    url = embedded.start(Path(env.get("ENRICH_HOME") or embedded.home()))
+    return subprocess.call([str(exe), url, *args], env=env)
+
+
+# --- entry point -----------------------------------------------------------------------------
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="enrich-dagster", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command")
@@ -193,16 +417,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.add_argument("--port", type=int, default=3000, help="1 to 65535 (default 3000)")
     bf = sub.add_parser("backfill", help="backfill user partitions (one run per user)")
     who = bf.add_mutually_exclusive_group(required=True)
-    who.add_argument("--users", help="comma-separated user ids")
+    who.add_argument("--users", help="comma-separated user ids (each trimmed of spaces)")
+    who.add_argument(
+        "--user", action="append", help="one user id, verbatim (repeatable; for odd ids)"
+    )
     who.add_argument("--all-pending", action="store_true", help="every user with pending rows")
+    bf.add_argument(
+        "--allow-unknown",
+        action="store_true",
+        help="add partitions for user ids that no row has (yet)",
+    )
+    parts = sub.add_parser("partitions", help="list user partitions, or remove typos")
+    parts.add_argument("--remove", nargs="+", metavar="USER", help="partitions to remove")
+    parts.add_argument("--force", action="store_true", help="remove even users that have rows")
+    sub.add_parser("db-url", help="print the running embedded database's URL")
+    sub.add_parser("psql", help="open psql on the embedded database (arguments go to psql)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    env = dict(os.environ)
+    if argv[:1] == ["psql"]:  # everything after it is psql's, options included
+        try:
+            return psql(env, argv[1:])
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     args = parse_args(argv)
     try:
         users = check_args(args)
-        env = prepare_environment(dict(os.environ))
+        if args.command == "db-url":
+            return db_url(env)
+        env = prepare_environment(env)
         try:
             set_pool_limits(env)
         except ConfigError:
@@ -210,7 +457,9 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - dagster-postgres and SQLAlchemy errors alike
             raise ConfigError(_storage_error(env, exc)) from None
         if args.command == "backfill":
-            return backfill(env, users)
+            return backfill(env, users, allow_unknown=args.allow_unknown)
+        if args.command == "partitions":
+            return partitions(env, args.remove, force=args.force)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,20 +1,27 @@
 """Thin Dagster ops around the stages: pending rows, visual attributes, captions, caption
-embeddings, DB writes, and the summary that becomes the materialization's metadata.
+embeddings, DB writes, and the summary that becomes each partition's materialization metadata.
 
 Run knobs are given once, to ``pending_rows``, and travel with each chunk, so a user configures
 one op in the launchpad, not five.
+
+A run covers one user partition, or (the sensor's shared runs of small users) a range of them.
+A chunk may then hold rows of several users: it is claimed, and written, user by user (one
+transaction per user, every statement scoped to that user), while its images are loaded and
+captioned together so that calls stay in flight. The run's ``Lookahead`` (lookahead.py) works
+one chunk ahead of the steps.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from dagster import (
+    DagsterInstance,
     DynamicOut,
     DynamicOutput,
     Failure,
     In,
-    MetadataValue,
+    Nothing,
     OpExecutionContext,
     Out,
     Output,
@@ -23,31 +30,56 @@ from dagster import (
 
 from enrich_pipeline.defs.config import EnrichConfig
 from enrich_pipeline.defs.io_managers import CHUNK_IO
+from enrich_pipeline.defs.lookahead import Lookahead, Overlap
+from enrich_pipeline.defs.metadata import UserRun, partition_metadata, share_usage
 from enrich_pipeline.defs.partitions import key_to_user
 from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
+from enrich_pipeline.defs.runs import PartitionOrder, users_in_flight
 from enrich_pipeline.enrichment.records import Provenance
 from enrich_pipeline.pipeline import stages
+from enrich_pipeline.pipeline.broker import CaptionBroker
 from enrich_pipeline.pipeline.stats import ChunkResult, RunStats
 from enrich_pipeline.providers.base import FatalProviderError, ProviderUnavailable
 from enrich_pipeline.providers.pricing import estimate_cost, load_prices
 from enrich_pipeline.settings import ConfigError, RunSettings
 
+# Failures shown in the run log per chunk (at warning level); the rest are counted.
+LOGGED_FAILURES = 5
+
 
 @dataclass
 class ChunkState:
-    """A chunk on its way through the graph, with the run knobs and the usage it caused."""
+    """A chunk on its way through the graph, with the run knobs and the usage it caused.
+
+    ``chunk`` holds all its items (user_id: its first user's); ``parts`` the same items by user,
+    as claimed and as written. A chunk of one user has ``parts == [chunk]``.
+    """
 
     chunk: stages.Chunk
     run: RunSettings
     usage: dict[str, int] = field(default_factory=dict)
     result: ChunkResult | None = None
+    parts: list[stages.Chunk] = field(default_factory=list)
+    index: int = 0
+    by_user: dict[str, UserRun] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class ChunkSpec:
-    user_id: str
-    ids: list[str]
+    """Which rows a chunk is: ``(user, ids)`` parts in order."""
+
+    index: int
+    parts: tuple[tuple[str, tuple[str, ...]], ...]
     run: RunSettings
+    overlap: Overlap = Overlap.captions
+
+    @property
+    def user_id(self) -> str:
+        return self.parts[0][0]
+
+    @property
+    def ids(self) -> list[str]:
+        return [i for _, ids in self.parts for i in ids]
 
 
 def _depth_first(stage: int) -> dict[str, str]:
@@ -70,6 +102,15 @@ def _user(context: OpExecutionContext) -> str:
 
 def _release(adbpg: AdbpgResource, chunk: stages.Chunk) -> None:
     adbpg.store.items.release(chunk.user_id, [w.item.id for w in chunk.items], worker=chunk.worker)
+
+
+def partition_keys(context: OpExecutionContext) -> list[str]:
+    """The user partitions this run covers: one, or a range of them."""
+    if context.has_partition_key_range:
+        keys = list(context.partition_keys)
+        if keys:
+            return keys
+    return [context.partition_key]
 
 
 @contextmanager
@@ -129,6 +170,113 @@ def _provider_step(
             state.usage[k] = state.usage.get(k, 0) + v - before.get(k, 0)
 
 
+def _release_parts(adbpg: AdbpgResource, state: ChunkState) -> None:
+    """Give back the claims of every user part of the chunk (each scoped to its user)."""
+    for part in state.parts or [state.chunk]:
+        if part.items:
+            adbpg.store.items.release(
+                part.user_id, [w.item.id for w in part.items], worker=part.worker
+            )
+
+
+@contextmanager
+def _releasing(adbpg: AdbpgResource, dashscope: DashScopeResource, state: ChunkState):
+    """A step that fails gives every part's claims back (``_provider_step`` releases the first
+    user's), and a provider that stopped the run stops the lookahead too."""
+    try:
+        yield
+    except BaseException as exc:
+        _release_parts(adbpg, state)
+        lookahead = dashscope.scope.lookahead
+        if lookahead is not None and isinstance(exc, Failure | FatalProviderError):
+            lookahead.abort(exc)
+        raise
+
+
+def _merged(parts: list[stages.Chunk], worker: str, recaption: bool) -> stages.Chunk:
+    if len(parts) == 1:
+        return parts[0]
+    return stages.Chunk(
+        user_id=parts[0].user_id if parts else "",
+        worker=worker,
+        items=[w for p in parts for w in p.items],
+        skipped=[i for p in parts for i in p.skipped],
+        recaption=recaption,
+    )
+
+
+def _loader(
+    adbpg: AdbpgResource, dashscope: DashScopeResource, worker: str
+) -> Callable[[ChunkSpec], ChunkState]:
+    """Claim a chunk's rows (user by user) and load each image once."""
+
+    def load(spec: ChunkSpec) -> ChunkState:
+        run = spec.run
+        recaption = _recaption(run, dashscope)
+        parts: list[stages.Chunk] = []
+        try:
+            for user, ids in spec.parts:
+                parts.append(
+                    stages.claim_chunk(
+                        adbpg.store,
+                        user,
+                        ids,
+                        worker=worker,
+                        lease_seconds=run.lease_seconds,
+                        max_attempts=run.max_attempts,
+                        recaption=recaption,
+                    )
+                )
+            chunk = _merged(parts, worker, recaption is not None)
+            stages.visual_attributes(
+                chunk,
+                policy=dashscope.image_policy,
+                max_image_side=dashscope.settings.max_image_side,
+                color_count=run.color_count,
+                concurrent=run.concurrent,
+                vision_model=dashscope.settings.vision_model,
+            )
+        except BaseException:
+            for part in parts:
+                adbpg.store.items.release(
+                    part.user_id, [w.item.id for w in part.items], worker=worker
+                )
+            raise
+        return ChunkState(chunk, run, parts=parts, index=spec.index)
+
+    return load
+
+
+def _caption_calls(
+    adbpg: AdbpgResource, dashscope: DashScopeResource
+) -> Callable[[ChunkState], list[Callable[[], None]]]:
+    """One call per live item of the chunk, through a broker of its own (cache first, one
+    call per distinct image), as ``stages.caption_chunk`` does."""
+
+    def calls(state: ChunkState) -> list[Callable[[], None]]:
+        live = state.chunk.live()
+        broker = CaptionBroker(
+            dashscope.provider, adbpg.store.cache, dashscope.settings.prompt_version
+        )
+        broker.prefetch(w.content_sha256 for w in live if w.content_sha256)
+        vocabulary = dashscope.vocabulary
+        return [
+            (lambda w=w: stages.caption_item(w, broker, vocabulary))  # type: ignore[misc]
+            for w in live
+        ]
+
+    return calls
+
+
+def _other_runs(instance: DagsterInstance, run_id: str, keys: list[str]) -> dict[str, str]:
+    """Other runs (or backfills) queued or in progress on these partitions."""
+    try:
+        busy = users_in_flight(instance, PartitionOrder.of(instance), exclude_run=run_id)
+    except Exception:  # noqa: BLE001 - a report nicety must not fail the run
+        return {}
+    return {k: busy[k] for k in keys if k in busy}
+
+
 @op(out=DynamicOut(ChunkSpec, io_manager_key=CHUNK_IO))
 def pending_rows(
     context: OpExecutionContext,
@@ -136,24 +284,68 @@ def pending_rows(
     adbpg: AdbpgResource,
     dashscope: DashScopeResource,
 ):
-    """The user's pending rows (active, image, no caption, not given up), in chunks."""
+    """The pending rows (active, image, no caption, not given up) of the run's users, in
+    chunks."""
     try:
         run = config.run_settings()
     except ConfigError as exc:
         raise Failure(description=str(exc), allow_retries=False) from exc
-    user = _user(context)
-    if config.retry_failed:
-        cleared = adbpg.store.items.reset_failures(user)
-        context.log.info(f"retry_failed: {cleared} recorded failure(s) of {user!r} cleared")
-    ids = adbpg.store.items.pending_ids(
-        user,
-        limit=run.max_items,
-        max_attempts=run.max_attempts,
-        recaption=_recaption(run, dashscope),
+    keys = partition_keys(context)
+    users = [key_to_user(k) for k in keys]
+    others = _other_runs(context.instance, context.run_id, keys)
+    for key, other in others.items():
+        context.log.warning(
+            f"user {key_to_user(key)!r} is also held by {other}: rows it has claimed are "
+            "skipped here, and this run's figures say so"
+        )
+    scope = dashscope.scope
+    scope.run, scope.other_runs = run, others
+    pairs: list[tuple[str, str]] = []
+    budget = run.max_items
+    store = adbpg.store
+    for user in users:
+        if config.retry_failed:
+            cleared = store.items.reset_failures(user)
+            context.log.info(f"retry_failed: {cleared} recorded failure(s) of {user!r} cleared")
+        if budget is not None and budget <= 0:
+            break
+        ids = store.items.pending_ids(
+            user,
+            limit=budget,
+            max_attempts=run.max_attempts,
+            recaption=_recaption(run, dashscope),
+        )
+        if budget is not None:
+            budget -= len(ids)
+        pairs.extend((user, i) for i in ids)
+    pending = {u: 0 for u in users}
+    for user, _ in pairs:
+        pending[user] += 1
+    if len(users) == 1:
+        context.log.info(f"{len(pairs)} pending row(s) for user {users[0]!r}")
+    else:
+        busy = sum(1 for n in pending.values() if n)
+        context.log.info(f"{len(pairs)} pending row(s) for {busy} of the run's {len(users)} users")
+    specs = []
+    for n, start in enumerate(range(0, len(pairs), run.batch_size)):
+        chunk_pairs = pairs[start : start + run.batch_size]
+        parts: list[tuple[str, tuple[str, ...]]] = []
+        for user, item_id in chunk_pairs:
+            if parts and parts[-1][0] == user:
+                parts[-1] = (user, (*parts[-1][1], item_id))
+            else:
+                parts.append((user, (item_id,)))
+        specs.append(ChunkSpec(n, tuple(parts), run, config.overlap))
+    scope.lookahead = Lookahead(
+        specs,
+        mode=config.overlap,
+        concurrent=run.concurrent,
+        load=_loader(adbpg, dashscope, context.run_id),
+        calls=_caption_calls(adbpg, dashscope),
+        release=lambda state: _release_parts(adbpg, state),
     )
-    context.log.info(f"{len(ids)} pending row(s) for user {user!r}")
-    for n, chunk_ids in enumerate(stages.chunked(ids, run.batch_size)):
-        yield DynamicOutput(ChunkSpec(user, chunk_ids, run), mapping_key=f"chunk_{n}")
+    for spec in specs:
+        yield DynamicOutput(spec, mapping_key=f"chunk_{spec.index}")
 
 
 @op(
@@ -166,29 +358,13 @@ def visual_attributes(
     context: OpExecutionContext, spec: ChunkSpec, adbpg: AdbpgResource, dashscope: DashScopeResource
 ) -> ChunkState:
     """Claim the chunk's rows, load each image once: dominant colors and a downscaled copy."""
-    run = spec.run
-    chunk = stages.claim_chunk(
-        adbpg.store,
-        spec.user_id,
-        spec.ids,
-        worker=context.run_id,
-        lease_seconds=run.lease_seconds,
-        max_attempts=run.max_attempts,
-        recaption=_recaption(run, dashscope),
-    )
+    lookahead = dashscope.scope.lookahead
+    if lookahead is None:  # a step re-executed on its own
+        return _loader(adbpg, dashscope, context.run_id)(spec)
     try:
-        stages.visual_attributes(
-            chunk,
-            policy=dashscope.image_policy,
-            max_image_side=dashscope.settings.max_image_side,
-            color_count=run.color_count,
-            concurrent=run.concurrent,
-            vision_model=dashscope.settings.vision_model,
-        )
-    except Exception:  # per-row trouble is the row's (stages); anything else frees the rows
-        _release(adbpg, chunk)
-        raise
-    return ChunkState(chunk, run)
+        return lookahead.visual(spec.index)
+    except FatalProviderError as exc:  # an earlier chunk's call stopped the run
+        raise Failure(description=f"the run was stopped: {exc}", allow_retries=False) from exc
 
 
 @op(out=Out(ChunkState, io_manager_key=CHUNK_IO), pool="dashscope", tags=_depth_first(2))
@@ -199,15 +375,19 @@ def captions(
     dashscope: DashScopeResource,
 ) -> ChunkState:
     """Caption the chunk with Qwen-VL, ``concurrent`` calls at a time, and derive its tags."""
-    with _provider_step(context, adbpg, dashscope, state):
-        stages.caption_chunk(
-            state.chunk,
-            dashscope.provider,
-            concurrent=state.run.concurrent,
-            vocabulary=dashscope.vocabulary,
-            cache=adbpg.store.cache,
-            prompt_version=dashscope.settings.prompt_version,
-        )
+    lookahead = dashscope.scope.lookahead
+    with _releasing(adbpg, dashscope, state), _provider_step(context, adbpg, dashscope, state):
+        if lookahead is None:
+            stages.caption_chunk(
+                state.chunk,
+                dashscope.provider,
+                concurrent=state.run.concurrent,
+                vocabulary=dashscope.vocabulary,
+                cache=adbpg.store.cache,
+                prompt_version=dashscope.settings.prompt_version,
+            )
+        else:
+            lookahead.captions(state.index, state)
     return state
 
 
@@ -219,7 +399,7 @@ def caption_embeddings(
     dashscope: DashScopeResource,
 ) -> ChunkState:
     """Embed the captions (ten per request), unless the run turned embeddings off."""
-    with _provider_step(context, adbpg, dashscope, state):
+    with _releasing(adbpg, dashscope, state), _provider_step(context, adbpg, dashscope, state):
         stages.embed_chunk(
             state.chunk,
             dashscope.provider,
@@ -229,6 +409,19 @@ def caption_embeddings(
     return state
 
 
+def _user_run(result: ChunkResult) -> UserRun:
+    """The figures of one user's part of a chunk, without its per-item outcomes."""
+    skipped: dict[str, int] = {}
+    failures: list[tuple[str, str, str]] = []
+    for o in result.outcomes:
+        if o.status == "skipped":
+            reason = o.error or "skipped"
+            skipped[reason] = skipped.get(reason, 0) + 1
+        elif o.status == "failed":
+            failures.append((o.item_id, o.error_code or "error", o.error or ""))
+    return UserRun(result.stats, skipped, failures[:20])
+
+
 @op(out=Out(ChunkState, io_manager_key=CHUNK_IO), pool="adbpg", tags=_depth_first(4))
 def write_results(
     context: OpExecutionContext,
@@ -236,91 +429,124 @@ def write_results(
     adbpg: AdbpgResource,
     dashscope: DashScopeResource,
 ) -> ChunkState:
-    """Write the chunk back in one transaction; what it finished survives a later crash."""
+    """Write the chunk back, one transaction per user; what it finished survives a crash."""
     settings = dashscope.settings
     provider = dashscope.provider
-    result = stages.write_chunk(
-        adbpg.store,
-        state.chunk,
-        provenance=Provenance(provider.model_label, settings.prompt_version, provider.offline),
-        embedding_model=settings.embedding_model if state.run.caption_embedding else None,
-        run_id=context.run_id,
-    )
-    s = result.stats
+    provenance = Provenance(provider.model_label, settings.prompt_version, provider.offline)
+    embedding_model = settings.embedding_model if state.run.caption_embedding else None
+    total = RunStats()
+    by_user: dict[str, UserRun] = {}
+    failures: list[tuple[str, str, str, str]] = []
+    with _releasing(adbpg, dashscope, state):
+        for n, part in enumerate(state.parts or [state.chunk]):
+            result = stages.write_chunk(
+                adbpg.store,
+                part,
+                provenance=provenance,
+                embedding_model=embedding_model,
+                run_id=context.run_id,
+            )
+            # Written: nothing of this part is left to release if a later part fails.
+            state.parts[n] = replace(part, items=[])
+            total.merge(result.stats)
+            user_run = _user_run(result)
+            by_user.setdefault(part.user_id, UserRun()).merge(user_run)
+            failures.extend((part.user_id, *f) for f in user_run.failures)
+    users = f" for {len(by_user)} users" if len(by_user) > 1 else ""
     context.log.info(
-        f"chunk written: {s.succeeded} succeeded, {s.failed} failed, {s.skipped} skipped"
+        f"chunk {state.index} written{users}: {total.succeeded} succeeded, {total.failed} "
+        f"failed, {total.skipped} skipped"
     )
-    # Only the small result goes on: images and vectors are done with.
-    return replace(state, chunk=replace(state.chunk, items=[]), result=result)
+    for user, item_id, code, message in failures[:LOGGED_FAILURES]:
+        context.log.warning(
+            f"row {item_id} of user {user!r} failed: {code}: {message.splitlines()[0][:300]}"
+            if message
+            else f"row {item_id} of user {user!r} failed: {code}"
+        )
+    if total.failed > LOGGED_FAILURES:
+        context.log.warning(
+            f"... and {total.failed - LOGGED_FAILURES} more failed row(s) in this chunk "
+            f"(errors: {', '.join(f'{k} {v}' for k, v in sorted(total.errors.items()))}); "
+            "every one is in the failure ledger"
+        )
+    # Only the small figures go on: images, vectors and per-item outcomes are done with.
+    return replace(
+        state,
+        chunk=replace(state.chunk, items=[]),
+        parts=[],
+        result=ChunkResult([], total),
+        by_user=by_user,
+    )
 
 
-@op
+def _database_label(adbpg: AdbpgResource) -> str:
+    """The dialect the items live in, as the store probed it at connect."""
+    return adbpg.store.dialect.label
+
+
+@op(out=Out(Nothing))
 def summarize(
     context: OpExecutionContext,
     states: list[ChunkState],
     adbpg: AdbpgResource,
     dashscope: DashScopeResource,
-) -> Output[dict]:
-    """Totals for the partition, shown as the asset materialization's metadata."""
-    stats = RunStats()
-    usage: dict[str, int] = {}
+) -> Output[None]:
+    """One materialization per user partition: the user's items as they now are, and what this
+    run did for them. Nothing is stored (no IO manager): the metadata is the summary."""
+    keys = partition_keys(context)
+    runs: dict[str, UserRun] = {key_to_user(k): UserRun() for k in keys}
     for state in states:
-        if state.result is not None:
-            stats.merge(state.result.stats)
-        for k, v in state.usage.items():
-            usage[k] = usage.get(k, 0) + v
-    user = _user(context)
-    ledger = adbpg.store.items.failures(user)
+        for user, user_run in state.by_user.items():
+            runs.setdefault(user, UserRun()).merge(user_run)
     provider = dashscope.provider
-    prices = load_prices(base_url=dashscope.settings.base_url)
-    cost = estimate_cost(
-        usage,
-        vision_model=provider.model_label,
-        embedding_model=dashscope.settings.embedding_model,
-        prices=prices,
-    )
-    figures = stats.summary()
-    summary = {
-        "user_id": user,
-        **figures,
-        "estimated_cost_usd": cost,
-        "cost_currency": prices.currency,
-        "usage": usage,
-        "provider": "offline (synthetic captions)" if provider.offline else "dashscope",
-        "model": provider.model_label,
-    }
-    samples = "\n".join(f"- {c}" for c in stats.samples) or "(none)"
-    failures = "\n".join(
-        f"| {e.item_id} | {e.attempts} | {'yes' if e.permanent else 'no'} | {e.error_code} |"
-        f" {e.last_error[:120].replace('|', '/')} |"
-        for e in ledger[:20]
-    )
-    metadata = {
-        "user_id": user,
-        **{k: figures[k] for k in ("total", "succeeded", "failed", "skipped")},
-        "success_rate": MetadataValue.float(figures["success_rate"]),
-        "tokens_used": usage.get("total_tokens", 0),
-        "prompt_tokens": usage.get("prompt_tokens", 0),
-        "completion_tokens": usage.get("completion_tokens", 0),
-        "embedding_tokens": usage.get("embedding_tokens", 0),
-        "api_retries": usage.get("retries", 0),
-        "image_tokens": usage.get("image_tokens", 0),
-        # A number, so the UI plots spend per partition across runs; -1 when a model is unpriced.
-        "estimated_cost_usd": MetadataValue.float(round(cost, 6) if cost is not None else -1.0),
-        # The list prices' currency: CNY for Beijing, USD for Singapore and US.
-        "cost_currency": prices.currency,
-        "embedded": figures["embedded"],
-        "cache_hits": figures["cache_hits"],
-        "cache_hit_rate": MetadataValue.float(figures["cache_hit_rate"]),
-        "provider": summary["provider"],
-        "model": provider.model_label,
-        "sample_captions": MetadataValue.md(samples),
-        "failure_ledger": MetadataValue.md(
-            "| item | attempts | permanent | code | last error |\n|---|---|---|---|---|\n"
-            + failures
-            if ledger
-            else "(no recorded failures)"
-        ),
-        "failures_recorded": len(ledger),
-    }
-    return Output(summary, metadata=metadata)
+    settings = dashscope.settings
+    usage = provider.usage.as_dict()
+    shares = share_usage(usage, runs)
+    scope = dashscope.scope
+    run_settings: RunSettings = scope.run or RunSettings.from_env()
+    embedding_model = settings.embedding_model if run_settings.caption_embedding else None
+    prices = load_prices(base_url=settings.base_url)
+    max_attempts = run_settings.max_attempts
+    items = adbpg.store.summary.user_items(runs, max_attempts=max_attempts)
+    database = _database_label(adbpg)
+    others = scope.other_runs
+    total = RunStats()
+    step = context.get_step_execution_context()
+    for key in keys:
+        user = key_to_user(key)
+        user_run = runs[user]
+        total.merge(user_run.stats)
+        state = items[user]
+        needs_ledger = state.failed_retrying + state.given_up + user_run.stats.failed > 0
+        ledger = adbpg.store.items.failures(user) if needs_ledger else None
+        share = shares.get(user)
+        cost = None
+        if not provider.offline and share is not None:
+            cost = estimate_cost(
+                share,
+                vision_model=provider.model_label,
+                embedding_model=settings.embedding_model,
+                prices=prices,
+            )
+        metadata = partition_metadata(
+            user=user,
+            items=state,
+            run=user_run,
+            usage=None if provider.offline else share,
+            cost=cost,
+            offline=provider.offline,
+            model=provider.model_label,
+            embedding_model=embedding_model,
+            database=database,
+            ledger=ledger,
+            run_users=len(keys),
+            other_runs=[others[key]] if key in others else [],
+        )
+        step.add_asset_metadata(metadata, partition_key=key)
+    if len(keys) > 1:
+        context.log.info(
+            f"{len(keys)} user partitions: {total.succeeded} rows succeeded, {total.failed} "
+            f"failed, {total.skipped} skipped"
+        )
+    scope.close()
+    return Output(None)

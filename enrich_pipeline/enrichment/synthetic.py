@@ -1,9 +1,17 @@
-"""Deterministic stand-ins for model output: captions from pixels, embeddings from words.
+"""Deterministic stand-ins for model output, and the demo's sample drawings.
 
-Used by the offline provider (the demo without an API key) and by the stand-in DashScope
-server, so both answer the same way. Not a model: captions name the mean color and pick a
-template by a stable hash, and embeddings are feature-hashed bags of words (texts that share
-words are similar by cosine, which is what caption search needs to be testable).
+Two kinds of caption live here, for two different jobs:
+
+- ``offline_caption`` (the offline provider, the demo without an API key) says only what can be
+  known without a model: the subject of one of the project's own sample drawings, recognised by
+  its outline (the project drew it, see ``draw_sample``), and the colors measured in the pixels.
+  Any other image gets its measured colors only. It never invents a subject.
+- ``synthetic_caption`` (the stand-in DashScope server) pretends to be a model on purpose: a
+  catalogue-like sentence from templates with style and object words, so that tag extraction
+  and search have something to find in tests. It is not shown to users as a description.
+
+Embeddings are feature-hashed bags of words (texts that share words are similar by cosine,
+which is what caption search needs to be testable).
 """
 
 from __future__ import annotations
@@ -12,7 +20,9 @@ import hashlib
 import re
 
 import numpy as np
-from PIL import Image, ImageStat
+from PIL import Image, ImageDraw, ImageStat
+
+from enrich_pipeline.enrichment.colors import color_name, dominant_colors
 
 _PALETTE: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
@@ -82,3 +92,108 @@ def hashed_embedding(text: str, dimensions: int = 1024) -> list[float]:
     if norm == 0.0:
         vec[0], norm = 1.0, 1.0
     return (vec / norm).tolist()
+
+
+# --- the demo's sample drawings ------------------------------------------------------------------
+
+SAMPLE_SIZE = (640, 480)
+SAMPLE_SUBJECTS = ("chair", "lamp", "vase", "sofa", "laptop")
+
+
+def draw_sample(
+    shape: str,
+    fg: tuple[int, int, int],
+    bg: tuple[int, int, int],
+    size: tuple[int, int] = SAMPLE_SIZE,
+) -> Image.Image:
+    """One of the demo's drawings: a flat silhouette of ``shape`` in ``fg`` on ``bg``."""
+    if shape not in SAMPLE_SUBJECTS:
+        raise ValueError(f"unknown sample subject {shape!r}")
+    img = Image.new("RGB", SAMPLE_SIZE, bg)
+    d = ImageDraw.Draw(img)
+    if shape == "chair":
+        d.rectangle((220, 120, 300, 330), fill=fg)
+        d.rectangle((220, 260, 420, 300), fill=fg)
+        d.rectangle((400, 300, 420, 420), fill=fg)
+        d.rectangle((220, 300, 240, 420), fill=fg)
+    elif shape == "lamp":
+        d.polygon([(250, 100), (390, 100), (430, 220), (210, 220)], fill=fg)
+        d.rectangle((312, 220, 328, 400), fill=fg)
+        d.ellipse((260, 390, 380, 430), fill=fg)
+    elif shape == "vase":
+        d.ellipse((230, 180, 410, 420), fill=fg)
+        d.rectangle((290, 100, 350, 200), fill=fg)
+    elif shape == "sofa":
+        d.rectangle((120, 200, 520, 360), fill=fg)
+        d.rectangle((100, 240, 160, 380), fill=fg)
+        d.rectangle((480, 240, 540, 380), fill=fg)
+    else:  # laptop
+        d.rectangle((180, 120, 460, 300), fill=fg)
+        d.polygon([(140, 320), (500, 320), (540, 370), (100, 370)], fill=fg)
+    return img if size == SAMPLE_SIZE else img.resize(size, Image.Resampling.BOX)
+
+
+_MASK_SIZE = (64, 48)
+# How far (RGB distance) a pixel must be from the background to count as the subject, and how
+# much a silhouette must overlap a known one (intersection over union) to be recognised.
+_FOREGROUND_DISTANCE = 60.0
+_MIN_OVERLAP = 0.8
+
+
+def _mask(image: Image.Image) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
+    small = np.asarray(image.convert("RGB").resize(_MASK_SIZE, Image.Resampling.BOX), float)
+    border = np.concatenate([small[0], small[-1], small[:, 0], small[:, -1]])
+    background = np.median(border, axis=0)
+    mask = np.linalg.norm(small - background, axis=2) > _FOREGROUND_DISTANCE
+    bg = tuple(int(round(v)) for v in background)
+    return mask, small, bg  # type: ignore[return-value]
+
+
+def _reference_masks() -> dict[str, np.ndarray]:
+    if not _REFERENCE:
+        for shape in SAMPLE_SUBJECTS:
+            _REFERENCE[shape] = _mask(draw_sample(shape, (0, 0, 0), (255, 255, 255)))[0]
+    return _REFERENCE
+
+
+_REFERENCE: dict[str, np.ndarray] = {}
+
+
+def recognize_sample(
+    image: Image.Image,
+) -> tuple[str, tuple[int, int, int], tuple[int, int, int]] | None:
+    """``(subject, foreground, background)`` when ``image`` is one of the demo's drawings (at
+    any size, in any two colors), else None. Only the project's own silhouettes are known."""
+    if abs(image.width / image.height - SAMPLE_SIZE[0] / SAMPLE_SIZE[1]) > 0.05:
+        return None
+    mask, pixels, bg = _mask(image)
+    if not mask.any():
+        return None
+    best, overlap = None, 0.0
+    for shape, reference in _reference_masks().items():
+        union = np.logical_or(mask, reference).sum()
+        score = np.logical_and(mask, reference).sum() / union if union else 0.0
+        if score > overlap:
+            best, overlap = shape, float(score)
+    if best is None or overlap < _MIN_OVERLAP:
+        return None
+    fg = tuple(int(round(v)) for v in np.median(pixels[mask], axis=0))
+    return best, fg, bg  # type: ignore[return-value]
+
+
+def _join(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def offline_caption(image: Image.Image) -> str:
+    """What can be said of ``image`` without a model: a known sample's subject and colors, or
+    the measured colors alone. Honest by construction: no subject is ever guessed."""
+    known = recognize_sample(image)
+    if known is not None:
+        shape, fg, bg = known
+        fg_name, bg_name = color_name(fg), color_name(bg)
+        ground = f"a {bg_name} background" if bg_name != fg_name else "a background of that color"
+        article = "An" if fg_name[:1] in "aeiou" else "A"
+        return f"{article} {fg_name} {shape} drawn as a flat silhouette on {ground}."
+    colors = dominant_colors(image, k=3) or ["unknown"]
+    return f"An image whose main colors are {_join(colors)}; its subject is not known offline."

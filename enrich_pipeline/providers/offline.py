@@ -1,6 +1,9 @@
 """The offline provider: the demo's stand-in when no API key is set, labelled in every row.
 
-It is never chosen silently against a real database (see ``bootstrap.build_provider``).
+No model is called. Its captions say only what is known without one (``offline_caption``): the
+subject of one of the demo's own drawings and the colors measured in the pixels, or the colors
+alone for any other image; the tags derived from them follow. Its embeddings are hashed bags of
+words. It is never chosen silently against a real database (see ``bootstrap.build_provider``).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from collections.abc import Sequence
 from PIL import Image
 
 from enrich_pipeline.enrichment.images import VisionImage
-from enrich_pipeline.enrichment.synthetic import hashed_embedding, synthetic_caption
+from enrich_pipeline.enrichment.synthetic import hashed_embedding, offline_caption
 from enrich_pipeline.providers.base import Usage
 
 OFFLINE_MODEL = "offline-synthetic"
@@ -32,8 +35,9 @@ class OfflineProvider:
     def caption(self, image: VisionImage) -> str:
         raw = base64.b64decode(image.data_url.split(",", 1)[1])
         with Image.open(io.BytesIO(raw)) as decoded:
-            text = synthetic_caption(decoded)
-        self.usage.add(vision_calls=1, image_tokens=image.tokens)
+            text = offline_caption(decoded)
+        # No image is sent anywhere, so no image tokens are counted (nor billed).
+        self.usage.add(vision_calls=1)
         return text
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:

@@ -364,6 +364,7 @@ class StandIn:
         host: str = "127.0.0.1",
         port: int = 0,
         latency: float = 0.0,
+        embedding_latency: float | None = None,
         rpm_limit: Limit = None,
         tpm_limit: Limit = None,
         per_second: bool = False,
@@ -380,6 +381,9 @@ class StandIn:
         self.host = host
         self.port = port
         self.latency = latency
+        # Seconds an embeddings call takes; None: the same as ``latency`` (real embedding calls
+        # are much faster than vision calls, so benchmarks set both).
+        self.embedding_latency = embedding_latency
         self.rpm_limit = rpm_limit
         self.tpm_limit = tpm_limit
         self.per_second = per_second
@@ -686,8 +690,11 @@ class StandIn:
             refusal, _ = self._admit(entry["model"])
             if refusal is not None:
                 raise _Reply(_LIMIT_REPLIES[refusal], fault=refusal)
-            if self.latency > 0:
-                await asyncio.sleep(self.latency)
+            delay = self.latency
+            if endpoint == "embeddings" and self.embedding_latency is not None:
+                delay = self.embedding_latency
+            if delay > 0:
+                await asyncio.sleep(delay)
             if not isinstance(body, dict):
                 raise _Reply(400, "The request body is not valid JSON.")
             parse = self._parse_chat if endpoint == "chat" else self._parse_embeddings
@@ -1392,6 +1399,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--api-key", default="sk-standin")
     parser.add_argument("--latency", type=float, default=0.0)
+    parser.add_argument(
+        "--embedding-latency", type=float, default=None, help="seconds per embeddings call"
+    )
     parser.add_argument("--rpm-limit", type=int, default=None, help="requests/minute, per model")
     parser.add_argument("--tpm-limit", type=int, default=None, help="tokens/minute, per model")
     parser.add_argument(

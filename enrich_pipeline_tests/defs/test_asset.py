@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from logging import WARNING
 from pathlib import Path
 
 import pytest
 from dagster import DagsterInstance, materialize
 
 from enrich_pipeline.defs.assets import enriched_items
-from enrich_pipeline.defs.checks import embedding_dimensions, no_unrecorded_pending_rows
+from enrich_pipeline.defs.checks import (
+    embedding_dimensions,
+    failure_share,
+    no_unrecorded_pending_rows,
+)
 from enrich_pipeline.defs.definitions import defs
 from enrich_pipeline.defs.io_managers import CHUNK_IO
 from enrich_pipeline.defs.partitions import key_to_user, user_to_key
@@ -24,7 +29,7 @@ def materialize_user(instance: DagsterInstance, user: str, **config: object):
     key = user_to_key(user)
     instance.add_dynamic_partitions("users", [key])
     return materialize(
-        [enriched_items, no_unrecorded_pending_rows, embedding_dimensions],
+        [enriched_items, no_unrecorded_pending_rows, embedding_dimensions, failure_share],
         partition_key=key,
         instance=instance,
         resources=resources(),
@@ -63,12 +68,24 @@ def test_partition_materializes_with_statistics(
     )
     (mat,) = result.asset_materializations_for_node("enriched_items")
     md = {k: v.value for k, v in mat.metadata.items()}
+    # What this run did.
     assert (md["total"], md["succeeded"], md["failed"], md["skipped"]) == (6, 5, 1, 0)
     assert md["success_rate"] == pytest.approx(5 / 6, abs=1e-3)
     assert md["tokens_used"] > 0 and md["provider"] == "dashscope"
     assert md["sample_captions"].count("\n- ") >= 2
-    assert broken in md["failure_ledger"]
+    assert broken in md["failure_ledger"] and md["failures_recorded"] == 1
+    assert sum(md["errors"].values()) == 1
+    # The asset: alice's items as they now are, on which server, by which model.
+    assert md["dagster/row_count"] == md["items_captioned"] == 5
+    assert (md["items"], md["items_pending"], md["items_given_up"]) == (6, 0, 1)
+    assert md["items_embedded"] == 5 and md["failure_share"] == pytest.approx(1 / 6, abs=1e-3)
+    assert md["database"].startswith("PostgreSQL ") and md["model"] == "qwen3-vl-plus"
+    # Nothing about storage: the summary is not pickled anywhere.
+    assert "path" not in md
     assert mat.partition == "alice"
+    # The failed row's reason is in the run log, at warning level.
+    warned = [r.user_message for r in instance.all_logs(result.run_id) if r.level >= WARNING]
+    assert any(f"row {broken} of user 'alice' failed: " in m for m in warned), warned
     for i in ids:
         assert items.row(i)["metadata"]["caption"]
     assert "caption" not in items.row(other)["metadata"]
@@ -78,6 +95,10 @@ def test_partition_materializes_with_statistics(
     assert checks["no_unrecorded_pending_rows"].metadata["failures_recorded"].value == 1
     assert checks["embedding_dimensions"].passed
     assert checks["embedding_dimensions"].metadata["embeddings"].value == 5
+    # One failed row of six: over the default 10% threshold, so the check warns.
+    share = checks["failure_share"]
+    assert not share.passed and share.severity.value == "WARN"
+    assert share.metadata["failed_rows"].value == 1
 
 
 def test_checks_fail_on_unrecorded_pending_rows_and_wrong_dimensions(
@@ -107,10 +128,16 @@ def test_no_embedding_config_and_empty_partition(
     instance = DagsterInstance.ephemeral()
     result = materialize_user(instance, "alice", caption_embedding=False)
     assert result.success and standin.count("embeddings") == 0
-    # Nothing pending any more: the run still records an (empty) materialization.
+    # Nothing pending any more: the run still records a materialization, which states the
+    # user's items as they are and says the run had nothing to do, with no rate, no tokens and
+    # no samples (nothing was attempted).
     again = materialize_user(instance, "alice")
     (mat,) = again.asset_materializations_for_node("enriched_items")
-    assert mat.metadata["total"].value == 0
+    md = {k: v.value for k, v in mat.metadata.items()}
+    assert md["total"] == 0 and md["dagster/row_count"] == md["items_captioned"] == 1
+    assert md["items_pending"] == 0 and "nothing pending" in md["this_run"]
+    for absent in ("success_rate", "tokens_used", "estimated_cost_usd", "sample_captions"):
+        assert absent not in md, absent
 
 
 def test_invalid_key_fails_the_run_and_leaves_rows_pending(

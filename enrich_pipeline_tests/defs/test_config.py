@@ -9,6 +9,7 @@ import sys
 
 from enrich_pipeline.defs.config import EnrichConfig
 from enrich_pipeline.defs.definitions import defs
+from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
 from enrich_pipeline.settings import DAGSTER_BATCH_SIZE, RunSettings
 
 
@@ -21,6 +22,16 @@ def test_config_fields_describe_themselves_with_the_settings_bounds() -> None:
     assert fields["max_attempts"].default == RunSettings.from_env().max_attempts
     job = defs.resolve_job_def("enrich_job")
     assert job.description
+    # The resources' fields and the sensors describe themselves too (the launchpad and the
+    # automation page show these).
+    for resource in (AdbpgResource, DashScopeResource):
+        for name, info in resource.model_fields.items():
+            assert info.description, (resource.__name__, name)
+    for sensor in defs.sensors:
+        assert sensor.description, sensor.name
+    for check in defs.asset_checks:
+        for spec in check.check_specs:
+            assert spec.description, spec.name
 
 
 def test_junk_environment_loads_with_one_error_line_naming_the_variable() -> None:

@@ -16,6 +16,7 @@ from benchmarks import bench
 TINY = [
     "--n", "20",
     "--latency", "0.01",
+    "--embedding-latency", "0.01",
     "--batch-size", "10",
     "--legacy-defaults-n", "20",
     "--memory-n", "20,40",

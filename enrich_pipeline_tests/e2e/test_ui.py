@@ -30,14 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 import pytest
 from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+from PIL import Image
 from psycopg import sql
 
 from enrich_pipeline.defs.launcher import INSTANCE_YAML, dagster_url_for, ensure_database
 from enrich_pipeline.testing.standin import StandIn
-from enrich_pipeline_tests.helpers import API_KEY, Items
+from enrich_pipeline_tests.helpers import API_KEY, Items, hues
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts"
@@ -238,6 +240,8 @@ def stack(
         ENRICH_MAX_CONCURRENT_RUNS="2",
         ENRICH_SENSOR_INTERVAL="2",
         ENRICH_HOME=str(tmp / "enrich_home"),
+        # Short leases: rows of a run that is killed come back within seconds.
+        ENRICH_LEASE_SECONDS="10",
         PYTHONUNBUFFERED="1",
     )
     port = _free_port()
@@ -359,15 +363,19 @@ def test_sensor_runs_every_user_without_a_click(stack: Stack) -> None:
             assert (md["total"], md["succeeded"], md["failed"], md["skipped"]) == (n, n, 0, 0)
             assert md["success_rate"] == pytest.approx(1.0)
             assert md["tokens_used"] > 0 and md["provider"] == "dashscope"
+            assert md["dagster/row_count"] == md["items_captioned"] == n
+            assert md["items_pending"] == 0 and "path" not in md
 
         # The secret: not in the servers' output, the run logs, or anything in DAGSTER_HOME.
         output = stack.output()
-        # The capture works: the launcher's line, and the run workers' step events.
+        # The capture works: the launcher's line, and the run workers' own lines; but their
+        # DEBUG step events are not echoed, and Dagster's beta warning about `owners` is gone.
         assert "Dagster UI on http://127.0.0.1:" in output
         for run in runs:
-            assert any(
-                run.run_id in line and "STEP_SUCCESS" in line for line in output.splitlines()
-            )
+            lines = [line for line in output.splitlines() if run.run_id in line]
+            assert any("chunk 0 written" in line for line in lines), lines
+            assert not any(" - DEBUG - " in line for line in lines), lines[:5]
+        assert "BetaWarning" not in output and "owners" not in output
         assert API_KEY not in output
         for run in runs:
             assert API_KEY not in json.dumps(run.run_config, default=str)
@@ -464,6 +472,26 @@ def test_ui_shows_user_partitions_and_latest_statistics(stack: Stack, tmp_path: 
                 expect(page.get_by_role("link", name=SENSOR)).to_be_visible()
                 expect_statistics(page, latest)
                 screenshot(page, "overview")
+
+                # The launchpad is usable without the README: the job says what it does, and
+                # on an emptied editor "Scaffold all default config" fills in every default.
+                page.goto(f"{stack.url}/locations/enrich_pipeline/jobs/{JOB}/playground")
+                editor = page.locator(".CodeMirror").first
+                expect(editor).to_contain_text("batch_size", timeout=UI_TIMEOUT_MS)
+                editor.click()
+                page.keyboard.press("Control+A")
+                page.keyboard.press("Delete")
+                scaffold = page.get_by_role("button", name="Scaffold all default config")
+                expect(scaffold).to_be_enabled(timeout=UI_TIMEOUT_MS)
+                scaffold.click()
+                page.get_by_role("button", name="Confirm").click()
+                for default in ("batch_size: 100", "max_attempts: 3", "overlap:"):
+                    expect(editor).to_contain_text(default)
+                screenshot(page, "launchpad")
+                page.goto(f"{stack.url}/locations/enrich_pipeline/jobs/{JOB}")
+                expect(
+                    page.get_by_text("write each chunk back as it completes").first
+                ).to_be_visible(timeout=UI_TIMEOUT_MS)
             except BaseException:
                 page.screenshot(path=str(tmp_path / "e2e_ui_failure.png"), full_page=True)
                 page.screenshot(path=str(ARTIFACTS / "e2e_ui_failure.png"), full_page=True)
@@ -496,7 +524,7 @@ def test_backfill_from_the_command_line_runs_one_run_per_user(stack: Stack) -> N
                 "enrich_pipeline.defs.launcher",
                 "backfill",
                 "--users",
-                "frank,gina",
+                "frank, gina",  # trimmed: no partition " gina"
             ],
             env=stack.env,
             capture_output=True,
@@ -530,3 +558,202 @@ def _images(stack: Stack, colors: list[str]) -> list[str]:
     first = stack.items.row(stack.seeded["alice"][0])["image"]
     folder = Path(first).parent
     return [str(folder / f"{c}.jpg") for c in colors]
+
+
+def _graphql(stack: Stack, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
+    body = json.dumps({"query": query, "variables": variables or {}}).encode()
+    request = urllib.request.Request(
+        f"{stack.url}/graphql", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        answer = json.loads(resp.read())
+    assert "errors" not in answer, answer
+    return answer["data"]
+
+
+def _launcher(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "enrich_pipeline.defs.launcher", *args],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _user_runs(stack: Stack, key: str) -> list:
+    """Every run (any job) that covered partition ``key``."""
+    from enrich_pipeline.defs.runs import PartitionOrder, run_keys
+
+    order = PartitionOrder.of(stack.instance)
+    return [r for r in stack.instance.get_runs() if key in run_keys(r.tags, order)]
+
+
+def _wait_all_captioned(stack: Stack, ids: list[str], timeout: float = RUNS_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [i for i in ids if not stack.items.row(i)["metadata"].get("caption")]
+        if not left:
+            return
+        assert time.monotonic() < deadline, f"rows still without a caption: {left}"
+        time.sleep(0.5)
+
+
+def test_backfill_refuses_unknown_users_and_typo_partitions_can_be_removed(stack: Stack) -> None:
+    stack.wait_for_runs()
+    with _dump_output_on_failure(stack):
+        before = set(stack.instance.get_dynamic_partitions("users"))
+        refused = _launcher(stack, "backfill", "--users", " alice ,, nobdy")
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "'nobdy'" in refused.stderr and "no partition added" in refused.stderr
+        assert set(stack.instance.get_dynamic_partitions("users")) == before
+        # Asked for explicitly, an unknown user gets its partition; it is listed as such and
+        # can be removed again (a user with rows cannot, unless forced).
+        added = _launcher(stack, "backfill", "--users", "nobdy", "--allow-unknown")
+        assert added.returncode == 0, added.stdout + added.stderr
+        assert "nobdy" in stack.instance.get_dynamic_partitions("users")
+        listed = _launcher(stack, "partitions")
+        assert "nobdy   (no row has this user id)" in listed.stdout, listed.stdout
+        kept = _launcher(stack, "partitions", "--remove", "alice")
+        assert kept.returncode == 2 and "have rows" in kept.stderr
+        removed = _launcher(stack, "partitions", "--remove", "nobdy")
+        assert removed.returncode == 0, removed.stderr
+        assert set(stack.instance.get_dynamic_partitions("users")) == before
+
+
+LAUNCH_BACKFILL = """
+mutation Launch($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message }
+  }
+}
+"""
+
+
+def test_a_ui_backfill_while_the_sensor_is_on_never_runs_a_user_twice_at_once(
+    stack: Stack,
+) -> None:
+    """Issue 13: a backfill launched from the UI (``__ASSET_JOB``, partition range tags, no
+    ``dagster/partition``) while the sensor, on, sees the same user's new rows. Whoever gets
+    there first, the user's runs never overlap, each row is captioned once, and the last
+    materialization states every row captioned."""
+    stack.wait_for_runs()
+    user = "hana"
+    stack.instance.add_dynamic_partitions("users", [user])
+    calls_before = stack.standin.count("chat")
+    stack.standin.latency = 0.5  # runs long enough to overlap, were they allowed to
+    try:
+        folder = Path(stack.items.row(stack.seeded["alice"][0])["image"]).parent
+        paths = []
+        for n, rgb in enumerate(hues(6)):
+            path = folder / f"hana_{n}.png"
+            Image.new("RGB", (40, 30), rgb).save(path)
+            paths.append(path)
+        ids = [stack.items.add(user, str(p)) for p in paths]
+        with _dump_output_on_failure(stack):
+            answer = _graphql(
+                stack,
+                LAUNCH_BACKFILL,
+                {
+                    "params": {
+                        "assetSelection": [{"path": [ASSET]}],
+                        "partitionNames": [user],
+                        "fromFailure": False,
+                    }
+                },
+            )
+            launched = answer["launchPartitionBackfill"]
+            assert launched["__typename"] == "LaunchBackfillSuccess", launched
+            _wait_all_captioned(stack, ids)
+            deadline = time.monotonic() + RUNS_TIMEOUT
+            while True:
+                runs = _user_runs(stack, user)
+                if runs and all(r.status in TERMINAL for r in runs):
+                    break
+                assert time.monotonic() < deadline, [(r.job_name, r.status) for r in runs]
+                time.sleep(0.5)
+            # The UI backfill's run: the asset job, with range tags only, tagged with its user.
+            ui_runs = [r for r in runs if r.tags.get("dagster/backfill") == launched["backfillId"]]
+            assert ui_runs and ui_runs[0].job_name == "__ASSET_JOB"
+            assert "dagster/partition" not in ui_runs[0].tags
+            assert ui_runs[0].tags.get("enrich/user") == user
+            # Never two at once.
+            spans = sorted(
+                (rec.start_time, rec.end_time)
+                for rec in stack.instance.get_run_records()
+                if rec.dagster_run.run_id in {r.run_id for r in runs} and rec.start_time
+            )
+            for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+                assert end is not None and end <= start, spans
+            assert all(r.status == DagsterRunStatus.SUCCESS for r in runs)
+    finally:
+        stack.standin.latency = 0.0
+    assert stack.standin.count("chat") - calls_before == len(ids)
+    records = stack.instance.fetch_materializations(AssetKey(ASSET), limit=100).records
+    mine = [r.asset_materialization for r in records if r.asset_materialization.partition == user]
+    latest = {k: v.value for k, v in mine[0].metadata.items()}
+    assert latest["items_captioned"] == latest["dagster/row_count"] == len(ids)
+    assert latest["items_pending"] == 0
+    # Every materialization's own figures add up: what it did is what it says.
+    assert sum(m.metadata["succeeded"].value for m in mine) == len(ids)
+
+
+def test_a_killed_run_is_failed_and_the_users_next_rows_are_captioned(stack: Stack) -> None:
+    """Issue 12 item 7: ``kill -9`` of a run's process while the code server that launched it
+    cannot report it. (Dagster 1.13's code server reports a run worker it sees die; when it is
+    gone too, as after an OOM kill of the machine's processes or a restart, nobody did, and the
+    run stayed STARTED forever with its user's next run queued behind it.) The code server is
+    paused (SIGSTOP) while its run worker is killed, and resumed after. Run monitoring, through
+    the heartbeat launcher's health check, fails the run within a poll; the queue lets the
+    user's next run out, and the user's rows, the dead run's and the new ones, are
+    captioned."""
+    stack.wait_for_runs()
+    user = "ivan"
+    folder = Path(stack.items.row(stack.seeded["alice"][0])["image"]).parent
+    paths = []
+    for n, rgb in enumerate(hues(9)):
+        path = folder / f"ivan_{n}.png"
+        Image.new("RGB", (44, 33), rgb).save(path)
+        paths.append(path)
+    stack.standin.latency = 5.0  # the run is surely in its captions when it is killed
+    try:
+        with _dump_output_on_failure(stack):
+            first = [stack.items.add(user, str(p)) for p in paths[:4]]
+            deadline = time.monotonic() + RUNS_TIMEOUT
+            while True:  # the sensor's run for ivan, beating
+                runs = [r for r in _user_runs(stack, user) if r.status == DagsterRunStatus.STARTED]
+                if runs and "enrich/worker" in runs[0].tags:
+                    break
+                assert time.monotonic() < deadline, "no run for ivan started"
+                time.sleep(0.3)
+            (run,) = runs
+            pid = int(run.tags["enrich/worker"].rsplit(":", 1)[1])
+            worker = psutil.Process(pid)
+            parent = worker.parent()
+            assert parent is not None and "grpc" in " ".join(parent.cmdline()), parent
+            parent.suspend()
+            try:
+                worker.kill()
+                killed_at = time.monotonic()
+                # New rows for ivan: his next run can only start once the dead one is failed.
+                later = [stack.items.add(user, str(p)) for p in paths[4:]]
+                while True:
+                    status = stack.instance.get_run_by_id(run.run_id).status
+                    if status in TERMINAL:
+                        break
+                    assert time.monotonic() - killed_at < 90, f"killed run still {status}"
+                    time.sleep(0.5)
+            finally:
+                parent.resume()
+            stack.standin.latency = 0.0
+            failed_after = time.monotonic() - killed_at
+            assert status == DagsterRunStatus.FAILURE
+            print(f"killed run failed by run monitoring {failed_after:.1f} s after kill -9")
+            assert failed_after < 45  # one poll of run monitoring (20 s), and some
+            _wait_all_captioned(stack, first + later, timeout=150)
+    finally:
+        stack.standin.latency = 0.0
+    events = stack.instance.all_logs(run.run_id)
+    assert any("is gone or has not sent a heartbeat" in (e.message or "") for e in events)
