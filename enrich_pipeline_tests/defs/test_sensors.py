@@ -74,9 +74,16 @@ def test_new_users_get_partitions_and_one_run_each(
     assert sorted(r.partition_key for r in result.run_requests) == ["alice", "bob"]
     assert len({r.run_key for r in result.run_requests}) == 2
     assert len(Seen.parse(result.cursor).digests) == 2
-    # Each run calls the model with the sensor's concurrency, and the two share the quota.
+    # Each run calls the model with the sensor's concurrency. With the shared budget in the
+    # database (on with a configured database) the runs pace together at the account's quota;
+    # without it, the two runs split the quota between them.
     config = result.run_requests[0].run_config
     assert config["ops"]["enriched_items"]["ops"]["pending_rows"]["config"]["concurrent"] == 16
+    assert "resources" not in config
+    env.setenv("ENRICH_SHARED_QUOTA", "false")
+    split = tick(DagsterInstance.ephemeral())
+    assert isinstance(split, SensorResult)
+    config = split.run_requests[0].run_config
     assert config["resources"]["dashscope"]["config"]["requests_per_minute"] == 600
 
 
@@ -214,6 +221,7 @@ def test_more_users_than_the_queue_takes_share_bounded_runs(
     seed_users(items, 1, 12, prefix="big")  # one larger user
     env.setenv("ENRICH_BUNDLE_ROWS", "10")  # at most 10 rows (3 users) a shared run
     env.setenv("ENRICH_MAX_CONCURRENT_RUNS", "2")  # budget: 4 runs a tick
+    env.setenv("ENRICH_SHARED_QUOTA", "false")  # each run then carries its share of the quota
     instance = DagsterInstance.ephemeral()
     create_run_for_test(
         instance,
