@@ -319,9 +319,10 @@ def check_args(args: argparse.Namespace) -> list[str] | None:
         return None
     if args.user:
         return list(dict.fromkeys(args.user))
-    if any(not u.strip() for u in args.users.split(",")):
-        raise ConfigError(f"--users: an empty user id in {args.users!r} (comma-separated ids)")
-    return parse_users(args.users)
+    users = parse_users(args.users)
+    if not users:
+        raise ConfigError(f"--users: no user id in {args.users!r} (comma-separated ids)")
+    return users
 
 
 def _storage_error(env: dict[str, str], exc: Exception) -> str:
