@@ -388,6 +388,9 @@ def captions(
             )
         else:
             lookahead.captions(state.index, state)
+            # As caption_chunk does: a service error is the row's only while the provider
+            # answers most other calls; otherwise the row is given back uncharged.
+            stages.settle_blame(state.chunk, dashscope.provider)
     return state
 
 

@@ -409,6 +409,19 @@ def test_dagster_run_fails_when_the_provider_is_unreachable_and_charges_no_row(
         untouched_and_pending(items, store, ids)
 
 
+def test_fewer_failed_calls_than_a_stop_still_charge_no_row_in_a_dagster_run(
+    env: pytest.MonkeyPatch, items: Items, store: Store, tmp_path: Path
+) -> None:
+    """Two rows, two calls refused: too few to stop the run, and no success to blame the rows
+    by. The captions step (its calls made by the run's lookahead) gives them back uncharged."""
+    ids = seed(items, paint(tmp_path, hues(2)))
+    env.setenv("DASHSCOPE_BASE_URL", f"http://127.0.0.1:{closed_port()}/v1")
+    result = materialize_user(batch_size=2)
+    failed = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert not failed or "no row was charged an attempt" in step_failure(result)
+    untouched_and_pending(items, store, ids)
+
+
 def test_a_5xx_outage_slows_the_run_down_then_stops_it_without_charging_rows(
     items: Items, store: Store, standin: StandIn, tmp_path: Path
 ) -> None:
