@@ -91,8 +91,16 @@ def serve(argv: Sequence[str]) -> None:
 class StandInProcess:
     def __init__(self, rpm: int, latency: float) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.pacing", "serve", "--rpm", str(rpm),
-             "--latency", str(latency)],
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.pacing",
+                "serve",
+                "--rpm",
+                str(rpm),
+                "--latency",
+                str(latency),
+            ],
             cwd=REPO,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -175,7 +183,13 @@ def scenarios(quick: bool) -> list[Scenario]:
         Scenario("split-600", 600, 4, n_shared, 150, shared=False, note="4 runs at rpm/4"),
         Scenario("alone-600", 600, 4, n_shared, 600, shared=False, note="4 runs at full rpm"),
         Scenario(
-            "shared-600-minute", 600, 4, n_shared, 600, per_second=False, shared=False,
+            "shared-600-minute",
+            600,
+            4,
+            n_shared,
+            600,
+            per_second=False,
+            shared=False,
             note="4 runs, sliding minute, no sharing (before)",
         ),
     ]
@@ -263,12 +277,18 @@ class Bench:
             "ENRICH_HOME": str(self.tmp / "home"),
             **({"DASHSCOPE_RATE_MARGIN": str(self.margin)} if self.margin is not None else {}),
         }
-        argv = ["--max-items", "0", "--concurrent", str(s.concurrent), "--batch-size", "10",
-                "--quiet"]
+        argv = [
+            "--max-items",
+            "0",
+            "--concurrent",
+            str(s.concurrent),
+            "--batch-size",
+            "10",
+            "--quiet",
+        ]
         procs = [
             subprocess.Popen(
-                [sys.executable, *CLI, "--user-id",
-                 f"user{r}", *argv],
+                [sys.executable, *CLI, "--user-id", f"user{r}", *argv],
                 cwd=REPO,
                 env=env,
                 stdout=subprocess.PIPE,

@@ -121,9 +121,7 @@ def open_store(settings: Settings, *, seed: bool = True, admin: bool = False) ->
 
 def open_runtime(settings: Settings, *, seed: bool = True) -> Runtime:
     """Provider first (a missing key costs nothing), then the database, then the policies."""
-    provider = build_provider(
-        settings.dashscope, embedded_db=settings.db.embedded, db=settings.db
-    )
+    provider = build_provider(settings.dashscope, embedded_db=settings.db.embedded, db=settings.db)
     try:
         policy, vocabulary = run_policies(settings, embedded=settings.db.embedded)
         store = open_store(settings, seed=seed)

@@ -61,14 +61,16 @@ def parse_prices(raw: str) -> tuple[dict[str, tuple[float, float]], str | None]:
         raise ValueError(f"must be a JSON object: {PRICES_FORMAT}")
     currency = given.pop("currency", None)
     if currency is not None and (not isinstance(currency, str) or not currency.strip()):
-        raise ValueError(f"currency must be a name such as \"USD\", not {currency!r}")
+        raise ValueError(f'currency must be a name such as "USD", not {currency!r}')
     prices: dict[str, tuple[float, float]] = {}
     for model, pair in given.items():
         if not (
             isinstance(pair, list)
             and len(pair) == 2
             and all(
-                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                isinstance(v, int | float)
+                and not isinstance(v, bool)
+                and math.isfinite(v)
                 and v >= 0
                 for v in pair
             )
@@ -776,6 +778,7 @@ class Settings(_Settings):
     tag_vocabulary: str = setting(
         "", "JSON file extending the tag vocabulary", env="ENRICH_TAG_VOCABULARY"
     )
+
     @classmethod
     def from_env(
         cls,

@@ -43,7 +43,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(getattr(pytest.mark, tier))
 
 
-
 # Which server the suite runs on (README "Tests"): the embedded PostgreSQL 18 by default;
 # "pg12" (AnalyticDB 7.0's PostgreSQL) and "gp6" (PostgreSQL 12 with the jsonb catalog entries
 # that Greenplum 6 / AnalyticDB 6.0 lack removed), fetched and started by enrich_pipeline_tests/

@@ -179,9 +179,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         db = settings.db
         run = settings.run
         # Every call slot touches the cache: a connection each keeps them from queueing.
-        settings = settings.with_(
-            db=db.with_(max_connections=max(4, min(run.concurrent + 2, 24)))
-        )
+        settings = settings.with_(db=db.with_(max_connections=max(4, min(run.concurrent + 2, 24))))
         runtime = open_runtime(settings)
         db = runtime.settings.db
         engine = runtime.engine()

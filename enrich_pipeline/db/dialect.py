@@ -88,10 +88,8 @@ def probe(conn: psycopg.Connection, items: str) -> Dialect:
         server_version_num=num,
         greenplum_major=int(gp.group(1)) if gp else None,
         analyticdb=str(adb) if adb is not None else None,
-        jsonb_concat=one("SELECT to_regprocedure('jsonb_concat(jsonb,jsonb)') IS NOT NULL")
-        is True,
-        pgvector=one("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'vector')")
-        is True,
+        jsonb_concat=one("SELECT to_regprocedure('jsonb_concat(jsonb,jsonb)') IS NOT NULL") is True,
+        pgvector=one("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'vector')") is True,
         fastann=one("SELECT EXISTS (SELECT 1 FROM pg_am WHERE amname = 'ann')") is True,
         items_returning=not _append_optimized(conn, items),
         ids_unique=_ids_unique(conn, items),

@@ -147,8 +147,7 @@ def _provider_step(
             )
             written = result.stats.succeeded
             context.log.warning(
-                f"{written} paid caption(s) of the chunk written without embeddings before "
-                "the stop"
+                f"{written} paid caption(s) of the chunk written without embeddings before the stop"
             )
         else:
             _release(adbpg, chunk)

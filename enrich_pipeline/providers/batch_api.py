@@ -120,7 +120,6 @@ def unsupported_message(model: str, base_url: str, detail: str) -> str:
     )
 
 
-
 class BatchApi:
     """Files and batches over the OpenAI-compatible API, with the provider's retry policy:
     transient failures (429, 5xx, timeouts, resets; ``classify`` decides) are retried with the

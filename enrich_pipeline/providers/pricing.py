@@ -120,9 +120,7 @@ def price_table(base_url: str, prices: str = "") -> PriceTable:
     return PriceTable({**_FREE, **table}, currency, region)
 
 
-def load_prices(
-    env: Mapping[str, str] | None = None, *, base_url: str | None = None
-) -> PriceTable:
+def load_prices(env: Mapping[str, str] | None = None, *, base_url: str | None = None) -> PriceTable:
     """The price table for this process: ``ENRICH_PRICES`` over the list prices of the region
     of ``base_url`` (by default ``DASHSCOPE_BASE_URL``)."""
     env = os.environ if env is None else env

@@ -214,4 +214,3 @@ class RateLimiter:
             return
         with self._lock:
             self._take(tokens, self._clock())
-

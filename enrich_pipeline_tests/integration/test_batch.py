@@ -316,9 +316,7 @@ def test_a_crash_midway_through_collect_is_finished_by_the_next_collect(
             return super().embed(texts)
 
     with pytest.raises(RuntimeError):
-        collect(
-            store, settings, ended, chunk_size=1, provider=DiesOnSecondEmbedding(settings)
-        )
+        collect(store, settings, ended, chunk_size=1, provider=DiesOnSecondEmbedding(settings))
     assert items.row(ids[1])["metadata"]["caption"]  # the chunks before the crash are written
     assert "caption" not in items.row(ids[3])["metadata"]
 

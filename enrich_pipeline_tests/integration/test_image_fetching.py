@@ -45,8 +45,6 @@ class ServerState:
     release: threading.Event = field(default_factory=threading.Event)
 
 
-
-
 _JPEG = noisy_jpeg()
 
 
@@ -391,4 +389,3 @@ def test_https_to_pinned_ip_keeps_sni_and_verifies_the_name(
     monkeypatch.setattr(images.urllib3, "HTTPSConnectionPool", trusting)
     assert load_image(url, ONLY_LOOPBACK_EXEMPT).image.size == (64, 48)
     assert server_names[-1] == "images.example.test"
-

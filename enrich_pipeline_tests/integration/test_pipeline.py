@@ -183,9 +183,7 @@ def test_metadata_that_is_not_an_object_fails_clearly_and_is_left_alone(
     assert standin.count("chat") == 0  # nothing paid for a row that cannot be written
 
 
-def test_concurrent_claims_never_share_a_row(
-    items: Items, store: Store, image_dir: Path
-) -> None:
+def test_concurrent_claims_never_share_a_row(items: Items, store: Store, image_dir: Path) -> None:
     ids = [items.add("alice", str(image_dir / "blue.jpg")) for _ in range(6)]
     a, a_skipped = store.items.claim("alice", ids, worker="a", lease_seconds=60, max_attempts=3)
     b, b_skipped = store.items.claim("alice", ids, worker="b", lease_seconds=60, max_attempts=3)

@@ -221,8 +221,16 @@ def test_processes_share_the_budget_through_the_database(
     }
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "enrich_pipeline.cli.captions", "--user-id", user,
-             "--concurrent", "8", "--quiet"],
+            [
+                sys.executable,
+                "-m",
+                "enrich_pipeline.cli.captions",
+                "--user-id",
+                user,
+                "--concurrent",
+                "8",
+                "--quiet",
+            ],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -295,4 +295,3 @@ def test_metadata_endpoints_stay_refused_with_private_networks_open(url: str) ->
         load_image(url, policy)
     # Refused before any connection is attempted: nothing leaves this machine.
     assert err.value.code == "blocked_address" and "cloud metadata" in str(err.value)
-

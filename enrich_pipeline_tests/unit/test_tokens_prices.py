@@ -126,12 +126,18 @@ def test_list_prices_follow_the_region_of_the_base_url() -> None:
 def test_an_unknown_host_has_no_estimate_unless_enrich_prices_gives_one() -> None:
     usage = {"prompt_tokens": 1000, "completion_tokens": 100, "embedding_tokens": 50}
     bare = price_table(LOCAL)
-    assert estimate_cost(
-        usage, vision_model="qwen3-vl-plus", embedding_model="text-embedding-v4", prices=bare
-    ) is None
+    assert (
+        estimate_cost(
+            usage, vision_model="qwen3-vl-plus", embedding_model="text-embedding-v4", prices=bare
+        )
+        is None
+    )
     given = load_prices(
-        {"DASHSCOPE_BASE_URL": LOCAL, "ENRICH_PRICES": '{"qwen3-vl-plus": [2, 4], '
-         '"text-embedding-v4": [1, 0], "currency": "eur"}'}
+        {
+            "DASHSCOPE_BASE_URL": LOCAL,
+            "ENRICH_PRICES": '{"qwen3-vl-plus": [2, 4], '
+            '"text-embedding-v4": [1, 0], "currency": "eur"}',
+        }
     )
     assert given.currency == "EUR" and given.region is None
     assert estimate_cost(

@@ -218,5 +218,3 @@ def _collect(
     if final is not None:
         out.batch = final
     return out
-
-

@@ -104,5 +104,3 @@ def cancel_batch(store: Store, settings: DashScopeSettings, ref: str) -> BatchRe
     batch = BatchClients(settings).get(record.base_url).cancel(record.batch_id)
     updated = store.batches.update(record.local_id, expect_state=OPEN, **batch_fields(batch))
     return updated or record
-
-

@@ -317,5 +317,3 @@ def _submit_part(
             f"batch {batch.id} was cancelled and its rows are pending again"
         )
     return record
-
-
