@@ -22,9 +22,8 @@ stricter reading; the docs do not say) but are never below one request (one toke
 ``per_second=False`` keeps only the minute windows (the older behaviour, for servers that count
 only minutes, e.g. a local vLLM behind a proxy with an RPM cap).
 
-``RateLimiter.record`` books a send that was paced elsewhere (the shared account budget, see
-``providers/quota.py``) so that, should that budget become unreachable, this limiter goes on
-from a true history.
+Several processes share one account's quota through ``providers/quota.py``, which uses this
+limiter's spacing for its schedule and this limiter as the fallback when that budget is away.
 """
 
 from __future__ import annotations
@@ -207,10 +206,3 @@ class RateLimiter:
         with self._lock:
             self._next_request = max(self._next_request, until)
             self._next_token = max(self._next_token, until)
-
-    def record(self, tokens: float = 0) -> None:
-        """Book a send that was paced elsewhere, now, without waiting."""
-        if not self._windows:
-            return
-        with self._lock:
-            self._take(tokens, self._clock())

@@ -151,13 +151,14 @@ def test_requests_and_tokens_together_the_tighter_one_binds() -> None:
     assert 5.0 <= rate <= 16_666 / 2500
 
 
-def test_record_books_a_send_paced_elsewhere() -> None:
+def test_defer_starts_the_schedule_later() -> None:
     lim, clock = limiter(600)
-    for _ in range(10):
-        lim.record()
+    lim.defer(2.0)  # slots already given out elsewhere until then
     lim.acquire()
-    # The ten recorded sends filled the second: the next waits for the spacing after them.
-    assert clock.now == pytest.approx(1.05 + FIRST_CALL_ALLOWANCE, abs=1e-6)
+    assert clock.now == pytest.approx(2.0)
+    lim.acquire()
+    assert clock.now == pytest.approx(2.0 + 0.105 + FIRST_CALL_ALLOWANCE)
+    assert lim.next_free() == pytest.approx(clock.now + 0.105)
 
 
 def test_per_second_off_keeps_only_the_minute() -> None:
