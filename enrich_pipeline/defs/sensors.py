@@ -141,7 +141,7 @@ def plan_runs(
     """Runs for the ``wanted`` partitions (key -> pending rows), in partition order, at most
     ``budget``. One run each when they fit the budget; otherwise small users share ranges of
     consecutive partitions that avoid ``blocked`` keys (held elsewhere, or pending but
-    unchanged)."""
+    unchanged), and the fullest runs are chosen."""
     if budget <= 0 or not wanted:
         return []
     ordered = [k for k in order if k in wanted]
@@ -159,14 +159,11 @@ def plan_runs(
         current, gap, rows = [], [], 0
 
     for key in order:
-        if len(runs) >= budget:
-            break
         if key in wanted:
             n = wanted[key]
             if n >= bundle_rows:
                 close()
-                if len(runs) < budget:
-                    runs.append(Planned((key,), n))
+                runs.append(Planned((key,), n))
                 continue
             if current and (rows + n > bundle_rows or len(current) + len(gap) + 1 > bundle_users):
                 close()
@@ -180,9 +177,19 @@ def plan_runs(
             gap.append(key)
             if len(gap) > MAX_GAP:
                 close()
-    if len(runs) < budget:
-        close()
-    return runs[:budget]
+    close()
+    # The fullest runs first (a few users left over here and there must not take the places of
+    # full ones), then in partition order.
+    chosen = sorted(range(len(runs)), key=lambda i: -runs[i].rows)[:budget]
+    return [runs[i] for i in sorted(chosen)]
+
+
+def _quota_is_shared(api: DashScopeSettings, *, embedded: bool) -> bool:
+    """Whether every process already paces on one budget per model (the provider layer's
+    shared quota, ``ENRICH_SHARED_QUOTA``, where the settings tree has it: on by default with a
+    configured database). Then runs must not split the quota among themselves as well."""
+    shared = getattr(api, "shared_quota", False)
+    return (not embedded) if shared is None else bool(shared)
 
 
 def _run_config(concurrent: int, rpm: int | None) -> dict:
@@ -232,9 +239,11 @@ def pending_rows_sensor(context: SensorEvaluationContext, adbpg: AdbpgResource):
         # sensor and its runs agree on which rows are given up.
         max_attempts = RunSettings.from_env().max_attempts
         automation = AutomationSettings.from_env()
-        quota = DashScopeSettings.from_env().requests_per_minute
+        api = DashScopeSettings.from_env()
         layer = dagster_settings()
-        fingerprints = adbpg.store.items.pending_fingerprints(max_attempts)
+        store = adbpg.store
+        fingerprints = store.items.pending_fingerprints(max_attempts)
+        shared = _quota_is_shared(api, embedded=store.settings.embedded)
     except (psycopg.Error, ConfigError) as exc:
         # A database that is down is a reason to skip, not a crash: the next tick tries again.
         return retry_later("database unreachable", exc)
@@ -247,6 +256,7 @@ def pending_rows_sensor(context: SensorEvaluationContext, adbpg: AdbpgResource):
     if not changed:
         return SkipReason("pending rows unchanged since the last requested runs")
 
+    queried = time.perf_counter()
     instance = context.instance
     order = PartitionOrder.of(instance)
     new_keys = sorted(k for k in keys if k not in order.index)
@@ -265,21 +275,29 @@ def pending_rows_sensor(context: SensorEvaluationContext, adbpg: AdbpgResource):
         bundle_rows=layer.bundle_rows,
         bundle_users=layer.bundle_users,
     )
-    # The quota is the account's: runs at once share it.
+    # The quota is the account's: runs at once share it, unless the provider layer already
+    # paces every process on one shared budget.
+    quota = api.requests_per_minute
     at_once = min(automation.max_concurrent_runs, active + len(planned))
-    rpm = quota // at_once if quota and at_once > 1 else None
+    rpm = quota // at_once if quota and at_once > 1 and not shared else None
     requests = [_request(p, keys, layer.sensor_concurrent, rpm) for p in planned]
     requested = {k for p in planned for k in p.keys if k in changed}
+    # Only the partitions of the runs requested now are added (Dagster's daemon checks each
+    # key on its own: 10,000 at once took it 90 s); the others come with their runs.
+    spanned = {k for p in planned for k in p.keys}
+    new_keys = [k for k in new_keys if k in spanned]
     for key in requested:
         seen.add(key, keys[key])
     cursor = seen.kept(keys.items()).dumps()
     waiting_busy = len(set(changed) & set(busy))
     waiting_budget = len(set(counts) - requested)
-    elapsed = (time.perf_counter() - started) * 1000
+    now = time.perf_counter()
+    elapsed = (now - started) * 1000
     context.log.info(
         f"{len(keys)} user(s) pending, {len(changed)} changed: {len(requests)} run(s) for "
         f"{len(requested)} user(s); {waiting_busy} held by another run, {waiting_budget} left "
-        f"for later ticks (budget {budget}); {elapsed:.0f} ms, cursor {len(cursor)} B"
+        f"for later ticks (budget {budget}); {elapsed:.0f} ms (database "
+        f"{(queried - started) * 1000:.0f} ms), cursor {len(cursor)} B"
     )
     if requests:
         skip = None

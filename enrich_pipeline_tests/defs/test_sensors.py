@@ -252,13 +252,14 @@ def test_ten_thousand_users_one_tick_requests_a_bounded_number_of_runs(
 ) -> None:
     """Issue 13's measurement: 10,000 users with 3 pending rows each. Timing is the benchmark's
     business (``benchmarks``); here: the tick requests a bounded number of shared runs, adds
-    every partition, and keeps a small cursor."""
+    the partitions of the users it requests, and keeps a small cursor."""
     seed_users(items, 10_000, 3)
     instance = DagsterInstance.ephemeral()
     result = tick(instance)
     assert isinstance(result, SensorResult)
-    assert len(added(result)) == 10_000
     assert len(result.run_requests) == 8  # twice the default 4 runs at once
+    # Partitions come with their runs: Dagster's daemon adds keys one check at a time.
+    assert len(added(result)) == 8 * 166
     assert all(not r.partition_key for r in result.run_requests)
     order = added(result)
     spans = [
