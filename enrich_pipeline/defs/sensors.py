@@ -14,12 +14,12 @@ How many runs, and of what:
 - When every changed user fits in that budget, each gets a run of its own (partition key
   ``<user>``, run key ``<partition>|<count>-<newest updated_at>-<attempts>``: new rows make a new
   key, since Dagster remembers run keys forever, while an unchanged set never runs twice).
-- When there are more, users with fewer than ``ENRICH_BUNDLE_ROWS`` (500) pending rows share a
-  run: a run over a range of consecutive user partitions (at most ``ENRICH_BUNDLE_USERS``, 200,
-  and about ``ENRICH_BUNDLE_ROWS`` rows), which still records one materialization per user with
-  that user's own figures. A larger user keeps a run of its own. A range never spans a user that
-  is held elsewhere or whose rows did not change; it may span a few partitions with nothing
-  pending (their materialization then says so).
+- When there are more, users with fewer than ``ENRICH_BUNDLE_ROWS`` (2,000) pending rows share
+  a run: a run over a range of consecutive user partitions (at most ``ENRICH_BUNDLE_USERS``,
+  1,000, and about ``ENRICH_BUNDLE_ROWS`` rows), which still records one materialization per
+  user with that user's own figures. A larger user keeps a run of its own. A range never spans
+  a user that is held elsewhere or whose rows did not change; it may span a few partitions with
+  nothing pending (their materialization then says so). The fullest runs are chosen first.
 
 The runs it requests call the model with ``ENRICH_SENSOR_CONCURRENT`` calls in flight (16), and
 when several run at once each gets an equal share of ``DASHSCOPE_RPM`` (the quota is the
@@ -282,10 +282,11 @@ def pending_rows_sensor(context: SensorEvaluationContext, adbpg: AdbpgResource):
     rpm = quota // at_once if quota and at_once > 1 and not shared else None
     requests = [_request(p, keys, layer.sensor_concurrent, rpm) for p in planned]
     requested = {k for p in planned for k in p.keys if k in changed}
-    # Only the partitions of the runs requested now are added (Dagster's daemon checks each
-    # key on its own: 10,000 at once took it 90 s); the others come with their runs.
-    spanned = {k for p in planned for k in p.keys}
-    new_keys = [k for k in new_keys if k in spanned]
+    # New users' partitions are added here, in one statement, before their runs are
+    # requested: returned as a dynamic-partitions request instead, Dagster's daemon checks and
+    # adds them one key at a time (10,000 keys took it 90 s before it launched a run).
+    if new_keys:
+        instance.add_dynamic_partitions(users_partitions.name, new_keys)
     for key in requested:
         seen.add(key, keys[key])
     cursor = seen.kept(keys.items()).dumps()
@@ -305,14 +306,7 @@ def pending_rows_sensor(context: SensorEvaluationContext, adbpg: AdbpgResource):
         skip = SkipReason(f"{waiting_busy} user(s) with new rows already have a run in flight")
     else:
         skip = SkipReason(f"the run queue is full ({active} run(s) queued or running)")
-    return SensorResult(
-        run_requests=requests,
-        dynamic_partitions_requests=[users_partitions.build_add_request(new_keys)]
-        if new_keys
-        else [],
-        cursor=cursor,
-        skip_reason=skip,
-    )
+    return SensorResult(run_requests=requests, cursor=cursor, skip_reason=skip)
 
 
 __all__ = ["Seen", "pending_rows_sensor", "plan_runs"]
