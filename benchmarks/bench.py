@@ -741,7 +741,7 @@ def _records_filter(asset: Any, key: str) -> Any:
 
 _TICK = re.compile(
     r"pending_rows_sensor - (\d+) user\(s\) pending, (\d+) changed: (\d+) run\(s\) for (\d+)"
-    r" user\(s\).*?; (\d+) ms, cursor (\d+) B"
+    r" user\(s\).*?; (\d+) ms \(database (\d+) ms\), cursor (\d+) B"
 )
 
 
@@ -754,7 +754,8 @@ def _sensor_ticks(log: str) -> list[dict[str, int]]:
             "runs": int(m[3]),
             "users_requested": int(m[4]),
             "ms": int(m[5]),
-            "cursor_bytes": int(m[6]),
+            "database_ms": int(m[6]),
+            "cursor_bytes": int(m[7]),
         }
         for m in _TICK.finditer(log)
     ]
@@ -1085,7 +1086,9 @@ def build_report(plan: Plan, results: dict[str, Any]) -> Report:
         report.add(
             Figure(
                 sec,
-                f"all {u['rows']:,} rows captioned after",
+                f"all {u['rows']:,} rows captioned after"
+                if after is not None
+                else f"stopped after, with {u['uncaptioned']:,} rows left",
                 after if after is not None else u["wall_s"],
                 "s",
                 3000.0,

@@ -44,7 +44,7 @@ class DagsterSettings(_Settings):
     failure check warns, how a dead run is noticed."""
 
     bundle_rows: int = setting(
-        500,
+        2000,
         "a user with fewer pending rows than this shares a run with other such users, up to "
         "this many rows a run (one run per user above it)",
         env="ENRICH_BUNDLE_ROWS",
@@ -52,7 +52,7 @@ class DagsterSettings(_Settings):
         le=1_000_000,
     )
     bundle_users: int = setting(
-        200, "user partitions in one shared run at most", env="ENRICH_BUNDLE_USERS", ge=1, le=5000
+        1000, "user partitions in one shared run at most", env="ENRICH_BUNDLE_USERS", ge=1, le=5000
     )
     runs_per_tick: int = setting(
         0,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,18 +48,38 @@ class Overlap(Enum):
 
 
 class CallPool:
-    """``workers`` threads taking calls in priority order (lowest first, then FIFO)."""
+    """``workers`` threads taking calls in priority order (lowest first, then FIFO).
 
-    def __init__(self, workers: int, name: str = "enrich-call") -> None:
+    With ``rate`` (the calls a second the run may send: its share of the quota), no more calls
+    are in flight than that rate can use: ``rate`` x the calls' mean duration (Little's law),
+    between 1 and ``workers``. A run given a quarter of the quota then sends a quarter, evenly,
+    instead of ``workers`` calls at once that the provider answers with 429 (DashScope also
+    counts each second). A call function returns True when it reached the provider (a cache hit
+    says nothing about latency).
+    """
+
+    def __init__(self, workers: int, name: str = "enrich-call", rate: float | None = None) -> None:
         self._queue: queue.PriorityQueue[tuple[int, int, Any]] = queue.PriorityQueue()
         self._seq = itertools.count()
         self._closed = False
+        self.workers = max(1, workers)
+        self.rate = rate if rate and rate > 0 else None
+        self._gate = threading.Condition()
+        self._in_flight = 0
+        self._mean: float | None = None  # seconds a call takes, smoothed
+        self.limit = self._limit()
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}-{n}", daemon=True)
-            for n in range(max(1, workers))
+            for n in range(self.workers)
         ]
         for thread in self._threads:
             thread.start()
+
+    def _limit(self) -> int:
+        if self.rate is None:
+            return self.workers
+        mean = 1.0 if self._mean is None else self._mean  # a first guess until calls come back
+        return max(1, min(self.workers, round(self.rate * mean)))
 
     def submit(self, priority: int, fn: Callable[[], T]) -> Future[T]:
         future: Future[T] = Future()
@@ -76,10 +97,26 @@ class CallPool:
             fn, future = job
             if not future.set_running_or_notify_cancel():
                 continue
+            with self._gate:
+                self._gate.wait_for(lambda: self._in_flight < self.limit)
+                self._in_flight += 1
+            started = time.monotonic()
+            reached = False
             try:
-                future.set_result(fn())
+                value = fn()
+                reached = value is True
+                future.set_result(value)
             except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on it
+                reached = True
                 future.set_exception(exc)
+            finally:
+                with self._gate:
+                    self._in_flight -= 1
+                    if reached:
+                        took = time.monotonic() - started
+                        self._mean = took if self._mean is None else 0.8 * self._mean + 0.2 * took
+                        self.limit = self._limit()
+                    self._gate.notify_all()
 
     def cancel_pending(self) -> None:
         """Cancel every call not started yet (after a fatal error)."""
@@ -113,7 +150,8 @@ class Lookahead(Generic[S]):
     """One run's work ahead of its steps. ``S`` is the loaded chunk (a ``ChunkState``).
 
     ``load(spec)`` claims and loads a chunk; ``calls(state)`` returns the chunk's caption calls
-    as zero-argument functions (one per item); ``release(state)`` gives its claims back.
+    as zero-argument functions (one per item, True when it reached the provider);
+    ``release(state)`` gives its claims back; ``rate`` caps the calls in flight (``CallPool``).
     """
 
     def __init__(
@@ -123,15 +161,16 @@ class Lookahead(Generic[S]):
         mode: Overlap,
         concurrent: int,
         load: Callable[[Any], S],
-        calls: Callable[[S], list[Callable[[], None]]],
+        calls: Callable[[S], list[Callable[[], Any]]],
         release: Callable[[S], None],
+        rate: float | None = None,
     ) -> None:
         self.specs = list(specs)
         self.mode = mode
         self._load = load
         self._calls = calls
         self._release = release
-        self._pool = CallPool(concurrent, "enrich-caption")
+        self._pool = CallPool(concurrent, "enrich-caption", rate=rate)
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="enrich-lookahead")
         self._ahead: dict[int, _Ahead[S]] = {}
         self._started: dict[int, list[Future[Any]]] = {}

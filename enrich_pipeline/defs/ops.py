@@ -35,7 +35,7 @@ from enrich_pipeline.defs.metadata import UserRun, partition_metadata, share_usa
 from enrich_pipeline.defs.partitions import key_to_user
 from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
 from enrich_pipeline.defs.runs import PartitionOrder, users_in_flight
-from enrich_pipeline.enrichment.records import Provenance
+from enrich_pipeline.enrichment.records import Provenance, WorkItem
 from enrich_pipeline.pipeline import stages
 from enrich_pipeline.pipeline.broker import CaptionBroker
 from enrich_pipeline.pipeline.stats import ChunkResult, RunStats
@@ -259,10 +259,12 @@ def _caption_calls(
         )
         broker.prefetch(w.content_sha256 for w in live if w.content_sha256)
         vocabulary = dashscope.vocabulary
-        return [
-            (lambda w=w: stages.caption_item(w, broker, vocabulary))  # type: ignore[misc]
-            for w in live
-        ]
+
+        def one(work: WorkItem) -> bool:
+            stages.caption_item(work, broker, vocabulary)
+            return not work.from_cache  # it reached the provider (or failed trying)
+
+        return [(lambda w=w: one(w)) for w in live]  # type: ignore[misc]
 
     return calls
 
@@ -335,10 +337,13 @@ def pending_rows(
             else:
                 parts.append((user, (item_id,)))
         specs.append(ChunkSpec(n, tuple(parts), run, config.overlap))
+    rpm = dashscope.settings.requests_per_minute
     scope.lookahead = Lookahead(
         specs,
         mode=config.overlap,
         concurrent=run.concurrent,
+        # No more calls in flight than the run's quota can use (sensor runs share the quota).
+        rate=rpm / 60 if rpm and not dashscope.provider.offline else None,
         load=_loader(adbpg, dashscope, context.run_id),
         calls=_caption_calls(adbpg, dashscope),
         release=lambda state: _release_parts(adbpg, state),

@@ -9,6 +9,7 @@ without showing its value; they never appear in run config or the launchpad.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 from dagster import ConfigurableResource, InitResourceContext
@@ -27,6 +28,8 @@ from enrich_pipeline.settings import (
     Settings,
     describe,
 )
+
+_OPENING = threading.Lock()
 
 
 def _unset(model: type, name: str) -> Any:
@@ -74,7 +77,11 @@ class AdbpgResource(ConfigurableResource):
     def store(self) -> Store:
         """The store, connected on first use so a sensor can turn "database down" into a skip."""
         if self._store is None:
-            self._store = open_store(Settings.from_env(given={"db": self.db_settings()}))
+            # One first setup at a time in a process: the sensors tick in threads, and two
+            # first setups at once (migrations, the pending-rows index) can deadlock.
+            with _OPENING:
+                if self._store is None:
+                    self._store = open_store(Settings.from_env(given={"db": self.db_settings()}))
         return self._store
 
 

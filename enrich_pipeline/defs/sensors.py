@@ -14,12 +14,12 @@ How many runs, and of what:
 - When every changed user fits in that budget, each gets a run of its own (partition key
   ``<user>``, run key ``<partition>|<count>-<newest updated_at>-<attempts>``: new rows make a new
   key, since Dagster remembers run keys forever, while an unchanged set never runs twice).
-- When there are more, users with fewer than ``ENRICH_BUNDLE_ROWS`` (500) pending rows share a
-  run: a run over a range of consecutive user partitions (at most ``ENRICH_BUNDLE_USERS``, 200,
-  and about ``ENRICH_BUNDLE_ROWS`` rows), which still records one materialization per user with
-  that user's own figures. A larger user keeps a run of its own. A range never spans a user that
-  is held elsewhere or whose rows did not change; it may span a few partitions with nothing
-  pending (their materialization then says so).
+- When there are more, users with fewer than ``ENRICH_BUNDLE_ROWS`` (2,000) pending rows share
+  a run: a run over a range of consecutive user partitions (at most ``ENRICH_BUNDLE_USERS``,
+  1,000, and about ``ENRICH_BUNDLE_ROWS`` rows), which still records one materialization per
+  user with that user's own figures. A larger user keeps a run of its own. A range never spans
+  a user that is held elsewhere or whose rows did not change; it may span a few partitions with
+  nothing pending (their materialization then says so). The fullest runs are chosen first.
 
 The runs it requests call the model with ``ENRICH_SENSOR_CONCURRENT`` calls in flight (16), and
 when several run at once each gets an equal share of ``DASHSCOPE_RPM`` (the quota is the
@@ -141,7 +141,7 @@ def plan_runs(
     """Runs for the ``wanted`` partitions (key -> pending rows), in partition order, at most
     ``budget``. One run each when they fit the budget; otherwise small users share ranges of
     consecutive partitions that avoid ``blocked`` keys (held elsewhere, or pending but
-    unchanged)."""
+    unchanged), and the fullest runs are chosen."""
     if budget <= 0 or not wanted:
         return []
     ordered = [k for k in order if k in wanted]
@@ -159,14 +159,11 @@ def plan_runs(
         current, gap, rows = [], [], 0
 
     for key in order:
-        if len(runs) >= budget:
-            break
         if key in wanted:
             n = wanted[key]
             if n >= bundle_rows:
                 close()
-                if len(runs) < budget:
-                    runs.append(Planned((key,), n))
+                runs.append(Planned((key,), n))
                 continue
             if current and (rows + n > bundle_rows or len(current) + len(gap) + 1 > bundle_users):
                 close()
@@ -180,9 +177,19 @@ def plan_runs(
             gap.append(key)
             if len(gap) > MAX_GAP:
                 close()
-    if len(runs) < budget:
-        close()
-    return runs[:budget]
+    close()
+    # The fullest runs first (a few users left over here and there must not take the places of
+    # full ones), then in partition order.
+    chosen = sorted(range(len(runs)), key=lambda i: -runs[i].rows)[:budget]
+    return [runs[i] for i in sorted(chosen)]
+
+
+def _quota_is_shared(api: DashScopeSettings, *, embedded: bool) -> bool:
+    """Whether every process already paces on one budget per model (the provider layer's
+    shared quota, ``ENRICH_SHARED_QUOTA``, where the settings tree has it: on by default with a
+    configured database). Then runs must not split the quota among themselves as well."""
+    shared = getattr(api, "shared_quota", False)
+    return (not embedded) if shared is None else bool(shared)
 
 
 def _run_config(concurrent: int, rpm: int | None) -> dict:
@@ -233,14 +240,10 @@ def pending_rows_sensor(context: SensorEvaluationContext, adbpg: AdbpgResource):
         max_attempts = RunSettings.from_env().max_attempts
         automation = AutomationSettings.from_env()
         api = DashScopeSettings.from_env()
-        quota = api.requests_per_minute
-        # With the shared budget in the database the runs pace together; without it (the
-        # embedded demo, or ENRICH_SHARED_QUOTA=false) each run gets its share of the quota.
-        shared = (
-            api.shared_quota if api.shared_quota is not None else not adbpg.store.settings.embedded
-        )
         layer = dagster_settings()
-        fingerprints = adbpg.store.items.pending_fingerprints(max_attempts)
+        store = adbpg.store
+        fingerprints = store.items.pending_fingerprints(max_attempts)
+        shared = _quota_is_shared(api, embedded=store.settings.embedded)
     except (psycopg.Error, ConfigError) as exc:
         # A database that is down is a reason to skip, not a crash: the next tick tries again.
         return retry_later("database unreachable", exc)
@@ -253,6 +256,7 @@ def pending_rows_sensor(context: SensorEvaluationContext, adbpg: AdbpgResource):
     if not changed:
         return SkipReason("pending rows unchanged since the last requested runs")
 
+    queried = time.perf_counter()
     instance = context.instance
     order = PartitionOrder.of(instance)
     new_keys = sorted(k for k in keys if k not in order.index)
@@ -271,21 +275,30 @@ def pending_rows_sensor(context: SensorEvaluationContext, adbpg: AdbpgResource):
         bundle_rows=layer.bundle_rows,
         bundle_users=layer.bundle_users,
     )
-    # The quota is the account's: runs at once share it.
+    # The quota is the account's: runs at once share it, unless the provider layer already
+    # paces every process on one shared budget.
+    quota = api.requests_per_minute
     at_once = min(automation.max_concurrent_runs, active + len(planned))
     rpm = quota // at_once if quota and at_once > 1 and not shared else None
     requests = [_request(p, keys, layer.sensor_concurrent, rpm) for p in planned]
     requested = {k for p in planned for k in p.keys if k in changed}
+    # New users' partitions are added here, in one statement, before their runs are
+    # requested: returned as a dynamic-partitions request instead, Dagster's daemon checks and
+    # adds them one key at a time (10,000 keys took it 90 s before it launched a run).
+    if new_keys:
+        instance.add_dynamic_partitions(users_partitions.name, new_keys)
     for key in requested:
         seen.add(key, keys[key])
     cursor = seen.kept(keys.items()).dumps()
     waiting_busy = len(set(changed) & set(busy))
     waiting_budget = len(set(counts) - requested)
-    elapsed = (time.perf_counter() - started) * 1000
+    now = time.perf_counter()
+    elapsed = (now - started) * 1000
     context.log.info(
         f"{len(keys)} user(s) pending, {len(changed)} changed: {len(requests)} run(s) for "
         f"{len(requested)} user(s); {waiting_busy} held by another run, {waiting_budget} left "
-        f"for later ticks (budget {budget}); {elapsed:.0f} ms, cursor {len(cursor)} B"
+        f"for later ticks (budget {budget}); {elapsed:.0f} ms (database "
+        f"{(queried - started) * 1000:.0f} ms), cursor {len(cursor)} B"
     )
     if requests:
         skip = None
@@ -293,14 +306,7 @@ def pending_rows_sensor(context: SensorEvaluationContext, adbpg: AdbpgResource):
         skip = SkipReason(f"{waiting_busy} user(s) with new rows already have a run in flight")
     else:
         skip = SkipReason(f"the run queue is full ({active} run(s) queued or running)")
-    return SensorResult(
-        run_requests=requests,
-        dynamic_partitions_requests=[users_partitions.build_add_request(new_keys)]
-        if new_keys
-        else [],
-        cursor=cursor,
-        skip_reason=skip,
-    )
+    return SensorResult(run_requests=requests, cursor=cursor, skip_reason=skip)
 
 
 __all__ = ["Seen", "pending_rows_sensor", "plan_runs"]

@@ -195,3 +195,45 @@ def test_offline_demo_metadata_says_no_model_was_called(
     assert row["caption"] == "A blue chair drawn as a flat silhouette on a white background."
     assert "chair" in row["object_tags"] and "laptop" not in row["object_tags"]
     assert row["style_tags"] == [] and "blue" in row["dominant_colors"]
+
+
+def test_call_pool_keeps_no_more_calls_in_flight_than_its_rate_can_use() -> None:
+    """A run given 10 calls a second, of 0.2 s each, needs 2 in flight (Little's law), not its
+    16 workers: sending 16 at once is what a provider counting each second answers with 429."""
+    import threading
+    import time as clock
+
+    from enrich_pipeline.defs.lookahead import CallPool
+
+    lock = threading.Lock()
+    state = {"now": 0, "most": 0}
+
+    def call() -> bool:
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        clock.sleep(0.2)
+        with lock:
+            state["now"] -= 1
+        return True
+
+    pool = CallPool(16, rate=10.0)
+    try:
+        first = [pool.submit(0, call) for _ in range(4)]
+        for f in first:
+            f.result()
+        state["most"] = 0  # after the first guess (1 s a call), the measured 0.2 s
+        started = clock.monotonic()
+        rest = [pool.submit(0, call) for _ in range(20)]
+        for f in rest:
+            f.result()
+        took = clock.monotonic() - started
+    finally:
+        pool.close()
+    assert pool.limit == 2 and state["most"] <= 3
+    assert 1.6 < took < 4.0  # about 20 calls at 10 a second
+    unlimited = CallPool(16)
+    try:
+        assert unlimited.limit == 16
+    finally:
+        unlimited.close()
