@@ -85,51 +85,6 @@ class SummaryRows:
         found = {str(r[0]): UserItems(str(r[0]), *(int(v or 0) for v in r[1:])) for r in rows}
         return {u: found.get(u, UserItems(u)) for u in wanted}
 
-    def check_figures(self, users: Iterable[str], *, dimensions: int) -> dict[str, dict[str, int]]:
-        """The asset checks' figures for many users at once (a shared run's partitions), as
-        ``ItemRows.check_partition`` gives them for one: pending rows neither claimed nor in
-        the failure ledger, embeddings and those of other dimensions, failures recorded."""
-        wanted = sorted(set(users))
-        if not wanted:
-            return {}
-        pending_sql = sql.SQL(
-            "SELECT i.user_id, count(*) FROM {items} i WHERE i.user_id = ANY(%(users)s::text[])"
-            " AND i.status = 'active' AND COALESCE(i.metadata->>'caption', '') = ''"
-            " AND i.image IS NOT NULL AND i.image <> ''"
-            " AND NOT EXISTS (SELECT 1 FROM {f} f WHERE f.source_table = %(src)s"
-            " AND f.item_id = i.id::text)"
-            " AND NOT EXISTS (SELECT 1 FROM {c} c WHERE c.source_table = %(src)s"
-            " AND c.item_id = i.id::text AND c.expires_at > now())"
-            " GROUP BY i.user_id"
-        ).format(
-            items=self.db.items,
-            f=self.db.t("enrich_failures"),
-            c=self.db.t("enrich_claims"),
-        )
-        embed_sql = sql.SQL(
-            "SELECT user_id, count(*), sum(CASE WHEN array_length(embedding, 1) IS DISTINCT FROM"
-            " %(dims)s OR dimensions <> %(dims)s THEN 1 ELSE 0 END) FROM {e}"
-            " WHERE source_table = %(src)s AND user_id = ANY(%(users)s::text[]) GROUP BY user_id"
-        ).format(e=self.db.t("enrich_embeddings"))
-        failed_sql = sql.SQL(
-            "SELECT user_id, count(*) FROM {f} WHERE source_table = %(src)s"
-            " AND user_id = ANY(%(users)s::text[]) GROUP BY user_id"
-        ).format(f=self.db.t("enrich_failures"))
-        params = {"src": self.db.source_table, "users": wanted, "dims": dimensions}
-        with self.db.connection() as conn:
-            pending = dict(conn.execute(pending_sql, params).fetchall())
-            embeddings = {r[0]: (r[1], r[2]) for r in conn.execute(embed_sql, params)}
-            failed = dict(conn.execute(failed_sql, params).fetchall())
-        return {
-            u: {
-                "pending_unrecorded": int(pending.get(u, 0)),
-                "embeddings": int(embeddings.get(u, (0, 0))[0]),
-                "embeddings_wrong_dimensions": int(embeddings.get(u, (0, 0))[1] or 0),
-                "failures_recorded": int(failed.get(u, 0)),
-            }
-            for u in wanted
-        }
-
     def existing_users(self, users: Iterable[str]) -> set[str]:
         """The listed user ids that have at least one row in the items table."""
         wanted = sorted(set(users))

@@ -55,12 +55,10 @@ def _per_partition(
 
 
 def _figures(adbpg: AdbpgResource, keys: list[str], dims: int) -> dict[str, dict[str, int]]:
-    """The checks' figures per partition: the store's own query for one user, one grouped query
-    for a shared run's many (three statements, not three per user)."""
-    if len(keys) == 1:
-        return {keys[0]: adbpg.store.items.check_partition(key_to_user(keys[0]), dims)}
+    """The checks' figures per partition, in three grouped statements however many users the
+    run covers (not three per user)."""
     users = {key_to_user(k): k for k in keys}
-    figures = adbpg.store.summary.check_figures(users, dimensions=dims)
+    figures = adbpg.store.items.check_partitions(users, dims)
     return {users[u]: f for u, f in figures.items()}
 
 

@@ -20,10 +20,15 @@ How many runs, and of what:
   user with that user's own figures. A larger user keeps a run of its own. A range never spans
   a user that is held elsewhere or whose rows did not change; it may span a few partitions with
   nothing pending (their materialization then says so). The fullest runs are chosen first.
+- On a cold start (no run of the job queued or running) the first runs are staggered: of the
+  ``ENRICH_MAX_CONCURRENT_RUNS`` runs that start together, the first shared ones take 1/4, 2/4,
+  3/4 of their rows (with 4), so they end one after another and each one's last steps overlap
+  the others' model calls (``plan_runs``).
 
-The runs it requests call the model with ``ENRICH_SENSOR_CONCURRENT`` calls in flight (16), and
-when several run at once each gets an equal share of ``DASHSCOPE_RPM`` (the quota is the
-account's, not the run's).
+The runs it requests call the model with ``ENRICH_SENSOR_CONCURRENT`` calls in flight (16). The
+quota is the account's, not the run's: where the provider layer's shared budget paces every
+process (``ENRICH_SHARED_QUOTA``) the runs use it; otherwise each of the runs at once gets an
+equal share of ``DASHSCOPE_RPM``.
 
 The cursor remembers, for every user still pending, a 6-byte digest of (partition, fingerprint)
 that was requested: about 80 KB for 10,000 users instead of a JSON map several times that.
@@ -137,11 +142,19 @@ def plan_runs(
     budget: int,
     bundle_rows: int,
     bundle_users: int,
+    stagger: int = 0,
 ) -> list[Planned]:
     """Runs for the ``wanted`` partitions (key -> pending rows), in partition order, at most
     ``budget``. One run each when they fit the budget; otherwise small users share ranges of
     consecutive partitions that avoid ``blocked`` keys (held elsewhere, or pending but
-    unchanged), and the fullest runs are chosen."""
+    unchanged), and the fullest runs are chosen.
+
+    ``stagger`` (the runs that start at once, on a cold start): the first ``stagger - 1``
+    shared runs keep only 1/stagger, 2/stagger, ... of their rows, so that the runs that start
+    together end one after another. Equal runs started together would also end together, and
+    their last steps (a materialization and three check evaluations per user) would then leave
+    the quota idle; staggered, one run's last steps overlap the others' calls, and the runs
+    started after them inherit the offsets."""
     if budget <= 0 or not wanted:
         return []
     ordered = [k for k in order if k in wanted]
@@ -181,7 +194,24 @@ def plan_runs(
     # The fullest runs first (a few users left over here and there must not take the places of
     # full ones), then in partition order.
     chosen = sorted(range(len(runs)), key=lambda i: -runs[i].rows)[:budget]
-    return [runs[i] for i in sorted(chosen)]
+    picked = [runs[i] for i in sorted(chosen)]
+    for n in range(min(stagger - 1, len(picked))):
+        if picked[n].shared:
+            picked[n] = _head(picked[n], wanted, (n + 1) / stagger)
+    return picked
+
+
+def _head(run: Planned, wanted: Mapping[str, int], share: float) -> Planned:
+    """The first partitions of a shared run holding about ``share`` of its rows (ending on a
+    wanted key; the rest is left to later ticks)."""
+    keys: list[str] = []
+    rows = 0
+    for key in run.keys:
+        keys.append(key)
+        rows += wanted.get(key, 0)
+        if key in wanted and rows >= share * run.rows:
+            break
+    return Planned(tuple(keys), rows)
 
 
 def _quota_is_shared(api: DashScopeSettings, *, embedded: bool) -> bool:
@@ -274,6 +304,7 @@ def pending_rows_sensor(context: SensorEvaluationContext, adbpg: AdbpgResource):
         budget=budget,
         bundle_rows=layer.bundle_rows,
         bundle_users=layer.bundle_users,
+        stagger=automation.max_concurrent_runs if active == 0 else 0,
     )
     # The quota is the account's: runs at once share it, unless the provider layer already
     # paces every process on one shared budget.

@@ -293,6 +293,21 @@ def test_plan_runs_keeps_large_users_alone_and_skips_blocked_keys() -> None:
     assert [r.keys for r in runs] == [(k,) for k in order if k in wanted]
 
 
+def test_plan_runs_staggers_the_shared_runs_that_start_together() -> None:
+    order = [f"u{n:02d}" for n in range(40)]
+    wanted = dict.fromkeys(order, 3)
+    plain = plan_runs(order, wanted, set(), budget=8, bundle_rows=30, bundle_users=100)
+    assert [r.rows for r in plain] == [30, 30, 30, 30]
+    staggered = plan_runs(
+        order, wanted, set(), budget=8, bundle_rows=30, bundle_users=100, stagger=4
+    )
+    # The runs that start together end one after another; the rest waits for later ticks.
+    assert [r.rows for r in staggered] == [9, 15, 24, 30]
+    assert [r.keys[0] for r in staggered] == [r.keys[0] for r in plain]
+    for run in staggered:
+        assert run.keys[-1] in wanted
+
+
 def test_nothing_pending_is_a_skip(env: pytest.MonkeyPatch, items: Items) -> None:
     items.add("alice", None)
     result = tick(DagsterInstance.ephemeral())
