@@ -1267,7 +1267,7 @@ def build_report(plan: Plan, results: dict[str, Any]) -> Report:
         report.add(Figure(sec, "run length", r["wall_s"], "s"))
 
     if "tokens" in plan.scenarios and "local" in results:
-        sec = "image tokens (one per 28x28 pixels)"
+        sec = "image tokens (counted as DashScope bills the vision model)"
         for key in ("cli", "ratelimit", "memory_small"):
             if key in results and results[key].get("image_tokens_per_item_client"):
                 r = results[key]
