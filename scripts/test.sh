@@ -3,8 +3,9 @@
 #
 # The suite runs on three servers: the embedded PostgreSQL 18 (every tier), then PostgreSQL 12
 # ("pg12", AnalyticDB 7.0's PostgreSQL) and PostgreSQL 12 without the jsonb catalog entries
-# AnalyticDB 6.0 lacks ("gp6"), every tier but e2e (the browser and benchmark tests, which
-# exercise no SQL of their own). ENRICH_TEST_SERVERS="pg18" (for example) picks fewer.
+# AnalyticDB 6.0 lacks ("gp6"): there, only the tests that reach the server (conftest.py) and
+# no e2e test (the browser and benchmark tests exercise no SQL of their own).
+# ENRICH_TEST_SERVERS="pg18" (for example) picks fewer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
