@@ -160,7 +160,9 @@ def _statistics(report: Report, runtime: Runtime, stats: RunStats, started: floa
         embedding_model=api.embedding_model,
         prices=prices,
     )
-    report.statistics(stats, usage, time.monotonic() - started, cost, prices.currency)
+    elapsed = time.monotonic() - started
+    offline = runtime.provider.offline
+    report.statistics(stats, usage, elapsed, cost, prices.currency, offline=offline)
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:

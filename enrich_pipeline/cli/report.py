@@ -52,11 +52,18 @@ class Report:
         elapsed: float,
         cost: float | None = None,
         currency: str = "USD",
+        offline: bool = False,
     ) -> None:
         self.line(RULE)
         self.line("Statistics:")
         for label, value in stats.report_rows():
             self.line(f"  {label + ':':<18}{value}")
+        if offline:
+            # Zeros of tokens and cost would read as a free model: no model was called at all.
+            self.line(f"  {'API calls:':<18}none (offline provider: no model was called)")
+            self.line(f"  {'Elapsed:':<18}{elapsed:.1f} s")
+            self.line(RULE)
+            return
         self.line(
             f"  {'Tokens used:':<18}{usage['total_tokens']} (prompt {usage['prompt_tokens']}, "
             f"completion {usage['completion_tokens']}, embedding {usage['embedding_tokens']})"

@@ -93,3 +93,6 @@ def test_offline_flag_labels_rows(
     md = items.row(item)["metadata"]
     assert md["caption_source"] == "offline" and md["caption_model"] == "offline-synthetic"
     assert standin.count() == 0
+    # No tokens, calls or cost of zero, which would read as a free model: no call at all.
+    assert "API calls:        none (offline provider: no model was called)" in report
+    assert "Tokens used" not in report and "Estimated cost" not in report
