@@ -46,6 +46,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+from enrich_pipeline.db.embedded import process_alive
+
 __all__ = [
     "FORBIDDEN_SYNTAX",
     "GP6_STRIP_FUNCTIONS",
@@ -845,22 +847,12 @@ def _socket_dir(base_dir: Path) -> Path:
     return short
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _clear_stale_data_dir(data: Path) -> None:
     pidfile = data / "postmaster.pid"
     if pidfile.is_file():
         with contextlib.suppress(ValueError, IndexError, OSError):
             pid = int(pidfile.read_text().split("\n", 1)[0])
-            if _pid_alive(pid):
+            if process_alive(pid):
                 raise RuntimeError(f"a postmaster (pid {pid}) is still running on {data}")
     shutil.rmtree(data)
 
@@ -1518,7 +1510,7 @@ def _selfcheck(verbose: bool = False) -> int:
                 t0 = time.monotonic()
                 pid = srv.pid
                 srv.stop()
-                gone = pid is None or not _pid_alive(pid)
+                gone = pid is None or not process_alive(pid)
                 print(f"stop {srv.profile}: {time.monotonic() - t0:.2f}s")
                 check(gone, f"{srv.profile}: postmaster {pid} gone after stop")
 

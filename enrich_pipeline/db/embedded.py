@@ -95,14 +95,20 @@ def start(root: Path | None = None) -> str:
     return server.get_uri()  # type: ignore[attr-defined]
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs on this host (one owned by another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    # A zombie (exited, not yet reaped by its parent) is dead too.
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def stop(root: Path | None = None) -> bool:
@@ -120,7 +126,7 @@ def stop(root: Path | None = None) -> bool:
     handles = root / "pgdata" / ".handle_pids.json"
     try:
         pids = json.loads(handles.read_text() or "[]")
-        live = [p for p in pids if p == os.getpid() or _alive(int(p))]
+        live = [p for p in pids if p == os.getpid() or process_alive(int(p))]
         if live != pids:
             handles.write_text(json.dumps(live))
     except (OSError, ValueError):

@@ -27,6 +27,8 @@ import time
 from dagster import DagsterInstance, DagsterRun
 from dagster._core.launcher import CheckRunHealthResult, DefaultRunLauncher, WorkerStatus
 
+from enrich_pipeline.db.embedded import process_alive
+
 log = logging.getLogger(__name__)
 
 HEARTBEAT_TAG = "enrich/heartbeat"
@@ -68,21 +70,6 @@ class Heartbeat:
         self._stop.set()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped by its parent) is dead too.
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def worker_health(run: DagsterRun, timeout: float, now: float | None = None) -> WorkerStatus:
     """RUNNING, or FAILED when the run's process is gone or its heartbeat stopped."""
     now = time.time() if now is None else now
@@ -90,7 +77,7 @@ def worker_health(run: DagsterRun, timeout: float, now: float | None = None) -> 
     if beat is None:
         return WorkerStatus.RUNNING  # not one of ours, or not beating yet: no opinion
     host, _, pid = run.tags.get(WORKER_TAG, "").rpartition(":")
-    if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+    if host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid)):
         return WorkerStatus.FAILED
     try:
         age = now - float(beat)
