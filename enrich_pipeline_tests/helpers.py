@@ -8,11 +8,13 @@ import colorsys
 import contextlib
 import io
 import json
+import logging
 import re
 import socket
 import struct
 import threading
 import time
+import traceback
 import zlib
 from pathlib import Path
 from typing import Any
@@ -337,3 +339,48 @@ def load_error(source: str, policy: ImagePolicy = LOOPBACK) -> ImageLoadError:
     with pytest.raises(ImageLoadError) as info:
         load_image(source, policy)
     return info.value
+
+
+# -- where a secret could leak (the secrets tests search these texts) --------------------
+
+
+def log_texts(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
+    texts = [("caplog.text", caplog.text)]
+    for record in caplog.records:
+        texts.append((f"log {record.name}", formatter.format(record)))
+        texts.append((f"log args {record.name}", repr(record.args)))
+    return texts
+
+
+def exception_texts(where: str, exc: BaseException) -> list[tuple[str, str]]:
+    texts = [
+        (f"{where} str", str(exc)),
+        (f"{where} repr", repr(exc)),
+        (f"{where} traceback", "".join(traceback.format_exception(exc))),
+    ]
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None:
+        texts += [(f"{where} cause str", str(cause)), (f"{where} cause repr", repr(cause))]
+    return texts
+
+
+def table_texts(conninfo: str, namespace: str) -> list[tuple[str, str]]:
+    """Every row of every table in the namespace: items, ledger, claims, cache, embeddings."""
+    texts = []
+    with psycopg.connect(conninfo) as conn:
+        tables = [
+            r[0]
+            for r in conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+                (namespace,),
+            )
+        ]
+        for table in tables:
+            rows = conn.execute(
+                sql.SQL("SELECT row_to_json(t)::text FROM {} t").format(
+                    sql.Identifier(namespace, table)
+                )
+            ).fetchall()
+            texts.append((f"table {table}", "\n".join(r[0] for r in rows)))
+    return texts

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import logging
-import traceback
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -39,7 +38,15 @@ from enrich_pipeline.providers.base import FatalProviderError
 from enrich_pipeline.providers.dashscope import DashScopeProvider
 from enrich_pipeline.settings import DashScopeSettings, DbSettings, RunSettings
 from enrich_pipeline.testing.standin import StandIn
-from enrich_pipeline_tests.helpers import Items, data_url, png, run_cli
+from enrich_pipeline_tests.helpers import (
+    Items,
+    data_url,
+    exception_texts,
+    log_texts,
+    png,
+    run_cli,
+    table_texts,
+)
 
 # Distinctive values; each also has a random core that is searched for on its own, so a secret
 # that is partly masked ("sk-***<core>") or re-encoded around its core still counts as a leak.
@@ -74,48 +81,6 @@ def leaks(texts: Iterable[tuple[str, str]]) -> list[str]:
                 at = text.find(value) if value in text else text.find(core)
                 found.append(f"{where}: {name} in ...{text[max(0, at - 80) : at + 40]!r}...")
     return found
-
-
-def log_texts(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
-    formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
-    texts = [("caplog.text", caplog.text)]
-    for record in caplog.records:
-        texts.append((f"log {record.name}", formatter.format(record)))
-        texts.append((f"log args {record.name}", repr(record.args)))
-    return texts
-
-
-def exception_texts(where: str, exc: BaseException) -> list[tuple[str, str]]:
-    texts = [
-        (f"{where} str", str(exc)),
-        (f"{where} repr", repr(exc)),
-        (f"{where} traceback", "".join(traceback.format_exception(exc))),
-    ]
-    cause = exc.__cause__ or exc.__context__
-    if cause is not None:
-        texts += [(f"{where} cause str", str(cause)), (f"{where} cause repr", repr(cause))]
-    return texts
-
-
-def table_texts(conninfo: str, namespace: str) -> list[tuple[str, str]]:
-    """Every row of every table in the namespace: items, ledger, claims, cache, embeddings."""
-    texts = []
-    with psycopg.connect(conninfo) as conn:
-        tables = [
-            r[0]
-            for r in conn.execute(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
-                (namespace,),
-            )
-        ]
-        for table in tables:
-            rows = conn.execute(
-                sql.SQL("SELECT row_to_json(t)::text FROM {} t").format(
-                    sql.Identifier(namespace, table)
-                )
-            ).fetchall()
-            texts.append((f"table {table}", "\n".join(r[0] for r in rows)))
-    return texts
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ import shutil
 import tempfile
 import threading
 import time
-import traceback
 import uuid
 from collections.abc import Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -50,7 +49,16 @@ from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
 from enrich_pipeline.pipeline.batch.state import batch_api
 from enrich_pipeline.settings import ConfigError, DashScopeSettings, DbSettings, Settings
 from enrich_pipeline.testing.standin import StandIn
-from enrich_pipeline_tests.helpers import API_KEY, Items, data_url, png, run_cli
+from enrich_pipeline_tests.helpers import (
+    API_KEY,
+    Items,
+    data_url,
+    exception_texts,
+    log_texts,
+    png,
+    run_cli,
+    table_texts,
+)
 
 _CORES = {n: uuid.uuid4().hex[:16] for n in ("db", "wrong_db", "gateway", "query")}
 # Bare "%" in the middle and at the end, and one "%" followed by letters that are not hex.
@@ -85,43 +93,6 @@ def listen(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     for name in ("psycopg", "psycopg.pool"):
         caplog.set_level(logging.DEBUG, logger=name)
-
-
-def log_texts(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
-    formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
-    texts = [("caplog.text", caplog.text)]
-    for record in caplog.records:
-        texts.append((f"log {record.name}", formatter.format(record)))
-        texts.append((f"log args {record.name}", repr(record.args)))
-    return texts
-
-
-def exception_texts(where: str, exc: BaseException) -> list[tuple[str, str]]:
-    return [
-        (f"{where} str", str(exc)),
-        (f"{where} repr", repr(exc)),
-        (f"{where} traceback", "".join(traceback.format_exception(exc))),
-    ]
-
-
-def table_texts(conninfo: str, namespace: str) -> list[tuple[str, str]]:
-    texts = []
-    with psycopg.connect(conninfo) as conn:
-        tables = [
-            r[0]
-            for r in conn.execute(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
-                (namespace,),
-            )
-        ]
-        for table in tables:
-            rows = conn.execute(
-                sql.SQL("SELECT row_to_json(t)::text FROM {} t").format(
-                    sql.Identifier(namespace, table)
-                )
-            ).fetchall()
-            texts.append((f"table {table}", "\n".join(r[0] for r in rows)))
-    return texts
 
 
 def run_texts(instance: DagsterInstance, run_id: str) -> list[tuple[str, str]]:
