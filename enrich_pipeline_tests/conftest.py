@@ -24,7 +24,7 @@ from enrich_pipeline.db.store import Store
 from enrich_pipeline.settings import DashScopeSettings
 from enrich_pipeline.testing.standin import StandIn
 from enrich_pipeline_tests import servers
-from enrich_pipeline_tests.helpers import API_KEY, Items
+from enrich_pipeline_tests.helpers import API_KEY, Items, standin_settings
 
 # The tiers, one folder each (README "Tests"): select with -m, e.g. `pytest -m unit`.
 TIERS = ("unit", "integration", "defs", "faults", "e2e")
@@ -139,14 +139,7 @@ def standin(_standin_server: StandIn) -> Iterator[StandIn]:
 
 @pytest.fixture
 def api_settings(standin: StandIn) -> DashScopeSettings:
-    # Short backoff so retry tests take milliseconds; the policy is the production one.
-    return DashScopeSettings(
-        api_key=API_KEY,
-        base_url=standin.base_url,
-        timeout=5.0,
-        backoff_initial=0.01,
-        backoff_max=0.05,
-    )
+    return standin_settings(standin)
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ from enrich_pipeline.cli import captions
 from enrich_pipeline.db.samples import create_sample_table, insert_sample_items
 from enrich_pipeline.enrichment.images import ImageLoadError, ImagePolicy, load_image
 from enrich_pipeline.enrichment.synthetic import mean_color
-from enrich_pipeline.settings import DbSettings
+from enrich_pipeline.settings import DashScopeSettings, DbSettings
 from enrich_pipeline.testing.standin import StandIn
 
 API_KEY = "sk-test-0123456789abcdef"
@@ -384,3 +384,16 @@ def table_texts(conninfo: str, namespace: str) -> list[tuple[str, str]]:
             ).fetchall()
             texts.append((f"table {table}", "\n".join(r[0] for r in rows)))
     return texts
+
+
+def standin_settings(server: StandIn, **overrides: Any) -> DashScopeSettings:
+    """DashScope settings for the stand-in: the production policy with backoffs of
+    milliseconds, so that retry tests take no time."""
+    base = DashScopeSettings(
+        api_key=API_KEY,
+        base_url=server.base_url,
+        timeout=5.0,
+        backoff_initial=0.01,
+        backoff_max=0.05,
+    )
+    return base.with_(**overrides)

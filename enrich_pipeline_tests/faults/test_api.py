@@ -31,7 +31,16 @@ from enrich_pipeline.providers.base import FatalProviderError
 from enrich_pipeline.providers.dashscope import DashScopeProvider
 from enrich_pipeline.settings import DashScopeSettings, RunSettings
 from enrich_pipeline.testing.standin import StandIn
-from enrich_pipeline_tests.helpers import API_KEY, PATCH_KEYS, Items, hues, mean_of, paint, run_cli
+from enrich_pipeline_tests.helpers import (
+    API_KEY,
+    PATCH_KEYS,
+    Items,
+    hues,
+    mean_of,
+    paint,
+    run_cli,
+    standin_settings,
+)
 
 LOCAL = ImagePolicy(allow_local_files=True)
 TRANSIENT = ["429", "500", "503", "timeout", "reset", "malformed", "empty_caption"]
@@ -134,14 +143,8 @@ def server_for(standin: StandIn) -> Iterator[Callable[[str], StandIn]]:
 
 
 def settings_for(server: StandIn, **overrides: Any) -> DashScopeSettings:
-    base = DashScopeSettings(
-        api_key=API_KEY,
-        base_url=server.base_url,
-        timeout=0.5,  # a hung request fails after 0.5 s, well before the 5 s hang ends
-        backoff_initial=0.01,
-        backoff_max=0.05,
-    )
-    return base.with_(**overrides)
+    # A hung request fails after 0.5 s, well before the 5 s hang ends.
+    return standin_settings(server, **{"timeout": 0.5, **overrides})
 
 
 # --- transient faults that clear ---------------------------------------------------------------

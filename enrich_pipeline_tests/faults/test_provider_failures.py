@@ -51,7 +51,16 @@ from enrich_pipeline.providers.base import ProviderError, ProviderUnavailable, U
 from enrich_pipeline.providers.dashscope import DashScopeProvider
 from enrich_pipeline.settings import DashScopeSettings, RunSettings
 from enrich_pipeline.testing.standin import StandIn
-from enrich_pipeline_tests.helpers import API_KEY, PATCH_KEYS, Items, hues, mean_of, paint, run_cli
+from enrich_pipeline_tests.helpers import (
+    API_KEY,
+    PATCH_KEYS,
+    Items,
+    hues,
+    mean_of,
+    paint,
+    run_cli,
+    standin_settings,
+)
 
 LOCAL = ImagePolicy(allow_local_files=True)
 FOREVER = 1_000_000  # injected for far more requests than any of these runs makes
@@ -62,16 +71,6 @@ FOREVER = 1_000_000  # injected for far more requests than any of these runs mak
 
 def seed(items: Items, paths: list[Path], user: str = "alice") -> list[str]:
     return [items.add(user, str(p), metadata={"title": p.stem}) for p in paths]
-
-
-def settings_for(server: StandIn, **overrides: Any) -> DashScopeSettings:
-    return DashScopeSettings(
-        api_key=API_KEY,
-        base_url=server.base_url,
-        timeout=5.0,
-        backoff_initial=0.01,
-        backoff_max=0.05,
-    ).with_(**overrides)
 
 
 def engine_for(store: Store, api: DashScopeSettings, **run: Any) -> Engine:
@@ -290,7 +289,7 @@ def test_a_rejected_image_is_permanent_for_that_row_alone(
     paths = paint(tmp_path, hues(3))
     ids = seed(items, paths)
     standin.add_rule(fault, color=mean_of(paths[1]), tolerance=8)
-    eng = engine_for(store, settings_for(standin))
+    eng = engine_for(store, standin_settings(standin))
     stats = eng.enrich("alice")
     assert (stats.succeeded, stats.failed, stats.errors) == (2, 1, {code: 1})
     assert ledger(items) == [(ids[1], 1, True, code)]
@@ -304,7 +303,7 @@ def test_throttling_that_clears_is_retried_and_captions_every_row(
 ) -> None:
     ids = seed(items, paint(tmp_path, hues(3)))
     standin.inject(fault, times=2, endpoint="chat")
-    eng = engine_for(store, settings_for(standin))
+    eng = engine_for(store, standin_settings(standin))
     stats = eng.enrich("alice")
     assert (stats.succeeded, stats.failed, stats.skipped) == (3, 0, 0)
     assert eng.usage.retries == 2 and eng.usage.failed_vision_calls == 2
@@ -319,7 +318,7 @@ def test_throttling_on_one_row_past_the_retries_costs_it_nothing(
     ids = seed(items, paths)
     target = ids[0]
     standin.add_rule(fault, color=mean_of(paths[0]), tolerance=8)  # forever
-    eng = engine_for(store, settings_for(standin, max_retries=2))
+    eng = engine_for(store, standin_settings(standin, max_retries=2))
 
     for run in (1, 2):
         stats = eng.enrich("alice")
@@ -427,7 +426,7 @@ def test_a_5xx_outage_slows_the_run_down_then_stops_it_without_charging_rows(
 ) -> None:
     ids = seed(items, paint(tmp_path, hues(10)))
     standin.inject("503", times=FOREVER, endpoint="chat")
-    eng = engine_for(store, settings_for(standin), concurrent=8, batch_size=5)
+    eng = engine_for(store, standin_settings(standin), concurrent=8, batch_size=5)
 
     with pytest.raises(ProviderUnavailable, match="DashScope failing") as info:
         eng.enrich("alice")
@@ -450,7 +449,7 @@ def test_timeouts_on_most_calls_charge_no_row(
     ids = seed(items, paths)
     for path in paths[1:]:  # five of six images never get an answer in time
         private_server.add_rule("timeout", color=mean_of(path), tolerance=8)
-    api = settings_for(private_server, timeout=0.3, max_retries=1)
+    api = standin_settings(private_server, timeout=0.3, max_retries=1)
     eng = engine_for(store, api, concurrent=3, batch_size=3)
 
     try:
@@ -477,7 +476,7 @@ def test_a_trickling_answer_times_out_after_the_total_deadline_and_is_retried(
     each byte arrives well within any per-read timeout, so only a total deadline ends it."""
     ids = seed(items, paint(tmp_path, hues(1)))
     private_server.inject("trickle", times=1, endpoint="chat")
-    eng = engine_for(store, settings_for(private_server, timeout=1.0))
+    eng = engine_for(store, standin_settings(private_server, timeout=1.0))
 
     started = time.monotonic()
     stats = eng.enrich("alice")
@@ -494,7 +493,7 @@ def test_a_call_that_trickles_forever_fails_as_a_transient_timeout_at_the_deadli
 ) -> None:
     (path,) = paint(tmp_path, hues(1))
     private_server.add_rule("trickle", color=mean_of(path), tolerance=8)
-    provider = DashScopeProvider(settings_for(private_server, timeout=1.0, max_retries=0))
+    provider = DashScopeProvider(standin_settings(private_server, timeout=1.0, max_retries=0))
     image = prepare_for_vision(load_image(str(path), LOCAL))
     started = time.monotonic()
     with pytest.raises(ProviderError) as info:

@@ -46,7 +46,12 @@ from enrich_pipeline.providers.batch_api import BatchRejected, BatchUnsupported
 from enrich_pipeline.providers.dashscope import DashScopeProvider
 from enrich_pipeline.settings import BatchSettings, DashScopeSettings, RunSettings
 from enrich_pipeline.testing.standin import StandIn
-from enrich_pipeline_tests.helpers import API_KEY, Items, mean_of
+from enrich_pipeline_tests.helpers import (
+    API_KEY,
+    Items,
+    mean_of,
+    standin_settings,
+)
 
 POLICY = ImagePolicy()  # local paths allowed: the test images are files
 
@@ -60,14 +65,7 @@ def server(standin: StandIn) -> Any:
 
 def fresh_settings(server: StandIn, **overrides: Any) -> DashScopeSettings:
     """Settings built anew, as a process started later would."""
-    base = DashScopeSettings(
-        api_key=API_KEY,
-        base_url=server.base_url,
-        timeout=5.0,
-        backoff_initial=0.01,
-        backoff_max=0.05,
-    )
-    return base.with_(**overrides)
+    return standin_settings(server, **overrides)
 
 
 def submit(store: Store, settings: DashScopeSettings, user: str = "alice", **kw: Any):

@@ -26,7 +26,13 @@ from enrich_pipeline.providers.quota import SharedRateLimiter
 from enrich_pipeline.providers.ratelimit import RateLimiter
 from enrich_pipeline.settings import DashScopeSettings, DbSettings, RunSettings
 from enrich_pipeline.testing.standin import StandIn
-from enrich_pipeline_tests.helpers import API_KEY, Items, data_url, png
+from enrich_pipeline_tests.helpers import (
+    API_KEY,
+    Items,
+    data_url,
+    png,
+    standin_settings,
+)
 
 VISION = "qwen3-vl-plus"
 RPM = 600  # the stand-in's quota for the vision model: 10 calls a second
@@ -82,15 +88,16 @@ def most_in_a_second(stamps: list[float]) -> int:
 
 
 def api(server: StandIn, **changes: object) -> DashScopeSettings:
-    return DashScopeSettings(
-        api_key=API_KEY,
-        base_url=server.base_url,
-        timeout=10.0,
-        backoff_initial=0.05,
-        backoff_max=0.5,
-        requests_per_minute=RPM,
-        embedding_requests_per_minute=0,
-        **changes,  # type: ignore[arg-type]
+    return standin_settings(
+        server,
+        **{
+            "timeout": 10.0,
+            "backoff_initial": 0.05,
+            "backoff_max": 0.5,
+            "requests_per_minute": RPM,
+            "embedding_requests_per_minute": 0,
+            **changes,
+        },
     )
 
 
