@@ -397,3 +397,35 @@ def standin_settings(server: StandIn, **overrides: Any) -> DashScopeSettings:
         backoff_max=0.05,
     )
     return base.with_(**overrides)
+
+
+# -- pacing: a clock that moves only when told, and the provider's sliding count -----------
+
+
+class FakeClock:
+    """Time that moves only when the limiter sleeps (or the test says): exact and instant."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def most_in(stamps: list[float], span: float, weights: list[float] | None = None) -> float:
+    """The most units in any half-open window ``(t - span, t]``: the provider's sliding count."""
+    weights = weights or [1.0] * len(stamps)
+    pairs = sorted(zip(stamps, weights, strict=True))
+    best = total = 0.0
+    start = 0
+    for end, (t, w) in enumerate(pairs):
+        total += w
+        while t - pairs[start][0] >= span:
+            total -= pairs[start][1]
+            start += 1
+        best = max(best, total)
+        assert end >= start
+    return best

@@ -30,6 +30,7 @@ from enrich_pipeline_tests.helpers import (
     API_KEY,
     Items,
     data_url,
+    most_in,
     png,
     standin_settings,
 )
@@ -76,15 +77,6 @@ def calls(server: StandIn) -> list[float]:
     """Arrival times of the vision calls the stand-in admitted (refusals are not counted)."""
     log = list(server.requests)
     return sorted(r["time"] for r in log if r["endpoint"] == "chat" and r["status"] != 429)
-
-
-def most_in_a_second(stamps: list[float]) -> int:
-    best, start = 0, 0
-    for end, t in enumerate(stamps):
-        while t - stamps[start] >= 1.0:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
 
 
 def api(server: StandIn, **changes: object) -> DashScopeSettings:
@@ -170,7 +162,7 @@ def test_four_engines_on_separate_stores_share_one_quota(
     assert all(results[k].succeeded == 12 for k in range(4)), results
     stamps = calls(strict)
     assert refusals(strict) <= 3, timeline(strict)  # 48 calls; cold starts on shared cores
-    assert most_in_a_second(stamps) <= RPM // 60
+    assert most_in(stamps, 1.0) <= RPM // 60
     # 48 calls at 10 a second: not much slower than the quota allows (loose: shared cores).
     assert elapsed < 48 / (RPM / 60) * 2
 

@@ -13,33 +13,7 @@ from enrich_pipeline.providers.ratelimit import (
     RateLimiter,
     per_second_budget,
 )
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def most_in(stamps: list[float], span: float, weights: list[float] | None = None) -> float:
-    """The most units in any half-open window ``(t - span, t]``: the provider's sliding count."""
-    weights = weights or [1.0] * len(stamps)
-    pairs = sorted(zip(stamps, weights, strict=True))
-    best = total = 0.0
-    start = 0
-    for end, (t, w) in enumerate(pairs):
-        total += w
-        while t - pairs[start][0] >= span:
-            total -= pairs[start][1]
-            start += 1
-        best = max(best, total)
-        assert end >= start
-    return best
+from enrich_pipeline_tests.helpers import FakeClock, most_in
 
 
 def limiter(rpm: float = 0, tpm: float = 0, **kw: object) -> tuple[RateLimiter, FakeClock]:

@@ -8,29 +8,7 @@ because the provider's per-second budget cannot be saved up either.
 from __future__ import annotations
 
 from enrich_pipeline.providers.ratelimit import WINDOW, RateLimiter
-
-
-class FakeClock:
-    """Time that moves only when the limiter sleeps (or the test says): exact and instant."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def most_in_a_minute(stamps: list[float]) -> int:
-    """The largest number of stamps in any 60 s span (the provider's count)."""
-    best, start = 0, 0
-    for end, t in enumerate(stamps):
-        while t - stamps[start] >= 60.0:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
+from enrich_pipeline_tests.helpers import FakeClock, most_in
 
 
 def test_no_sliding_minute_exceeds_the_limit_and_the_quota_is_used() -> None:
@@ -41,7 +19,7 @@ def test_no_sliding_minute_exceeds_the_limit_and_the_quota_is_used() -> None:
         limiter.acquire()
         stamps.append(clock.now)
         clock.now += 0.01 if n % 100 else 3.0  # a caller with pauses, like a chunked run
-    assert most_in_a_minute(stamps) <= 600
+    assert most_in(stamps, 60.0) <= 600
     # The pauses did not waste quota: 2,000 calls in just over three windows.
     assert stamps[-1] <= 3 * WINDOW + 10
 
