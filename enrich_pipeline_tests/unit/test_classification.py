@@ -5,6 +5,7 @@ pasted bodies show them) mapped to what the row and the run do."""
 from __future__ import annotations
 
 import math
+import socket
 
 import pytest
 
@@ -463,7 +464,18 @@ def test_connection_timeout_and_unreadable_answers_are_service_errors() -> None:
         refused = classify(exc, VISION)
     assert (refused.code, refused.scope, refused.permanent) == ("connection", SCOPE_SERVICE, False)
     assert "refused" in str(refused).lower() and "DASHSCOPE_BASE_URL" in str(refused)
-    timeout = classify(openai.APITimeoutError(request=None), VISION)  # type: ignore[arg-type]
+    # A listening socket that never answers: the SDK's own timeout, with its real request.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        try:
+            openai.OpenAI(
+                api_key="sk-unit",
+                base_url=f"http://127.0.0.1:{port}/v1",
+                max_retries=0,
+                timeout=0.2,
+            ).models.list()
+        except openai.APITimeoutError as exc:
+            timeout = classify(exc, VISION)
     assert (timeout.code, timeout.scope) == ("timeout", SCOPE_SERVICE)
     assert "DASHSCOPE_TIMEOUT=60" in str(timeout)
     assert classify(ValueError("Expecting value"), VISION).code == "malformed_response"
