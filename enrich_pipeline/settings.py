@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import logging
 import math
 import os
 import re
-import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, Self
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import urlsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -34,7 +32,15 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
-from enrich_pipeline.enrichment.images import ImagePolicy, redact_source
+from enrich_pipeline.enrichment.images import ImagePolicy
+from enrich_pipeline.redaction import (
+    DB_LOGGERS,
+    HTTP_LOGGERS,
+    conninfo_secrets,
+    hide_in_logs,
+    redact_source,
+    url_secrets,
+)
 
 BEIJING_BASE_URL = "https://dashscope.aliyuncs.com/compatible-mode/v1"
 DEFAULT_PROMPT = (
@@ -85,97 +91,6 @@ def parse_prices(raw: str) -> tuple[dict[str, tuple[float, float]], str | None]:
 
 class ConfigError(Exception):
     """A configuration problem the user must fix; its message is one clear line."""
-
-
-# --------------------------------------------------------------------------------------------
-# Secrets in URLs and in third-party log lines
-
-# Query parameters whose values are credentials (presigned URLs, gateways' ?api-key=...).
-_SENSITIVE_QUERY = ("sig", "token", "secret", "pass", "credential", "key", "auth")
-
-
-def url_secrets(url: str) -> tuple[str, ...]:
-    """The credentials a URL carries: its userinfo (the password, or a lone token before the
-    ``@``) and the values of secret-looking query parameters, as written, decoded and encoded."""
-    try:
-        parts = urlsplit(url.strip())
-    except ValueError:
-        return ()
-    found: list[str] = []
-    userinfo = parts.netloc.rpartition("@")[0]
-    if userinfo:
-        user, _, password = userinfo.partition(":")
-        found += [userinfo, password or user]
-    for pair in parts.query.split("&"):
-        name, _, value = pair.partition("=")
-        if value and any(hint in unquote(name).lower() for hint in _SENSITIVE_QUERY):
-            found.append(value)
-    found += [unquote(f) for f in found]
-    found += [quote(f, safe="") for f in found]
-    return tuple(dict.fromkeys(f for f in found if len(f) >= _MIN_SECRET))
-
-
-# Shorter strings are not hidden: replacing them would garble every log line that has them.
-_MIN_SECRET = 4
-
-
-class _SecretFilter(logging.Filter):
-    """Replaces every registered secret in the records of the loggers it is attached to."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._secrets: tuple[str, ...] = ()
-        self._lock = threading.Lock()
-
-    def add(self, secrets: Iterable[str]) -> None:
-        with self._lock:
-            merged = set(self._secrets) | {s for s in secrets if len(s) >= _MIN_SECRET}
-            # Longest first, so a secret that contains another is replaced whole.
-            self._secrets = tuple(sorted(merged, key=len, reverse=True))
-
-    def scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, "***")
-        return text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not self._secrets:
-            return True
-        try:
-            message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a broken record is the logging module's business
-            return True
-        cleaned = self.scrub(message)
-        if cleaned != message:
-            record.msg, record.args = cleaned, ()
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = self.scrub(record.exc_text)
-        return True
-
-
-_SECRET_FILTER = _SecretFilter()
-
-# The loggers of the libraries that print what they were given: the connection pool (libpq's
-# messages), the HTTP client under the openai SDK (request URLs, credentials included).
-DB_LOGGERS = ("psycopg", "psycopg.pool")
-HTTP_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "openai._base_client")
-
-
-def hide_in_logs(secrets: Iterable[str], loggers: Iterable[str]) -> None:
-    """From now on, ``secrets`` appear as ``***`` in every record of ``loggers``."""
-    _SECRET_FILTER.add(secrets)
-    for name in loggers:
-        logger = logging.getLogger(name)
-        if _SECRET_FILTER not in logger.filters:
-            logger.addFilter(_SECRET_FILTER)
-
-
-def scrub_secrets(text: str) -> str:
-    """``text`` with every secret registered by ``hide_in_logs`` replaced by ``***``."""
-    return _SECRET_FILTER.scrub(text)
 
 
 def setting(
@@ -419,22 +334,6 @@ def checked_conninfo(value: str) -> str:
 def _unquoted(match: re.Match[str]) -> str:
     token = match[0][1:-1]
     return match[0] if len(token) <= 2 and not any(c.isalnum() for c in token) else '"..."'
-
-
-def conninfo_secrets(conninfo: str) -> tuple[str, ...]:
-    """The password (and SSL key password) of a connection string, raw and URL-encoded."""
-    if not conninfo:
-        return ()
-    try:
-        params = conninfo_to_dict(conninfo)
-    except psycopg.ProgrammingError:
-        return ()
-    found: list[str] = []
-    for key in ("password", "sslpassword"):
-        value = str(params.get(key) or "")
-        if value:
-            found += [value, quote(value, safe=""), quote(value)]
-    return tuple(dict.fromkeys(found))
 
 
 def _conninfo_from_parts(env: Mapping[str, str]) -> str:

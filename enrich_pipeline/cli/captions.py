@@ -27,10 +27,10 @@ from enrich_pipeline.bootstrap import Runtime, open_runtime, open_store
 from enrich_pipeline.cli.flags import FlagMap, add_setting, given
 from enrich_pipeline.cli.report import Report
 from enrich_pipeline.db.preflight import grants
-from enrich_pipeline.enrichment.images import redact_source
 from enrich_pipeline.pipeline.stats import RunStats
 from enrich_pipeline.providers.base import FatalProviderError, ProviderUnavailable
 from enrich_pipeline.providers.pricing import estimate_cost, price_table
+from enrich_pipeline.redaction import redact_source
 from enrich_pipeline.settings import ConfigError, DbSettings, RunSettings, Settings
 
 RUN_FLAGS: FlagMap = {}

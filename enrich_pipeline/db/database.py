@@ -20,13 +20,8 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from enrich_pipeline.db.dialect import Dialect
-from enrich_pipeline.settings import (
-    DB_LOGGERS,
-    ConfigError,
-    DbSettings,
-    hide_in_logs,
-    scrub_secrets,
-)
+from enrich_pipeline.redaction import DB_LOGGERS, hide_in_logs, scrub_secrets
+from enrich_pipeline.settings import ConfigError, DbSettings
 
 # Column types we can compare ids in natively (so the primary key index is used); anything
 # else is compared as text.

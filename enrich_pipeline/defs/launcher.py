@@ -37,7 +37,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from enrich_pipeline.bootstrap import open_store
 from enrich_pipeline.db import embedded
-from enrich_pipeline.enrichment.images import redact_source
+from enrich_pipeline.redaction import redact_source
 from enrich_pipeline.settings import (
     AutomationSettings,
     ConfigError,

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qsl, unquote, unquote_to_bytes, urlencode, urljoin, urlsplit
+from urllib.parse import unquote, unquote_to_bytes, urljoin, urlsplit
 from urllib.request import url2pathname
 
 import numpy as np
@@ -39,6 +39,7 @@ from urllib3.exceptions import (
 )
 
 from enrich_pipeline.enrichment import vision_tokens
+from enrich_pipeline.redaction import one_line, redact_source
 
 __all__ = [
     "WORK_MAX_SIDE",
@@ -52,7 +53,6 @@ __all__ = [
     "load_image",
     "metadata_address",
     "prepare_for_vision",
-    "redact_source",
 ]
 
 WORK_MAX_SIDE = 2048
@@ -68,21 +68,6 @@ _TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 _NOT_FOUND_STATUSES = frozenset({404, 410})
 _USER_AGENT = "enrich-pipeline/0.1 (image captioning)"
 
-# Query parameters that carry secrets in presigned URLs (OSS, S3, GCS, Azure SAS, generic tokens);
-# their values must not end up in logs, error messages or the failure ledger.
-_SENSITIVE_QUERY_HINTS = (
-    "sig",
-    "token",
-    "secret",
-    "pass",
-    "credential",
-    "key",
-    "auth",
-    "x-amz-",
-    "x-oss-",
-    "x-goog-",
-)
-_MAX_DISPLAY = 200
 
 # Pillow names camera JPEGs that carry a second (preview) picture "MPO"; they are ordinary JPEGs
 # to everyone else, and refusing them as an "unsupported format" would surprise users.
@@ -199,46 +184,6 @@ _DEFAULT_POLICY = ImagePolicy()
 
 # --------------------------------------------------------------------------------------------
 # Messages
-
-
-def redact_source(source: str) -> str:
-    """A short, single-line form of ``source`` that is safe to log.
-
-    Strips URL userinfo, masks secret-looking query values (presigned URLs), shortens ``data:``
-    URLs to their media type and size, and removes control characters (log-line injection).
-    """
-    text = source.strip()
-    if text[:5].lower() == "data:":
-        head, sep, payload = text.partition(",")
-        shown = f"{head[:60]}{sep}{payload[:16]}..." if len(text) > 80 else text
-        return _one_line(f"{shown} ({len(text)} chars)")
-    try:
-        parts = urlsplit(text)
-    except ValueError:
-        return _one_line(_shorten(text))
-    if parts.scheme.lower() in ("http", "https", "ftp", "file") or parts.netloc:
-        netloc = parts.netloc.rpartition("@")[2]
-        query = parts.query
-        if query:
-            pairs = parse_qsl(query, keep_blank_values=True)
-            query = urlencode(
-                [(k, "REDACTED" if _is_sensitive(k) else v) for k, v in pairs], safe="/:"
-            )
-        text = parts._replace(netloc=netloc, query=query, fragment="").geturl()
-    return _one_line(_shorten(text))
-
-
-def _is_sensitive(name: str) -> bool:
-    lowered = name.lower()
-    return any(hint in lowered for hint in _SENSITIVE_QUERY_HINTS)
-
-
-def _shorten(text: str) -> str:
-    return text if len(text) <= _MAX_DISPLAY else text[: _MAX_DISPLAY - 3] + "..."
-
-
-def _one_line(text: str) -> str:
-    return "".join(ch if ch.isprintable() else "?" for ch in text)
 
 
 def _error(code: str, what: str, display: str, *, permanent: bool = True) -> ImageLoadError:
@@ -994,7 +939,7 @@ def _decode(source: str, raw: bytes, policy: ImagePolicy, display: str) -> Loade
 def _short(exc: BaseException) -> str:
     # Pillow messages sometimes embed object reprs (memory addresses); keep the first clause.
     text = str(exc).split(" <", 1)[0].strip() or type(exc).__name__
-    return _one_line(text[:120])
+    return one_line(text[:120])
 
 
 def _pillow_formats(allowed: frozenset[str]) -> list[str]:

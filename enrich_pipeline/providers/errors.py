@@ -29,7 +29,6 @@ from typing import Any
 
 import openai
 
-from enrich_pipeline.enrichment.images import redact_source
 from enrich_pipeline.enrichment.text import clean_message
 from enrich_pipeline.providers.base import (
     SCOPE_ROW,
@@ -38,6 +37,7 @@ from enrich_pipeline.providers.base import (
     FatalProviderError,
     ProviderError,
 )
+from enrich_pipeline.redaction import redact_source
 
 # Verdicts. The first six stop the run; the rest are per call.
 ACCOUNT = "account"  # arrears, unpaid bills: fix billing

@@ -22,8 +22,8 @@ from enrich_pipeline.enrichment.images import (
     image_tokens,
     load_image,
     prepare_for_vision,
-    redact_source,
 )
+from enrich_pipeline.redaction import redact_source
 from enrich_pipeline_tests.helpers import PNG, data_url, encode, load_error
 
 

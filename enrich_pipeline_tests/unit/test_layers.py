@@ -14,15 +14,16 @@ PACKAGE = Path(enrich_pipeline.__file__).parent
 
 # Floor of each top-level part of the package; the same floor's parts never import each other.
 FLOORS = {
-    "enrichment": 0,
-    "settings": 1,
-    "db": 2,
-    "providers": 2,
-    "testing": 2,
-    "pipeline": 3,
-    "bootstrap": 4,
-    "cli": 5,
-    "defs": 5,
+    "redaction": 0,
+    "enrichment": 1,
+    "settings": 2,
+    "db": 3,
+    "providers": 3,
+    "testing": 3,
+    "pipeline": 4,
+    "bootstrap": 5,
+    "cli": 6,
+    "defs": 6,
 }
 
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 from enrich_pipeline.db.batches import COLLECTED, OPEN, REJECTED, BatchRecord
 from enrich_pipeline.db.store import Store
-from enrich_pipeline.enrichment.images import redact_source
 from enrich_pipeline.enrichment.records import ItemError, PendingItem, Provenance, WorkItem
 from enrich_pipeline.enrichment.tags import DEFAULT_VOCABULARY, TagVocabulary
 from enrich_pipeline.pipeline import stages
@@ -41,6 +40,7 @@ from enrich_pipeline.providers.batch_api import (
     unsupported_message,
 )
 from enrich_pipeline.providers.wire import parse_results
+from enrich_pipeline.redaction import redact_source
 from enrich_pipeline.settings import DashScopeSettings
 
 

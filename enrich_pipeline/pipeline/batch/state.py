@@ -14,10 +14,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from enrich_pipeline.db.store import Store
-from enrich_pipeline.enrichment.images import redact_source
 from enrich_pipeline.providers.batch_api import BatchApi
 from enrich_pipeline.providers.dashscope import openai_client
-from enrich_pipeline.settings import HTTP_LOGGERS, DashScopeSettings, hide_in_logs
+from enrich_pipeline.redaction import HTTP_LOGGERS, hide_in_logs, redact_source
+from enrich_pipeline.settings import DashScopeSettings
 
 # A part still "submitting" after this long lost its submitter; the poll resolves it.
 SUBMIT_GRACE_SECONDS = 3600
