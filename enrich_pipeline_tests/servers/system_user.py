@@ -131,7 +131,7 @@ def make_reachable(path: Path) -> None:
         mode = p.stat().st_mode
         if not mode & 0o001:
             warnings.warn(
-                f"pg_servers: adding o+x to {p} so the server user can reach it", stacklevel=3
+                f"test servers: adding o+x to {p} so the server user can reach it", stacklevel=3
             )
             os.chmod(p, mode | 0o001)
 
