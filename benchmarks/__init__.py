@@ -1,1 +1,1 @@
-"""Benchmarks of the enrichment pipeline: ``python -m benchmarks.bench`` (see bench.py)."""
+"""Benchmarks of the enrichment pipeline: ``python -m benchmarks.bench`` (see ``bench/``)."""

@@ -54,7 +54,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # Which server the suite runs on (README "Tests"): the embedded PostgreSQL 18 by default;
 # "pg12" (AnalyticDB 7.0's PostgreSQL) and "gp6" (PostgreSQL 12 with the jsonb catalog entries
 # that Greenplum 6 / AnalyticDB 6.0 lack removed), fetched and started by enrich_pipeline_tests/
-# servers.py. ENRICH_TEST_DATABASE_URL names any other server instead.
+# servers/. ENRICH_TEST_DATABASE_URL names any other server instead.
 SERVER = os.environ.get("ENRICH_TEST_SERVER", "pg18")
 _OFFENDING: list[str] = []
 # CONCURRENTLY is tried first and falls back to a plain CREATE INDEX where it is refused.
