@@ -38,7 +38,7 @@ def build_provider(
     every other process on it."""
     if settings.offline:
         return OfflineProvider(settings.embedding_dimensions)
-    if not settings.api_key:
+    if not settings.api_key.get_secret_value():
         if embedded_db:
             return OfflineProvider(settings.embedding_dimensions)
         raise ConfigError(
@@ -58,7 +58,7 @@ def shared_budget(
     if not wanted or not (settings.requests_per_minute or settings.tokens_per_minute):
         return None
     db = db or DbSettings.from_env()
-    if not db.conninfo:
+    if not db.conninfo.get_secret_value():
         if settings.shared_quota is not True:
             return None  # no database configured to share through
         db = embedded.resolve(db, seed=False)

@@ -74,7 +74,7 @@ def run_sensor(spec: SensorSpec) -> SensorRun:
         users=sql.Literal(users),
         rows=sql.Literal(rows),
     )
-    with psycopg.connect(db.conninfo) as conn:
+    with psycopg.connect(db.conninfo.get_secret_value()) as conn:
         create_sample_table(conn, db.namespace, db.table)
         started = time.perf_counter()
         conn.execute(seed_sql)
@@ -84,7 +84,7 @@ def run_sensor(spec: SensorSpec) -> SensorRun:
         started = time.perf_counter()
         store.setup()  # migrations and the partial index on pending rows
         setup_s = time.perf_counter() - started
-    with psycopg.connect(db.conninfo, autocommit=True) as conn:
+    with psycopg.connect(db.conninfo.get_secret_value(), autocommit=True) as conn:
         conn.execute(sql.SQL("ANALYZE {}").format(items))  # what autovacuum does after a load
         pending = conn.execute(
             sql.SQL(

@@ -115,7 +115,7 @@ class Database:
     """A psycopg 3 pool on one items table's database, and the names of its tables."""
 
     def __init__(self, settings: DbSettings) -> None:
-        if not settings.conninfo:
+        if not settings.conninfo.get_secret_value():
             raise ConfigError(
                 "no database configured: set ADBPG_HOST/ADBPG_URL or use the embedded one"
             )
@@ -126,7 +126,7 @@ class Database:
         self.items = sql.Identifier(settings.namespace, settings.table)
         _watch_pool_log(settings.secrets())
         self.pool = ConnectionPool(
-            settings.conninfo,
+            settings.conninfo.get_secret_value(),
             min_size=1,
             max_size=settings.max_connections,
             kwargs={

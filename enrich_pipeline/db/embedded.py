@@ -160,7 +160,7 @@ def psql_path() -> Path | None:
 
 def resolve(settings: DbSettings, *, seed: bool = True, root: Path | None = None) -> DbSettings:
     """The configured database, or the embedded one (seeded with samples) when none is."""
-    if settings.conninfo:
+    if settings.conninfo.get_secret_value():
         return settings
     root = (root or home()).resolve()
     conninfo = start(root)

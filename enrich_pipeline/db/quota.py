@@ -20,6 +20,7 @@ import threading
 import psycopg
 from psycopg import sql
 
+from enrich_pipeline.redaction import DB_LOGGERS, hide_in_logs
 from enrich_pipeline.settings import DbSettings
 
 TIMEOUT = 2.0
@@ -40,6 +41,9 @@ class RateBudgetTable:
     def __init__(self, settings: DbSettings, *, timeout: float = TIMEOUT) -> None:
         self.settings = settings
         self.timeout = timeout
+        # Its own connections, apart from the pool's: the password is hidden in the driver's
+        # log lines before the first one.
+        hide_in_logs(settings.secrets(), DB_LOGGERS)
         self._table = sql.Identifier(settings.namespace, "enrich_rate_budget")
         self._lock = threading.Lock()
         self._conn: psycopg.Connection | None = None
@@ -62,7 +66,7 @@ class RateBudgetTable:
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
             self._conn = psycopg.connect(
-                self.settings.conninfo,
+                self.settings.conninfo.get_secret_value(),
                 autocommit=True,
                 application_name="enrich-pipeline-rate-budget",
                 connect_timeout=max(1, round(self.timeout)),

@@ -71,7 +71,11 @@ class Store:
         ``admin`` (``enrich-captions --setup``): create what needs more rights, and wait for the
         index to be built.
         """
-        key = (self.settings.conninfo, self.settings.namespace, self.settings.table)
+        key = (
+            self.settings.conninfo.get_secret_value(),
+            self.settings.namespace,
+            self.settings.table,
+        )
         known = self._prepared.get(key)
         if known is not None and not admin:
             self._adopt(known)

@@ -21,10 +21,9 @@ from enrich_pipeline.settings import (
     BatchSettings,
     ConfigError,
     RunSettings,
-    _Settings,
+    SettingsModel,
     bounds,
     describe,
-    setting,
 )
 
 M = TypeVar("M", bound=BaseModel)
@@ -39,54 +38,59 @@ def loaded(model: type[M]) -> M:
         return model()
 
 
-class DagsterSettings(_Settings):
+class DagsterSettings(SettingsModel):
     """Settings of the Dagster layer only: how the sensor groups users into runs, when the
     failure check warns, how a dead run is noticed."""
 
-    bundle_rows: int = setting(
+    bundle_rows: int = Field(
         2000,
-        "a user with fewer pending rows than this shares a run with other such users, up to "
-        "this many rows a run (one run per user above it)",
-        env="ENRICH_BUNDLE_ROWS",
+        description="a user with fewer pending rows than this shares a run with other such "
+        "users, up to this many rows a run (one run per user above it)",
+        validation_alias="ENRICH_BUNDLE_ROWS",
         ge=1,
         le=1_000_000,
     )
-    bundle_users: int = setting(
-        1000, "user partitions in one shared run at most", env="ENRICH_BUNDLE_USERS", ge=1, le=5000
+    bundle_users: int = Field(
+        1000,
+        description="user partitions in one shared run at most",
+        validation_alias="ENRICH_BUNDLE_USERS",
+        ge=1,
+        le=5000,
     )
-    runs_per_tick: int = setting(
+    runs_per_tick: int = Field(
         0,
-        "runs one sensor tick requests at most (0: twice ENRICH_MAX_CONCURRENT_RUNS, less the "
-        "runs already queued or running)",
-        env="ENRICH_SENSOR_MAX_RUNS",
+        description="runs one sensor tick requests at most (0: twice "
+        "ENRICH_MAX_CONCURRENT_RUNS, less the runs already queued or running)",
+        validation_alias="ENRICH_SENSOR_MAX_RUNS",
         ge=0,
         le=10_000,
     )
-    sensor_concurrent: int = setting(
+    sensor_concurrent: int = Field(
         16,
-        "model calls in flight in each run the sensor requests",
-        env="ENRICH_SENSOR_CONCURRENT",
+        description="model calls in flight in each run the sensor requests",
+        validation_alias="ENRICH_SENSOR_CONCURRENT",
         ge=1,
         le=256,
     )
-    failure_share_warn: float = setting(
+    failure_share_warn: float = Field(
         0.1,
-        "the failure check warns when more than this share of a user's attempted rows failed",
-        env="ENRICH_FAILURE_SHARE_WARN",
+        description="the failure check warns when more than this share of a user's attempted "
+        "rows failed",
+        validation_alias="ENRICH_FAILURE_SHARE_WARN",
         ge=0.0,
         le=1.0,
     )
-    heartbeat_interval: float = setting(
+    heartbeat_interval: float = Field(
         10.0,
-        "seconds between a run's heartbeats",
-        env="ENRICH_RUN_HEARTBEAT_INTERVAL",
+        description="seconds between a run's heartbeats",
+        validation_alias="ENRICH_RUN_HEARTBEAT_INTERVAL",
         gt=0,
         le=3600,
     )
-    heartbeat_timeout: float = setting(
+    heartbeat_timeout: float = Field(
         90.0,
-        "seconds without a heartbeat after which run monitoring fails a run as dead",
-        env="ENRICH_RUN_HEARTBEAT_TIMEOUT",
+        description="seconds without a heartbeat after which run monitoring fails a run as dead",
+        validation_alias="ENRICH_RUN_HEARTBEAT_TIMEOUT",
         gt=0,
         le=86_400,
     )

@@ -96,8 +96,8 @@ def prepare_environment(env: dict[str, str]) -> dict[str, str]:
     if db.embedded:
         resolved = embedded.resolve(db, root=home)
         if not env.get("DAGSTER_PG_URL"):
-            ensure_database(resolved.conninfo, "dagster")
-            env["DAGSTER_PG_URL"] = dagster_url_for(resolved.conninfo)
+            ensure_database(resolved.conninfo.get_secret_value(), "dagster")
+            env["DAGSTER_PG_URL"] = dagster_url_for(resolved.conninfo.get_secret_value())
     elif not env.get("DAGSTER_PG_URL"):
         raise ConfigError(
             "DAGSTER_PG_URL is not set: Dagster's run storage needs a PostgreSQL URL "

@@ -38,6 +38,7 @@ from enrich_pipeline.providers.health import Governor, StopLatch
 from enrich_pipeline.providers.quota import RateBudget, SharedRateLimiter, pacer
 from enrich_pipeline.providers.ratelimit import RateLimiter
 from enrich_pipeline.providers.wire import caption_request_body, empty_caption
+from enrich_pipeline.redaction import HTTP_LOGGERS, hide_in_logs
 from enrich_pipeline.settings import DashScopeSettings
 
 try:  # the HTTP library of the installed openai SDK (httpx2 from openai 3, httpx before)
@@ -95,10 +96,14 @@ def http_client(timeout: float) -> Any:
 
 
 def openai_client(settings: DashScopeSettings, **options: Any) -> openai.OpenAI:
-    """The SDK client for these settings, without the SDK's own retries."""
+    """The SDK client for these settings, without the SDK's own retries.
+
+    Every client is made here, so the key and the base URL's credentials are hidden in the
+    HTTP client's log lines (which show request URLs) before its first request."""
+    hide_in_logs(settings.secrets(), HTTP_LOGGERS)
     options.setdefault("http_client", http_client(settings.timeout))
     return openai.OpenAI(
-        api_key=settings.api_key,
+        api_key=settings.api_key.get_secret_value(),
         base_url=settings.base_url,
         timeout=settings.timeout,
         max_retries=0,

@@ -200,12 +200,12 @@ def test_several_junk_variables_are_named_in_one_line() -> None:
 
 def test_a_bare_percent_in_the_database_url_is_read_literally() -> None:
     settings = DbSettings.from_env({"ADBPG_URL": "postgresql://enrich:p%ss%@db.example.test/x"})
-    assert settings.conninfo == "postgresql://enrich:p%25ss%25@db.example.test/x"
+    assert settings.conninfo.get_secret_value() == "postgresql://enrich:p%25ss%25@db.example.test/x"
     assert settings.redacted() == "enrich@db.example.test:5432/x"
     assert "p%ss%" in settings.secrets()
     # A real escape stays an escape.
     escaped = DbSettings.from_env({"ADBPG_URL": "postgresql://enrich:p%40ss@db.example.test/x"})
-    assert escaped.conninfo == "postgresql://enrich:p%40ss@db.example.test/x"
+    assert escaped.conninfo.get_secret_value() == "postgresql://enrich:p%40ss@db.example.test/x"
 
 
 @pytest.mark.parametrize("port", ["abc", "0", "65536", "-1", "5432.5", " "])

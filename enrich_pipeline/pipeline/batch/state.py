@@ -16,7 +16,7 @@ from typing import Any
 from enrich_pipeline.db.store import Store
 from enrich_pipeline.providers.batch_api import BatchApi
 from enrich_pipeline.providers.dashscope import openai_client
-from enrich_pipeline.redaction import HTTP_LOGGERS, hide_in_logs, redact_source
+from enrich_pipeline.redaction import redact_source
 from enrich_pipeline.settings import DashScopeSettings
 
 # A part still "submitting" after this long lost its submitter; the poll resolves it.
@@ -90,10 +90,10 @@ def batch_api(settings: DashScopeSettings, base_url: str | None = None) -> Batch
     A base URL may carry credentials (``https://user:password@gateway/v1``, ``?api-key=``).
     The client gets the URL as it is; the API object, whose messages name the URL and end up
     on the terminal, in ``enrich_batches.error`` and in Dagster's event log, gets it redacted;
-    and the HTTP client's log lines (which show request URLs) have the credentials hidden.
+    and the HTTP client's log lines (which show request URLs) have the credentials hidden
+    (``openai_client``).
     """
     real = settings if base_url in (None, settings.base_url) else settings.with_(base_url=base_url)
-    hide_in_logs(real.url_secrets(), HTTP_LOGGERS)
     shown = real.with_(base_url=real.base_url_shown)
     return BatchApi(shown, client=openai_client(real))
 

@@ -1,0 +1,47 @@
+"""The Dagster deployment's sensors, run queue and op pools."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from enrich_pipeline.settings.framework import SettingsModel
+
+
+class AutomationSettings(SettingsModel):
+    """The Dagster deployment's sensors, run queue and op pools."""
+
+    sensor_interval: int = Field(
+        30,
+        description="seconds between ticks of the pending-rows sensor",
+        validation_alias="ENRICH_SENSOR_INTERVAL",
+        ge=1,
+        le=86_400,
+    )
+    batch_poll_interval: int = Field(
+        60,
+        description="seconds between polls of open DashScope batches",
+        validation_alias="ENRICH_BATCH_POLL_INTERVAL",
+        ge=1,
+        le=86_400,
+    )
+    max_concurrent_runs: int = Field(
+        4,
+        description="runs at once in the Dagster queue",
+        validation_alias="ENRICH_MAX_CONCURRENT_RUNS",
+        ge=1,
+        le=100,
+    )
+    dashscope_pool_slots: int = Field(
+        4,
+        description="caption/embedding steps at once",
+        validation_alias="ENRICH_DASHSCOPE_POOL_SLOTS",
+        ge=1,
+        le=100,
+    )
+    adbpg_pool_slots: int = Field(
+        8,
+        description="claim/write steps at once",
+        validation_alias="ENRICH_ADBPG_POOL_SLOTS",
+        ge=1,
+        le=100,
+    )

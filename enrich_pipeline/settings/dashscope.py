@@ -1,0 +1,203 @@
+"""How to reach the model provider (DashScope, or any OpenAI-compatible server) and how hard to
+push it."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, field_validator
+
+from enrich_pipeline.redaction import redact_source, url_secrets
+from enrich_pipeline.settings.framework import ConfigError, CredentialedUrl, SettingsModel
+from enrich_pipeline.settings.prices import parse_prices
+
+BEIJING_BASE_URL = "https://dashscope.aliyuncs.com/compatible-mode/v1"
+DEFAULT_PROMPT = (
+    "Describe this image in one or two sentences for a product catalogue: the main objects, "
+    "their colors and materials, the style and the setting. Answer in English."
+)
+# text-embedding-v4's documented output sizes (v3 takes the ones up to 1024).
+EMBEDDING_DIMENSIONS = (64, 128, 256, 512, 768, 1024, 1536, 2048)
+
+
+class DashScopeSettings(SettingsModel):
+    """How to reach the model provider and how hard to push it."""
+
+    api_key: SecretStr = Field(
+        SecretStr(""), description="DashScope API key", validation_alias="DASHSCOPE_API_KEY"
+    )
+    base_url: CredentialedUrl = Field(
+        BEIJING_BASE_URL,
+        description="OpenAI-compatible base URL (Beijing, Singapore, or any compatible server)",
+        validation_alias="DASHSCOPE_BASE_URL",
+        min_length=1,
+        max_length=2000,
+    )
+    vision_model: str = Field(
+        "qwen3-vl-plus",
+        description="Qwen-VL model for captions",
+        validation_alias="DASHSCOPE_VISION_MODEL",
+        min_length=1,
+        max_length=200,
+    )
+    embedding_model: str = Field(
+        "text-embedding-v4",
+        description="text embedding model for captions",
+        validation_alias="DASHSCOPE_EMBEDDING_MODEL",
+        min_length=1,
+        max_length=200,
+    )
+    embedding_dimensions: int = Field(
+        1024,
+        description="dimensions of caption embeddings",
+        validation_alias="DASHSCOPE_EMBEDDING_DIMENSIONS",
+    )
+    prompt: str = Field(
+        DEFAULT_PROMPT, description="the caption prompt", min_length=1, max_length=20_000
+    )
+    # Bump when the prompt changes in a way that should make old captions eligible for
+    # re-captioning; it is recorded with every caption.
+    prompt_version: str = Field(
+        "v1",
+        description="version recorded with every caption",
+        validation_alias="ENRICH_PROMPT_VERSION",
+        min_length=1,
+        max_length=100,
+    )
+    timeout: float = Field(
+        60.0,
+        description="seconds a model call may take",
+        validation_alias="DASHSCOPE_TIMEOUT",
+        gt=0,
+        le=3600,
+    )
+    max_retries: int = Field(
+        3,
+        description="retries of a transient API failure",
+        validation_alias="DASHSCOPE_MAX_RETRIES",
+        ge=0,
+        le=20,
+    )
+    backoff_initial: float = Field(
+        1.0,
+        description="first retry backoff, in s",
+        validation_alias="DASHSCOPE_BACKOFF_INITIAL",
+        gt=0,
+        le=600,
+    )
+    backoff_max: float = Field(30.0, description="longest retry backoff, in s", gt=0, le=3600)
+    max_image_side: int = Field(
+        896,
+        description="longer side of the image sent to the model, in px (snapped to the model's "
+        "patch grid)",
+        validation_alias="ENRICH_MAX_IMAGE_SIDE",
+        ge=64,
+        le=2048,
+    )
+    max_caption_tokens: int = Field(200, description="max_tokens of a caption call", ge=16, le=8192)
+    # Client-side limits so that a run at high concurrency stays under the provider's quota
+    # instead of living on 429 retries. DashScope's qwen-vl defaults: about 1,200 requests and
+    # 1,000,000 tokens a minute per account and model, also enforced per second (RPM/60,
+    # TPM/60); check the console (Monitoring) or GET /api/v1/quotas for the account's own.
+    requests_per_minute: int = Field(
+        1200,
+        description="request quota of the vision model per minute (0: not limited, e.g. a "
+        "local server)",
+        validation_alias="DASHSCOPE_RPM",
+        ge=0,
+        le=10**6,
+    )
+    tokens_per_minute: int = Field(
+        1_000_000,
+        description="token quota of the vision model per minute, input plus output (0: not "
+        "limited)",
+        validation_alias="DASHSCOPE_TPM",
+        ge=0,
+        le=10**9,
+    )
+    rate_per_second: bool = Field(
+        True,
+        description="also pace per second (RPM/60, TPM/60), as DashScope enforces",
+        validation_alias="DASHSCOPE_RATE_PER_SECOND",
+    )
+    rate_margin: float = Field(
+        0.05,
+        description="share of each second held back for network jitter (0.05: pace at 95% of "
+        "the quota)",
+        validation_alias="DASHSCOPE_RATE_MARGIN",
+        ge=0,
+        le=1,
+    )
+    shared_quota: bool | None = Field(
+        None,
+        description="share one rate budget per model with every process on the same database "
+        "(default: on with a configured database, off for the embedded demo)",
+        validation_alias="ENRICH_SHARED_QUOTA",
+    )
+    prices: str = Field(
+        "",
+        description="price table for cost estimates, merged over the region's list prices",
+        validation_alias="ENRICH_PRICES",
+    )
+    embedding_requests_per_minute: int = Field(
+        1800,
+        description="request quota of the embedding model per minute (0: not limited)",
+        validation_alias="DASHSCOPE_EMBEDDING_RPM",
+        ge=0,
+        le=10**6,
+    )
+    offline: bool = Field(
+        False, description="use the offline provider on purpose", validation_alias="ENRICH_OFFLINE"
+    )
+
+    @field_validator("api_key")
+    @classmethod
+    def _printable_key(cls, value: SecretStr) -> SecretStr:
+        # A key with a line break or a space inside would be sent as a broken header, and
+        # the HTTP library's error quotes the header (the key) back.
+        if any(ch.isspace() or not ch.isprintable() for ch in value.get_secret_value()):
+            raise ValueError("must not contain spaces, line breaks or control characters")
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises on a junk port
+        except ValueError:
+            raise ValueError("not a valid URL") from None
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value
+
+    @field_validator("prices")
+    @classmethod
+    def _prices(cls, value: str) -> str:
+        if value.strip():
+            parse_prices(value)
+        return value
+
+    @field_validator("embedding_dimensions")
+    @classmethod
+    def _known_dimensions(cls, value: int) -> int:
+        if value not in EMBEDDING_DIMENSIONS:
+            raise ValueError(f"must be one of {', '.join(map(str, EMBEDDING_DIMENSIONS))}")
+        return value
+
+    @property
+    def base_url_shown(self) -> str:
+        """The base URL without the credentials it may carry, for reports, logs and tables."""
+        return redact_source(self.base_url)
+
+    def secrets(self) -> tuple[str, ...]:
+        """The key and the base URL's credentials (user:password@, secret-looking query
+        values): what the HTTP client's log lines, which show request URLs, must not show."""
+        return (*url_secrets(self.base_url), self.api_key.get_secret_value())
+
+    def require_key(self) -> None:
+        if not self.offline and not self.api_key.get_secret_value():
+            raise ConfigError(
+                "DASHSCOPE_API_KEY is not set: export it, or pass --offline to use the "
+                "offline provider"
+            )
