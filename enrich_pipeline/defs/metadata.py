@@ -15,7 +15,7 @@ from typing import Any
 
 from dagster import MetadataValue
 
-from enrich_pipeline.db.items import LedgerEntry
+from enrich_pipeline.db.ledger import LedgerEntry
 from enrich_pipeline.db.summary import UserItems
 from enrich_pipeline.pipeline.stats import RunStats
 

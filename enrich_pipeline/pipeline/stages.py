@@ -22,8 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
-from enrich_pipeline.db.items import FailureRow, SuccessRow
 from enrich_pipeline.db.store import Store
+from enrich_pipeline.db.writes import FailureRow, SuccessRow
 from enrich_pipeline.enrichment import vision_tokens
 from enrich_pipeline.enrichment.colors import dominant_colors
 from enrich_pipeline.enrichment.images import (

@@ -25,8 +25,8 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from enrich_pipeline.db.items import ItemRows
 from enrich_pipeline.db.store import Store
+from enrich_pipeline.db.writes import ChunkWrites
 from enrich_pipeline.enrichment.images import ImagePolicy
 from enrich_pipeline.pipeline import stages
 from enrich_pipeline.pipeline.engine import Engine
@@ -115,7 +115,7 @@ def lock_row(items: Items, item_id: str) -> RowLock:
 
 def write_attempts() -> int:
     """Attempts of the last chunk write (tenacity's documented statistics)."""
-    return int(ItemRows._write.statistics.get("attempt_number", 0))  # type: ignore[attr-defined]
+    return int(ChunkWrites._write.statistics.get("attempt_number", 0))  # type: ignore[attr-defined]
 
 
 # --- connections dropped -------------------------------------------------------------------------

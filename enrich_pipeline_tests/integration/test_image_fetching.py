@@ -17,9 +17,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import urllib3
 
-from enrich_pipeline.enrichment import images
 from enrich_pipeline.enrichment.images import (
     ImagePolicy,
+    fetch,
     load_image,
 )
 from enrich_pipeline_tests.helpers import (
@@ -210,7 +210,7 @@ def test_connects_to_vetted_ip_and_keeps_host_header(
             return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", server.port))]
         return real(host, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(images.socket, "getaddrinfo", fake)
+    monkeypatch.setattr(fetch.socket, "getaddrinfo", fake)
     loaded = load_image(f"http://images.example.test:{server.port}/host", ONLY_LOOPBACK_EXEMPT)
     assert loaded.image.size == (64, 48)
     assert lookups == ["images.example.test"]
@@ -376,7 +376,7 @@ def test_https_to_pinned_ip_keeps_sni_and_verifies_the_name(
             return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
         return real(host, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(images.socket, "getaddrinfo", fake)
+    monkeypatch.setattr(fetch.socket, "getaddrinfo", fake)
     url = f"https://images.example.test:{port}/x.png"
 
     # The test certificate is not in the system store: verification must fail, permanently.
@@ -386,6 +386,6 @@ def test_https_to_pinned_ip_keeps_sni_and_verifies_the_name(
 
     # Trusting it, the same pinned-IP connection verifies against the original name.
     trusting = functools.partial(urllib3.HTTPSConnectionPool, ca_certs=cert)
-    monkeypatch.setattr(images.urllib3, "HTTPSConnectionPool", trusting)
+    monkeypatch.setattr(fetch.urllib3, "HTTPSConnectionPool", trusting)
     assert load_image(url, ONLY_LOOPBACK_EXEMPT).image.size == (64, 48)
     assert server_names[-1] == "images.example.test"

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from enrich_pipeline.enrichment import images
 from enrich_pipeline.enrichment.images import (
+    WORK_MAX_SIDE,
     ImageLoadError,
     ImagePolicy,
     LoadedImage,
     blocked_address_reason,
+    fetch,
     image_tokens,
     load_image,
     prepare_for_vision,
@@ -87,7 +88,7 @@ def test_any_forbidden_answer_blocks_the_name(monkeypatch: pytest.MonkeyPatch) -
             (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.1.2.3", port)),
         ]
 
-    monkeypatch.setattr(images.socket, "getaddrinfo", fake)
+    monkeypatch.setattr(fetch.socket, "getaddrinfo", fake)
     err = load_error("https://rebind.example.test/cat.jpg", ImagePolicy())
     assert err.code == "blocked_address"
     assert "10.1.2.3" in str(err) and "private" in str(err)
@@ -198,7 +199,7 @@ def test_large_image_reduced_for_memory(tmp_path: Path) -> None:
     path = tmp_path / "big.jpg"
     Image.new("RGB", (4000, 3000), (90, 140, 60)).save(path, quality=70)
     loaded = load_image(str(path))
-    assert max(loaded.image.size) <= images.WORK_MAX_SIDE
+    assert max(loaded.image.size) <= WORK_MAX_SIDE
     assert (loaded.original_width, loaded.original_height) == (4000, 3000)
 
 
