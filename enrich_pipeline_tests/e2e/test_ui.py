@@ -38,8 +38,8 @@ from PIL import Image
 from psycopg import sql
 
 from enrich_pipeline.defs.launcher import INSTANCE_YAML, dagster_url_for, ensure_database
-from enrich_pipeline.testing.standin import StandIn
 from enrich_pipeline_tests.helpers import API_KEY, Items, hues
+from enrich_pipeline_tests.standin import StandIn
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts"

@@ -30,7 +30,6 @@ from enrich_pipeline.pipeline.engine import Engine
 from enrich_pipeline.providers.base import FatalProviderError
 from enrich_pipeline.providers.dashscope import DashScopeProvider
 from enrich_pipeline.settings import DashScopeSettings, RunSettings
-from enrich_pipeline.testing.standin import StandIn
 from enrich_pipeline_tests.helpers import (
     API_KEY,
     PATCH_KEYS,
@@ -41,6 +40,7 @@ from enrich_pipeline_tests.helpers import (
     run_cli,
     standin_settings,
 )
+from enrich_pipeline_tests.standin import StandIn
 
 LOCAL = ImagePolicy(allow_local_files=True)
 TRANSIENT = ["429", "500", "503", "timeout", "reset", "malformed", "empty_caption"]

@@ -16,8 +16,8 @@ import pytest
 from enrich_pipeline.cli import batch as batch_cli
 from enrich_pipeline.cli import search as search_cli
 from enrich_pipeline.defs import launcher
-from enrich_pipeline.testing.standin import StandIn
 from enrich_pipeline_tests.helpers import Items, data_url, png, run_cli
+from enrich_pipeline_tests.standin import StandIn
 
 
 def one_error_line(err: str, starts: str) -> str:

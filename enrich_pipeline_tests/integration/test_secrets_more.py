@@ -48,7 +48,6 @@ from enrich_pipeline.defs.partitions import user_to_key
 from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
 from enrich_pipeline.pipeline.batch.state import batch_api
 from enrich_pipeline.settings import ConfigError, DashScopeSettings, DbSettings, Settings
-from enrich_pipeline.testing.standin import StandIn
 from enrich_pipeline_tests.helpers import (
     API_KEY,
     Items,
@@ -59,6 +58,7 @@ from enrich_pipeline_tests.helpers import (
     run_cli,
     table_texts,
 )
+from enrich_pipeline_tests.standin import StandIn
 
 _CORES = {n: uuid.uuid4().hex[:16] for n in ("db", "wrong_db", "gateway", "query")}
 # Bare "%" in the middle and at the end, and one "%" followed by letters that are not hex.

@@ -13,8 +13,8 @@ from urllib.parse import quote, unquote
 import pytest
 
 from enrich_pipeline.enrichment.images import ImageLoadError, ImagePolicy, load_image
-from enrich_pipeline.testing.standin import StandIn
 from enrich_pipeline_tests.helpers import Items, png, run_cli
+from enrich_pipeline_tests.standin import StandIn
 from enrich_pipeline_tests.unit.test_ssrf_ipv6 import forms
 
 OPEN = ImagePolicy(allow_private_networks=True, timeout=3.0)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from enrich_pipeline.enrichment.synthetic import hashed_embedding as embed_text
 from enrich_pipeline.enrichment.synthetic import synthetic_caption as caption_for_image
-from enrich_pipeline.testing.standin import StandIn
+from enrich_pipeline_tests.standin import StandIn
 
 VL_MODEL = "qwen-vl-plus"
 EMB_MODEL = "text-embedding-v4"

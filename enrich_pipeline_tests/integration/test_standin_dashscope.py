@@ -16,7 +16,8 @@ from PIL import Image
 
 from enrich_pipeline.enrichment import vision_tokens
 from enrich_pipeline.enrichment.synthetic import synthetic_caption
-from enrich_pipeline.testing.standin import HUGE_CAPTION_CHARS, StandIn
+from enrich_pipeline_tests.standin import StandIn
+from enrich_pipeline_tests.standin.faults import HUGE_CAPTION_CHARS
 
 VL_MODEL = "qwen-vl-plus"
 EMB_MODEL = "text-embedding-v4"
