@@ -1,4 +1,4 @@
-"""Issue 12, item 10, through a real loopback server and the real command line: with
+"""Through a real loopback server and the real command line: with
 ``ENRICH_ALLOW_PRIVATE_NETWORKS=true`` an image URL that reaches a cloud-metadata endpoint
 through an IPv6 form of its address, directly or by a redirect, is refused before any
 connection to it, recorded as ``blocked_address`` (permanent), and costs no model call."""

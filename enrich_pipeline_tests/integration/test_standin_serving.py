@@ -1,4 +1,5 @@
-"""The DashScope stand-in, exercised through the real `openai` client."""
+"""How the DashScope stand-in serves the real `openai` client: deterministic captions and
+embeddings, injected faults and rules, the key, a per-minute limit, latency, and a prompt stop."""
 
 from __future__ import annotations
 
