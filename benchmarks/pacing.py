@@ -55,7 +55,7 @@ CLI = ["-m", "enrich_pipeline.cli.captions"]
 
 
 def serve(argv: Sequence[str]) -> None:
-    from enrich_pipeline.testing.standin import StandIn
+    from enrich_pipeline_tests.standin import StandIn
 
     parser = argparse.ArgumentParser(prog="benchmarks.pacing serve")
     parser.add_argument("--rpm", type=int, required=True, help="vision model, per second too")

@@ -1,6 +1,6 @@
 """The stand-in DashScope server in its own process, so its CPU never counts as the pipeline's.
 
-Same options as ``python -m enrich_pipeline.testing.standin`` plus a control channel on stdin,
+Same options as ``python -m enrich_pipeline_tests.standin`` plus a control channel on stdin,
 because the benchmark needs the request log of a server in another process:
 
 - ``stats``: one JSON line, ``{"requests": [[arrival, endpoint, status, image_tokens], ...]}``
@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 
-from enrich_pipeline.testing.standin import StandIn
+from enrich_pipeline_tests.standin import StandIn
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,9 +22,9 @@ from psycopg import sql
 
 from enrich_pipeline.db.store import Store
 from enrich_pipeline.settings import DashScopeSettings
-from enrich_pipeline.testing.standin import StandIn
 from enrich_pipeline_tests import servers
 from enrich_pipeline_tests.helpers import API_KEY, Items, standin_settings
+from enrich_pipeline_tests.standin import StandIn
 
 # The tiers, one folder each (README "Tests"): select with -m, e.g. `pytest -m unit`.
 TIERS = ("unit", "integration", "defs", "faults", "e2e")

@@ -31,7 +31,7 @@ from enrich_pipeline.db.samples import create_sample_table, insert_sample_items
 from enrich_pipeline.enrichment.images import ImageLoadError, ImagePolicy, load_image
 from enrich_pipeline.enrichment.synthetic import mean_color
 from enrich_pipeline.settings import DashScopeSettings, DbSettings
-from enrich_pipeline.testing.standin import StandIn
+from enrich_pipeline_tests.standin import StandIn
 
 API_KEY = "sk-test-0123456789abcdef"
 

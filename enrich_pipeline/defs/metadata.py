@@ -1,7 +1,7 @@
 """What a materialization of one user partition says: the user's items as they now are, and
 what this run did for them.
 
-Rules (issue 13): figures describe the asset (the user's items), not only the run; a rate is
+Rules: figures describe the asset (the user's items), not only the run; a rate is
 shown only where something was attempted; a zero is shown only where zero is true (the offline
 provider calls no model, so it shows no tokens and no cost); Dagster's conventional keys where
 they fit (``dagster/row_count``); nothing about storage (the summary is not stored anywhere).

@@ -17,8 +17,8 @@ from enrich_pipeline.defs.checks import (
 from enrich_pipeline.defs.definitions import defs
 from enrich_pipeline.defs.io_managers import CHUNK_IO
 from enrich_pipeline.defs.partitions import key_to_user, user_to_key
-from enrich_pipeline.testing.standin import StandIn
 from enrich_pipeline_tests.helpers import Items, mean_of
+from enrich_pipeline_tests.standin import StandIn
 
 
 def resources() -> dict:

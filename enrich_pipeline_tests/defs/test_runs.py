@@ -18,8 +18,8 @@ from enrich_pipeline.defs.checks import (
 from enrich_pipeline.defs.definitions import defs
 from enrich_pipeline.defs.io_managers import CHUNK_IO
 from enrich_pipeline.defs.runs import RANGE_END_TAG, RANGE_START_TAG
-from enrich_pipeline.testing.standin import StandIn
 from enrich_pipeline_tests.helpers import Items, hues, log_writes, mean_of, paint, writes
+from enrich_pipeline_tests.standin import StandIn
 
 ASSETS = [enriched_items, no_unrecorded_pending_rows, embedding_dimensions, failure_share]
 

@@ -259,9 +259,9 @@ def test_more_users_than_the_queue_takes_share_bounded_runs(
 def test_ten_thousand_users_one_tick_requests_a_bounded_number_of_runs(
     env: pytest.MonkeyPatch, items: Items
 ) -> None:
-    """Issue 13's measurement: 10,000 users with 3 pending rows each. Timing is the benchmark's
-    business (``benchmarks``); here: the tick requests a bounded number of shared runs, adds
-    every partition in one statement, and keeps a small cursor."""
+    """The scale a sensor tick must hold: 10,000 users with 3 pending rows each. Timing is the
+    benchmark's business (``benchmarks``); here: the tick requests a bounded number of shared
+    runs, adds every partition in one statement, and keeps a small cursor."""
     seed_users(items, 10_000, 3)
     instance = DagsterInstance.ephemeral()
     result = tick(instance)

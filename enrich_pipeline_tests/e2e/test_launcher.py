@@ -1,10 +1,11 @@
 """``enrich-dagster`` started in the background on the embedded default, as a user would start
 it from a shell script, reached through its database commands and stopped with ``kill``.
 
-A background job of a non-interactive shell starts with SIGINT ignored; before the fix,
-``kill PID`` did nothing and a forced stop left the webserver and daemon running against a
-database that was gone. Each case starts its own launcher (its own embedded PostgreSQL, Dagster
-storage in it, offline provider) from a directory that is not the checkout.
+A background job of a non-interactive shell starts with SIGINT ignored: unless the launcher
+restores the default dispositions, ``kill PID`` does nothing and a forced stop leaves the
+webserver and daemon running against a database that is gone. Each case starts its own
+launcher (its own embedded PostgreSQL, Dagster storage in it, offline provider) from a
+directory that is not the checkout.
 """
 
 from __future__ import annotations

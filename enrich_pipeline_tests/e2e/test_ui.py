@@ -38,8 +38,8 @@ from PIL import Image
 from psycopg import sql
 
 from enrich_pipeline.defs.launcher import INSTANCE_YAML, dagster_url_for, ensure_database
-from enrich_pipeline.testing.standin import StandIn
 from enrich_pipeline_tests.helpers import API_KEY, Items, hues
+from enrich_pipeline_tests.standin import StandIn
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts"
@@ -445,7 +445,7 @@ def test_ui_shows_user_partitions_and_latest_statistics(stack: Stack, tmp_path: 
             browser = _launch_chromium(playwright)
             context = browser.new_context(viewport={"width": 1440, "height": 1100})
             # Dagster shows a "join the community" dialog once on a loopback origin; mark it as
-            # seen, as a user who dismissed it would have (see the report on dagster.yaml).
+            # seen, as a user who dismissed it would have.
             context.add_init_script("window.localStorage.setItem('communityNux', '\"1\"')")
             page = context.new_page()
             try:
@@ -635,7 +635,7 @@ mutation Launch($params: LaunchBackfillParams!) {
 def test_a_ui_backfill_while_the_sensor_is_on_never_runs_a_user_twice_at_once(
     stack: Stack,
 ) -> None:
-    """Issue 13: a backfill launched from the UI (``__ASSET_JOB``, partition range tags, no
+    """A backfill launched from the UI (``__ASSET_JOB``, partition range tags, no
     ``dagster/partition``) while the sensor, on, sees the same user's new rows. Whoever gets
     there first, the user's runs never overlap, each row is captioned once, and the last
     materialization states every row captioned."""
@@ -701,10 +701,11 @@ def test_a_ui_backfill_while_the_sensor_is_on_never_runs_a_user_twice_at_once(
 
 
 def test_a_killed_run_is_failed_and_the_users_next_rows_are_captioned(stack: Stack) -> None:
-    """Issue 12 item 7: ``kill -9`` of a run's process while the code server that launched it
+    """``kill -9`` of a run's process while the code server that launched it
     cannot report it. (Dagster 1.13's code server reports a run worker it sees die; when it is
-    gone too, as after an OOM kill of the machine's processes or a restart, nobody did, and the
-    run stayed STARTED forever with its user's next run queued behind it.) The code server is
+    gone too, as after an OOM kill of the machine's processes or a restart, nobody does, and
+    without run monitoring the run would stay STARTED forever with its user's next run queued
+    behind it.) The code server is
     paused (SIGSTOP) while its run worker is killed, and resumed after. Run monitoring, through
     the heartbeat launcher's health check, fails the run within a poll; the queue lets the
     user's next run out, and the user's rows, the dead run's and the new ones, are

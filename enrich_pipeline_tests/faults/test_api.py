@@ -30,7 +30,6 @@ from enrich_pipeline.pipeline.engine import Engine
 from enrich_pipeline.providers.base import FatalProviderError
 from enrich_pipeline.providers.dashscope import DashScopeProvider
 from enrich_pipeline.settings import DashScopeSettings, RunSettings
-from enrich_pipeline.testing.standin import StandIn
 from enrich_pipeline_tests.helpers import (
     API_KEY,
     PATCH_KEYS,
@@ -41,10 +40,11 @@ from enrich_pipeline_tests.helpers import (
     run_cli,
     standin_settings,
 )
+from enrich_pipeline_tests.standin import StandIn
 
 LOCAL = ImagePolicy(allow_local_files=True)
 TRANSIENT = ["429", "500", "503", "timeout", "reset", "malformed", "empty_caption"]
-# Throttling past the retries is never the row's fault (issue 11): such a row is given back
+# Throttling past the retries is never the row's fault: such a row is given back
 # uncharged rather than recorded, see faults/test_provider_failures.py
 # ::test_throttling_on_one_row_past_the_retries_costs_it_nothing.
 ROW_TRANSIENT = [f for f in TRANSIENT if f != "429"]
@@ -406,7 +406,7 @@ def test_cli_report_counts_retries_of_transient_faults(
     assert code == 0, report
     assert re.search(r"^  Succeeded:\s+3$", report, re.M), report
     assert re.search(r"^  Failed:\s+0$", report, re.M), report
-    # Every call made counts, answered or not (issue 12 item 7): 3 answered + 3 refused.
+    # Every call made counts, answered or not: 3 answered + 3 refused.
     assert re.search(r"^  API calls:\s+6 vision, 1 embedding, 3 retries$", report, re.M), report
     assert re.search(r"^  Failed calls:\s+3 vision, 0 embedding", report, re.M), report
     assert_captioned_once(items, ids, before)

@@ -17,7 +17,6 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from enrich_pipeline.db.store import Store
-from enrich_pipeline.testing.standin import StandIn
 from enrich_pipeline_tests.helpers import (
     Items,
     TcpProxy,
@@ -28,6 +27,7 @@ from enrich_pipeline_tests.helpers import (
     run_cli,
     writes,
 )
+from enrich_pipeline_tests.standin import StandIn
 
 
 def pipeline_tables(items: Items, namespace: str | None = None) -> int:

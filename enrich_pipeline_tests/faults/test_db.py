@@ -32,8 +32,8 @@ from enrich_pipeline.pipeline import stages
 from enrich_pipeline.pipeline.engine import Engine
 from enrich_pipeline.providers.dashscope import DashScopeProvider
 from enrich_pipeline.settings import DashScopeSettings, RunSettings
-from enrich_pipeline.testing.standin import StandIn
 from enrich_pipeline_tests.helpers import Items, good_chat_calls, hues, log_writes, paint, writes
+from enrich_pipeline_tests.standin import StandIn
 
 LOCAL = ImagePolicy(allow_local_files=True)
 PATCH_KEYS = {"caption", "dominant_colors", "style_tags", "object_tags", "caption_generated_at"}

@@ -34,8 +34,8 @@ from enrich_pipeline.enrichment.images import ImagePolicy
 from enrich_pipeline.pipeline.engine import Engine
 from enrich_pipeline.providers.dashscope import DashScopeProvider
 from enrich_pipeline.settings import DashScopeSettings, DbSettings, RunSettings
-from enrich_pipeline.testing.standin import StandIn
 from enrich_pipeline_tests.helpers import Items, data_url, png, run_cli, truncated_jpeg
+from enrich_pipeline_tests.standin import StandIn
 
 PATCH_KEYS = [
     "caption",

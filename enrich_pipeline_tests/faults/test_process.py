@@ -32,7 +32,6 @@ from enrich_pipeline.pipeline.engine import Engine
 from enrich_pipeline.pipeline.stats import ItemOutcome, RunStats
 from enrich_pipeline.providers.dashscope import DashScopeProvider
 from enrich_pipeline.settings import DashScopeSettings, RunSettings
-from enrich_pipeline.testing.standin import StandIn
 from enrich_pipeline_tests.helpers import (
     API_KEY,
     PATCH_KEYS,
@@ -44,6 +43,7 @@ from enrich_pipeline_tests.helpers import (
     paint,
     writes,
 )
+from enrich_pipeline_tests.standin import StandIn
 
 LOCAL = ImagePolicy(allow_local_files=True)
 

@@ -50,7 +50,6 @@ from enrich_pipeline.pipeline.engine import Engine
 from enrich_pipeline.providers.base import ProviderError, ProviderUnavailable, Usage
 from enrich_pipeline.providers.dashscope import DashScopeProvider
 from enrich_pipeline.settings import DashScopeSettings, RunSettings
-from enrich_pipeline.testing.standin import StandIn
 from enrich_pipeline_tests.helpers import (
     API_KEY,
     PATCH_KEYS,
@@ -61,6 +60,7 @@ from enrich_pipeline_tests.helpers import (
     run_cli,
     standin_settings,
 )
+from enrich_pipeline_tests.standin import StandIn
 
 LOCAL = ImagePolicy(allow_local_files=True)
 FOREVER = 1_000_000  # injected for far more requests than any of these runs makes

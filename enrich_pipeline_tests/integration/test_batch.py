@@ -45,13 +45,13 @@ from enrich_pipeline.providers import wire
 from enrich_pipeline.providers.batch_api import BatchRejected, BatchUnsupported
 from enrich_pipeline.providers.dashscope import DashScopeProvider
 from enrich_pipeline.settings import BatchSettings, DashScopeSettings, RunSettings
-from enrich_pipeline.testing.standin import StandIn
 from enrich_pipeline_tests.helpers import (
     API_KEY,
     Items,
     mean_of,
     standin_settings,
 )
+from enrich_pipeline_tests.standin import StandIn
 
 POLICY = ImagePolicy()  # local paths allowed: the test images are files
 

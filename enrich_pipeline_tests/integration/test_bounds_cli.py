@@ -1,4 +1,4 @@
-"""Issue 12, item 11, with the real commands against the test database and the stand-in: a
+"""Bounds, with the real commands against the test database and the stand-in: a
 flag or variable out of bounds stops the command at once with one line naming it, before a
 row is claimed or a call is paid; a database that is down is one line, never a traceback."""
 
@@ -16,8 +16,8 @@ import pytest
 from enrich_pipeline.cli import batch as batch_cli
 from enrich_pipeline.cli import search as search_cli
 from enrich_pipeline.defs import launcher
-from enrich_pipeline.testing.standin import StandIn
 from enrich_pipeline_tests.helpers import Items, data_url, png, run_cli
+from enrich_pipeline_tests.standin import StandIn
 
 
 def one_error_line(err: str, starts: str) -> str:
@@ -184,7 +184,8 @@ def test_junk_price_table_stops_the_run_before_any_call(
     rows: list[str],
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    """It used to be read after the run: every row paid for, then exit 2 without a report."""
+    """Read before the run: read after it, every row would be paid for, then exit 2 without a
+    report."""
     for junk in ("{", '{"qwen3-vl-plus": [-1, 2]}'):
         env.setenv("ENRICH_PRICES", junk)
         code, report = run_cli(["--user-id", "alice"])
@@ -219,8 +220,8 @@ def test_code_location_loads_with_junk_intervals_and_names_each() -> None:
 def test_database_down_in_a_terminal_prints_one_line_not_the_pools_warnings(
     tmp_path: Path,
 ) -> None:
-    """Without logging set up, Python printed each of the pool's connection attempts (libpq's
-    message, two lines each) to stderr before the command's error line."""
+    """Without logging set up, Python would print each of the pool's connection attempts
+    (libpq's message, two lines each) to stderr before the command's error line."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ADBPG_", "DASHSCOPE_"))}
     env.update(
         ADBPG_HOST=str(tmp_path / "no-server-here"),

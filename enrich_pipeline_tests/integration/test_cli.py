@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from enrich_pipeline.cli import captions as cli
-from enrich_pipeline.testing.standin import StandIn
 from enrich_pipeline_tests.helpers import Items, run_cli, stat
+from enrich_pipeline_tests.standin import StandIn
 
 
 def test_legacy_flags_have_legacy_defaults() -> None:

@@ -14,8 +14,8 @@ from enrich_pipeline.pipeline.engine import Engine
 from enrich_pipeline.providers.base import FatalProviderError
 from enrich_pipeline.providers.dashscope import DashScopeProvider
 from enrich_pipeline.settings import DashScopeSettings, RunSettings
-from enrich_pipeline.testing.standin import StandIn
 from enrich_pipeline_tests.helpers import Items, mean_of
+from enrich_pipeline_tests.standin import StandIn
 
 LOCAL = ImagePolicy(allow_local_files=True)
 

@@ -25,7 +25,6 @@ from enrich_pipeline.providers.dashscope import DashScopeProvider
 from enrich_pipeline.providers.quota import SharedRateLimiter
 from enrich_pipeline.providers.ratelimit import RateLimiter
 from enrich_pipeline.settings import DashScopeSettings, DbSettings, RunSettings
-from enrich_pipeline.testing.standin import StandIn
 from enrich_pipeline_tests.helpers import (
     API_KEY,
     Items,
@@ -34,6 +33,7 @@ from enrich_pipeline_tests.helpers import (
     png,
     standin_settings,
 )
+from enrich_pipeline_tests.standin import StandIn
 
 VISION = "qwen3-vl-plus"
 RPM = 600  # the stand-in's quota for the vision model: 10 calls a second

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from enrich_pipeline.testing.standin import StandIn
 from enrich_pipeline_tests.helpers import Items, mean_of, run_cli, stat
+from enrich_pipeline_tests.standin import StandIn
 
 
 def test_recaption_replaces_only_pipeline_captions_of_the_chosen_user(

@@ -37,7 +37,6 @@ from enrich_pipeline.pipeline.engine import Engine
 from enrich_pipeline.providers.base import FatalProviderError
 from enrich_pipeline.providers.dashscope import DashScopeProvider
 from enrich_pipeline.settings import DashScopeSettings, DbSettings, RunSettings
-from enrich_pipeline.testing.standin import StandIn
 from enrich_pipeline_tests.helpers import (
     Items,
     data_url,
@@ -47,6 +46,7 @@ from enrich_pipeline_tests.helpers import (
     run_cli,
     table_texts,
 )
+from enrich_pipeline_tests.standin import StandIn
 
 # Distinctive values; each also has a random core that is searched for on its own, so a secret
 # that is partly masked ("sk-***<core>") or re-encoded around its core still counts as a leak.

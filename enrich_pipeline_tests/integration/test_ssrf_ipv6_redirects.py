@@ -1,4 +1,4 @@
-"""Issue 12, item 10, through a real loopback server and the real command line: with
+"""Through a real loopback server and the real command line: with
 ``ENRICH_ALLOW_PRIVATE_NETWORKS=true`` an image URL that reaches a cloud-metadata endpoint
 through an IPv6 form of its address, directly or by a redirect, is refused before any
 connection to it, recorded as ``blocked_address`` (permanent), and costs no model call."""
@@ -13,8 +13,8 @@ from urllib.parse import quote, unquote
 import pytest
 
 from enrich_pipeline.enrichment.images import ImageLoadError, ImagePolicy, load_image
-from enrich_pipeline.testing.standin import StandIn
 from enrich_pipeline_tests.helpers import Items, png, run_cli
+from enrich_pipeline_tests.standin import StandIn
 from enrich_pipeline_tests.unit.test_ssrf_ipv6 import forms
 
 OPEN = ImagePolicy(allow_private_networks=True, timeout=3.0)

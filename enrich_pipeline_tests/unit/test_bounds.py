@@ -1,4 +1,4 @@
-"""Issue 12, item 11: every flag and variable has bounds, and a value outside them is one
+"""Every flag and variable has bounds, and a value outside them is one
 clear line naming it (never a traceback, never a silent acceptance).
 
 The variables are taken from the settings tree itself, so a setting added later without
@@ -128,7 +128,9 @@ def test_every_numeric_variable_out_of_bounds_is_one_line_naming_it(
         ("DASHSCOPE_BACKOFF_INITIAL", "nan"),
     ],
 )
-def test_the_values_of_the_issue_are_refused(variable: str, value: str) -> None:
+def test_fractions_negatives_zeros_huge_and_non_finite_values_are_refused(
+    variable: str, value: str
+) -> None:
     model = next(m for var, m, _ in env_numeric_fields() if var == variable)
     with pytest.raises(ConfigError) as info:
         load(model, {variable: value})

@@ -19,7 +19,6 @@ FLOORS = {
     "settings": 2,
     "db": 3,
     "providers": 3,
-    "testing": 3,
     "pipeline": 4,
     "bootstrap": 5,
     "cli": 6,

@@ -1,4 +1,4 @@
-"""Issue 12, item 10: every IPv6 address that carries an IPv4 address is judged as that IPv4
+"""Every IPv6 address that carries an IPv4 address is judged as that IPv4
 address, so the cloud-metadata block (which stays on with ``ENRICH_ALLOW_PRIVATE_NETWORKS``)
 and the private-network block cannot be bypassed by writing the same host in IPv6.
 
@@ -120,7 +120,7 @@ def test_internal_addresses_are_refused_in_every_ipv6_form(
 
 @pytest.mark.parametrize("form", list(forms("1.2.3.4")))
 def test_metadata_stays_refused_with_private_networks_open(form: str) -> None:
-    """The bypass of the issue: ``ENRICH_ALLOW_PRIVATE_NETWORKS=true`` and an IPv6 literal."""
+    """The cloud-metadata address written in IPv6, with ``ENRICH_ALLOW_PRIVATE_NETWORKS=true``."""
     ipv6 = forms("169.254.169.254")[form]
     with pytest.raises(ImageLoadError) as info:
         load_image(f"http://[{ipv6}]/latest/meta-data/iam/security-credentials/", OPEN)

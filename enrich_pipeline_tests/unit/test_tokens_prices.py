@@ -17,7 +17,7 @@ from enrich_pipeline.providers.pricing import estimate_cost, load_prices, price_
 from enrich_pipeline.providers.quota import account_of
 from enrich_pipeline.providers.regions import region_of
 from enrich_pipeline.settings import ConfigError, DashScopeSettings, Settings
-from enrich_pipeline.testing.standin import StandIn
+from enrich_pipeline_tests.standin import StandIn
 
 BEIJING = "https://dashscope.aliyuncs.com/compatible-mode/v1"
 SINGAPORE = "https://dashscope-intl.aliyuncs.com/compatible-mode/v1"

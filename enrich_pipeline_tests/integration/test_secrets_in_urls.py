@@ -1,10 +1,10 @@
-"""Issue 12, item 10: no secret in any output, log, table or event, on the paths that leaked.
+"""Credentials written inside a URL appear in no output, log, table or event.
 
-- A database password with a bare ``%`` in ``ADBPG_URL``: libpq refused the URL and its
-  message quoted the password back through the pool's warnings (stderr, logs). Here the role
+- A database password with a bare ``%`` in ``ADBPG_URL``: libpq refuses such a URL and its
+  message quotes the password back through the pool's warnings (stderr, logs). Here the role
   is real and its password is checked (a server of this module with scram-sha-256), so a
   successful run proves the password was sent as written.
-- ``enrich-batch`` printed and stored ``DASHSCOPE_BASE_URL`` with its credentials. Here the
+- ``DASHSCOPE_BASE_URL`` with credentials, which ``enrich-batch`` prints and stores. Here the
   base URL is ``http://user:password@127.0.0.1:PORT/v1`` and points at a gateway that, like the
   real ones, takes Basic credentials and adds the provider's key upstream (the stand-in); the
   table keeps the URL without credentials and polls and collects still reach the gateway.
@@ -48,7 +48,6 @@ from enrich_pipeline.defs.partitions import user_to_key
 from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
 from enrich_pipeline.pipeline.batch.state import batch_api
 from enrich_pipeline.settings import ConfigError, DashScopeSettings, DbSettings, Settings
-from enrich_pipeline.testing.standin import StandIn
 from enrich_pipeline_tests.helpers import (
     API_KEY,
     Items,
@@ -59,6 +58,7 @@ from enrich_pipeline_tests.helpers import (
     run_cli,
     table_texts,
 )
+from enrich_pipeline_tests.standin import StandIn
 
 _CORES = {n: uuid.uuid4().hex[:16] for n in ("db", "wrong_db", "gateway", "query")}
 # Bare "%" in the middle and at the end, and one "%" followed by letters that are not hex.
@@ -523,7 +523,8 @@ def test_online_path_with_credentials_in_the_base_url_logs_none(
     capfd: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The online path printed the URL redacted already; its HTTP log lines did not."""
+    """The online path's output, logs (its HTTP log lines included) and tables show none of the
+    base URL's credentials."""
     listen(caplog)
     env.setenv("DASHSCOPE_BASE_URL", gateway.url)
     item = items.add("alice", data_url(png(BLUE)))

@@ -1,4 +1,5 @@
-"""The DashScope stand-in, exercised through the real `openai` client."""
+"""How the DashScope stand-in serves the real `openai` client: deterministic captions and
+embeddings, injected faults and rules, the key, a per-minute limit, latency, and a prompt stop."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from PIL import Image
 
 from enrich_pipeline.enrichment.synthetic import hashed_embedding as embed_text
 from enrich_pipeline.enrichment.synthetic import synthetic_caption as caption_for_image
-from enrich_pipeline.testing.standin import StandIn
+from enrich_pipeline_tests.standin import StandIn
 
 VL_MODEL = "qwen-vl-plus"
 EMB_MODEL = "text-embedding-v4"

@@ -1,5 +1,6 @@
-"""The stand-in's DashScope fidelity (limits, error bodies, validation, image tokens) and its
-hostile-provider modes, exercised through the real `openai` client."""
+"""Where the stand-in follows what DashScope documents (per-model and per-second limits, error
+bodies, request validation, image tokens), and its hostile-provider modes, exercised through the
+real `openai` client."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from PIL import Image
 
 from enrich_pipeline.enrichment import vision_tokens
 from enrich_pipeline.enrichment.synthetic import synthetic_caption
-from enrich_pipeline.testing.standin import HUGE_CAPTION_CHARS, StandIn
+from enrich_pipeline_tests.standin import StandIn
+from enrich_pipeline_tests.standin.faults import HUGE_CAPTION_CHARS
 
 VL_MODEL = "qwen-vl-plus"
 EMB_MODEL = "text-embedding-v4"
@@ -289,7 +291,7 @@ def test_error_bodies_as_the_sdk_sees_them(
     assert server.requests[0]["fault"] == fault and server.requests[0]["status"] == status
 
 
-def test_new_faults_work_as_rules_too() -> None:
+def test_an_error_body_and_a_hostile_vector_can_be_served_by_rule() -> None:
     red_url = _data_url((240, 10, 10))
     with StandIn() as server:
         client = _client(server)
