@@ -424,7 +424,8 @@ class Bench:
                 for n, path in enumerate(images):
                     user = f"u{n // per_user:05d}"
                     out.write_row((user, str(path), "active", json.dumps({"n": n})))
-        from enrich_pipeline.defs.launcher import INSTANCE_YAML, dagster_url_for, ensure_database
+        from enrich_pipeline.cli.dagster import dagster_url_for, ensure_database
+        from enrich_pipeline.defs.instance import INSTANCE_YAML
 
         ensure_database(self.database_url, dbname)
         home = self.tmp / f"users_{dbname}"
@@ -445,7 +446,7 @@ class Bench:
         started = time.monotonic()
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "enrich_pipeline.defs.launcher", "--port", str(port)],
+                [sys.executable, "-m", "enrich_pipeline.cli.dagster", "--port", str(port)],
                 env=env,
                 cwd=home,
                 stdin=subprocess.DEVNULL,
