@@ -4,11 +4,9 @@ embeddings, DB writes, and the summary that becomes each partition's materializa
 Run knobs are given once, to ``pending_rows``, and travel with each chunk, so a user configures
 one op in the launchpad, not five.
 
-Every chunk's claims are held by its ``ChunkClaims`` (pipeline/claims.py), and every way a chunk
-can end without being written (a failed step, a stopped provider, an aborted lookahead, a failed
-claim) gives them back through its one ``release``. What the steps share besides their inputs
-is the ``run_state`` resource; the ``heartbeat`` resource is told of every step's start and end
-and of each image loaded and caption taken, and watches the provider's call counts.
+What a chunk carries and what every chunk step shares (its claims and their one release, the
+heartbeat's progress, the provider stop) is in ``chunk_steps.py``. What the steps share besides
+their inputs is the ``run_state`` resource; the ``heartbeat`` resource beats while they progress.
 
 A run covers one user partition, or (the sensor's shared runs of small users) a range of them.
 A chunk may then hold rows of several users: it is claimed, and written, user by user (one
@@ -17,9 +15,7 @@ captioned together so that calls stay in flight. The run's ``Lookahead``
 (pipeline/lookahead.py) works one chunk ahead of the steps.
 """
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from dagster import (
     DagsterInstance,
@@ -34,6 +30,17 @@ from dagster import (
     op,
 )
 
+from enrich_pipeline.defs.chunk_steps import (
+    ChunkSpec,
+    ChunkState,
+    caption_calls,
+    loader,
+    progressing,
+    provider_step,
+    recaption_of,
+    release_chunk,
+    releasing,
+)
 from enrich_pipeline.defs.config import EnrichConfig
 from enrich_pipeline.defs.heartbeat import HeartbeatResource
 from enrich_pipeline.defs.io_managers import CHUNK_IO
@@ -42,55 +49,16 @@ from enrich_pipeline.defs.partitions import key_to_user
 from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
 from enrich_pipeline.defs.run_state import RunStateResource
 from enrich_pipeline.defs.runs import PartitionOrder, users_in_flight
-from enrich_pipeline.enrichment.records import Provenance, WorkItem
+from enrich_pipeline.enrichment.records import Provenance
 from enrich_pipeline.pipeline import stages
-from enrich_pipeline.pipeline.broker import CaptionBroker
-from enrich_pipeline.pipeline.claims import ChunkClaims
-from enrich_pipeline.pipeline.lookahead import Lookahead, Overlap
+from enrich_pipeline.pipeline.lookahead import Lookahead
 from enrich_pipeline.pipeline.stats import ChunkResult, RunStats
-from enrich_pipeline.providers.base import FatalProviderError, ProviderUnavailable
+from enrich_pipeline.providers.base import FatalProviderError
 from enrich_pipeline.providers.pricing import estimate_cost, load_prices
-from enrich_pipeline.settings import ConfigError, RunSettings
+from enrich_pipeline.settings import ConfigError
 
 # Failures shown in the run log per chunk (at warning level); the rest are counted.
 LOGGED_FAILURES = 5
-
-
-@dataclass
-class ChunkState:
-    """A chunk on its way through the graph, with the run knobs and the usage it caused.
-
-    ``chunk`` holds all its items (user_id: its first user's); ``parts`` the same items by user,
-    as claimed and as written; ``claims`` what of them is still held. A chunk of one user has
-    ``parts == [chunk]``.
-    """
-
-    chunk: stages.Chunk
-    run: RunSettings
-    claims: ChunkClaims
-    usage: dict[str, int] = field(default_factory=dict)
-    result: ChunkResult | None = None
-    parts: list[stages.Chunk] = field(default_factory=list)
-    index: int = 0
-    by_user: dict[str, UserRun] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ChunkSpec:
-    """Which rows a chunk is: ``(user, ids)`` parts in order."""
-
-    index: int
-    parts: tuple[tuple[str, tuple[str, ...]], ...]
-    run: RunSettings
-    overlap: Overlap = Overlap.captions
-
-    @property
-    def user_id(self) -> str:
-        return self.parts[0][0]
-
-    @property
-    def ids(self) -> list[str]:
-        return [i for _, ids in self.parts for i in ids]
 
 
 def _depth_first(stage: int) -> dict[str, str]:
@@ -99,12 +67,6 @@ def _depth_first(stage: int) -> dict[str, str]:
     every chunk's images loaded before any caption, and nothing written until all are paid.
     """
     return {"dagster/priority": str(stage)}
-
-
-def _recaption(run: RunSettings, dashscope: DashScopeResource) -> tuple[str, str] | None:
-    if not run.recaption:
-        return None
-    return dashscope.provider.model_label, dashscope.settings.prompt_version
 
 
 def _user(context: OpExecutionContext) -> str:
@@ -118,181 +80,6 @@ def partition_keys(context: OpExecutionContext) -> list[str]:
         if keys:
             return keys
     return [context.partition_key]
-
-
-def _calls_made(dashscope: DashScopeResource) -> int:
-    """Calls the provider has ended, answered or failed: it moves while calls come back."""
-    usage = dashscope.provider.usage.as_dict()
-    return sum(usage.get(k, 0) for k in _CALL_COUNTS)
-
-
-_CALL_COUNTS = ("vision_calls", "embedding_calls", "failed_vision_calls", "failed_embedding_calls")
-
-
-@contextmanager
-def _progressing(
-    context: OpExecutionContext,
-    adbpg: AdbpgResource,
-    dashscope: DashScopeResource,
-    heartbeat: HeartbeatResource,
-) -> Iterator[None]:
-    """A step of the run, as the heartbeat sees it: progress when it starts and ends, and in
-    between whenever the provider ends a call; the run's claims are renewed only while the run
-    progresses, so that a stuck run's rows come back (heartbeat.py)."""
-    heartbeat.watch("provider calls", lambda: _calls_made(dashscope))
-    adbpg.store.items.leases.gate(context.run_id, heartbeat.progressing)
-    heartbeat.progress()
-    try:
-        yield
-    finally:
-        heartbeat.progress()
-
-
-@contextmanager
-def _provider_step(
-    context: OpExecutionContext,
-    adbpg: AdbpgResource,
-    dashscope: DashScopeResource,
-    state: ChunkState,
-) -> Iterator[None]:
-    """Count the step's token usage into the chunk, and end the run cleanly when the provider
-    stops it (an account, key, model or request problem, or the provider given up on after
-    throttling or an outage): no row is charged and the run fails without retries (``_releasing``
-    gives the chunk's claims back). When the embedding model stopped it, the chunk's captions are
-    paid for and written first, without the vectors they lack (counted as embedding failures)."""
-    provider = dashscope.provider
-    before = provider.usage.as_dict()
-    try:
-        yield
-    except FatalProviderError as exc:
-        chunk = state.chunk
-        written = 0
-        embedding_step = context.op_def.name == caption_embeddings.name
-        if embedding_step and exc.kind == "embedding" and any(w.caption for w in chunk.items):
-            settings = dashscope.settings
-            result = stages.write_chunk(
-                adbpg.store,
-                chunk,
-                provenance=Provenance(
-                    provider.model_label, settings.prompt_version, provider.offline
-                ),
-                embedding_model=settings.embedding_model if state.run.caption_embedding else None,
-                run_id=context.run_id,
-            )
-            written = result.stats.succeeded
-            context.log.warning(
-                f"{written} paid caption(s) of the chunk written without embeddings before the stop"
-            )
-        context.log.error(f"stopping the run: {exc}")
-        raise Failure(
-            description=str(exc),
-            allow_retries=False,
-            metadata={
-                "stopped_because": exc.code,
-                "provider_unavailable": isinstance(exc, ProviderUnavailable),
-                "captions_written_before_the_stop": written,
-            },
-        ) from exc
-    finally:
-        for k, v in provider.usage.as_dict().items():
-            state.usage[k] = state.usage.get(k, 0) + v - before.get(k, 0)
-
-
-def _release(state: ChunkState) -> None:
-    """The lookahead's way of giving back a chunk it loaded ahead and will not hand on."""
-    state.claims.release()
-
-
-@contextmanager
-def _releasing(run_state: RunStateResource, state: ChunkState) -> Iterator[None]:
-    """A step that fails gives the chunk's claims back, and a provider that stopped the run
-    stops the lookahead too."""
-    try:
-        yield
-    except BaseException as exc:
-        state.claims.release()
-        lookahead = run_state.lookahead
-        if lookahead is not None and isinstance(exc, Failure | FatalProviderError):
-            lookahead.abort(exc)
-        raise
-
-
-def _merged(parts: list[stages.Chunk], worker: str, recaption: bool) -> stages.Chunk:
-    if len(parts) == 1:
-        return parts[0]
-    return stages.Chunk(
-        user_id=parts[0].user_id if parts else "",
-        worker=worker,
-        items=[w for p in parts for w in p.items],
-        skipped=[i for p in parts for i in p.skipped],
-        recaption=recaption,
-    )
-
-
-def _loader(
-    adbpg: AdbpgResource, dashscope: DashScopeResource, heartbeat: HeartbeatResource, worker: str
-) -> Callable[[ChunkSpec], ChunkState]:
-    """Claim a chunk's rows (user by user) and load each image once."""
-
-    def load(spec: ChunkSpec) -> ChunkState:
-        run = spec.run
-        recaption = _recaption(run, dashscope)
-        parts: list[stages.Chunk] = []
-        claims = ChunkClaims(adbpg.store, worker)
-        try:
-            for user, ids in spec.parts:
-                part = stages.claim_chunk(
-                    adbpg.store,
-                    user,
-                    ids,
-                    worker=worker,
-                    lease_seconds=run.lease_seconds,
-                    max_attempts=run.max_attempts,
-                    recaption=recaption,
-                )
-                claims.hold(part)
-                parts.append(part)
-            chunk = _merged(parts, worker, recaption is not None)
-            stages.visual_attributes(
-                chunk,
-                policy=dashscope.image_policy,
-                max_image_side=dashscope.settings.max_image_side,
-                color_count=run.color_count,
-                concurrent=run.concurrent,
-                vision_model=dashscope.settings.vision_model,
-                progress=heartbeat.progress,
-            )
-        except BaseException:
-            claims.release()
-            raise
-        heartbeat.progress()
-        return ChunkState(chunk, run, claims, parts=parts, index=spec.index)
-
-    return load
-
-
-def _caption_calls(
-    adbpg: AdbpgResource, dashscope: DashScopeResource, heartbeat: HeartbeatResource
-) -> Callable[[ChunkState], list[Callable[[], None]]]:
-    """One call per live item of the chunk, through a broker of its own (cache first, one
-    call per distinct image), as ``stages.caption_chunk`` does."""
-
-    def calls(state: ChunkState) -> list[Callable[[], None]]:
-        live = state.chunk.live()
-        broker = CaptionBroker(
-            dashscope.provider, adbpg.store.cache, dashscope.settings.prompt_version
-        )
-        broker.prefetch(w.content_sha256 for w in live if w.content_sha256)
-        vocabulary = dashscope.vocabulary
-
-        def one(work: WorkItem) -> bool:
-            stages.caption_item(work, broker, vocabulary)
-            heartbeat.progress()
-            return not work.from_cache  # it reached the provider (or failed trying)
-
-        return [(lambda w=w: one(w)) for w in live]  # type: ignore[misc]
-
-    return calls
 
 
 def _other_runs(instance: DagsterInstance, run_id: str, keys: list[str]) -> dict[str, str]:
@@ -315,7 +102,7 @@ def pending_rows(
 ):
     """The pending rows (active, image, no caption, not given up) of the run's users, in
     chunks."""
-    with _progressing(context, adbpg, dashscope, heartbeat):
+    with progressing(context, adbpg, dashscope, heartbeat):
         specs = _pending_specs(context, config, adbpg, dashscope, run_state, heartbeat)
     for spec in specs:
         yield DynamicOutput(spec, mapping_key=f"chunk_{spec.index}")
@@ -355,7 +142,7 @@ def _pending_specs(
             user,
             limit=budget,
             max_attempts=run.max_attempts,
-            recaption=_recaption(run, dashscope),
+            recaption=recaption_of(run, dashscope),
         )
         if budget is not None:
             budget -= len(ids)
@@ -386,9 +173,9 @@ def _pending_specs(
         concurrent=run.concurrent,
         # No more calls in flight than the run's quota can use (sensor runs share the quota).
         rate=rpm / 60 if rpm and not dashscope.provider.offline else None,
-        load=_loader(adbpg, dashscope, heartbeat, context.run_id),
-        calls=_caption_calls(adbpg, dashscope, heartbeat),
-        release=_release,
+        load=loader(adbpg, dashscope, heartbeat, context.run_id),
+        calls=caption_calls(adbpg, dashscope, heartbeat),
+        release=release_chunk,
     )
     run_state.begin(run, others, lookahead)
     return specs
@@ -410,9 +197,9 @@ def visual_attributes(
 ) -> ChunkState:
     """Claim the chunk's rows, load each image once: dominant colors and a downscaled copy."""
     lookahead = run_state.lookahead
-    with _progressing(context, adbpg, dashscope, heartbeat):
+    with progressing(context, adbpg, dashscope, heartbeat):
         if lookahead is None:  # a step re-executed on its own
-            return _loader(adbpg, dashscope, heartbeat, context.run_id)(spec)
+            return loader(adbpg, dashscope, heartbeat, context.run_id)(spec)
         try:
             return lookahead.visual(spec.index)
         except FatalProviderError as exc:  # an earlier chunk's call stopped the run
@@ -431,9 +218,9 @@ def captions(
     """Caption the chunk with Qwen-VL, ``concurrent`` calls at a time, and derive its tags."""
     lookahead = run_state.lookahead
     with (
-        _progressing(context, adbpg, dashscope, heartbeat),
-        _releasing(run_state, state),
-        _provider_step(context, adbpg, dashscope, state),
+        progressing(context, adbpg, dashscope, heartbeat),
+        releasing(run_state, state),
+        provider_step(context, adbpg, dashscope, state),
     ):
         if lookahead is None:
             stages.caption_chunk(
@@ -463,9 +250,9 @@ def caption_embeddings(
 ) -> ChunkState:
     """Embed the captions (ten per request), unless the run turned embeddings off."""
     with (
-        _progressing(context, adbpg, dashscope, heartbeat),
-        _releasing(run_state, state),
-        _provider_step(context, adbpg, dashscope, state),
+        progressing(context, adbpg, dashscope, heartbeat),
+        releasing(run_state, state),
+        provider_step(context, adbpg, dashscope, state, embedding_step=True),
     ):
         stages.embed_chunk(
             state.chunk,
@@ -506,7 +293,7 @@ def write_results(
     total = RunStats()
     by_user: dict[str, UserRun] = {}
     failures: list[tuple[str, str, str, str]] = []
-    with _progressing(context, adbpg, dashscope, heartbeat), _releasing(run_state, state):
+    with progressing(context, adbpg, dashscope, heartbeat), releasing(run_state, state):
         for n, part in enumerate(state.parts or [state.chunk]):
             result = stages.write_chunk(
                 adbpg.store,
@@ -565,7 +352,7 @@ def summarize(
 ) -> Output[None]:
     """One materialization per user partition: the user's items as they now are, and what this
     run did for them. Nothing is stored (no IO manager): the metadata is the summary."""
-    with _progressing(context, adbpg, dashscope, heartbeat):
+    with progressing(context, adbpg, dashscope, heartbeat):
         _summarize(context, states, adbpg, dashscope, run_state, heartbeat)
     run_state.close()
     return Output(None)
