@@ -51,7 +51,8 @@ def users(bench: Bench, p: Plan) -> UsersRun:
             for n, path in enumerate(images):
                 user = f"u{n // per_user:05d}"
                 out.write_row((user, str(path), "active", json.dumps({"n": n})))
-    from enrich_pipeline.defs.launcher import INSTANCE_YAML, dagster_url_for, ensure_database
+    from enrich_pipeline.cli.dagster import dagster_url_for, ensure_database
+    from enrich_pipeline.defs.instance import INSTANCE_YAML
 
     ensure_database(bench.database_url, dbname)
     home = bench.tmp / f"users_{dbname}"
@@ -72,7 +73,7 @@ def users(bench: Bench, p: Plan) -> UsersRun:
     started = time.monotonic()
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "enrich_pipeline.defs.launcher", "--port", str(port)],
+            [sys.executable, "-m", "enrich_pipeline.cli.dagster", "--port", str(port)],
             env=env,
             cwd=home,
             stdin=subprocess.DEVNULL,

@@ -13,6 +13,8 @@ class LeaseKeeper:
 
     Leases can then be short: rows claimed by a process that was killed come back to the
     pending set within one lease, while a slow chunk of a live process is never taken over.
+    A worker may be gated (``gate``): its claims are renewed only while its gate says it still
+    makes progress, so that the rows of a process that is alive but stuck come back too.
     """
 
     def __init__(self, renew: Callable[[str, list[str], int], None]) -> None:
@@ -22,6 +24,7 @@ class LeaseKeeper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._interval = 30.0
+        self._gates: dict[str, Callable[[], bool]] = {}
 
     def hold(self, worker: str, ids: Iterable[str], lease_seconds: int) -> None:
         with self._lock:
@@ -32,6 +35,11 @@ class LeaseKeeper:
                     target=self._run, name="enrich-lease-keeper", daemon=True
                 )
                 self._thread.start()
+
+    def gate(self, worker: str, alive: Callable[[], bool]) -> None:
+        """Renew ``worker``'s claims only while ``alive()``; a later gate replaces this one."""
+        with self._lock:
+            self._gates[worker] = alive
 
     def drop(self, worker: str, ids: Iterable[str]) -> None:
         gone = set(ids)
@@ -45,7 +53,10 @@ class LeaseKeeper:
         while not self._stop.wait(self._interval):
             with self._lock:
                 batches = [(w, sorted(ids), lease) for (w, lease), ids in self._held.items()]
+                gates = dict(self._gates)
             for worker, ids, lease in batches:
+                if worker in gates and not gates[worker]():
+                    continue  # stuck: its leases run out, and its rows come back
                 try:
                     self._renew(worker, ids, lease)
                 except psycopg.Error:

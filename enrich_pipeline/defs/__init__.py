@@ -1,5 +1,6 @@
-"""The Dagster layer: definitions, resources, partitions, IO managers, ops, assets, checks,
-sensors, the run queue and run monitoring plug-ins, and ``enrich-dagster``.
+"""The Dagster layer: definitions, resources (the deployment's, the run's state and its
+heartbeat), partitions, IO managers, ops, assets, checks, sensors, and the instance (``instance/``:
+its ``dagster.yaml``, the run coordinator and the run launcher it names).
 
 Dagster warns once per process about features we use knowingly (every run worker, code server
 and daemon thread loads the definitions, so one warning becomes dozens in the server log):

@@ -37,6 +37,7 @@ from dagster import (
 
 from enrich_pipeline.db.batches import BatchRecord
 from enrich_pipeline.defs.config import AUTOMATION, BatchCollectConfig, BatchSubmitConfig
+from enrich_pipeline.defs.heartbeat import HeartbeatResource
 from enrich_pipeline.defs.partitions import key_to_user, users_partitions
 from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
 from enrich_pipeline.defs.runs import IN_FLIGHT, retry_later
@@ -56,6 +57,7 @@ def batch_submit(
     config: BatchSubmitConfig,
     adbpg: AdbpgResource,
     dashscope: DashScopeResource,
+    heartbeat: HeartbeatResource,  # beats while the run's process lives (no progress signal)
 ) -> Output[dict]:
     """Claim the user's pending rows and submit their captions to the Batch API."""
     if config.user_id is not None:
@@ -123,6 +125,7 @@ def batch_collect(
     config: BatchCollectConfig,
     adbpg: AdbpgResource,
     dashscope: DashScopeResource,
+    heartbeat: HeartbeatResource,  # beats while the run's process lives (no progress signal)
 ) -> Output[dict]:
     """Download an ended batch's answers and write them back (idempotent)."""
     try:

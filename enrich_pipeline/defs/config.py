@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from dagster import Config
 from pydantic import BaseModel, Field
 
-from enrich_pipeline.defs.lookahead import Overlap
+from enrich_pipeline.pipeline.lookahead import Overlap
 from enrich_pipeline.settings import (
     DAGSTER_BATCH_SIZE,
     AutomationSettings,

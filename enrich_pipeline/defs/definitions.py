@@ -12,9 +12,11 @@ from enrich_pipeline.defs.checks import (
     failure_share,
     no_unrecorded_pending_rows,
 )
+from enrich_pipeline.defs.heartbeat import HeartbeatResource
 from enrich_pipeline.defs.io_managers import CHUNK_IO, handoff_io_manager
 from enrich_pipeline.defs.jobs import enrich_job
 from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
+from enrich_pipeline.defs.run_state import RunStateResource
 from enrich_pipeline.defs.sensors import pending_rows_sensor
 
 
@@ -32,6 +34,9 @@ defs = Definitions(
     resources={
         "adbpg": AdbpgResource(url=_secret("ADBPG_URL"), password=_secret("ADBPG_PASSWORD")),
         "dashscope": DashScopeResource(api_key=_secret("DASHSCOPE_API_KEY")),
+        # The run's own: a fresh state for its steps, and a heartbeat while it progresses.
+        "run_state": RunStateResource(),
+        "heartbeat": HeartbeatResource(),
         CHUNK_IO: handoff_io_manager,
     },
     executor=in_process_executor,

@@ -6,7 +6,7 @@ from enrich_pipeline.defs.assets import enriched_items
 
 # In process: a step costs ~15 ms instead of seconds of process start-up, and the chunk
 # payloads stay in memory. Parallelism lives inside the ops (concurrent API calls, kept in
-# flight across chunk steps by the run's lookahead, see lookahead.py) and across runs.
+# flight across chunk steps by the run's lookahead, see pipeline/lookahead.py) and across runs.
 enrich_job = define_asset_job(
     "enrich_job",
     selection=[enriched_items],

@@ -4,16 +4,18 @@ embeddings, DB writes, and the summary that becomes each partition's materializa
 Run knobs are given once, to ``pending_rows``, and travel with each chunk, so a user configures
 one op in the launchpad, not five.
 
+What a chunk carries and what every chunk step shares (its claims and their one release, the
+heartbeat's progress, the provider stop) is in ``chunk_steps.py``. What the steps share besides
+their inputs is the ``run_state`` resource; the ``heartbeat`` resource beats while they progress.
+
 A run covers one user partition, or (the sensor's shared runs of small users) a range of them.
 A chunk may then hold rows of several users: it is claimed, and written, user by user (one
 transaction per user, every statement scoped to that user), while its images are loaded and
-captioned together so that calls stay in flight. The run's ``Lookahead`` (lookahead.py) works
-one chunk ahead of the steps.
+captioned together so that calls stay in flight. The run's ``Lookahead``
+(pipeline/lookahead.py) works one chunk ahead of the steps.
 """
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from dagster import (
     DagsterInstance,
@@ -28,58 +30,35 @@ from dagster import (
     op,
 )
 
+from enrich_pipeline.defs.chunk_steps import (
+    ChunkSpec,
+    ChunkState,
+    caption_calls,
+    loader,
+    progressing,
+    provider_step,
+    recaption_of,
+    release_chunk,
+    releasing,
+)
 from enrich_pipeline.defs.config import EnrichConfig
+from enrich_pipeline.defs.heartbeat import HeartbeatResource
 from enrich_pipeline.defs.io_managers import CHUNK_IO
-from enrich_pipeline.defs.lookahead import Lookahead, Overlap
 from enrich_pipeline.defs.metadata import UserRun, partition_metadata, share_usage
 from enrich_pipeline.defs.partitions import key_to_user
 from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
+from enrich_pipeline.defs.run_state import RunStateResource
 from enrich_pipeline.defs.runs import PartitionOrder, users_in_flight
-from enrich_pipeline.enrichment.records import Provenance, WorkItem
+from enrich_pipeline.enrichment.records import Provenance
 from enrich_pipeline.pipeline import stages
-from enrich_pipeline.pipeline.broker import CaptionBroker
+from enrich_pipeline.pipeline.lookahead import Lookahead
 from enrich_pipeline.pipeline.stats import ChunkResult, RunStats
-from enrich_pipeline.providers.base import FatalProviderError, ProviderUnavailable
+from enrich_pipeline.providers.base import FatalProviderError
 from enrich_pipeline.providers.pricing import estimate_cost, load_prices
-from enrich_pipeline.settings import ConfigError, RunSettings
+from enrich_pipeline.settings import ConfigError
 
 # Failures shown in the run log per chunk (at warning level); the rest are counted.
 LOGGED_FAILURES = 5
-
-
-@dataclass
-class ChunkState:
-    """A chunk on its way through the graph, with the run knobs and the usage it caused.
-
-    ``chunk`` holds all its items (user_id: its first user's); ``parts`` the same items by user,
-    as claimed and as written. A chunk of one user has ``parts == [chunk]``.
-    """
-
-    chunk: stages.Chunk
-    run: RunSettings
-    usage: dict[str, int] = field(default_factory=dict)
-    result: ChunkResult | None = None
-    parts: list[stages.Chunk] = field(default_factory=list)
-    index: int = 0
-    by_user: dict[str, UserRun] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ChunkSpec:
-    """Which rows a chunk is: ``(user, ids)`` parts in order."""
-
-    index: int
-    parts: tuple[tuple[str, tuple[str, ...]], ...]
-    run: RunSettings
-    overlap: Overlap = Overlap.captions
-
-    @property
-    def user_id(self) -> str:
-        return self.parts[0][0]
-
-    @property
-    def ids(self) -> list[str]:
-        return [i for _, ids in self.parts for i in ids]
 
 
 def _depth_first(stage: int) -> dict[str, str]:
@@ -90,18 +69,8 @@ def _depth_first(stage: int) -> dict[str, str]:
     return {"dagster/priority": str(stage)}
 
 
-def _recaption(run: RunSettings, dashscope: DashScopeResource) -> tuple[str, str] | None:
-    if not run.recaption:
-        return None
-    return dashscope.provider.model_label, dashscope.settings.prompt_version
-
-
 def _user(context: OpExecutionContext) -> str:
     return key_to_user(context.partition_key)
-
-
-def _release(adbpg: AdbpgResource, chunk: stages.Chunk) -> None:
-    adbpg.store.items.release(chunk.user_id, [w.item.id for w in chunk.items], worker=chunk.worker)
 
 
 def partition_keys(context: OpExecutionContext) -> list[str]:
@@ -111,162 +80,6 @@ def partition_keys(context: OpExecutionContext) -> list[str]:
         if keys:
             return keys
     return [context.partition_key]
-
-
-@contextmanager
-def _provider_step(
-    context: OpExecutionContext,
-    adbpg: AdbpgResource,
-    dashscope: DashScopeResource,
-    state: ChunkState,
-) -> Iterator[None]:
-    """Count the step's token usage into the chunk, and end the run cleanly when the provider
-    stops it (an account, key, model or request problem, or the provider given up on after
-    throttling or an outage): no row is charged, the chunk's claims are released and the run
-    fails without retries. When the embedding model stopped it, the chunk's captions are paid
-    for and written first, without the vectors they lack (counted as embedding failures).
-    Anything else that escapes the stage releases the chunk's claims before the step fails."""
-    provider = dashscope.provider
-    before = provider.usage.as_dict()
-    try:
-        yield
-    except FatalProviderError as exc:
-        chunk = state.chunk
-        written = 0
-        embedding_step = context.op_def.name == caption_embeddings.name
-        if embedding_step and exc.kind == "embedding" and any(w.caption for w in chunk.items):
-            settings = dashscope.settings
-            result = stages.write_chunk(
-                adbpg.store,
-                chunk,
-                provenance=Provenance(
-                    provider.model_label, settings.prompt_version, provider.offline
-                ),
-                embedding_model=settings.embedding_model if state.run.caption_embedding else None,
-                run_id=context.run_id,
-            )
-            written = result.stats.succeeded
-            context.log.warning(
-                f"{written} paid caption(s) of the chunk written without embeddings before the stop"
-            )
-        else:
-            _release(adbpg, chunk)
-        context.log.error(f"stopping the run: {exc}")
-        raise Failure(
-            description=str(exc),
-            allow_retries=False,
-            metadata={
-                "stopped_because": exc.code,
-                "provider_unavailable": isinstance(exc, ProviderUnavailable),
-                "captions_written_before_the_stop": written,
-            },
-        ) from exc
-    except Exception:
-        _release(adbpg, state.chunk)
-        raise
-    finally:
-        for k, v in provider.usage.as_dict().items():
-            state.usage[k] = state.usage.get(k, 0) + v - before.get(k, 0)
-
-
-def _release_parts(adbpg: AdbpgResource, state: ChunkState) -> None:
-    """Give back the claims of every user part of the chunk (each scoped to its user)."""
-    for part in state.parts or [state.chunk]:
-        if part.items:
-            adbpg.store.items.release(
-                part.user_id, [w.item.id for w in part.items], worker=part.worker
-            )
-
-
-@contextmanager
-def _releasing(adbpg: AdbpgResource, dashscope: DashScopeResource, state: ChunkState):
-    """A step that fails gives every part's claims back (``_provider_step`` releases the first
-    user's), and a provider that stopped the run stops the lookahead too."""
-    try:
-        yield
-    except BaseException as exc:
-        _release_parts(adbpg, state)
-        lookahead = dashscope.scope.lookahead
-        if lookahead is not None and isinstance(exc, Failure | FatalProviderError):
-            lookahead.abort(exc)
-        raise
-
-
-def _merged(parts: list[stages.Chunk], worker: str, recaption: bool) -> stages.Chunk:
-    if len(parts) == 1:
-        return parts[0]
-    return stages.Chunk(
-        user_id=parts[0].user_id if parts else "",
-        worker=worker,
-        items=[w for p in parts for w in p.items],
-        skipped=[i for p in parts for i in p.skipped],
-        recaption=recaption,
-    )
-
-
-def _loader(
-    adbpg: AdbpgResource, dashscope: DashScopeResource, worker: str
-) -> Callable[[ChunkSpec], ChunkState]:
-    """Claim a chunk's rows (user by user) and load each image once."""
-
-    def load(spec: ChunkSpec) -> ChunkState:
-        run = spec.run
-        recaption = _recaption(run, dashscope)
-        parts: list[stages.Chunk] = []
-        try:
-            for user, ids in spec.parts:
-                parts.append(
-                    stages.claim_chunk(
-                        adbpg.store,
-                        user,
-                        ids,
-                        worker=worker,
-                        lease_seconds=run.lease_seconds,
-                        max_attempts=run.max_attempts,
-                        recaption=recaption,
-                    )
-                )
-            chunk = _merged(parts, worker, recaption is not None)
-            stages.visual_attributes(
-                chunk,
-                policy=dashscope.image_policy,
-                max_image_side=dashscope.settings.max_image_side,
-                color_count=run.color_count,
-                concurrent=run.concurrent,
-                vision_model=dashscope.settings.vision_model,
-            )
-        except BaseException:
-            for part in parts:
-                adbpg.store.items.release(
-                    part.user_id, [w.item.id for w in part.items], worker=worker
-                )
-            raise
-        return ChunkState(chunk, run, parts=parts, index=spec.index)
-
-    return load
-
-
-def _caption_calls(
-    adbpg: AdbpgResource, dashscope: DashScopeResource
-) -> Callable[[ChunkState], list[Callable[[], None]]]:
-    """One call per live item of the chunk, through a broker of its own (cache first, one
-    call per distinct image), as ``stages.caption_chunk`` does."""
-
-    def calls(state: ChunkState) -> list[Callable[[], None]]:
-        live = state.chunk.live()
-        broker = CaptionBroker(
-            dashscope.provider, adbpg.store.cache, dashscope.settings.prompt_version
-        )
-        broker.prefetch(w.content_sha256 for w in live if w.content_sha256)
-        vocabulary = dashscope.vocabulary
-
-        def one(work: WorkItem) -> bool:
-            stages.caption_item(work, broker, vocabulary)
-            return not work.from_cache  # it reached the provider (or failed trying)
-
-        return [(lambda w=w: one(w)) for w in live]  # type: ignore[misc]
-
-    return calls
 
 
 def _other_runs(instance: DagsterInstance, run_id: str, keys: list[str]) -> dict[str, str]:
@@ -284,9 +97,26 @@ def pending_rows(
     config: EnrichConfig,
     adbpg: AdbpgResource,
     dashscope: DashScopeResource,
+    run_state: RunStateResource,
+    heartbeat: HeartbeatResource,
 ):
     """The pending rows (active, image, no caption, not given up) of the run's users, in
     chunks."""
+    with progressing(context, adbpg, dashscope, heartbeat):
+        specs = _pending_specs(context, config, adbpg, dashscope, run_state, heartbeat)
+    for spec in specs:
+        yield DynamicOutput(spec, mapping_key=f"chunk_{spec.index}")
+
+
+def _pending_specs(
+    context: OpExecutionContext,
+    config: EnrichConfig,
+    adbpg: AdbpgResource,
+    dashscope: DashScopeResource,
+    run_state: RunStateResource,
+    heartbeat: HeartbeatResource,
+) -> list[ChunkSpec]:
+    """The run's chunks, and its state started (settings, other runs, lookahead)."""
     try:
         run = config.run_settings()
     except ConfigError as exc:
@@ -299,8 +129,6 @@ def pending_rows(
             f"user {key_to_user(key)!r} is also held by {other}: rows it has claimed are "
             "skipped here, and this run's figures say so"
         )
-    scope = dashscope.scope
-    scope.run, scope.other_runs = run, others
     pairs: list[tuple[str, str]] = []
     budget = run.max_items
     store = adbpg.store
@@ -314,11 +142,12 @@ def pending_rows(
             user,
             limit=budget,
             max_attempts=run.max_attempts,
-            recaption=_recaption(run, dashscope),
+            recaption=recaption_of(run, dashscope),
         )
         if budget is not None:
             budget -= len(ids)
         pairs.extend((user, i) for i in ids)
+        heartbeat.progress()
     pending = {u: 0 for u in users}
     for user, _ in pairs:
         pending[user] += 1
@@ -338,18 +167,18 @@ def pending_rows(
                 parts.append((user, (item_id,)))
         specs.append(ChunkSpec(n, tuple(parts), run, config.overlap))
     rpm = dashscope.settings.requests_per_minute
-    scope.lookahead = Lookahead(
+    lookahead = Lookahead(
         specs,
         mode=config.overlap,
         concurrent=run.concurrent,
         # No more calls in flight than the run's quota can use (sensor runs share the quota).
         rate=rpm / 60 if rpm and not dashscope.provider.offline else None,
-        load=_loader(adbpg, dashscope, context.run_id),
-        calls=_caption_calls(adbpg, dashscope),
-        release=lambda state: _release_parts(adbpg, state),
+        load=loader(adbpg, dashscope, heartbeat, context.run_id),
+        calls=caption_calls(adbpg, dashscope, heartbeat),
+        release=release_chunk,
     )
-    for spec in specs:
-        yield DynamicOutput(spec, mapping_key=f"chunk_{spec.index}")
+    run_state.begin(run, others, lookahead)
+    return specs
 
 
 @op(
@@ -359,16 +188,22 @@ def pending_rows(
     tags=_depth_first(1),
 )
 def visual_attributes(
-    context: OpExecutionContext, spec: ChunkSpec, adbpg: AdbpgResource, dashscope: DashScopeResource
+    context: OpExecutionContext,
+    spec: ChunkSpec,
+    adbpg: AdbpgResource,
+    dashscope: DashScopeResource,
+    run_state: RunStateResource,
+    heartbeat: HeartbeatResource,
 ) -> ChunkState:
     """Claim the chunk's rows, load each image once: dominant colors and a downscaled copy."""
-    lookahead = dashscope.scope.lookahead
-    if lookahead is None:  # a step re-executed on its own
-        return _loader(adbpg, dashscope, context.run_id)(spec)
-    try:
-        return lookahead.visual(spec.index)
-    except FatalProviderError as exc:  # an earlier chunk's call stopped the run
-        raise Failure(description=f"the run was stopped: {exc}", allow_retries=False) from exc
+    lookahead = run_state.lookahead
+    with progressing(context, adbpg, dashscope, heartbeat):
+        if lookahead is None:  # a step re-executed on its own
+            return loader(adbpg, dashscope, heartbeat, context.run_id)(spec)
+        try:
+            return lookahead.visual(spec.index)
+        except FatalProviderError as exc:  # an earlier chunk's call stopped the run
+            raise Failure(description=f"the run was stopped: {exc}", allow_retries=False) from exc
 
 
 @op(out=Out(ChunkState, io_manager_key=CHUNK_IO), pool="dashscope", tags=_depth_first(2))
@@ -377,10 +212,16 @@ def captions(
     state: ChunkState,
     adbpg: AdbpgResource,
     dashscope: DashScopeResource,
+    run_state: RunStateResource,
+    heartbeat: HeartbeatResource,
 ) -> ChunkState:
     """Caption the chunk with Qwen-VL, ``concurrent`` calls at a time, and derive its tags."""
-    lookahead = dashscope.scope.lookahead
-    with _releasing(adbpg, dashscope, state), _provider_step(context, adbpg, dashscope, state):
+    lookahead = run_state.lookahead
+    with (
+        progressing(context, adbpg, dashscope, heartbeat),
+        releasing(run_state, state),
+        provider_step(context, adbpg, dashscope, state),
+    ):
         if lookahead is None:
             stages.caption_chunk(
                 state.chunk,
@@ -404,9 +245,15 @@ def caption_embeddings(
     state: ChunkState,
     adbpg: AdbpgResource,
     dashscope: DashScopeResource,
+    run_state: RunStateResource,
+    heartbeat: HeartbeatResource,
 ) -> ChunkState:
     """Embed the captions (ten per request), unless the run turned embeddings off."""
-    with _releasing(adbpg, dashscope, state), _provider_step(context, adbpg, dashscope, state):
+    with (
+        progressing(context, adbpg, dashscope, heartbeat),
+        releasing(run_state, state),
+        provider_step(context, adbpg, dashscope, state, embedding_step=True),
+    ):
         stages.embed_chunk(
             state.chunk,
             dashscope.provider,
@@ -435,6 +282,8 @@ def write_results(
     state: ChunkState,
     adbpg: AdbpgResource,
     dashscope: DashScopeResource,
+    run_state: RunStateResource,
+    heartbeat: HeartbeatResource,
 ) -> ChunkState:
     """Write the chunk back, one transaction per user; what it finished survives a crash."""
     settings = dashscope.settings
@@ -444,7 +293,7 @@ def write_results(
     total = RunStats()
     by_user: dict[str, UserRun] = {}
     failures: list[tuple[str, str, str, str]] = []
-    with _releasing(adbpg, dashscope, state):
+    with progressing(context, adbpg, dashscope, heartbeat), releasing(run_state, state):
         for n, part in enumerate(state.parts or [state.chunk]):
             result = stages.write_chunk(
                 adbpg.store,
@@ -454,7 +303,8 @@ def write_results(
                 run_id=context.run_id,
             )
             # Written: nothing of this part is left to release if a later part fails.
-            state.parts[n] = replace(part, items=[])
+            state.claims.written(n)
+            heartbeat.progress()
             total.merge(result.stats)
             user_run = _user_run(result)
             by_user.setdefault(part.user_id, UserRun()).merge(user_run)
@@ -497,9 +347,25 @@ def summarize(
     states: list[ChunkState],
     adbpg: AdbpgResource,
     dashscope: DashScopeResource,
+    run_state: RunStateResource,
+    heartbeat: HeartbeatResource,
 ) -> Output[None]:
     """One materialization per user partition: the user's items as they now are, and what this
     run did for them. Nothing is stored (no IO manager): the metadata is the summary."""
+    with progressing(context, adbpg, dashscope, heartbeat):
+        _summarize(context, states, adbpg, dashscope, run_state, heartbeat)
+    run_state.close()
+    return Output(None)
+
+
+def _summarize(
+    context: OpExecutionContext,
+    states: list[ChunkState],
+    adbpg: AdbpgResource,
+    dashscope: DashScopeResource,
+    run_state: RunStateResource,
+    heartbeat: HeartbeatResource,
+) -> None:
     keys = partition_keys(context)
     runs: dict[str, UserRun] = {key_to_user(k): UserRun() for k in keys}
     for state in states:
@@ -509,14 +375,13 @@ def summarize(
     settings = dashscope.settings
     usage = provider.usage.as_dict()
     shares = share_usage(usage, runs)
-    scope = dashscope.scope
-    run_settings: RunSettings = scope.run or RunSettings.from_env()
+    run_settings = run_state.settings
     embedding_model = settings.embedding_model if run_settings.caption_embedding else None
     prices = load_prices(base_url=settings.base_url)
     max_attempts = run_settings.max_attempts
     items = adbpg.store.summary.user_items(runs, max_attempts=max_attempts)
     database = _database_label(adbpg)
-    others = scope.other_runs
+    others = run_state.other_runs
     total = RunStats()
     step = context.get_step_execution_context()
     for key in keys:
@@ -550,10 +415,9 @@ def summarize(
             other_runs=[others[key]] if key in others else [],
         )
         step.add_asset_metadata(metadata, partition_key=key)
+        heartbeat.progress()
     if len(keys) > 1:
         context.log.info(
             f"{len(keys)} user partitions: {total.succeeded} rows succeeded, {total.failed} "
             f"failed, {total.skipped} skipped"
         )
-    scope.close()
-    return Output(None)

@@ -1,5 +1,6 @@
-"""The resources: the ADBPG store (pool + all SQL) and the DashScope provider (client, retry
-and rate-limit policy), both built by ``bootstrap`` from the settings tree.
+"""The deployment's resources: the ADBPG store (pool + all SQL) and the DashScope provider
+(client, retry and rate-limit policy), both built by ``bootstrap`` from the settings tree. (The
+run's own resources, its state and its heartbeat, are in ``run_state.py`` and ``heartbeat.py``.)
 
 Fields left unset fall back to the environment, as everywhere else. Secrets are given as
 ``dagster.EnvVar`` (see ``definitions.py``), so the UI shows which variable feeds which field
@@ -17,8 +18,6 @@ from pydantic import Field, PrivateAttr
 
 from enrich_pipeline.bootstrap import build_provider, open_store, run_policies
 from enrich_pipeline.db.store import Store
-from enrich_pipeline.defs.lookahead import RunScope
-from enrich_pipeline.defs.monitoring import Heartbeat
 from enrich_pipeline.enrichment.images import ImagePolicy
 from enrich_pipeline.enrichment.tags import TagVocabulary
 from enrich_pipeline.providers.base import Provider
@@ -105,8 +104,6 @@ class DashScopeResource(ConfigurableResource):
     _settings: DashScopeSettings | None = PrivateAttr(default=None)
     _images: ImagePolicy | None = PrivateAttr(default=None)
     _vocabulary: TagVocabulary | None = PrivateAttr(default=None)
-    _scope: RunScope | None = PrivateAttr(default=None)
-    _heartbeat: Heartbeat | None = PrivateAttr(default=None)
 
     def api_settings(self) -> DashScopeSettings:
         names = (
@@ -131,34 +128,11 @@ class DashScopeResource(ConfigurableResource):
         self._settings = settings.dashscope
         self._images, self._vocabulary = run_policies(settings, embedded=embedded)
         self._provider = build_provider(self._settings, embedded_db=embedded)
-        self._scope = RunScope()
-        # Every run of the code location beats, so that run monitoring can tell a dead run
-        # (monitoring.py). Not in sensors and direct invocations: they have no run.
-        run = getattr(context, "run", None)
-        if context.instance is not None and run is not None:
-            from enrich_pipeline.defs.config import dagster_settings
-
-            self._heartbeat = Heartbeat(
-                context.instance, run.run_id, dagster_settings().heartbeat_interval
-            ).start()
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
-        if self._scope is not None:
-            self._scope.close()
-            self._scope = None
-        if self._heartbeat is not None:
-            self._heartbeat.stop()
-            self._heartbeat = None
         if self._provider is not None:
             self._provider.close()
             self._provider = None
-
-    @property
-    def scope(self) -> RunScope:
-        """What the run's steps share (lookahead, run settings); see ``ops.py``."""
-        if self._scope is None:
-            self._scope = RunScope()
-        return self._scope
 
     @property
     def settings(self) -> DashScopeSettings:

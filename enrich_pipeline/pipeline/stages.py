@@ -171,20 +171,24 @@ def visual_attributes(
     color_count: int = 5,
     concurrent: int = 5,
     vision_model: str | None = None,
+    progress: Callable[[], None] | None = None,
 ) -> Chunk:
     """Visual attributes of every live item of the chunk, ``concurrent`` images at a time;
-    the copy for the model is sized for ``vision_model``'s patch grid and cap."""
-    _parallel(
-        lambda w: load_visual(
-            w,
+    the copy for the model is sized for ``vision_model``'s patch grid and cap. ``progress`` is
+    called after each image (a run's heartbeat counts it)."""
+
+    def one(work: WorkItem) -> None:
+        load_visual(
+            work,
             policy=policy,
             max_image_side=max_image_side,
             color_count=color_count,
             vision_model=vision_model,
-        ),
-        chunk.live(),
-        concurrent,
-    )
+        )
+        if progress is not None:
+            progress()
+
+    _parallel(one, chunk.live(), concurrent)
     return chunk
 
 

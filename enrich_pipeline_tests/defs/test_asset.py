@@ -22,7 +22,11 @@ from enrich_pipeline_tests.standin import StandIn
 
 
 def resources() -> dict:
-    return {k: v for k, v in defs.resources.items() if k in ("adbpg", "dashscope", CHUNK_IO)}
+    return {
+        k: v
+        for k, v in defs.resources.items()
+        if k in ("adbpg", "dashscope", "run_state", "heartbeat", CHUNK_IO)
+    }
 
 
 def materialize_user(instance: DagsterInstance, user: str, **config: object):

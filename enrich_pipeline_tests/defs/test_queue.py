@@ -11,29 +11,24 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dagster import DagsterInstance, DagsterRunStatus, materialize
+from dagster import DagsterInstance, DagsterRunStatus, SubmitRunContext, materialize
 from dagster._core.launcher import WorkerStatus
 from dagster._core.remote_origin import (
     InProcessCodeLocationOrigin,
     RemoteJobOrigin,
     RemoteRepositoryOrigin,
 )
-from dagster._core.run_coordinator import SubmitRunContext
 from dagster._core.test_utils import create_run_for_test, instance_for_test
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from dagster._utils.tags import TagConcurrencyLimitsCounter
 
 from enrich_pipeline.defs.assets import enriched_items
 from enrich_pipeline.defs.definitions import defs
+from enrich_pipeline.defs.heartbeat import HEARTBEAT_TAG, WORKER_TAG
+from enrich_pipeline.defs.instance import INSTANCE_YAML
+from enrich_pipeline.defs.instance.run_coordinator import AFTER_TAG, UserRunCoordinator
+from enrich_pipeline.defs.instance.run_launcher import HeartbeatRunLauncher, worker_health
 from enrich_pipeline.defs.io_managers import CHUNK_IO
-from enrich_pipeline.defs.launcher import INSTANCE_YAML
-from enrich_pipeline.defs.monitoring import (
-    HEARTBEAT_TAG,
-    WORKER_TAG,
-    HeartbeatRunLauncher,
-    worker_health,
-)
-from enrich_pipeline.defs.queue import AFTER_TAG, UserRunCoordinator
 from enrich_pipeline.defs.runs import RANGE_END_TAG, RANGE_START_TAG, USER_TAG
 from enrich_pipeline_tests.helpers import Items
 
@@ -123,7 +118,11 @@ def test_a_run_beats_while_it_runs(env: pytest.MonkeyPatch, items: Items, image_
     items.add("alice", str(image_dir / "blue.jpg"))
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("users", ["alice"])
-    resources = {k: v for k, v in defs.resources.items() if k in ("adbpg", "dashscope", CHUNK_IO)}
+    resources = {
+        k: v
+        for k, v in defs.resources.items()
+        if k in ("adbpg", "dashscope", "run_state", "heartbeat", CHUNK_IO)
+    }
     started = time.time()
     result = materialize(
         [enriched_items], partition_key="alice", instance=instance, resources=resources

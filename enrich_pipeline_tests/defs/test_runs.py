@@ -25,7 +25,11 @@ ASSETS = [enriched_items, no_unrecorded_pending_rows, embedding_dimensions, fail
 
 
 def resources() -> dict:
-    return {k: v for k, v in defs.resources.items() if k in ("adbpg", "dashscope", CHUNK_IO)}
+    return {
+        k: v
+        for k, v in defs.resources.items()
+        if k in ("adbpg", "dashscope", "run_state", "heartbeat", CHUNK_IO)
+    }
 
 
 def pending_config(**config: object) -> dict:
@@ -203,7 +207,7 @@ def test_call_pool_keeps_no_more_calls_in_flight_than_its_rate_can_use() -> None
     import threading
     import time as clock
 
-    from enrich_pipeline.defs.lookahead import CallPool
+    from enrich_pipeline.pipeline.lookahead import CallPool
 
     lock = threading.Lock()
     state = {"now": 0, "most": 0}

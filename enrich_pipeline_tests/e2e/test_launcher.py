@@ -48,7 +48,7 @@ def _env(home: Path) -> dict[str, str]:
 
 def _launcher(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "enrich_pipeline.defs.launcher", *args],
+        [sys.executable, "-m", "enrich_pipeline.cli.dagster", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -77,9 +77,7 @@ def test_background_start_stops_webserver_daemon_and_database_within_seconds(
     port = _free_port()
     log = home / "launcher.log"
     # As a shell script would: `enrich-dagster ... &` (job control off: SIGINT ignored).
-    script = (
-        f"{sys.executable} -m enrich_pipeline.defs.launcher --port {port} > {log} 2>&1 & echo $!"
-    )
+    script = f"{sys.executable} -m enrich_pipeline.cli.dagster --port {port} > {log} 2>&1 & echo $!"
     started = subprocess.run(
         ["bash", "-c", script], env=env, cwd=elsewhere, capture_output=True, text=True
     )

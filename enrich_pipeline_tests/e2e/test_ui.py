@@ -1,6 +1,6 @@
 """End to end: the real Dagster webserver and daemon, the sensor launching runs, and the UI.
 
-One module-scoped stack runs the project's launcher (``python -m enrich_pipeline.defs.launcher``,
+One module-scoped stack runs the project's launcher (``python -m enrich_pipeline.cli.dagster``,
 the
 ``enrich-dagster`` command: ``dagster dev`` with the repo's dagster.yaml in a temporary
 DAGSTER_HOME and run storage in a fresh database of the test PostgreSQL) against a namespace
@@ -37,7 +37,8 @@ from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatu
 from PIL import Image
 from psycopg import sql
 
-from enrich_pipeline.defs.launcher import INSTANCE_YAML, dagster_url_for, ensure_database
+from enrich_pipeline.cli.dagster import dagster_url_for, ensure_database
+from enrich_pipeline.defs.instance import INSTANCE_YAML
 from enrich_pipeline_tests.helpers import API_KEY, Items, hues
 from enrich_pipeline_tests.standin import StandIn
 
@@ -248,7 +249,7 @@ def stack(
     logs = [tmp / "servers.stdout.log", tmp / "servers.stderr.log"]
     with logs[0].open("wb") as out, logs[1].open("wb") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "enrich_pipeline.defs.launcher", "--host", "127.0.0.1"]
+            [sys.executable, "-m", "enrich_pipeline.cli.dagster", "--host", "127.0.0.1"]
             + ["--port", str(port)],
             env=env,
             cwd=str(tmp),
@@ -521,7 +522,7 @@ def test_backfill_from_the_command_line_runs_one_run_per_user(stack: Stack) -> N
             [
                 sys.executable,
                 "-m",
-                "enrich_pipeline.defs.launcher",
+                "enrich_pipeline.cli.dagster",
                 "backfill",
                 "--users",
                 "frank, gina",  # trimmed: no partition " gina"
@@ -573,7 +574,7 @@ def _graphql(stack: Stack, query: str, variables: dict[str, Any] | None = None) 
 
 def _launcher(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "enrich_pipeline.defs.launcher", *args],
+        [sys.executable, "-m", "enrich_pipeline.cli.dagster", *args],
         env=stack.env,
         capture_output=True,
         text=True,

@@ -136,7 +136,11 @@ def materialize_user(user: str = "alice", **config: object) -> Any:
     instance = DagsterInstance.ephemeral()
     key = user_to_key(user)
     instance.add_dynamic_partitions("users", [key])
-    resources = {k: v for k, v in defs.resources.items() if k in ("adbpg", "dashscope", CHUNK_IO)}
+    resources = {
+        k: v
+        for k, v in defs.resources.items()
+        if k in ("adbpg", "dashscope", "run_state", "heartbeat", CHUNK_IO)
+    }
     return materialize(
         [enriched_items, embedding_dimensions],
         partition_key=key,

@@ -33,6 +33,7 @@ from enrich_pipeline.defs.batch import (
     batch_poll_sensor,
     batch_submit_job,
 )
+from enrich_pipeline.defs.heartbeat import HeartbeatResource
 from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
 from enrich_pipeline.enrichment.images import ImagePolicy, load_image, prepare_for_vision
 from enrich_pipeline.pipeline.batch import collect as collect_mode
@@ -455,7 +456,11 @@ def test_dagster_submit_job_poll_sensor_and_collect_job(
     assert BATCH_SENSORS == [batch_poll_sensor]
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("users", ["alice"])
-    resources = {"adbpg": AdbpgResource(), "dashscope": DashScopeResource()}
+    resources = {
+        "adbpg": AdbpgResource(),
+        "dashscope": DashScopeResource(),
+        "heartbeat": HeartbeatResource(),
+    }
 
     def tick() -> SensorResult | SkipReason:
         with build_sensor_context(

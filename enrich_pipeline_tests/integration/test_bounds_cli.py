@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from enrich_pipeline.cli import batch as batch_cli
+from enrich_pipeline.cli import dagster as enrich_dagster
 from enrich_pipeline.cli import search as search_cli
-from enrich_pipeline.defs import launcher
 from enrich_pipeline_tests.helpers import Items, data_url, png, run_cli
 from enrich_pipeline_tests.standin import StandIn
 
@@ -152,7 +152,7 @@ def test_adbpg_port_abc_is_one_line_naming_it_at_once(
         "enrich-captions": lambda: run_cli(["--user-id", "alice"])[0],
         "enrich-search": lambda: search_cli.main(["--user-id", "alice", "chair"]),
         "enrich-batch": lambda: batch_cli.main(["status"], out=io.StringIO()),
-        "enrich-dagster": lambda: launcher.main(["backfill", "--users", "alice"]),
+        "enrich-dagster": lambda: enrich_dagster.main(["backfill", "--users", "alice"]),
     }
     for name, command in commands.items():
         started = time.monotonic()
@@ -172,7 +172,7 @@ def test_enrich_dagster_flags_out_of_bounds_stop_before_the_instance(
         (["backfill", "--users", ""], "--users"),
         (["backfill", "--users", " , "], "--users"),
     ):
-        assert launcher.main(argv) == 2, argv
+        assert enrich_dagster.main(argv) == 2, argv
         one_error_line(capfd.readouterr().err, f"error: {flag}: ")
     assert not (tmp_path / "dagster_home").exists()  # nothing was set up
 

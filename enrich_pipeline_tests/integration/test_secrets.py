@@ -269,7 +269,11 @@ def test_redacted_database_description_has_no_password(db_role: dict[str, str]) 
 
 
 def _resources() -> dict[str, Any]:
-    return {k: v for k, v in defs.resources.items() if k in ("adbpg", "dashscope", CHUNK_IO)}
+    return {
+        k: v
+        for k, v in defs.resources.items()
+        if k in ("adbpg", "dashscope", "run_state", "heartbeat", CHUNK_IO)
+    }
 
 
 def run_texts(instance: DagsterInstance, result: Any) -> list[tuple[str, str]]:

@@ -43,6 +43,7 @@ from enrich_pipeline.db.database import Database
 from enrich_pipeline.defs.assets import enriched_items
 from enrich_pipeline.defs.batch import batch_collect_job, batch_poll_sensor, batch_submit_job
 from enrich_pipeline.defs.definitions import defs
+from enrich_pipeline.defs.heartbeat import HeartbeatResource
 from enrich_pipeline.defs.io_managers import CHUNK_IO
 from enrich_pipeline.defs.partitions import user_to_key
 from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
@@ -228,7 +229,11 @@ def test_bare_percent_password_connects_everywhere_and_is_never_shown(
     items.add("bob", data_url(png((50, 160, 70))))
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("users", [user_to_key("bob")])
-    resources = {k: v for k, v in defs.resources.items() if k in ("adbpg", "dashscope", CHUNK_IO)}
+    resources = {
+        k: v
+        for k, v in defs.resources.items()
+        if k in ("adbpg", "dashscope", "run_state", "heartbeat", CHUNK_IO)
+    }
     result = materialize(
         [enriched_items], partition_key="bob", instance=instance, resources=resources
     )
@@ -483,7 +488,11 @@ def test_dagster_batch_jobs_with_credentials_in_the_base_url(
     ids = [items.add("alice", data_url(png(c))) for c in (BLUE, RED)]
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("users", ["alice"])
-    resources = {"adbpg": AdbpgResource(), "dashscope": DashScopeResource()}
+    resources = {
+        "adbpg": AdbpgResource(),
+        "dashscope": DashScopeResource(),
+        "heartbeat": HeartbeatResource(),
+    }
 
     submitted = batch_submit_job.execute_in_process(
         instance=instance, partition_key="alice", resources=resources

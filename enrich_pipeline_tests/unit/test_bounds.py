@@ -15,8 +15,8 @@ from pydantic import BaseModel
 
 from enrich_pipeline.cli import batch as batch_cli
 from enrich_pipeline.cli import captions
+from enrich_pipeline.cli import dagster as enrich_dagster
 from enrich_pipeline.cli import search as search_cli
-from enrich_pipeline.defs import launcher
 from enrich_pipeline.settings import (
     AutomationSettings,
     BatchSettings,
@@ -310,11 +310,13 @@ def test_enrich_search_flags_are_bounded(argv: list[str], says: str) -> None:
 )
 def test_enrich_dagster_flags_are_bounded(argv: list[str], says: str) -> None:
     with pytest.raises(ConfigError) as info:
-        launcher.check_args(launcher.parse_args(argv))
+        enrich_dagster.check_args(enrich_dagster.parse_args(argv))
     assert str(info.value).startswith(says)
 
 
 def test_enrich_dagster_backfill_users_are_kept_as_given() -> None:
-    args = launcher.parse_args(["backfill", "--users", "alice,bob,alice"])
-    assert launcher.check_args(args) == ["alice", "bob"]
-    assert launcher.check_args(launcher.parse_args(["backfill", "--all-pending"])) is None
+    args = enrich_dagster.parse_args(["backfill", "--users", "alice,bob,alice"])
+    assert enrich_dagster.check_args(args) == ["alice", "bob"]
+    assert (
+        enrich_dagster.check_args(enrich_dagster.parse_args(["backfill", "--all-pending"])) is None
+    )

@@ -21,8 +21,9 @@ FLOORS = {
     "providers": 3,
     "pipeline": 4,
     "bootstrap": 5,
-    "cli": 6,
     "defs": 6,
+    # The commands sit on top: ``enrich-dagster`` reaches Dagster's instance through ``defs``.
+    "cli": 7,
 }
 
 

@@ -4,8 +4,8 @@ Runs name their user partitions in different tags: a materialization from the UI
 sensor's single-user runs ``dagster/partition``; a backfill from the UI (``__ASSET_JOB``) and the
 command line's only ``dagster/asset_partition_range_start``/``_end``. The queue's tag limits
 compare one tag's values, so ``UserRunCoordinator`` (the ``QueuedRunCoordinator`` with one step
-more, configured in ``dagster.yaml``) gives every submitted run one tag that means its user,
-before the run is queued:
+more, configured in the ``dagster.yaml`` beside this module) gives every submitted run one tag
+that means its user, before the run is queued:
 
 - a run of one user partition gets ``enrich/user: <partition key>``; the queue runs at most one
   run per value (``tag_concurrency_limits`` in ``dagster.yaml``), so a second run of that user
@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import logging
 
-from dagster._core.run_coordinator import QueuedRunCoordinator, SubmitRunContext
-from dagster._core.storage.dagster_run import DagsterRun
+from dagster import DagsterInstance, DagsterRun, QueuedRunCoordinator, SubmitRunContext
 
 from enrich_pipeline.defs.runs import (
     PARTITION_TAG,
@@ -43,7 +42,7 @@ log = logging.getLogger(__name__)
 AFTER_TAG = "enrich/after"
 
 
-def queue_tags(instance, run: DagsterRun) -> dict[str, str]:  # noqa: ANN001 - DagsterInstance
+def queue_tags(instance: DagsterInstance, run: DagsterRun) -> dict[str, str]:
     """The tags that put ``run`` in its users' queue."""
     if not (run.tags.get(PARTITION_TAG) or run.tags.get(RANGE_START_TAG)):
         return {}

@@ -16,6 +16,11 @@ and with it the webserver and daemon instead of leaving them orphaned.
 
 Other commands: ``backfill`` (user partitions, validated against the table), ``partitions``
 (list them, or remove typos), ``db-url`` and ``psql`` (reach the embedded database).
+
+The webserver and the daemon are ``dagster`` processes; what the command changes in Dagster's
+instance (pool slots, user partitions) goes through ``enrich_pipeline.defs`` (the only layer that
+imports Dagster), imported by the subcommands that need it, so that ``db-url`` and ``psql``
+start without loading Dagster.
 """
 
 from __future__ import annotations
@@ -46,8 +51,6 @@ from enrich_pipeline.settings import (
     Settings,
 )
 
-# The instance configuration ships with the package, so an installed code location has it too.
-INSTANCE_YAML = Path(__file__).with_name("dagster.yaml")
 WORKSPACE_YAML = Path(__file__).resolve().parents[2] / "workspace.yaml"
 # Seconds ``dagster dev`` gets to stop the webserver and the daemon before it is killed.
 STOP_GRACE = 30.0
@@ -106,6 +109,8 @@ def prepare_environment(env: dict[str, str]) -> dict[str, str]:
     dagster_home = Path(env.get("DAGSTER_HOME") or home / "dagster_home")
     dagster_home.mkdir(parents=True, exist_ok=True)
     if not (dagster_home / "dagster.yaml").exists():
+        from enrich_pipeline.defs.instance import INSTANCE_YAML
+
         shutil.copy(INSTANCE_YAML, dagster_home / "dagster.yaml")
     env["DAGSTER_HOME"] = str(dagster_home)
     # dagster.yaml reads the run limit from the environment: give it the setting's value.
@@ -127,13 +132,12 @@ def _environ(env: dict[str, str]) -> Iterator[None]:
 
 def set_pool_limits(env: dict[str, str]) -> None:
     """Slots of the op concurrency pools: how many caption / database steps run at once."""
-    from dagster import DagsterInstance
+    from enrich_pipeline.defs.instance import admin
 
     automation = AutomationSettings.from_env(env)
     slots = {"dashscope": automation.dashscope_pool_slots, "adbpg": automation.adbpg_pool_slots}
-    with _environ(env), DagsterInstance.get() as instance:
-        for pool, n in slots.items():
-            instance.event_log_storage.set_concurrency_slots(pool, n)
+    with _environ(env):
+        admin.set_pool_slots(slots)
 
 
 # --- the UI --------------------------------------------------------------------------------
@@ -275,9 +279,8 @@ def backfill(env: dict[str, str], users: list[str] | None, *, allow_unknown: boo
 
     The daemon of ``enrich-dagster`` (or of any deployment on the same instance) runs it.
     """
-    from dagster import DagsterInstance
-
-    from enrich_pipeline.defs.partitions import user_to_key, users_partitions
+    from enrich_pipeline.defs.instance import admin
+    from enrich_pipeline.defs.partitions import user_to_key
 
     with _environ(env):
         if users is None:
@@ -290,8 +293,7 @@ def backfill(env: dict[str, str], users: list[str] | None, *, allow_unknown: boo
             print("No user has pending rows: nothing to backfill.")
             return 0
         keys = [user_to_key(u) for u in users]
-        with DagsterInstance.get() as instance:
-            instance.add_dynamic_partitions(users_partitions.name, keys)
+        admin.add_user_partitions(keys)
     cmd = [
         sys.executable,
         "-m",
@@ -336,12 +338,11 @@ def _storage_error(env: dict[str, str], exc: Exception) -> str:
 
 def partitions(env: dict[str, str], remove: list[str] | None, *, force: bool = False) -> int:
     """List the user partitions (flagging those no row has), or remove some."""
-    from dagster import DagsterInstance
+    from enrich_pipeline.defs.instance import admin
+    from enrich_pipeline.defs.partitions import key_to_user, user_to_key
 
-    from enrich_pipeline.defs.partitions import key_to_user, user_to_key, users_partitions
-
-    with _environ(env), DagsterInstance.get() as instance:
-        keys = list(instance.get_dynamic_partitions(users_partitions.name))
+    with _environ(env):
+        keys = admin.user_partition_keys()
         with open_store(Settings.from_env()) as store:
             known = store.summary.existing_users(key_to_user(k) for k in keys)
         if not remove:
@@ -365,7 +366,7 @@ def partitions(env: dict[str, str], remove: list[str] | None, *, force: bool = F
             )
             return 2
         for key in wanted:
-            instance.delete_dynamic_partition(users_partitions.name, key)
+            admin.remove_user_partitions([key])
             print(f"removed partition {key}")
     return 0
 

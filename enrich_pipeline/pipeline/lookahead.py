@@ -275,18 +275,3 @@ class Lookahead(Generic[S]):
         self.abort()
         self._pool.close()
         self._loader.shutdown(wait=False, cancel_futures=True)
-
-
-@dataclass
-class RunScope:
-    """What one run's steps share besides their inputs: the lookahead, the run's settings and
-    the other runs found holding its users. Lives on the run's DashScope resource."""
-
-    lookahead: Lookahead[Any] | None = None
-    run: Any = None
-    other_runs: dict[str, str] = field(default_factory=dict)
-
-    def close(self) -> None:
-        if self.lookahead is not None:
-            self.lookahead.close()
-            self.lookahead = None
