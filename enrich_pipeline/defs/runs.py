@@ -101,6 +101,8 @@ def users_in_flight(
 def backfill_keys(instance: DagsterInstance) -> dict[str, str]:
     """Partition key -> backfill id, for backfills still launching runs (the partitions they
     have not launched a run for yet; those they have are covered by the runs)."""
+    # Dagster exports neither name, and ``DagsterInstance.get_backfills`` takes only them to
+    # filter by status.
     from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus
 
     out: dict[str, str] = {}
