@@ -218,11 +218,12 @@ def test_429_without_retry_after_backs_off_exponentially_with_jitter(
 
     eng = engine(store, settings_for(standin, backoff_initial=0.04, backoff_max=30.0), sleep=sleep)
     assert eng.enrich("alice").succeeded == 1
-    # Full jitter in the upper half of an exponentially growing ceiling: 40, 80, 160 ms.
+    # Full jitter under an exponentially growing ceiling: 40, 80, 160 ms (the draws themselves
+    # are checked with an injected random source in unit/test_backoff.py).
     assert len(slept) == 3
     for n, seconds in enumerate(slept):
         ceiling = 0.04 * 2**n
-        assert ceiling / 2 <= seconds <= ceiling, (n, seconds)
+        assert 0.0 <= seconds <= ceiling, (n, seconds)
     assert eng.usage.retries == 3
     assert_captioned_once(items, ids, before)
 
