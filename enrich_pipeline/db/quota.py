@@ -16,6 +16,7 @@ back to pacing alone, never a stuck pool.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import psycopg
 from psycopg import sql
@@ -27,7 +28,8 @@ TIMEOUT = 2.0
 """Seconds a reservation may take (connect, lock wait and statement) before it counts as
 failed."""
 
-_NOW = "date_part('epoch', clock_timestamp())"
+# The server's clock unless the caller gives its own (tests: a fake clock, exact and instant).
+_NOW = "COALESCE(%(now)s::double precision, date_part('epoch', clock_timestamp()))"
 _SLOT = f"GREATEST({_NOW} + %(not_before)s, next_request, next_token)"
 
 
@@ -38,12 +40,19 @@ class BudgetUnavailable(Exception):
 class RateBudgetTable:
     """``reserve`` one send slot of an account's model; thread-safe, one connection."""
 
-    def __init__(self, settings: DbSettings, *, timeout: float = TIMEOUT) -> None:
+    def __init__(
+        self,
+        settings: DbSettings,
+        *,
+        timeout: float = TIMEOUT,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         self.settings = settings
         self.timeout = timeout
         # Its own connections, apart from the pool's: the password is hidden in the driver's
         # log lines before the first one.
         hide_in_logs(settings.secrets(), DB_LOGGERS)
+        self._clock = clock  # None: the database server's clock
         self._table = sql.Identifier(settings.namespace, "enrich_rate_budget")
         self._lock = threading.Lock()
         self._conn: psycopg.Connection | None = None
@@ -96,6 +105,7 @@ class RateBudgetTable:
             "request_spacing": float(request_spacing),
             "token_spacing": float(token_spacing),
             "not_before": max(0.0, float(not_before)),
+            "now": self._clock() if self._clock is not None else None,
         }
         if not self._lock.acquire(timeout=self.timeout):
             raise BudgetUnavailable("the shared rate budget is busy (another call is waiting)")

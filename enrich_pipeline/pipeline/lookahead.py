@@ -58,7 +58,15 @@ class CallPool:
     says nothing about latency).
     """
 
-    def __init__(self, workers: int, name: str = "enrich-call", rate: float | None = None) -> None:
+    def __init__(
+        self,
+        workers: int,
+        name: str = "enrich-call",
+        rate: float | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock  # times each call, for the mean duration
         self._queue: queue.PriorityQueue[tuple[int, int, Any]] = queue.PriorityQueue()
         self._seq = itertools.count()
         self._closed = False
@@ -100,7 +108,7 @@ class CallPool:
             with self._gate:
                 self._gate.wait_for(lambda: self._in_flight < self.limit)
                 self._in_flight += 1
-            started = time.monotonic()
+            started = self._clock()
             reached = False
             try:
                 value = fn()
@@ -113,7 +121,7 @@ class CallPool:
                 with self._gate:
                     self._in_flight -= 1
                     if reached:
-                        took = time.monotonic() - started
+                        took = self._clock() - started
                         self._mean = took if self._mean is None else 0.8 * self._mean + 0.2 * took
                         self.limit = self._limit()
                     self._gate.notify_all()

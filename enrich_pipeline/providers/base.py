@@ -152,19 +152,35 @@ def retry_after(exc: BaseException) -> float | None:
 
 
 class Backoff:
-    """Exponential backoff with full jitter, overridden by a Retry-After the server sends."""
+    """Exponential backoff with full jitter (AWS, "Exponential Backoff And Jitter"): the n-th
+    retry sleeps ``uniform(0, min(maximum, initial * 2 ** (n - 1)))``. A Retry-After the server
+    sends is not jittered: it is waited in full (up to ``maximum``).
 
-    def __init__(self, initial: float, maximum: float) -> None:
+    Full rather than equal jitter: retries of many calls refused together spread over the whole
+    ceiling instead of its upper half, and no minimum is needed here, because a throttled or
+    failing model is already paused for every call by the governor (``providers/health.py``)."""
+
+    def __init__(
+        self,
+        initial: float,
+        maximum: float,
+        *,
+        uniform: Callable[[float, float], float] = random.uniform,
+    ) -> None:
         self.initial = initial
         self.maximum = maximum
+        self._uniform = uniform
+
+    def ceiling(self, attempt: int) -> float:
+        """The longest sleep after the ``attempt``-th failed try (1 for the first)."""
+        return min(self.maximum, self.initial * 2 ** (attempt - 1))
 
     def __call__(self, state: tenacity.RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
         hinted = retry_after(exc) if exc else None
         if hinted is not None:
             return min(hinted, self.maximum)
-        ceiling = min(self.maximum, self.initial * 2 ** (state.attempt_number - 1))
-        return random.uniform(ceiling / 2, ceiling)
+        return self._uniform(0.0, self.ceiling(state.attempt_number))
 
 
 def is_transient(exc: BaseException) -> bool:

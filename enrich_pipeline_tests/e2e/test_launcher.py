@@ -25,9 +25,15 @@ import psutil
 import psycopg
 import pytest
 
+from enrich_pipeline.cli.dagster import STOP_GRACE
+
 REPO = Path(__file__).resolve().parents[2]
-STARTUP_TIMEOUT = 90.0
-STOP_WITHIN = 30.0
+# Deadlines with room for a busy machine (load 17 on two cores: a Dagster start takes minutes):
+# what is checked is that everything stops, in order, not how fast.
+STARTUP_TIMEOUT = 300.0
+# What a person waits after `kill PID` before the command and everything it started are gone
+# (the database too): the grace the launcher gives `dagster dev`, then room for the rest.
+STOP_WITHIN = STOP_GRACE + 60.0
 
 
 def _free_port() -> int:
@@ -122,12 +128,13 @@ def test_background_start_stops_webserver_daemon_and_database_within_seconds(
 
         sent = time.monotonic()
         os.kill(pid, sig)
+        deadline = sent + STOP_WITHIN
         gone, alive = psutil.wait_procs(family, timeout=STOP_WITHIN)
-        took = time.monotonic() - sent
-        assert not alive, [(p.pid, p.cmdline()) for p in alive]
-        deadline = time.monotonic() + 10
+        # The pids and the log, not the command lines: one may be exiting (a zombie) by now.
+        assert not alive, ([p.pid for p in alive], log.read_text()[-3000:])
         while psutil.pid_exists(postmaster) and time.monotonic() < deadline:
             time.sleep(0.2)
+        took = time.monotonic() - sent
         assert not psutil.pid_exists(postmaster), "the embedded PostgreSQL is still running"
         print(f"stopped within {took:.1f} s of {sig.name}")
         output = log.read_text()

@@ -120,6 +120,11 @@ def claims(items: Items) -> int:
     return items.execute("SELECT count(*) FROM {ns}.enrich_claims")[0][0]
 
 
+# How long a hung request stays open on a private server (its stop ends it at once): long, so
+# that a call ended by its 0.5 s timeout is told from one that waited, however busy the machine.
+HANG = 30.0
+
+
 @pytest.fixture
 def server_for(standin: StandIn) -> Iterator[Callable[[str], StandIn]]:
     """The shared stand-in, or a private one for hangs.
@@ -133,7 +138,7 @@ def server_for(standin: StandIn) -> Iterator[Callable[[str], StandIn]]:
     def pick(fault: str) -> StandIn:
         if fault != "timeout":
             return standin
-        server = StandIn(api_key=API_KEY, hang_seconds=5.0).start()
+        server = StandIn(api_key=API_KEY, hang_seconds=HANG).start()
         private.append(server)
         return server
 
@@ -143,7 +148,7 @@ def server_for(standin: StandIn) -> Iterator[Callable[[str], StandIn]]:
 
 
 def settings_for(server: StandIn, **overrides: Any) -> DashScopeSettings:
-    # A hung request fails after 0.5 s, well before the 5 s hang ends.
+    # A hung request fails after 0.5 s, long before the hang ends.
     return standin_settings(server, **{"timeout": 0.5, **overrides})
 
 
@@ -174,8 +179,8 @@ def test_transient_fault_is_retried_and_the_row_captioned_once(
     assert store.items.failures("alice") == []
     assert claims(items) == 0
     if fault == "timeout":
-        # Two requests hung for 5 s each; the run gave up on each after 0.5 s. Generous bound.
-        assert elapsed < 4.0
+        # Two requests hung; the run gave up on each after 0.5 s instead of waiting out HANG.
+        assert elapsed < HANG / 2
     else:
         assert chat(server, fault=fault) == 2
 
@@ -218,11 +223,12 @@ def test_429_without_retry_after_backs_off_exponentially_with_jitter(
 
     eng = engine(store, settings_for(standin, backoff_initial=0.04, backoff_max=30.0), sleep=sleep)
     assert eng.enrich("alice").succeeded == 1
-    # Full jitter in the upper half of an exponentially growing ceiling: 40, 80, 160 ms.
+    # Full jitter under an exponentially growing ceiling: 40, 80, 160 ms (the draws themselves
+    # are checked with an injected random source in unit/test_backoff.py).
     assert len(slept) == 3
     for n, seconds in enumerate(slept):
         ceiling = 0.04 * 2**n
-        assert ceiling / 2 <= seconds <= ceiling, (n, seconds)
+        assert 0.0 <= seconds <= ceiling, (n, seconds)
     assert eng.usage.retries == 3
     assert_captioned_once(items, ids, before)
 

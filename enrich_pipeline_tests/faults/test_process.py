@@ -96,10 +96,17 @@ class InFlight:
                 self.open[kind] -= 1
 
 
+# Deadlines with room for a busy machine (a Python start and a chunk can take tens of seconds
+# at load 17 on two cores): the run reaches its kill point well within KILL_POINT_WITHIN, and
+# its hung embedding calls never time out before it (which would change what the run does).
+KILL_POINT_WITHIN = 180.0
+CALL_TIMEOUT = 600
+
+
 @pytest.fixture(scope="module")
 def slow_server() -> Iterator[tuple[StandIn, InFlight]]:
     """A private stand-in with latency, so a chunk takes long enough to be killed in."""
-    server = StandIn(api_key=API_KEY, latency=0.3, hang_seconds=120.0)
+    server = StandIn(api_key=API_KEY, latency=0.3, hang_seconds=2 * CALL_TIMEOUT)
     wrapper = InFlight(server.app)
     server.app = wrapper
     with server:
@@ -116,15 +123,16 @@ def cli_env(items: Items, server: StandIn) -> dict[str, str]:
         DASHSCOPE_API_KEY=API_KEY,
         DASHSCOPE_BASE_URL=server.base_url,
         DASHSCOPE_BACKOFF_INITIAL="0.01",
-        DASHSCOPE_TIMEOUT="60",
+        DASHSCOPE_TIMEOUT=str(CALL_TIMEOUT),
         ENRICH_ALLOW_LOCAL_FILES="true",
     )
     return env
 
 
 # Short, so the re-run can take the dead run's rows without the test waiting minutes. A live
-# run renews its leases every third of a lease, so this is safe for the run being killed.
-LEASE = 3
+# run renews its leases every third of a lease, so the killed run's claims still hold for two
+# thirds of it (7 s) while the test looks at them: room for a busy machine.
+LEASE = 10
 CLI = [sys.executable, "-m", "enrich_pipeline.cli.captions", "--user-id", "alice"]
 CLI += ["--batch-size", "2"]
 CLI += ["--max-items", "0", "--concurrent", "2", "--lease-seconds", str(LEASE)]
@@ -160,7 +168,7 @@ def test_sigkill_mid_run_keeps_written_chunks_and_the_rerun_pays_nothing_twice(
         # every paid caption in the cache, stable for a second (longer than any gap between two
         # calls): then "paid" and "cached" are the same set and the count below is exact.
         stable_since: float | None = None
-        deadline = time.monotonic() + 40
+        deadline = time.monotonic() + KILL_POINT_WITHIN
         while True:
             assert proc.poll() is None, (tmp_path / "run1.out").read_text()
             assert time.monotonic() < deadline, "the run never reached the kill point"

@@ -158,7 +158,8 @@ def test_adbpg_port_abc_is_one_line_naming_it_at_once(
         started = time.monotonic()
         assert command() == 2, name
         one_error_line(capfd.readouterr().err, "error: ADBPG_PORT: ")
-        assert time.monotonic() - started < 2, name  # not a 10 s connection attempt
+        # Not a 10 s connection attempt (half of it: room for a busy machine).
+        assert time.monotonic() - started < 5, name
 
 
 def test_enrich_dagster_flags_out_of_bounds_stop_before_the_instance(

@@ -135,7 +135,7 @@ def make_handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Content-Type", "image/png")
                 self.send_header("Content-Length", "100000")
                 self.end_headers()
-                for _ in range(100):
+                for _ in range(400):  # 20 s of drip: far past any deadline of the tests
                     if state.release.wait(0.05):
                         break
                     try:
@@ -265,8 +265,9 @@ def test_streamed_oversize_stops_early(server: ServerState) -> None:
     started = time.monotonic()
     err = load_error(f"{server.base}/huge", policy)
     assert err.code == "too_large"
-    assert time.monotonic() - started < 5
-    assert server.huge_done.wait(5), "server kept streaming after the client gave up"
+    # The proof is the byte count below; the time only says the client did not hang on.
+    assert time.monotonic() - started < 15
+    assert server.huge_done.wait(15), "server kept streaming after the client gave up"
     # What the server managed to push is the cap plus kernel socket buffers, not 200 MB.
     print(f"huge body: server pushed {server.huge_sent} bytes before the client hung up")
     assert server.huge_sent < 40 * 1024 * 1024
@@ -304,7 +305,7 @@ def test_stalled_server_times_out(server: ServerState) -> None:
     started = time.monotonic()
     err = load_error(f"{server.base}/stall", policy)
     assert (err.code, err.permanent) == ("timeout", False)
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 5  # the server stalls 10 s: room for a busy machine
 
 
 def test_dripping_body_hits_total_deadline(server: ServerState) -> None:
@@ -313,7 +314,7 @@ def test_dripping_body_hits_total_deadline(server: ServerState) -> None:
     started = time.monotonic()
     err = load_error(f"{server.base}/drip", policy)
     assert (err.code, err.permanent) == ("timeout", False)
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 10  # long before the drip's 20 s
 
 
 def test_connection_refused_is_transient() -> None:
