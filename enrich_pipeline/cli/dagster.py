@@ -222,6 +222,11 @@ def _stop_dev(proc: subprocess.Popen[bytes]) -> int:
     while _signal_group(proc.pid, 0) and time.monotonic() < deadline:
         time.sleep(0.1)
     _signal_group(proc.pid, signal.SIGKILL)
+    # A killed process runs until the kernel has torn it down (seconds, on a busy machine): wait,
+    # or the embedded database would count it as a user still and be left running.
+    deadline = time.monotonic() + 10
+    while _signal_group(proc.pid, 0) and time.monotonic() < deadline:
+        time.sleep(0.1)
     print(f"webserver and daemon stopped ({time.monotonic() - started:.1f} s)", flush=True)
     return 0 if code in (0, -signal.SIGTERM, 128 + signal.SIGTERM) else code
 
