@@ -15,6 +15,7 @@ from psycopg_pool import PoolTimeout
 
 from enrich_pipeline.bootstrap import Runtime, open_runtime, open_store
 from enrich_pipeline.cli.flags import FlagMap, add_setting, given
+from enrich_pipeline.cli.stopping import stops_cleanly
 from enrich_pipeline.db.batches import BatchRecord
 from enrich_pipeline.db.store import Store
 from enrich_pipeline.pipeline.batch.collect import CollectResult, collect_batch
@@ -126,6 +127,7 @@ def submit_settings(args: argparse.Namespace) -> tuple[BatchSettings, RunSetting
     )
 
 
+@stops_cleanly
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """``enrich-batch submit|poll|collect|cancel|status``.
 

@@ -10,6 +10,7 @@ import psycopg
 from psycopg_pool import PoolTimeout
 
 from enrich_pipeline.bootstrap import Runtime, open_runtime, open_store
+from enrich_pipeline.cli.stopping import stops_cleanly
 from enrich_pipeline.pipeline.search import search_captions
 from enrich_pipeline.providers.base import ProviderError
 from enrich_pipeline.settings import ConfigError, Settings
@@ -59,6 +60,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@stops_cleanly
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     runtime: Runtime | None = None
