@@ -27,7 +27,7 @@ import psycopg
 from psycopg_pool import PoolTimeout
 
 from enrich_pipeline.bootstrap import Runtime, open_runtime, open_store
-from enrich_pipeline.cli.flags import FlagMap, add_setting, given
+from enrich_pipeline.cli.flags import FlagMap, Parser, add_setting, given
 from enrich_pipeline.cli.report import Report
 from enrich_pipeline.cli.stopping import exit_code, stop_line, stops_cleanly
 from enrich_pipeline.db.preflight import grants
@@ -44,7 +44,7 @@ EXIT_OK, EXIT_CONFIG, EXIT_PROVIDER_STOP, EXIT_PROVIDER_UNAVAILABLE = 0, 2, 3, 4
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="enrich-captions",
         description="Caption pending images with Qwen-VL and write captions, colors and tags back.",
     )

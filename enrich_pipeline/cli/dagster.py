@@ -41,6 +41,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from enrich_pipeline.bootstrap import open_store
+from enrich_pipeline.cli.flags import Parser
 from enrich_pipeline.cli.stopping import stops_cleanly
 from enrich_pipeline.db import embedded
 from enrich_pipeline.redaction import redact_source
@@ -423,7 +424,7 @@ def psql(env: dict[str, str], args: list[str]) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="enrich-dagster", description=__doc__.splitlines()[0])
+    p = Parser(prog="enrich-dagster", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command")
     ui = sub.add_parser("ui", help="start the webserver and daemon (the default)")
     for parser in (p, ui):

@@ -10,6 +10,7 @@ import psycopg
 from psycopg_pool import PoolTimeout
 
 from enrich_pipeline.bootstrap import Runtime, open_runtime, open_store
+from enrich_pipeline.cli.flags import Parser
 from enrich_pipeline.cli.stopping import stops_cleanly
 from enrich_pipeline.pipeline.search import search_captions
 from enrich_pipeline.providers.base import ProviderError
@@ -44,7 +45,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="enrich-search", description=__doc__.splitlines()[0])
+    p = Parser(prog="enrich-search", description=__doc__.splitlines()[0])
     p.add_argument("query", nargs="?", help="text to look for")
     p.add_argument("--user-id")
     p.add_argument(
