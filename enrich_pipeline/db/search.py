@@ -37,20 +37,26 @@ class SearchRows:
         ``colors`` and ``tags`` must all be present (tags match style or object tags). The
         similarity is AnalyticDB FastANN's cosine distance on ``real[]`` (``<=>``), pgvector's
         on ``embedding::vector``, or plain SQL over ``real[]``; ties are broken by item id, so
-        every method ranks alike.
+        every method ranks alike. A stored vector holding NaN or an infinity is skipped.
         """
         score = _SCORES[method]
         query = sql.SQL(
             "SELECT e.item_id, {score} AS score, i.metadata FROM {e} e"
             " JOIN {items} i ON i.id::text = e.item_id AND i.user_id = e.user_id"
             " WHERE e.source_table = %(src)s AND e.user_id = %(user)s AND e.dimensions = %(dims)s"
+            " AND NOT {non_finite}"
             " AND (%(colors)s::jsonb IS NULL OR i.metadata->'dominant_colors' @> %(colors)s::jsonb)"
             # Each tag in either list; jsonb's ? is 9.4's, unlike || (not on AnalyticDB 6.0).
             " AND (%(tags)s::text[] IS NULL OR NOT EXISTS (SELECT 1 FROM unnest(%(tags)s::text[])"
             " AS t(tag) WHERE NOT (COALESCE(i.metadata->'style_tags', '[]'::jsonb) ? t.tag"
             " OR COALESCE(i.metadata->'object_tags', '[]'::jsonb) ? t.tag)))"
             " ORDER BY score DESC NULLS LAST, e.item_id LIMIT %(k)s"
-        ).format(score=score, e=self.db.t("enrich_embeddings"), items=self.db.items)
+        ).format(
+            score=score,
+            e=self.db.t("enrich_embeddings"),
+            items=self.db.items,
+            non_finite=non_finite("e.embedding"),
+        )
         params = {
             "q": list(vector),
             "qnorm": sum(v * v for v in vector) ** 0.5,
@@ -91,6 +97,17 @@ class SearchRows:
 
 
 Method = Literal["fastann", "pgvector", "sql"]
+
+
+def non_finite(column: str) -> sql.Composable:
+    """Whether the ``real[]`` in ``column`` holds NaN or an infinity: what an older version could
+    store, which would rank first in plain SQL (NaN sorts above every number) and make pgvector
+    refuse the whole query ("NaN not allowed in vector"). Array overlap compares elements with
+    ``real``'s equality, under which NaN equals NaN (unlike IEEE), on every server."""
+    return sql.SQL("({} && '{{NaN,Infinity,-Infinity}}'::real[])").format(
+        sql.SQL(".").join(sql.Identifier(part) for part in column.split("."))
+    )
+
 
 _SCORES: dict[str, sql.Composable] = {
     "fastann": sql.SQL("1 - (e.embedding <=> %(q)s::real[])"),
