@@ -71,6 +71,46 @@ class SearchRows:
             rows = conn.execute(query, params).fetchall()
         return [(r[0], float(r[1]) if r[1] is not None else 0.0, r[2]) for r in rows]
 
+    def non_finite_vectors(
+        self, user_id: str | None, *, after: str, limit: int
+    ) -> list[tuple[str, str, str | None]]:
+        """(item id, user id, caption) of stored vectors holding NaN or an infinity, of one user
+        or all, by item id after ``after`` (a page at a time)."""
+        query = sql.SQL(
+            "SELECT e.item_id, e.user_id, i.metadata->>'caption' FROM {e} e"
+            " LEFT JOIN {items} i ON i.id::text = e.item_id AND i.user_id = e.user_id"
+            " WHERE e.source_table = %(src)s AND (%(user)s::text IS NULL OR e.user_id = %(user)s)"
+            " AND {non_finite} AND e.item_id > %(after)s ORDER BY e.item_id LIMIT %(k)s"
+        ).format(
+            e=self.db.t("enrich_embeddings"),
+            items=self.db.items,
+            non_finite=non_finite("e.embedding"),
+        )
+        params = {"src": self.db.source_table, "user": user_id, "after": after, "k": limit}
+        with self.db.connection() as conn:
+            return [(str(r[0]), str(r[1]), r[2]) for r in conn.execute(query, params)]
+
+    def replace_non_finite(self, vectors: Sequence[tuple[str, Sequence[float]]], model: str) -> int:
+        """Store these vectors over the non-finite ones of their items; one a run wrote
+        meanwhile is kept. Returns how many were replaced."""
+        query = sql.SQL(
+            "UPDATE {e} SET embedding = %(v)s::real[], dimensions = %(dims)s, model = %(model)s,"
+            " created_at = now() WHERE source_table = %(src)s AND item_id = %(id)s"
+            " AND {non_finite}"
+        ).format(e=self.db.t("enrich_embeddings"), non_finite=non_finite("embedding"))
+        replaced = 0
+        with self.db.connection() as conn:
+            for item_id, vector in vectors:
+                params = {
+                    "v": list(vector),
+                    "dims": len(vector),
+                    "model": model,
+                    "src": self.db.source_table,
+                    "id": item_id,
+                }
+                replaced += conn.execute(query, params).rowcount
+        return replaced
+
     def create_ann_index(self, dimensions: int) -> str:
         """AnalyticDB's FastANN index on the embeddings (an explicit command, never implicit).
 

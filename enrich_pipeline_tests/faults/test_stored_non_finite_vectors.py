@@ -70,3 +70,43 @@ def test_the_search_command_never_shows_a_nan_score(
         assert captured.err == ""
         assert captured.out.count(" score ") == len(COLORS) - len(SPOILED), captured.out
         assert not re.search(r"score (nan|-?inf)", captured.out), captured.out
+
+
+def test_reembed_replaces_the_non_finite_vectors_with_their_captions_embedding(
+    spoiled: tuple[dict[str, str], bool],
+    items: Items,
+    store: Store,
+    api_settings: DashScopeSettings,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ids, _ = spoiled
+    # A fourth spoiled vector whose item lost its caption: nothing to embed, said so.
+    items.write_by_hand(ids["yellow"], caption=None)
+    items.execute(
+        "UPDATE {ns}.enrich_embeddings SET embedding[1] = 'NaN' WHERE item_id = %s",
+        (ids["yellow"],),
+    )
+    assert search_main(["--reembed", "--user-id", "alice"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out == (
+        "re-embedded 3 stored vector(s) that held NaN or an infinity; "
+        "1 left: their item has no caption\n"
+    )
+    # Each replaced vector is its caption's embedding; the captionless one is left as it was.
+    provider = DashScopeProvider(api_settings)
+    for color in SPOILED:
+        caption = items.row(ids[color])["metadata"]["caption"]
+        ((stored, dims),) = items.execute(
+            "SELECT embedding, dimensions FROM {ns}.enrich_embeddings WHERE item_id = %s",
+            (ids[color],),
+        )
+        assert stored == pytest.approx(provider.embed([caption])[0], abs=1e-6)
+        assert dims == api_settings.embedding_dimensions
+    figures = store.items.check_partition("alice", api_settings.embedding_dimensions)
+    assert figures["embeddings_not_finite"] == 1
+    hits = search_captions(store, provider, "alice", "a blue chair", top_k=10, method="sql")
+    assert {h.item_id for h in hits} == {ids[c] for c in COLORS if c != "yellow"}
+    # Again: nothing left to do but the captionless one.
+    assert search_main(["--reembed"]) == 0
+    assert capsys.readouterr().out.startswith("re-embedded 0 stored vector(s)")
