@@ -14,7 +14,8 @@ import psycopg
 from psycopg_pool import PoolTimeout
 
 from enrich_pipeline.bootstrap import Runtime, open_runtime, open_store
-from enrich_pipeline.cli.flags import FlagMap, add_setting, given
+from enrich_pipeline.cli.flags import FlagMap, Parser, add_setting, given
+from enrich_pipeline.cli.stopping import stops_cleanly
 from enrich_pipeline.db.batches import BatchRecord
 from enrich_pipeline.db.store import Store
 from enrich_pipeline.pipeline.batch.collect import CollectResult, collect_batch
@@ -40,7 +41,7 @@ BATCH_FLAGS: FlagMap = {}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="enrich-batch",
         description=(
             "Caption large backfills through DashScope's Batch API (half price, results "
@@ -126,6 +127,7 @@ def submit_settings(args: argparse.Namespace) -> tuple[BatchSettings, RunSetting
     )
 
 
+@stops_cleanly
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """``enrich-batch submit|poll|collect|cancel|status``.
 

@@ -9,7 +9,10 @@ configuration or database problem; 3 the provider stopped the run for a reason s
 (the account, the key, the model or the request itself: one ``error:`` line says what); 4 the
 provider was unavailable (throttled, unreachable or failing past the retries): run again later.
 On 3 and 4 no row was charged, the unwritten rows are released, and the statistics of what was
-done before the stop are still printed.
+done before the stop are still printed. SIGINT (Ctrl-C), SIGHUP and SIGTERM stop the same way
+(see ``cli/stopping.py``): the calls in flight finish and their captions are cached, the chunks
+they complete are written, the other claims are released, the statistics are printed, one
+``stopped by`` line follows, and the exit code is 128 + the signal (130, 129, 143).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import psycopg
 from psycopg_pool import PoolTimeout
 
 from enrich_pipeline.bootstrap import Runtime, open_runtime, open_store
-from enrich_pipeline.cli.flags import FlagMap, add_setting, given
+from enrich_pipeline.cli.flags import FlagMap, Parser, add_setting, given
 from enrich_pipeline.cli.report import Report
+from enrich_pipeline.cli.stopping import exit_code, stop_line, stops_cleanly
 from enrich_pipeline.db.preflight import grants
 from enrich_pipeline.pipeline.stats import RunStats
 from enrich_pipeline.providers.base import FatalProviderError, ProviderUnavailable
@@ -40,7 +44,7 @@ EXIT_OK, EXIT_CONFIG, EXIT_PROVIDER_STOP, EXIT_PROVIDER_UNAVAILABLE = 0, 2, 3, 4
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="enrich-captions",
         description="Caption pending images with Qwen-VL and write captions, colors and tags back.",
     )
@@ -165,6 +169,7 @@ def _statistics(report: Report, runtime: Runtime, stats: RunStats, started: floa
     report.statistics(stats, usage, elapsed, cost, prices.currency, offline=offline)
 
 
+@stops_cleanly
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     args = parse_args(argv)
@@ -240,6 +245,20 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         if isinstance(exc, ProviderUnavailable):
             return EXIT_PROVIDER_UNAVAILABLE
         return EXIT_PROVIDER_STOP
+    except KeyboardInterrupt as exc:  # Ctrl-C or a stop signal: the engine has drained
+        done = getattr(exc, "stats", None)
+        done = done if isinstance(done, RunStats) else RunStats()
+        if runtime is not None and started is not None:
+            _statistics(report, runtime, done, started)
+        print(
+            stop_line(
+                exc,
+                f"{done.succeeded + done.failed} row(s) written, the others' claims released, "
+                "paid captions kept in the cache; run again to continue",
+            ),
+            file=sys.stderr,
+        )
+        return exit_code(exc)
     finally:
         if runtime is not None:
             runtime.close()

@@ -41,6 +41,8 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from enrich_pipeline.bootstrap import open_store
+from enrich_pipeline.cli.flags import Parser
+from enrich_pipeline.cli.stopping import stops_cleanly
 from enrich_pipeline.db import embedded
 from enrich_pipeline.redaction import redact_source
 from enrich_pipeline.settings import (
@@ -409,14 +411,20 @@ def psql(env: dict[str, str], args: list[str]) -> int:
         return 1
     # Started (or joined) for the session, and left as it was found when psql exits.
     url = embedded.start(Path(env.get("ENRICH_HOME") or embedded.home()))
-    return subprocess.call([str(exe), url, *args], env=env)
+    # A terminal's Ctrl-C reaches psql too, which cancels its query: it must not end the session
+    # here. A handler (not SIG_IGN, which psql would inherit) lets this process wait on.
+    previous = signal.signal(signal.SIGINT, lambda _signum, _frame: None)
+    try:
+        return subprocess.call([str(exe), url, *args], env=env)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # --- entry point -----------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="enrich-dagster", description=__doc__.splitlines()[0])
+    p = Parser(prog="enrich-dagster", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command")
     ui = sub.add_parser("ui", help="start the webserver and daemon (the default)")
     for parser in (p, ui):
@@ -442,6 +450,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@stops_cleanly
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     env = dict(os.environ)

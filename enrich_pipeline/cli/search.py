@@ -10,7 +10,9 @@ import psycopg
 from psycopg_pool import PoolTimeout
 
 from enrich_pipeline.bootstrap import Runtime, open_runtime, open_store
-from enrich_pipeline.pipeline.search import search_captions
+from enrich_pipeline.cli.flags import Parser
+from enrich_pipeline.cli.stopping import stops_cleanly
+from enrich_pipeline.pipeline.search import reembed_non_finite, search_captions
 from enrich_pipeline.providers.base import ProviderError
 from enrich_pipeline.settings import ConfigError, Settings
 
@@ -25,6 +27,10 @@ def check_args(args: argparse.Namespace) -> None:
     if not 1 <= args.top_k <= MAX_TOP_K:
         raise ConfigError(f"--top-k: must be between 1 and {MAX_TOP_K}, got {args.top_k}")
     if args.create_ann_index:
+        return
+    if args.reembed:
+        if args.query:
+            raise ConfigError("--reembed takes no search text (only --user-id, or every user)")
         return
     if not args.query or not args.query.strip() or not args.user_id:
         raise ConfigError("a search needs the text and --user-id")
@@ -43,13 +49,19 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="enrich-search", description=__doc__.splitlines()[0])
+    p = Parser(prog="enrich-search", description=__doc__.splitlines()[0])
     p.add_argument("query", nargs="?", help="text to look for")
     p.add_argument("--user-id")
     p.add_argument(
         "--create-ann-index",
         action="store_true",
         help="AnalyticDB: create the FastANN index on the caption embeddings, and exit",
+    )
+    p.add_argument(
+        "--reembed",
+        action="store_true",
+        help="embed again the captions whose stored vector holds NaN or an infinity (an older "
+        "version's; search skips them), of --user-id or every user, and exit",
     )
     p.add_argument("--color", action="append", default=[], help="dominant color (repeatable)")
     p.add_argument("--tag", action="append", default=[], help="style or object tag (repeatable)")
@@ -59,6 +71,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@stops_cleanly
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     runtime: Runtime | None = None
@@ -74,6 +87,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"created FastANN index {name}")
             return 0
         runtime = open_runtime(settings, seed=False)
+        if args.reembed:
+            if runtime.provider.offline:  # synthetic vectors, stored as the real model's
+                raise ConfigError("--reembed needs the embedding model: not offline")
+            api = settings.dashscope
+            done = reembed_non_finite(
+                runtime.store,
+                runtime.provider,
+                args.user_id,
+                model=api.embedding_model,
+                dimensions=api.embedding_dimensions,
+            )
+            left = [
+                f"{done.no_caption} left: their item has no caption" if done.no_caption else "",
+                f"{done.refused} left: the new vector was unusable too" if done.refused else "",
+            ]
+            print(
+                "; ".join(
+                    [f"re-embedded {done.replaced} stored vector(s) that held NaN or an infinity"]
+                    + [text for text in left if text]
+                )
+            )
+            return 0
         hits = search_captions(
             runtime.store,
             runtime.provider,

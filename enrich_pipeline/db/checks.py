@@ -8,6 +8,7 @@ from psycopg import sql
 
 from enrich_pipeline.db.database import Database
 from enrich_pipeline.db.pending import pending_rows, unclaimed
+from enrich_pipeline.db.search import non_finite
 
 
 class PartitionFigures:
@@ -41,10 +42,9 @@ class PartitionFigures:
         embed_sql = sql.SQL(
             "SELECT user_id, count(*), count(*) FILTER (WHERE array_length(embedding, 1)"
             " IS DISTINCT FROM %(dims)s OR dimensions <> %(dims)s),"
-            " count(*) FILTER (WHERE EXISTS (SELECT 1 FROM unnest(embedding) AS x"
-            " WHERE x IN ('NaN'::real, 'Infinity'::real, '-Infinity'::real))) FROM {e}"
+            " count(*) FILTER (WHERE {non_finite}) FROM {e}"
             " WHERE source_table = %(src)s AND user_id = ANY(%(users)s::text[]) GROUP BY user_id"
-        ).format(e=self.db.t("enrich_embeddings"))
+        ).format(e=self.db.t("enrich_embeddings"), non_finite=non_finite("embedding"))
         failed_sql = sql.SQL(
             "SELECT user_id, count(*) FROM {f} WHERE source_table = %(src)s"
             " AND user_id = ANY(%(users)s::text[]) GROUP BY user_id"

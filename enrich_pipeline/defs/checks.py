@@ -6,6 +6,7 @@ sensor's shared runs of small users) records one evaluation per partition itself
 would otherwise record a single evaluation with no partition.
 """
 
+import shlex
 from collections.abc import Callable
 from typing import Any
 
@@ -106,7 +107,11 @@ def embedding_dimensions(
             not_finite = figures["embeddings_not_finite"]
             problems = [
                 f"{wrong} embedding(s) without {dims} dimensions" if wrong else "",
-                f"{not_finite} embedding(s) with NaN or infinite values" if not_finite else "",
+                f"{not_finite} embedding(s) with NaN or infinite values, skipped by search: "
+                f"`enrich-search --reembed --user-id {shlex.quote(key_to_user(key))}` embeds "
+                "their captions again"
+                if not_finite
+                else "",
             ]
             out[key] = (
                 wrong == 0 and not_finite == 0,

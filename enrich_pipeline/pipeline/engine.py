@@ -96,11 +96,13 @@ class Engine:
                 break
             try:
                 got = self.enrich_user(user, limit=budget, worker=worker, on_outcome=on_outcome)
-            except FatalProviderError as stop:
-                # What the run did before it stopped travels with the stop (the report).
-                if isinstance(stop.stats, RunStats):
-                    stats.merge(stop.stats)
-                stop.stats = stats
+            except (FatalProviderError, KeyboardInterrupt) as stop:
+                # What the run did before it stopped travels with the stop (the report); a
+                # signal's KeyboardInterrupt carries it the same way.
+                done = getattr(stop, "stats", None)
+                if isinstance(done, RunStats):
+                    stats.merge(done)
+                stop.stats = stats  # type: ignore[union-attr]
                 raise
             stats.merge(got)
             if budget is not None:
@@ -151,12 +153,16 @@ class _Stream:
         # Embedding and writing a chunk is mostly waiting too; a few at once keep up with C.
         post = ThreadPoolExecutor(4, thread_name_prefix="enrich-write")
         post_futures: list[Future[None]] = []
+        # The ids being claimed: a stop signal between the claim's commit and the chunk's entry
+        # in ``_unwritten`` would otherwise leave them claimed for the whole lease.
+        claiming: Sequence[str] = ()
         try:
             for n, chunk_ids in enumerate(stages.chunked(ids, run.batch_size)):
                 with self._cond:
                     self._cond.wait_for(lambda: self._in_flight < window or self.fatal)
                     if self.fatal:
                         break
+                claiming = chunk_ids
                 chunk = stages.claim_chunk(
                     self.engine.store,
                     self.user_id,
@@ -170,6 +176,7 @@ class _Stream:
                     self._unwritten[n] = chunk
                     self._remaining[n] = len(chunk.items)
                     self._in_flight += len(chunk.items)
+                claiming = ()
                 if not chunk.items:
                     post_futures.append(post.submit(self._finish, n))
                 for work in chunk.items:
@@ -177,12 +184,19 @@ class _Stream:
             items.shutdown(wait=True)
             for future in list(post_futures):
                 future.result()
+        except KeyboardInterrupt as stop:
+            # Ctrl-C or a stop signal (cli/stopping.py): the calls in flight finish below (their
+            # captions are cached), the chunks they complete are written, the rest released.
+            stop.stats = self.stats  # type: ignore[attr-defined]
+            raise
         finally:
             items.shutdown(wait=True, cancel_futures=True)
             post.shutdown(wait=True)
-            if self._unwritten:
-                every = [w.item.id for c in self._unwritten.values() for w in c.items]
-                self.engine.store.items.release(self.user_id, every, worker=self.worker)
+            every = [w.item.id for c in self._unwritten.values() for w in c.items]
+            if every or claiming:
+                self.engine.store.items.release(
+                    self.user_id, [*every, *claiming], worker=self.worker
+                )
         if self.fatal:
             self.fatal.stats = self.stats
             raise self.fatal

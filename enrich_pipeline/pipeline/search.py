@@ -72,3 +72,38 @@ def search_captions(
         )
         for item_id, score, md in rows
     ]
+
+
+@dataclass(frozen=True)
+class Reembedded:
+    """What ``reembed_non_finite`` did."""
+
+    replaced: int = 0
+    no_caption: int = 0  # a vector whose item has no caption (or is gone): nothing to embed
+    refused: int = 0  # the model answered a vector that is not usable either
+
+
+# Ten texts per request, as the pipeline embeds captions (text-embedding-v4's batch limit).
+REEMBED_BATCH = 10
+
+
+def reembed_non_finite(
+    store: Store, provider: Provider, user_id: str | None, *, model: str, dimensions: int
+) -> Reembedded:
+    """Embed again the captions whose stored vector holds NaN or an infinity (an older
+    version's): search skips such vectors and the ``embedding_dimensions`` check counts them."""
+    replaced = no_caption = refused = 0
+    after = ""
+    while rows := store.search.non_finite_vectors(user_id, after=after, limit=REEMBED_BATCH):
+        after = rows[-1][0]
+        texts = [(item_id, caption) for item_id, _, caption in rows if caption and caption.strip()]
+        no_caption += len(rows) - len(texts)
+        vectors = provider.embed([caption for _, caption in texts]) if texts else []
+        good = [
+            (item_id, vector)
+            for (item_id, _), vector in zip(texts, vectors, strict=True)
+            if usable_vector(vector, dimensions)
+        ]
+        refused += len(texts) - len(good)
+        replaced += store.search.replace_non_finite(good, model)
+    return Reembedded(replaced, no_caption, refused)
