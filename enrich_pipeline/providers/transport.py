@@ -226,13 +226,14 @@ class _Bounds:
                 del response.headers[name]
 
 
-def http_client(timeout: float, max_answer_bytes: int) -> Any:
+def http_client(timeout: float, max_answer_bytes: int, **options: Any) -> Any:
     """The SDK's default HTTP client (same limits, redirects), whose answers are read under the
-    size cap and, for model calls, their total deadline."""
+    size cap and, for model calls, their total deadline; ``options`` go to the client."""
     bounds = _Bounds(max_answer_bytes)
     return openai.DefaultHttpxClient(
         timeout=timeout,
         event_hooks={"request": [bounds.on_request], "response": [bounds.on_response]},
+        **options,
     )
 
 
