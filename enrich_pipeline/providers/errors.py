@@ -428,7 +428,10 @@ def classify(
         # The first answers of an endpoint are its probe: a web page (HTML 200), a JSON of
         # another shape, is another server at DASHSCOPE_BASE_URL, and retrying it 18 times
         # and saying "run again later" hides a mistyped setting. Once the endpoint answered
-        # properly, the same answer is a gateway's hiccup (below).
+        # properly, the same answer is a gateway's hiccup (below). No request is made ahead
+        # of the first call: DashScope documents a model list only on its native API
+        # (GET /api/v1/models, https://www.alibabacloud.com/help/en/model-studio/list-models),
+        # none in compatible mode, and an answer no model gave is not billed.
         return _stop(WRONG_URL, clean_message(exc, 240), ctx)
     if isinstance(exc, openai.APIStatusError):
         codes, message = _error_fields(exc)
