@@ -18,6 +18,7 @@ from enrich_pipeline.providers.base import Backoff, ProviderError, with_retries
 from enrich_pipeline.providers.dashscope import openai_client
 from enrich_pipeline.providers.errors import classify
 from enrich_pipeline.providers.regions import BEIJING, SINGAPORE, region_of
+from enrich_pipeline.providers.transport import bounded_lines
 from enrich_pipeline.providers.wire import CHAT_ENDPOINT
 from enrich_pipeline.settings import ConfigError, DashScopeSettings
 
@@ -223,12 +224,21 @@ class BatchApi:
         except openai.APIStatusError as exc:
             raise classify(exc) from exc
 
-    def content(self, file_id: str) -> str:
+    def content(self, file_id: str, *, max_lines: int) -> str:
+        """A result file's text: streamed, at most ``max_lines`` lines (one per request of the
+        batch), each line at most ``DASHSCOPE_MAX_ANSWER_BYTES`` (a longer one is skipped: its
+        row is left without an answer, as if the provider had not sent one)."""
+
         def fetch() -> str:
-            response = self._client.files.content(
+            with self._client.files.with_streaming_response.content(
                 file_id, timeout=max(self.settings.timeout, UPLOAD_TIMEOUT)
-            )
-            return response.content.decode("utf-8", errors="replace")
+            ) as response:
+                lines = bounded_lines(
+                    response.iter_bytes(),
+                    max_line_bytes=self.settings.max_answer_bytes,
+                    max_lines=max_lines,
+                )
+            return "\n".join(lines)
 
         try:
             return self._call(fetch)

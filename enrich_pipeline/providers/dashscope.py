@@ -8,15 +8,15 @@ SDK's own retries are switched off so that the policy here is the only one.
 
 The total deadline: the SDK's ``timeout`` bounds each read, so a server that answers one byte a
 second keeps a call open forever. Each call runs under a watchdog that gives up after
-``DASHSCOPE_TIMEOUT`` seconds in all (a transient ``timeout``), and the HTTP client's response
-hook ends the abandoned response at the first byte past that deadline, dropping its connection.
+``DASHSCOPE_TIMEOUT`` seconds in all (a transient ``timeout``), and the HTTP client ends the
+abandoned response at the first piece past that deadline, dropping its connection; answers are
+also read within ``DASHSCOPE_MAX_ANSWER_BYTES`` (``transport``).
 """
 
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import openai
@@ -37,62 +37,12 @@ from enrich_pipeline.providers.errors import CallContext, classify
 from enrich_pipeline.providers.health import Governor, StopLatch
 from enrich_pipeline.providers.quota import RateBudget, SharedRateLimiter, pacer
 from enrich_pipeline.providers.ratelimit import RateLimiter
+from enrich_pipeline.providers.transport import ForeignAnswer, http_client
 from enrich_pipeline.providers.wire import caption_request_body, empty_caption
 from enrich_pipeline.redaction import HTTP_LOGGERS, hide_in_logs
 from enrich_pipeline.settings import DashScopeSettings
 
-try:  # the HTTP library of the installed openai SDK (httpx2 from openai 3, httpx before)
-    import httpx2 as _http
-except ImportError:  # pragma: no cover - older SDKs
-    import httpx as _http  # type: ignore[no-redef]
-
 MAX_EMBEDDING_BATCH = 10  # DashScope rejects more inputs per embeddings request
-_DEADLINE = "enrich_pipeline.deadline"
-
-
-class _DeadlineStream(_http.SyncByteStream):
-    """A response body that ends with a read timeout at the first chunk past the deadline."""
-
-    def __init__(self, inner: Any, deadline: float, request: Any) -> None:
-        self._inner = inner
-        self._deadline = deadline
-        self._request = request
-
-    def __iter__(self) -> Iterator[bytes]:
-        for chunk in self._inner:
-            yield chunk
-            if time.monotonic() > self._deadline:
-                raise _http.ReadTimeout(
-                    "the answer took longer than the call's total deadline", request=self._request
-                )
-
-    def close(self) -> None:
-        self._inner.close()
-
-
-# Only model calls get a total deadline; file uploads and downloads of the Batch API keep the
-# per-read timeout (a 500 MB upload may rightly take longer than any one model call).
-_MODEL_PATHS = ("/chat/completions", "/embeddings")
-
-
-def _start_deadline(request: Any) -> None:
-    total = (request.extensions.get("timeout") or {}).get("read")
-    if total and request.url.path.endswith(_MODEL_PATHS):
-        request.extensions[_DEADLINE] = time.monotonic() + float(total)
-
-
-def _bound_body(response: Any) -> None:
-    deadline = response.request.extensions.get(_DEADLINE)
-    if deadline is not None:
-        response.stream = _DeadlineStream(response.stream, deadline, response.request)
-
-
-def http_client(timeout: float) -> Any:
-    """The SDK's default HTTP client (same limits, redirects), whose responses end at their
-    total deadline: the request's read timeout, counted from when it was sent."""
-    return openai.DefaultHttpxClient(
-        timeout=timeout, event_hooks={"request": [_start_deadline], "response": [_bound_body]}
-    )
 
 
 def openai_client(settings: DashScopeSettings, **options: Any) -> openai.OpenAI:
@@ -101,7 +51,7 @@ def openai_client(settings: DashScopeSettings, **options: Any) -> openai.OpenAI:
     Every client is made here, so the key and the base URL's credentials are hidden in the
     HTTP client's log lines (which show request URLs) before its first request."""
     hide_in_logs(settings.secrets(), HTTP_LOGGERS)
-    options.setdefault("http_client", http_client(settings.timeout))
+    options.setdefault("http_client", http_client(settings.timeout, settings.max_answer_bytes))
     return openai.OpenAI(
         api_key=settings.api_key.get_secret_value(),
         base_url=settings.base_url,
@@ -186,7 +136,7 @@ class DashScopeProvider:
     def _within_deadline(self, fn: Callable[[], Any]) -> Any:
         """``fn()`` under a watchdog: a transient timeout after ``DASHSCOPE_TIMEOUT`` seconds in
         all, however the server dribbles its answer. The abandoned call ends by itself at the
-        first byte past its deadline (``_DeadlineStream``) and its result is dropped."""
+        first piece past its deadline (``transport``) and its result is dropped."""
         box: dict[str, Any] = {}
         done = threading.Event()
 
@@ -230,7 +180,7 @@ class DashScopeProvider:
                 try:
                     result = self._within_deadline(fn)
                 except Exception as exc:  # noqa: BLE001 - every SDK failure is classified here
-                    error = classify(exc, ctx)
+                    error = classify(exc, ctx, endpoint_proven=governor.answered)
                     error.kind = kind
                     self.usage.add(**{f"failed_{kind}_calls": 1})
                     if isinstance(error, FatalProviderError):
@@ -262,7 +212,7 @@ class DashScopeProvider:
                 **caption_request_body(self.settings, image.data_url)
             )
             if not isinstance(getattr(response, "choices", None), list):
-                raise ValueError("the response has no choices")
+                raise ForeignAnswer("HTTP 200: the answer has no choices, not a chat completion")
             usage = response.usage
             # Tokens are billed whatever the answer; the call counts as answered only with a
             # caption (an empty one is a failed call, counted as such by ``_call``).
@@ -298,6 +248,8 @@ class DashScopeProvider:
             dimensions=self.settings.embedding_dimensions,
             encoding_format="float",
         )
+        if not isinstance(getattr(response, "data", None), list):
+            raise ForeignAnswer("HTTP 200: the answer has no data, not an embeddings list")
         data = sorted(response.data, key=lambda d: d.index)
         if len(data) != len(batch):
             raise ValueError(f"asked for {len(batch)} embeddings, got {len(data)}")

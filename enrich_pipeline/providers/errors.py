@@ -19,6 +19,11 @@ Sources, cited per row below (the bodies the stand-in serves come from the same 
   https://docs.qwencloud.com/api-reference/preparation/error-messages): codes, messages, causes
 - [S] https://help.aliyun.com/en/model-studio/error-code-start: status -> code summary
 - [R] https://www.alibabacloud.com/help/en/model-studio/rate-limit: which 429 message is which
+- [H] RFC 9110 (HTTP semantics), https://www.rfc-editor.org/rfc/rfc9110
+
+Answers that are not the API's at all are judged here too: one over ``DASHSCOPE_MAX_ANSWER_BYTES``
+(``transport.AnswerTooLarge``) and one that is not JSON of the API's shape
+(``transport.ForeignAnswer``); see ``classify``.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from enrich_pipeline.providers.base import (
     FatalProviderError,
     ProviderError,
 )
+from enrich_pipeline.providers.transport import AnswerTooLarge, ForeignAnswer
 from enrich_pipeline.redaction import redact_source
 
 # Verdicts. The first six stop the run; the rest are per call.
@@ -120,8 +126,12 @@ TABLE: tuple[Rule, ...] = (
     _rule(MODEL_MISSING, None, ("ModelNotFound", "model_not_found", "model_not_supported")),
     # [E] also lists "Model not exist." under 400 InvalidParameter.
     _rule(MODEL_MISSING, (400, 404), message=r"model (not exist|can ?not be found|.*not exist)"),
-    # Any other 404/405: the path does not exist, i.e. DASHSCOPE_BASE_URL is mistyped.
-    _rule(WRONG_URL, (404, 405)),
+    # Any other 404/405: the path does not exist, i.e. DASHSCOPE_BASE_URL is mistyped. 501 Not
+    # Implemented: "the server does not support the functionality required to fulfill the
+    # request ... the appropriate response when the server does not recognize the request
+    # method and is not capable of supporting it for any resource" [H] 15.6.2; DashScope lists
+    # no 501 [E], so it is another server (a web server that takes no POST) at that URL.
+    _rule(WRONG_URL, (404, 405, 501)),
     # 400 InternalError.Algo.InvalidParameter "The provided messages input is invalid. The error
     # info is [Unexpected item type in content]" / "input content must be a string": an image sent
     # to a text-only model [E].
@@ -391,11 +401,38 @@ def _cause(exc: BaseException) -> str:
     return clean_message(text, 200)
 
 
-def classify(exc: BaseException, ctx: CallContext = VISION) -> ProviderError:
-    """Map an SDK exception to the pipeline's error classes (the retry policy in one table)."""
+def classify(
+    exc: BaseException, ctx: CallContext = VISION, *, endpoint_proven: bool = True
+) -> ProviderError:
+    """Map an SDK exception to the pipeline's error classes (the retry policy in one table).
+
+    ``endpoint_proven``: whether the called endpoint ever answered properly (the online
+    provider's ``Governor.answered``); until it has, an answer that is not the API's stops the
+    run naming ``DASHSCOPE_BASE_URL``."""
     if isinstance(exc, ProviderError):
         return exc
     kind = ctx.kind
+    if isinstance(exc, AnswerTooLarge):
+        # No legitimate answer comes near the cap (see DASHSCOPE_MAX_ANSWER_BYTES): the
+        # provider's fault, a service error like an unreadable answer. It is one row's only
+        # while the provider answers the other rows (``stages.settle_blame``), and answers
+        # too large on call after call stop the run (``health.Governor``).
+        return ProviderError(
+            "answer_too_large",
+            f"DashScope's answer was too large: {clean_message(exc, 200)}",
+            permanent=False,
+            scope=SCOPE_SERVICE,
+            kind=kind,
+        )
+    if isinstance(exc, ForeignAnswer) and not endpoint_proven:
+        # The first answers of an endpoint are its probe: a web page (HTML 200), a JSON of
+        # another shape, is another server at DASHSCOPE_BASE_URL, and retrying it 18 times
+        # and saying "run again later" hides a mistyped setting. Once the endpoint answered
+        # properly, the same answer is a gateway's hiccup (below). No request is made ahead
+        # of the first call: DashScope documents a model list only on its native API
+        # (GET /api/v1/models, https://www.alibabacloud.com/help/en/model-studio/list-models),
+        # none in compatible mode, and an answer no model gave is not billed.
+        return _stop(WRONG_URL, clean_message(exc, 240), ctx)
     if isinstance(exc, openai.APIStatusError):
         codes, message = _error_fields(exc)
         return classify_answer(exc.status_code, codes, message, ctx)

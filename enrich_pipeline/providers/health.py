@@ -51,6 +51,7 @@ _WHAT = {
     "server_error": "failing",
     "malformed_response": "answering unreadably",
     "empty_caption": "answering without captions",
+    "answer_too_large": "sending answers over DASHSCOPE_MAX_ANSWER_BYTES",
 }
 
 
@@ -126,6 +127,9 @@ class Governor:
         self.lowest_limit = MAX_IN_FLIGHT  # how far the run slowed down (for tests and logs)
         self.pauses = 0
         self.in_flight = 0
+        # Whether this model's endpoint ever answered a call properly: until it has, an answer
+        # that is not the API's means the base URL is wrong (``errors.classify``).
+        self.answered = False
         self._cond = threading.Condition()
         stop.watch(self._cond)
         self._pause_until = 0.0
@@ -174,6 +178,7 @@ class Governor:
 
     def attempt_ok(self) -> None:
         with self._cond:
+            self.answered = True
             self._streak = 0
             self._failing_since = None
             if self.limit < MAX_IN_FLIGHT:

@@ -95,6 +95,18 @@ class DashScopeSettings(SettingsModel):
         le=2048,
     )
     max_caption_tokens: int = Field(200, description="max_tokens of a caption call", ge=16, le=8192)
+    # The largest legitimate answers: an embeddings batch of 10 vectors (DashScope's batch cap)
+    # of 2,048 dimensions as JSON floats of up to ~24 bytes is about 0.5 MB; a caption of
+    # 8,192 tokens (the max_tokens cap) is under 0.8 MB even with every character \u-escaped.
+    # 4 MiB leaves five times that, and bounds what each call in flight can hold.
+    max_answer_bytes: int = Field(
+        4 * 1024 * 1024,
+        description="largest answer read from the provider, in bytes, as sent and as inflated "
+        "(a Batch API result file: per line)",
+        validation_alias="DASHSCOPE_MAX_ANSWER_BYTES",
+        ge=64 * 1024,
+        le=1024**3,
+    )
     # Client-side limits so that a run at high concurrency stays under the provider's quota
     # instead of living on 429 retries. DashScope's qwen-vl defaults: about 1,200 requests and
     # 1,000,000 tokens a minute per account and model, also enforced per second (RPM/60,

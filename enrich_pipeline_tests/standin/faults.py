@@ -8,7 +8,8 @@ truncated JSON body).
 Hostile-provider modes are not DashScope behaviour but what any provider can do to a client:
 ``trickle`` (a 200 sent one byte per ``trickle_interval`` seconds), ``nan_embedding`` /
 ``inf_embedding`` / ``short_embedding``, and captions with NUL, a lone surrogate, 200,000
-characters, only invisible characters, or control characters.
+characters, only invisible characters, or control characters; answers too large to hold and
+another server's answers (``foreign``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import threading
 from dataclasses import dataclass
 
 from enrich_pipeline_tests.standin.errors import ERRORS
+from enrich_pipeline_tests.standin.foreign import FOREIGN_FAULTS, SIZE_FAULTS
 
 # "batch": faults for batch lines only ("any" never reaches them; rules by color or text do).
 ENDPOINTS = ("chat", "embeddings", "batch", "any")
@@ -35,6 +37,8 @@ CAPTION_FAULTS = frozenset(
 EMBEDDING_FAULTS = frozenset({"nan_embedding", "inf_embedding", "short_embedding"})
 FAULTS = frozenset(
     {*ERRORS, "timeout", "reset", "malformed", "trickle", *CAPTION_FAULTS, *EMBEDDING_FAULTS}
+    | SIZE_FAULTS  # gzip_bomb, huge_answer
+    | FOREIGN_FAULTS  # not_implemented, not_allowed, html_page, foreign_json
 )
 HUGE_CAPTION_CHARS = 200_000
 

@@ -27,6 +27,7 @@ from enrich_pipeline_tests.standin import limits
 from enrich_pipeline_tests.standin.answers import Parsed, dumps, parse_chat, parse_embeddings
 from enrich_pipeline_tests.standin.errors import ERRORS, Reply, error_body
 from enrich_pipeline_tests.standin.faults import CAPTION_FAULTS, EMBEDDING_FAULTS, FaultPlan
+from enrich_pipeline_tests.standin.foreign import FOREIGN_FAULTS, SIZE_FAULTS, foreign_reply
 from enrich_pipeline_tests.standin.tokens import max_output, requested_output
 
 
@@ -130,6 +131,8 @@ class OnlineAPI:
                 return await self._reset(request)
             elif fault == "malformed":
                 return Response('{"id": "chatcmpl-', 200, headers, "application/json")
+            elif fault in SIZE_FAULTS or fault in FOREIGN_FAULTS:
+                return foreign_reply(fault, headers)
             elif fault in ERRORS:
                 reply = Reply(fault, fault=fault, model=entry["model"])
                 if injected and injected.retry_after is not None:

@@ -137,11 +137,17 @@ def _collect(
         return CollectResult(store.batches.get(record.local_id) or record, released=released)
 
     api = api or BatchClients(settings).get(record.base_url)
-    texts = [api.content(f) for f in (record.output_file_id, record.error_file_id) if f]
+    batch_items = store.batches.items(record.local_id)
+    # A legitimate result file has a line per request at most: nothing past that is read.
+    texts = [
+        api.content(f, max_lines=len(batch_items))
+        for f in (record.output_file_id, record.error_file_id)
+        if f
+    ]
     shown = redact_source(record.base_url)  # rows stored before credentials were kept out
     results = parse_results(texts, f"{shown.rstrip('/')}/chat/completions")
     held = set(store.batches.held_ids(record.local_id))
-    todo = [i for i in store.batches.items(record.local_id) if i.item_id in held]
+    todo = [i for i in batch_items if i.item_id in held]
     out = CollectResult(record)
     for line in results.values():
         out.prompt_tokens += line.prompt_tokens
