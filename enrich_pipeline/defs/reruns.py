@@ -16,9 +16,10 @@ history) and, for each user such a run covered that is still pending:
   a rejected key, arrears, a model the account may not use, a mistyped base URL; anything but
   ``provider_unavailable``) holds every request, for every user, while the DashScope settings
   are those it ran with (a digest, ``enrich/settings``: the key is never stored). A change of
-  any ``DASHSCOPE_*`` setting (after the code location is reloaded) lifts the hold; so does a
+  any ``DASHSCOPE_*`` setting (the code location restarted with it) lifts the hold; so does a
   run that a person started after the stop (a materialization or ``enrich-dagster backfill``)
-  and that succeeded; deleting the sensor's cursor lifts everything.
+  and that succeeded; deleting the sensor's cursor (``dagster sensor cursor
+  pending_rows_sensor --delete``) forgets every hold and back-off.
 
 A run Dagster has failed or canceled whose process is known to be gone (the launcher's own
 health check: a pid of this host that no longer exists, or a heartbeat older than
@@ -116,7 +117,8 @@ class Hold:
         return (
             f"requests held since run {self.run_id[:8]} stopped with {self.code}: fix it "
             "(DASHSCOPE_API_KEY, the account's billing, the model, DASHSCOPE_BASE_URL) and "
-            "reload the code location, or materialize a user to try again"
+            "restart the code location with the new setting, or materialize a user (a run "
+            "started after the stop that succeeds lifts the hold)"
         )
 
 

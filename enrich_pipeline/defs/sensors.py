@@ -6,14 +6,22 @@ queued or running run (of any job: the sensor's, a materialization or backfill f
 the command line) or a backfill still launching runs holds that user. Held users stay out of
 the cursor, so they are requested as soon as they are free.
 
+A run that ends without finishing its rows (failed, canceled, killed, stopped by the provider,
+or a success that gave them back) changes no pending set: the runs that finished since the last
+tick make their users due again after a back-off, a stop that needs a person holds every
+request until the DashScope settings change, and dead runs' claims are given back
+(``reruns.py``).
+
 How many runs, and of what:
 
 - At most ``ENRICH_SENSOR_MAX_RUNS`` runs a tick (default: twice ``ENRICH_MAX_CONCURRENT_RUNS``
   less the runs already queued or running), so the queue holds what can start soon, not ten
   thousand runs; users left over are requested by later ticks.
 - When every changed user fits in that budget, each gets a run of its own (partition key
-  ``<user>``, run key ``<partition>|<count>-<newest updated_at>-<attempts>``: new rows make a new
-  key, since Dagster remembers run keys forever, while an unchanged set never runs twice).
+  ``<user>``, run key ``<partition>|<count>-<newest updated_at>-<attempts>|<generation>``: the
+  cursor's record of requested pending sets keeps an unchanged set from running twice, and the
+  generation, one more each tick that requests runs, keeps a set that comes back (rows a dead
+  run held) from a key Dagster already saw: it drops such a request, remembering keys forever).
 - When there are more, users with fewer than ``ENRICH_BUNDLE_ROWS`` (2,000) pending rows share
   a run: a run over a range of consecutive user partitions (at most ``ENRICH_BUNDLE_USERS``,
   1,000, and about ``ENRICH_BUNDLE_ROWS`` rows), which still records one materialization per
@@ -31,7 +39,8 @@ process (``ENRICH_SHARED_QUOTA``) the runs use it; otherwise each of the runs at
 equal share of ``DASHSCOPE_RPM``.
 
 The cursor remembers, for every user still pending, a 6-byte digest of (partition, fingerprint)
-that was requested: about 80 KB for 10,000 users instead of a JSON map several times that.
+that was requested: about 80 KB for 10,000 users instead of a JSON map several times that; and
+11 bytes for each user waiting after an unfinished run (``reruns.py``).
 """
 
 from __future__ import annotations
@@ -395,11 +404,12 @@ def pending_rows_sensor(context: SensorEvaluationContext, adbpg: AdbpgResource):
     waiting_budget = len(set(counts) - requested)
     elapsed = (time.perf_counter() - started) * 1000
     context.log.info(
-        f"{len(keys)} user(s) pending, {len(wanted)} to request ({len(due)} again after a run "
-        f"that left their rows, {len(waiting)} waiting): {len(requests)} run(s) for "
+        f"{len(keys)} user(s) pending, {len(wanted)} changed: {len(requests)} run(s) for "
         f"{len(requested)} user(s); {waiting_busy} held by another run, {waiting_budget} left "
-        f"for later ticks (budget {budget}); {reruns.read} finished run(s) read; "
-        f"{elapsed:.0f} ms (database {(queried - started) * 1000:.0f} ms), cursor {len(cursor)} B"
+        f"for later ticks (budget {budget}); {len(due)} requested again after a run that left "
+        f"their rows, {len(waiting)} waiting (ENRICH_RERUN_BACKOFF), {reruns.read} finished "
+        f"run(s) read; {elapsed:.0f} ms (database {(queried - started) * 1000:.0f} ms), "
+        f"cursor {len(cursor)} B"
     )
     if requests:
         skip = None
