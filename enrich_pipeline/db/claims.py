@@ -112,6 +112,20 @@ class ClaimRows:
                 {"src": self.db.source_table, "user": user_id, "worker": worker, "ids": list(ids)},
             )
 
+    @retry_db
+    def release_workers(self, workers: Sequence[str]) -> int:
+        """Give back every claim of these workers, whose processes are known to be dead (a
+        Dagster run failed with its process gone): their rows need not wait for the lease.
+        Returns the claims given back."""
+        if not workers:
+            return 0
+        query = sql.SQL(
+            "DELETE FROM {c} WHERE source_table = %(src)s AND worker = ANY(%(workers)s::text[])"
+        ).format(c=self.db.t("enrich_claims"))
+        with self.db.connection() as conn:
+            cur = conn.execute(query, {"src": self.db.source_table, "workers": list(workers)})
+            return max(cur.rowcount, 0)
+
     def forget_leases(self, worker: str, ids: Iterable[str]) -> None:
         """Stop renewing these claims from this process: a batch's claims are renewed by polling
         (``BatchRows.renew_claims``), not by the process that happened to submit it."""

@@ -6,14 +6,22 @@ queued or running run (of any job: the sensor's, a materialization or backfill f
 the command line) or a backfill still launching runs holds that user. Held users stay out of
 the cursor, so they are requested as soon as they are free.
 
+A run that ends without finishing its rows (failed, canceled, killed, stopped by the provider,
+or a success that gave them back) changes no pending set: the runs that finished since the last
+tick make their users due again after a back-off, a stop that needs a person holds every
+request until the DashScope settings change, and dead runs' claims are given back
+(``reruns.py``).
+
 How many runs, and of what:
 
 - At most ``ENRICH_SENSOR_MAX_RUNS`` runs a tick (default: twice ``ENRICH_MAX_CONCURRENT_RUNS``
   less the runs already queued or running), so the queue holds what can start soon, not ten
   thousand runs; users left over are requested by later ticks.
 - When every changed user fits in that budget, each gets a run of its own (partition key
-  ``<user>``, run key ``<partition>|<count>-<newest updated_at>-<attempts>``: new rows make a new
-  key, since Dagster remembers run keys forever, while an unchanged set never runs twice).
+  ``<user>``, run key ``<partition>|<count>-<newest updated_at>-<attempts>|<generation>``: the
+  cursor's record of requested pending sets keeps an unchanged set from running twice, and the
+  generation, one more each tick that requests runs, keeps a set that comes back (rows a dead
+  run held) from a key Dagster already saw: it drops such a request, remembering keys forever).
 - When there are more, users with fewer than ``ENRICH_BUNDLE_ROWS`` (2,000) pending rows share
   a run: a run over a range of consecutive user partitions (at most ``ENRICH_BUNDLE_USERS``,
   1,000, and about ``ENRICH_BUNDLE_ROWS`` rows), which still records one materialization per
@@ -31,7 +39,8 @@ process (``ENRICH_SHARED_QUOTA``) the runs use it; otherwise each of the runs at
 equal share of ``DASHSCOPE_RPM``.
 
 The cursor remembers, for every user still pending, a 6-byte digest of (partition, fingerprint)
-that was requested: about 80 KB for 10,000 users instead of a JSON map several times that.
+that was requested: about 80 KB for 10,000 users instead of a JSON map several times that; and
+11 bytes for each user waiting after an unfinished run (``reruns.py``).
 """
 
 from __future__ import annotations
@@ -53,9 +62,19 @@ from dagster import (
     sensor,
 )
 
+# Dagster's own clock: what its daemon ticks by, and what its test tools can move.
+from dagster._time import get_current_timestamp
+
 from enrich_pipeline.defs.config import AUTOMATION, dagster_settings
 from enrich_pipeline.defs.jobs import enrich_job
 from enrich_pipeline.defs.partitions import user_to_key, users_partitions
+from enrich_pipeline.defs.reruns import (
+    SETTINGS_TAG,
+    Reruns,
+    dead_runs,
+    settings_fingerprint,
+    stops,
+)
 from enrich_pipeline.defs.resources import AdbpgResource
 from enrich_pipeline.defs.runs import (
     RANGE_END_TAG,
@@ -96,7 +115,7 @@ class Seen:
         if not cursor:
             return cls()
         data = json.loads(cursor)
-        if isinstance(data, dict) and data.get("v") == 2:
+        if isinstance(data, dict) and data.get("v") in (2, 3):
             raw = base64.b64decode(data.get("seen", ""))
             return cls(raw[i : i + DIGEST_BYTES] for i in range(0, len(raw), DIGEST_BYTES))
         if isinstance(data, dict):  # the first cursor format: {partition: fingerprint}
@@ -114,9 +133,12 @@ class Seen:
         wanted = {_digest(*p) for p in pairs}
         return Seen(self.digests & wanted)
 
-    def dumps(self) -> str:
+    def to_json(self) -> dict:
         raw = b"".join(sorted(self.digests))
-        return json.dumps({"v": 2, "seen": base64.b64encode(raw).decode()})
+        return {"v": 3, "seen": base64.b64encode(raw).decode()}
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json())
 
 
 # --- planning ------------------------------------------------------------------------------
@@ -232,22 +254,36 @@ def _run_config(concurrent: int, rpm: int | None) -> dict:
 
 
 def _request(
-    run: Planned, fingerprints: Mapping[str, str], concurrent: int, rpm: int | None
+    run: Planned,
+    fingerprints: Mapping[str, str],
+    concurrent: int,
+    rpm: int | None,
+    *,
+    generation: int,
+    settings: str,
 ) -> RunRequest:
+    """The run's request. Its run key ends with the tick's generation: Dagster drops a request
+    whose key any earlier run had, forever, and a pending set can come back to an earlier
+    fingerprint (rows a dead run held, returned), so no two ticks make the same key, while the
+    same tick evaluated again does."""
     config = _run_config(concurrent, rpm)
+    tags = {SETTINGS_TAG: settings}
     if not run.shared:
         (key,) = run.keys
         return RunRequest(
-            partition_key=key, run_key=f"{key}|{fingerprints[key]}", run_config=config
+            partition_key=key,
+            run_key=f"{key}|{fingerprints[key]}|{generation}",
+            run_config=config,
+            tags=tags,
         )
     digest = hashlib.blake2b(digest_size=8)
     for key in run.keys:
         digest.update(f"{key}\x00{fingerprints.get(key, '-')}\x01".encode())
     first, last = run.keys[0], run.keys[-1]
     return RunRequest(
-        run_key=f"users|{first}|{last}|{digest.hexdigest()}",
+        run_key=f"users|{first}|{last}|{digest.hexdigest()}|{generation}",
         run_config=config,
-        tags={RANGE_START_TAG: first, RANGE_END_TAG: last},
+        tags={**tags, RANGE_START_TAG: first, RANGE_END_TAG: last},
     )
 
 
@@ -257,13 +293,19 @@ def _request(
     default_status=DefaultSensorStatus.RUNNING,
     description=(
         "Every ENRICH_SENSOR_INTERVAL seconds: adds a partition for each user with caption-less "
-        "rows and requests runs for users whose pending rows changed (one run per user, or "
-        "shared runs of small users when there are more users than the queue can start), "
-        "never for a user a queued or running run or an open backfill already holds."
+        "rows and requests runs for users whose pending rows changed, or whose last run ended "
+        "without finishing them (after a back-off; held while a run's stop needs a person), "
+        "one run per user or shared runs of small users when there are more users than the "
+        "queue can start, never for a user a queued or running run or an open backfill holds."
     ),
 )
 def pending_rows_sensor(context: SensorEvaluationContext, adbpg: AdbpgResource):
     started = time.perf_counter()
+    # Dagster's clock (what its sensors and tests use), in epoch seconds.
+    now = get_current_timestamp()
+    instance = context.instance
+    seen = Seen.parse(context.cursor)
+    reruns = Reruns.parse(context.cursor)
     try:
         # The runs it requests use the same ENRICH_MAX_ATTEMPTS (their config default), so the
         # sensor and its runs agree on which rows are given up.
@@ -272,31 +314,60 @@ def pending_rows_sensor(context: SensorEvaluationContext, adbpg: AdbpgResource):
         api = DashScopeSettings.from_env()
         layer = dagster_settings()
         store = adbpg.store
+        settings = settings_fingerprint(api)
+        finished = reruns.finished_runs(instance, now)
+        # Before the pending rows are read, so that a dead run's rows count as pending.
+        released = store.items.release_workers(dead_runs(finished, layer.heartbeat_timeout))
         fingerprints = store.items.pending_fingerprints(max_attempts)
         shared = _quota_is_shared(api, embedded=store.settings.embedded)
     except (psycopg.Error, ConfigError) as exc:
         # A database that is down is a reason to skip, not a crash: the next tick tries again.
         return retry_later("database unreachable", exc)
-    if not fingerprints:
-        return SkipReason("no pending rows")
-
-    seen = Seen.parse(context.cursor)
-    keys = {user_to_key(u): fp for u, fp in fingerprints.items()}
-    changed = {k: fp for k, fp in keys.items() if (k, fp) not in seen}
-    if not changed:
-        return SkipReason("pending rows unchanged since the last requested runs")
 
     queried = time.perf_counter()
-    instance = context.instance
+    keys = {user_to_key(u): fp for u, fp in fingerprints.items()}
     order = PartitionOrder.of(instance)
     new_keys = sorted(k for k in keys if k not in order.index)
     order = PartitionOrder(order.keys + new_keys)
+    unchanged = {k for k, fp in keys.items() if (k, fp) in seen}
+    reruns.record(finished, order, unchanged, stops(instance, finished), settings, automation)
+    reruns.kept(keys)
+    if released:
+        context.log.info(f"{released} claim(s) of failed runs whose process is gone given back")
+
+    def skipped(reason: str) -> SensorResult:
+        return SensorResult(
+            cursor=_cursor(seen.kept(keys.items()), reruns), skip_reason=SkipReason(reason)
+        )
+
+    if not keys:
+        return skipped("no pending rows")
+    # New users' partitions are added here, in one statement, before their runs are
+    # requested: returned as a dynamic-partitions request instead, Dagster's daemon checks and
+    # adds them one key at a time (10,000 keys took it 90 s before it launched a run).
+    if new_keys:
+        instance.add_dynamic_partitions(users_partitions.name, new_keys)
+    hold = reruns.held(settings)
+    if hold is not None:
+        return skipped(hold.describe())
+    due = reruns.due(keys, now)
+    waiting = reruns.backing_off(keys, now)
+    wanted = ({k for k in keys if k not in unchanged} - waiting) | due
+    if not wanted:
+        if waiting:
+            soonest = min(r.due for k in waiting if (r := reruns.waiting(k)))
+            return skipped(
+                f"{len(waiting)} user(s) whose last run left their rows pending wait "
+                f"(ENRICH_RERUN_BACKOFF): the next is due in {max(0, soonest - now):.0f} s"
+            )
+        return skipped("pending rows unchanged since the last requested runs")
+
     runs = runs_in_flight(instance)
     busy = users_in_flight(instance, order, runs=runs)
     active = sum(1 for r in runs if run_keys(r.tags, order))
     budget = layer.runs_per_tick or max(0, 2 * automation.max_concurrent_runs - active)
-    counts = {k: int(fp.split("-", 1)[0]) for k, fp in changed.items() if k not in busy}
-    blocked = set(busy) | (set(keys) - set(changed))
+    counts = {k: int(keys[k].split("-", 1)[0]) for k in wanted if k not in busy}
+    blocked = set(busy) | (set(keys) - wanted)
     planned = plan_runs(
         order.keys,
         counts,
@@ -311,25 +382,34 @@ def pending_rows_sensor(context: SensorEvaluationContext, adbpg: AdbpgResource):
     quota = api.requests_per_minute
     at_once = min(automation.max_concurrent_runs, active + len(planned))
     rpm = quota // at_once if quota and at_once > 1 and not shared else None
-    requests = [_request(p, keys, layer.sensor_concurrent, rpm) for p in planned]
-    requested = {k for p in planned for k in p.keys if k in changed}
-    # New users' partitions are added here, in one statement, before their runs are
-    # requested: returned as a dynamic-partitions request instead, Dagster's daemon checks and
-    # adds them one key at a time (10,000 keys took it 90 s before it launched a run).
-    if new_keys:
-        instance.add_dynamic_partitions(users_partitions.name, new_keys)
+    requests = [
+        _request(
+            p,
+            keys,
+            layer.sensor_concurrent,
+            rpm,
+            generation=reruns.generation,
+            settings=settings,
+        )
+        for p in planned
+    ]
+    requested = {k for p in planned for k in p.keys if k in wanted}
     for key in requested:
         seen.add(key, keys[key])
-    cursor = seen.kept(keys.items()).dumps()
-    waiting_busy = len(set(changed) & set(busy))
+    reruns.requested(requested, now, automation)
+    if requests:
+        reruns.generation += 1
+    cursor = _cursor(seen.kept(keys.items()), reruns)
+    waiting_busy = len(wanted & set(busy))
     waiting_budget = len(set(counts) - requested)
-    now = time.perf_counter()
-    elapsed = (now - started) * 1000
+    elapsed = (time.perf_counter() - started) * 1000
     context.log.info(
-        f"{len(keys)} user(s) pending, {len(changed)} changed: {len(requests)} run(s) for "
+        f"{len(keys)} user(s) pending, {len(wanted)} changed: {len(requests)} run(s) for "
         f"{len(requested)} user(s); {waiting_busy} held by another run, {waiting_budget} left "
-        f"for later ticks (budget {budget}); {elapsed:.0f} ms (database "
-        f"{(queried - started) * 1000:.0f} ms), cursor {len(cursor)} B"
+        f"for later ticks (budget {budget}); {len(due)} requested again after a run that left "
+        f"their rows, {len(waiting)} waiting (ENRICH_RERUN_BACKOFF), {reruns.read} finished "
+        f"run(s) read; {elapsed:.0f} ms (database {(queried - started) * 1000:.0f} ms), "
+        f"cursor {len(cursor)} B"
     )
     if requests:
         skip = None
@@ -338,6 +418,10 @@ def pending_rows_sensor(context: SensorEvaluationContext, adbpg: AdbpgResource):
     else:
         skip = SkipReason(f"the run queue is full ({active} run(s) queued or running)")
     return SensorResult(run_requests=requests, cursor=cursor, skip_reason=skip)
+
+
+def _cursor(seen: Seen, reruns: Reruns) -> str:
+    return json.dumps({**seen.to_json(), **reruns.to_json()})
 
 
 __all__ = ["Seen", "pending_rows_sensor", "plan_runs"]

@@ -45,3 +45,27 @@ class AutomationSettings(SettingsModel):
         ge=1,
         le=100,
     )
+    rerun_backoff: int = Field(
+        60,
+        description=(
+            "seconds the sensor waits before requesting again a user whose run ended without "
+            "finishing its rows (failed, canceled, killed, stopped by the provider); doubled "
+            "after each such run in a row"
+        ),
+        validation_alias="ENRICH_RERUN_BACKOFF",
+        ge=1,
+        le=86_400,
+    )
+    rerun_backoff_max: int = Field(
+        1800,
+        description="longest wait before a user's rows are requested again after such runs",
+        validation_alias="ENRICH_RERUN_BACKOFF_MAX",
+        ge=1,
+        le=7 * 86_400,
+    )
+
+    def rerun_wait(self, unfinished: int) -> int:
+        """Seconds to wait after the ``unfinished``-th run in a row that left a user's rows."""
+        if unfinished <= 0:
+            return 0
+        return min(self.rerun_backoff_max, self.rerun_backoff * 2 ** min(unfinished - 1, 30))

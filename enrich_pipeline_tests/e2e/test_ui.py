@@ -244,6 +244,8 @@ def stack(
         ENRICH_HOME=str(tmp / "enrich_home"),
         # Short leases: rows of a run that is killed come back within seconds.
         ENRICH_LEASE_SECONDS="10",
+        # Short waits before a user whose run left its rows is requested again.
+        ENRICH_RERUN_BACKOFF="2",
         PYTHONUNBUFFERED="1",
     )
     port = _free_port()
