@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -19,6 +19,7 @@ from psycopg import sql
 from enrich_pipeline.db.database import Database, retry_db
 from enrich_pipeline.db.leases import LeaseKeeper
 from enrich_pipeline.enrichment.records import ItemError
+from enrich_pipeline.redaction import one_line, scrub_secrets
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,10 @@ _ROW_DATA_ERRORS = (
 
 
 def _first_line(exc: BaseException) -> str:
+    """The database's own words, first line, without a secret the settings know (a trigger
+    may quote anything, a connection string included)."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return one_line(scrub_secrets(text.splitlines()[0] if text else type(exc).__name__))
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,9 @@ class WriteOutcome:
     written: list[str]
     skipped: list[str]
     failed: list[str]
+    # Rows whose caption the database refused (a trigger, a constraint): each row's own error,
+    # recorded in the ledger with the chunk's other failures.
+    refused: dict[str, ItemError] = field(default_factory=dict)
 
 
 class ChunkWrites:
@@ -161,7 +167,12 @@ class ChunkWrites:
             written += one.written
             skipped += one.skipped
         rest = self._write(user_id, worker, [], [*failures, *refused], embedding_model, run_id)
-        return WriteOutcome(written=written, skipped=skipped, failed=rest.failed)
+        return WriteOutcome(
+            written=written,
+            skipped=skipped,
+            failed=rest.failed,
+            refused={f.item_id: f.error for f in refused},
+        )
 
     @retry_db
     def _write(

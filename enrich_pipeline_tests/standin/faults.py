@@ -9,6 +9,9 @@ Hostile-provider modes are not DashScope behaviour but what any provider can do 
 ``trickle`` (a 200 sent one byte per ``trickle_interval`` seconds), ``nan_embedding`` /
 ``inf_embedding`` / ``short_embedding``, and captions with NUL, a lone surrogate, 200,000
 characters, only invisible characters, or control characters.
+
+Usage faults (``USAGE_FAULTS``): a good answer whose ``usage`` is ``{}``, or whose counts are
+null, negative, 1e300 or text.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from enrich_pipeline_tests.standin.errors import ERRORS
 
@@ -36,6 +40,12 @@ EMBEDDING_FAULTS = frozenset({"nan_embedding", "inf_embedding", "short_embedding
 FAULTS = frozenset(
     {*ERRORS, "timeout", "reset", "malformed", "trickle", *CAPTION_FAULTS, *EMBEDDING_FAULTS}
 )
+# A good answer (chat or embeddings) whose `usage` lies: {} ("usage_empty"), null counts,
+# negative counts, 1e300, counts as text. The stand-in's own quota is charged the true counts.
+USAGE_FAULTS = frozenset(
+    {"usage_empty", "usage_null", "usage_negative", "usage_huge", "usage_text"}
+)
+FAULTS |= USAGE_FAULTS
 HUGE_CAPTION_CHARS = 200_000
 
 
@@ -188,3 +198,20 @@ def hostile_vector(fault: str | None, vector: list[float]) -> list[float]:
     if fault == "short_embedding":
         return vector[: len(vector) // 2]
     return vector
+
+
+_HOSTILE_COUNTS = {"usage_null": None, "usage_negative": -1_000_000, "usage_huge": 1e300}
+
+
+def hostile_usage(fault: str | None, answer: dict[str, Any]) -> dict[str, Any]:
+    """`answer` with its `usage` as a hostile provider might send it for a usage fault."""
+    if fault not in USAGE_FAULTS:
+        return answer
+    usage = answer.get("usage") or {}
+    if fault == "usage_empty":
+        lied: dict[str, Any] = {}
+    elif fault == "usage_text":
+        lied = {k: "many" for k in usage}
+    else:
+        lied = {k: _HOSTILE_COUNTS[fault] for k in usage}
+    return {**answer, "usage": lied}
