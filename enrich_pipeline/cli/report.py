@@ -86,7 +86,8 @@ class Report:
         if failed_vision or failed_embedding:
             self.line(
                 f"  {'Failed calls:':<18}{failed_vision} vision, {failed_embedding} embedding "
-                "(errors, timeouts, refused connections; counted in API calls)"
+                "(errors, timeouts, refused connections, answers without a caption; counted "
+                "in API calls)"
             )
         if cost is not None:
             floor = "at least " if unknown else ""
