@@ -288,3 +288,33 @@ def test_dagster_reports_a_row_a_trigger_refuses_as_that_rows_failure(
     written = captions(items, ids)
     assert written[ids[0]] is None and written[ids[1]] and written[ids[2]]
     assert claims(items) == 0
+
+
+def test_a_trigger_that_silently_skips_one_rows_update_is_that_rows_failure(
+    env: pytest.MonkeyPatch, items: Items, standin: StandIn, tmp_path: Path
+) -> None:
+    ids = seed(items, paint(tmp_path, hues(3)))
+    items.execute(
+        "CREATE FUNCTION {ns}.skip() RETURNS trigger LANGUAGE plpgsql AS $f$"
+        f" BEGIN IF NEW.id = {int(ids[2])} THEN RETURN NULL; END IF; RETURN NEW; END $f$"
+        ";CREATE TRIGGER skip BEFORE UPDATE ON {items} FOR EACH ROW EXECUTE FUNCTION {ns}.skip()"
+    )
+
+    code, report = run_cli(["--user-id", "alice"])
+
+    assert code == 0, report
+    assert "written by someone else" not in report
+    assert re.search(
+        rf"item {ids[2]} \(user 'alice'\): FAILED\n    Reason:  the database kept the row "
+        "unchanged: a trigger or a rule",
+        report,
+    ), report
+    assert ledger(items) == [(ids[2], 1, True, "write_failed")]
+    written = captions(items, ids)
+    assert written[ids[2]] is None and written[ids[0]] and written[ids[1]]
+    assert claims(items) == 0
+    # Given up (permanent): the next run neither claims nor pays for it again.
+    before = requests(standin)
+    code, report = run_cli(["--user-id", "alice"])
+    assert code == 0 and "No pending items" in report, report
+    assert requests(standin) == before
