@@ -246,7 +246,7 @@ def caption_item(
 
 def settle_blame(chunk: Chunk, provider: Provider, kind: str = "vision") -> Chunk:
     """Decide the unclear failures of a chunk whose calls are all done: a service error (5xx,
-    timeout, connection, unreadable or empty answer) that persisted through one row's retries
+    timeout, connection, unreadable answer) that persisted through one row's retries
     is that row's while most of the provider's recent calls succeed, and the provider's
     otherwise (the row is given back untouched, its attempts unchanged). With no success to go
     by, an HTTP 500 that is the run's only failed call is the row's (``Governor.row_at_fault``).

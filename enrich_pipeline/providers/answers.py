@@ -68,8 +68,9 @@ def read_usage(usage: object, names: Iterable[str]) -> tuple[dict[str, int], boo
 
 
 def answer_text(response: object) -> str | None:
-    """The first choice's message text of a chat completion; None when the completion has no
-    readable message (no choices, a choice without a message, content that is not text).
+    """The first choice's message text of a chat completion ("" for no choice at all); None
+    when the completion has no readable message (``choices`` not a list, a choice without a
+    message, content that is not text).
 
     Raises ValueError when the answer is not a completion at all (neither ``choices`` nor
     ``usage``: a proxy's page, an unreadable body), which is the service's failure, not a paid
@@ -77,8 +78,10 @@ def answer_text(response: object) -> str | None:
     choices = _field(response, "choices")
     if not isinstance(choices, list) and _field(response, "usage") is None:
         raise ValueError("the response has no choices")
-    if not isinstance(choices, list) or not choices:
+    if not isinstance(choices, list):
         return None
+    if not choices:  # nothing to say: an empty caption
+        return ""
     content = _field(_field(choices[0], "message"), "content")
     return content if isinstance(content, str) else None
 

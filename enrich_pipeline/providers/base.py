@@ -18,10 +18,11 @@ T = TypeVar("T")
 
 
 # What a failed call says about whose problem it is (``ProviderError.scope``):
-#   "row"      the request of this one row (moderation, an image the model cannot use);
+#   "row"      the request of this one row (moderation, an image the model cannot use, a paid
+#              answer without a caption: see answers.py);
 #   "throttle" the account's quota (429): never the row's;
-#   "service"  the provider itself (5xx, timeout, connection, unreadable or empty answer): the
-#              row's only if the provider is otherwise answering (most other calls succeed).
+#   "service"  the provider itself (5xx, timeout, connection, unreadable answer): the row's only
+#              if the provider is otherwise answering (most other calls succeed).
 SCOPE_ROW = "row"
 SCOPE_THROTTLE = "throttle"
 SCOPE_SERVICE = "service"

@@ -98,7 +98,7 @@ def test_an_answer_that_is_no_completion_is_the_services_failure_not_a_paid_answ
     with pytest.raises(ValueError, match="no choices"):
         answer_text({"error": "gateway page"})
     # A completion without a readable message was paid for: no caption, no error here.
-    assert answer_text({"choices": [], "usage": {"prompt_tokens": 5}}) is None
+    assert answer_text({"choices": [], "usage": {"prompt_tokens": 5}}) == ""
     assert answer_text({"choices": [{"message": {"content": 42}}]}) is None
     assert answer_text({"choices": "nope", "usage": {}}) is None
 
