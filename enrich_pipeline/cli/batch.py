@@ -104,6 +104,11 @@ def _print_collected(out: TextIO, result: CollectResult) -> None:
         f"total {s.total}, succeeded {s.succeeded}, failed {s.failed}, skipped {s.skipped}, "
         f"success rate {s.success_rate:.1%}; embedded {s.embedded}; "
         f"batch tokens {result.prompt_tokens} prompt + {result.completion_tokens} completion"
+        + (
+            f" (at least: unknown for {result.unknown_token_lines} line(s))"
+            if result.unknown_token_lines
+            else ""
+        )
         + (f"; {result.released} released ({result.batch.error})" if result.released else "")
         + "\n"
     )

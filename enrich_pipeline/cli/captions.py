@@ -8,10 +8,11 @@ Exit codes: 0 the run completed (rows that failed are in the ledger and the repo
 configuration or database problem; 3 the provider stopped the run for a reason someone must fix
 (the account, the key, the model or the request itself: one ``error:`` line says what); 4 the
 provider was unavailable (throttled, unreachable or failing past the retries): run again later.
-On 3 and 4 no row was charged, the unwritten rows are released, and the statistics of what was
-done before the stop are still printed. SIGINT (Ctrl-C), SIGHUP and SIGTERM stop the same way
-(see ``cli/stopping.py``): the calls in flight finish and their captions are cached, the chunks
-they complete are written, the other claims are released, the statistics are printed, one
+On 3 and 4 no row was charged (but those whose paid answers had no usable caption, when the
+model answered call after call without one), the unwritten rows are released, and the statistics
+of what was done before the stop are still printed. SIGINT (Ctrl-C), SIGHUP and SIGTERM stop the
+same way (see ``cli/stopping.py``): the calls in flight finish and their captions are cached, the
+chunks they complete are written, the other claims are released, the statistics are printed, one
 ``stopped by`` line follows, and the exit code is 128 + the signal (130, 129, 143).
 """
 

@@ -68,6 +68,14 @@ class Report:
             f"  {'Tokens used:':<18}{usage['total_tokens']} (prompt {usage['prompt_tokens']}, "
             f"completion {usage['completion_tokens']}, embedding {usage['embedding_tokens']})"
         )
+        # Answers whose usage could not be believed (missing, null, negative, huge): their
+        # tokens are not in the totals, which are then a floor, and so is the cost.
+        unknown = usage.get("unknown_token_calls", 0)
+        if unknown:
+            self.line(
+                f"  {'Tokens unknown:':<18}for {unknown} call(s) (no believable count in the "
+                "answer: the totals and the cost are a floor)"
+            )
         # Every call made counts, answered or failed; the failed ones are also shown apart.
         failed_vision = usage.get("failed_vision_calls", 0)
         failed_embedding = usage.get("failed_embedding_calls", 0)
@@ -78,9 +86,11 @@ class Report:
         if failed_vision or failed_embedding:
             self.line(
                 f"  {'Failed calls:':<18}{failed_vision} vision, {failed_embedding} embedding "
-                "(errors, timeouts, refused connections; counted in API calls)"
+                "(errors, timeouts, refused connections, answers without a caption; counted "
+                "in API calls)"
             )
         if cost is not None:
-            self.line(f"  {'Estimated cost:':<18}{cost:.6f} {currency} (ENRICH_PRICES)")
+            floor = "at least " if unknown else ""
+            self.line(f"  {'Estimated cost:':<18}{floor}{cost:.6f} {currency} (ENRICH_PRICES)")
         self.line(f"  {'Elapsed:':<18}{elapsed:.1f} s")
         self.line(RULE)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -19,6 +19,7 @@ from psycopg import sql
 from enrich_pipeline.db.database import Database, retry_db
 from enrich_pipeline.db.leases import LeaseKeeper
 from enrich_pipeline.enrichment.records import ItemError
+from enrich_pipeline.redaction import one_line, scrub_secrets
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,19 @@ _ROW_DATA_ERRORS = (
 
 
 def _first_line(exc: BaseException) -> str:
+    """The database's own words, first line, without a secret the settings know (a trigger
+    may quote anything, a connection string included)."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return one_line(scrub_secrets(text.splitlines()[0] if text else type(exc).__name__))
+
+
+_KEPT_BACK = ItemError(
+    "write_failed",
+    "the database kept the row unchanged: a trigger or a rule on the items table skipped the "
+    "update",
+    True,
+    "write",
+)
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,9 @@ class WriteOutcome:
     written: list[str]
     skipped: list[str]
     failed: list[str]
+    # Rows whose caption the database refused (a trigger, a constraint): each row's own error,
+    # recorded in the ledger with the chunk's other failures.
+    refused: dict[str, ItemError] = field(default_factory=dict)
 
 
 class ChunkWrites:
@@ -116,6 +131,20 @@ class ChunkWrites:
             " AND i.metadata->>'caption_generated_at' = %(generated_at)s"
         ).format(items=self.db.items, idt=self.db.id_cast, i_id=self.db.i_id)
 
+    def _kept_back_sql(self) -> sql.Composed:
+        """Rows the merge left alone although they still met its conditions: the database kept
+        them unchanged itself (a BEFORE trigger returning NULL, a rule). Read in the merge's
+        transaction, so a caption someone else wrote meanwhile is not mistaken for it."""
+        return sql.SQL(
+            "SELECT i.id::text FROM {items} i, unnest(%(ids)s::{idt}[], %(images)s::text[],"
+            " %(replaces)s::text[]) AS v(id, image, replaces)"
+            " WHERE {i_id} = v.id AND i.user_id = %(user)s AND i.image = v.image"
+            " AND i.status = 'active' AND (CASE WHEN v.replaces IS NULL"
+            " THEN COALESCE(i.metadata->>'caption', '') = ''"
+            " ELSE i.metadata->>'caption' = v.replaces END)"
+            " AND (i.metadata IS NULL OR jsonb_typeof(i.metadata) IN ('object', 'null'))"
+        ).format(items=self.db.items, idt=self.db.id_cast, i_id=self.db.i_id)
+
     def write_chunk(
         self,
         user_id: str,
@@ -160,8 +189,14 @@ class ChunkWrites:
                 continue
             written += one.written
             skipped += one.skipped
+            refused += [FailureRow(i, e) for i, e in one.refused.items()]
         rest = self._write(user_id, worker, [], [*failures, *refused], embedding_model, run_id)
-        return WriteOutcome(written=written, skipped=skipped, failed=rest.failed)
+        return WriteOutcome(
+            written=written,
+            skipped=[i for i in skipped if i not in rest.failed],
+            failed=rest.failed,
+            refused={f.item_id: f.error for f in refused},
+        )
 
     @retry_db
     def _write(
@@ -220,6 +255,20 @@ class ChunkWrites:
                     params["generated_at"] = successes[0].patch.get("caption_generated_at")
                     written = [r[0] for r in conn.execute(self._written_sql(), params)]
             done = set(written)
+            kept_back: list[FailureRow] = []
+            if len(done) < len(successes):
+                left = [s for s in successes if s.item_id not in done]
+                kept = conn.execute(
+                    self._kept_back_sql(),
+                    {
+                        **base,
+                        "ids": [s.item_id for s in left],
+                        "images": [s.image for s in left],
+                        "replaces": [s.replaces for s in left],
+                    },
+                )
+                kept_back = [FailureRow(r[0], _KEPT_BACK) for r in kept]
+                failures = [*failures, *kept_back]
             vectors = [
                 (
                     self.db.source_table,
@@ -253,8 +302,10 @@ class ChunkWrites:
             if every:
                 conn.execute(release_sql, {**base, "ids": every})
         self.leases.drop(worker, every)
+        refused = {f.item_id for f in kept_back}
         return WriteOutcome(
             written=written,
-            skipped=[s.item_id for s in successes if s.item_id not in done],
+            skipped=[s.item_id for s in successes if s.item_id not in done | refused],
             failed=[f.item_id for f in failures],
+            refused={f.item_id: f.error for f in kept_back},
         )

@@ -153,6 +153,7 @@ def batch_collect(
         "released": result.released,
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens,
+        "unknown_token_lines": result.unknown_token_lines,
     }
     metadata = {k: v for k, v in summary.items() if k != "errors"}
     metadata["success_rate"] = MetadataValue.float(summary["success_rate"])

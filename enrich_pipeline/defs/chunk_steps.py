@@ -135,6 +135,17 @@ def provider_step(
             context.log.warning(
                 f"{written} paid caption(s) of the chunk written without embeddings before the stop"
             )
+        if not embedding_step:
+            # Rows whose paid answers were unusable are charged before the chunk is given back.
+            charged = sum(
+                len(stages.record_unusable(adbpg.store, part, run_id=context.run_id))
+                for part in state.parts or [chunk]
+            )
+            if charged:
+                context.log.warning(
+                    f"{charged} row(s) of the chunk charged an attempt: their paid answers had "
+                    "no usable caption"
+                )
         context.log.error(f"stopping the run: {exc}")
         raise Failure(
             description=str(exc),

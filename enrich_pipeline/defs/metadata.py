@@ -28,6 +28,7 @@ USAGE_KEYS = (
     "vision_calls",
     "embedding_calls",
     "retries",
+    "unknown_token_calls",
 )
 
 
@@ -130,9 +131,15 @@ def partition_metadata(
         for key in ("prompt_tokens", "completion_tokens", "embedding_tokens", "image_tokens"):
             md[key] = usage.get(key, 0)
         md["api_retries"] = usage.get("retries", 0)
+        unknown = usage.get("unknown_token_calls", 0)
+        if unknown:
+            # Answers without a believable count: the figures above are a floor.
+            md["calls_with_unknown_tokens"] = unknown
         if cost is not None:
             # A number, so the UI plots spend per partition across runs.
             md["estimated_cost_usd"] = MetadataValue.float(round(cost, 6))
+            if unknown:
+                md["estimated_cost_is"] = "at least: tokens unknown for some calls"
     if run_users > 1:
         md["run_users"] = MetadataValue.int(run_users)
         if not offline and usage is not None:

@@ -9,8 +9,8 @@ from typing import Protocol
 
 from enrich_pipeline.enrichment.records import WorkItem
 from enrich_pipeline.enrichment.text import clean_caption
+from enrich_pipeline.providers.answers import unusable_answer
 from enrich_pipeline.providers.base import Provider
-from enrich_pipeline.providers.wire import empty_caption
 
 
 class CaptionCache(Protocol):
@@ -92,7 +92,7 @@ class CaptionBroker:
         # the cache insert, and a caption of invisible characters is no caption.
         caption = clean_caption(self.provider.caption(work.vision))
         if not caption:
-            raise empty_caption()
+            raise unusable_answer("")
         if self.cache is not None:
             self.cache.cache_caption(
                 sha, model=model, prompt_version=self.prompt_version, caption=caption

@@ -194,9 +194,17 @@ class _Stream:
             post.shutdown(wait=True)
             every = [w.item.id for c in self._unwritten.values() for w in c.items]
             if every or claiming:
+                # Stopped: the rows whose paid answers were unusable are charged, the rest given
+                # back (their paid captions are in the cache for the next run).
                 self.engine.store.items.release(
                     self.user_id, [*every, *claiming], worker=self.worker
                 )
+                for chunk in self._unwritten.values():
+                    charged = stages.record_unusable(self.engine.store, chunk, run_id=self.run_id)
+                    self.stats.add(charged)
+                    if self.on_outcome is not None:
+                        for outcome in charged:
+                            self.on_outcome(self.user_id, outcome)
         if self.fatal:
             self.fatal.stats = self.stats
             raise self.fatal

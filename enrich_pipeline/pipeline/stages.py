@@ -48,6 +48,7 @@ from enrich_pipeline.enrichment.tags import DEFAULT_VOCABULARY, TagVocabulary, d
 from enrich_pipeline.enrichment.text import clean_caption, clean_message, fit_caption
 from enrich_pipeline.pipeline.broker import CaptionBroker, CaptionCache
 from enrich_pipeline.pipeline.stats import ChunkResult, ItemOutcome, RunStats
+from enrich_pipeline.providers.answers import UNUSABLE_CODES
 from enrich_pipeline.providers.base import (
     SCOPE_ROW,
     SCOPE_THROTTLE,
@@ -201,14 +202,9 @@ def accept_caption(
     flat. Whatever provider it came from, a caption that is empty once cleaned is no caption."""
     text, truncated = fit_caption(clean_caption(caption))
     if not text:
+        # Paid for and unusable: the row's error, as the providers raise it (answers.py).
         work.fail(
-            ItemError(
-                "empty_caption",
-                "the model returned an empty caption",
-                False,
-                "caption",
-                BLAME_UNCLEAR,
-            )
+            ItemError("empty_caption", "the model returned an empty caption", False, "caption")
         )
         return
     work.caption = text
@@ -237,7 +233,10 @@ def caption_item(
     try:
         caption, cached = broker.caption(work)
         accept_caption(work, caption, vocabulary, cached=cached)
-    except FatalProviderError:
+    except FatalProviderError as stop:
+        if stop.row_error is not None:  # the row's own (paid, unusable) answers met the stop
+            error = stop.row_error
+            work.fail(ItemError(error.code, clean_message(error), error.permanent, "caption"))
         raise
     except ProviderError as exc:
         work.fail(ItemError(exc.code, clean_message(exc), exc.permanent, "caption", _blame(exc)))
@@ -247,7 +246,7 @@ def caption_item(
 
 def settle_blame(chunk: Chunk, provider: Provider, kind: str = "vision") -> Chunk:
     """Decide the unclear failures of a chunk whose calls are all done: a service error (5xx,
-    timeout, connection, unreadable or empty answer) that persisted through one row's retries
+    timeout, connection, unreadable answer) that persisted through one row's retries
     is that row's while most of the provider's recent calls succeed, and the provider's
     otherwise (the row is given back untouched, its attempts unchanged). With no success to go
     by, an HTTP 500 that is the run's only failed call is the row's (``Governor.row_at_fault``).
@@ -313,6 +312,25 @@ def embed_chunk(
 
     _parallel(one, batches, concurrent)
     return chunk
+
+
+def record_unusable(store: Store, chunk: Chunk, *, run_id: str | None = None) -> list[ItemOutcome]:
+    """At a stop of the run: charge the chunk's rows whose paid answers were unusable (blank,
+    no readable caption), so that a model that answers nothing usable costs each row at most
+    ``max_attempts`` runs. The caller gives the chunk's other rows back, as on any stop."""
+    failures = [
+        FailureRow(w.item.id, w.error)
+        for w in chunk.items
+        if w.error is not None and w.error.charged and w.error.code in UNUSABLE_CODES
+    ]
+    if failures:
+        store.items.write_chunk(
+            chunk.user_id, worker=chunk.worker, successes=[], failures=failures, run_id=run_id
+        )
+    return [
+        ItemOutcome(f.item_id, "failed", error=f.error.message, error_code=f.error.code)
+        for f in failures
+    ]
 
 
 def write_chunk(
@@ -400,6 +418,13 @@ def write_chunk(
                 stats.embedded += 1
             elif embedding_model is not None:
                 stats.embedding_failed += 1
+        elif w.item.id in outcome.refused:
+            # The database refused this row's write (a trigger, a constraint): its own error,
+            # in the ledger with the database's words; the chunk's other rows are written.
+            refusal = outcome.refused[w.item.id]
+            outcomes.append(
+                ItemOutcome(w.item.id, "failed", error=refusal.message, error_code=refusal.code)
+            )
         else:
             outcomes.append(
                 ItemOutcome(w.item.id, "skipped", error="caption written by someone else meanwhile")

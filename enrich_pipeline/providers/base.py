@@ -18,10 +18,11 @@ T = TypeVar("T")
 
 
 # What a failed call says about whose problem it is (``ProviderError.scope``):
-#   "row"      the request of this one row (moderation, an image the model cannot use);
+#   "row"      the request of this one row (moderation, an image the model cannot use, a paid
+#              answer without a caption: see answers.py);
 #   "throttle" the account's quota (429): never the row's;
-#   "service"  the provider itself (5xx, timeout, connection, unreadable or empty answer): the
-#              row's only if the provider is otherwise answering (most other calls succeed).
+#   "service"  the provider itself (5xx, timeout, connection, unreadable answer): the row's only
+#              if the provider is otherwise answering (most other calls succeed).
 SCOPE_ROW = "row"
 SCOPE_THROTTLE = "throttle"
 SCOPE_SERVICE = "service"
@@ -60,6 +61,16 @@ class FatalProviderError(ProviderError):
     def __init__(self, code: str, message: str, *, kind: str = "vision") -> None:
         super().__init__(code, message, permanent=True, kind=kind)
         self.stats: Any = None
+        # The error of the row whose call met the stop, when that row is charged all the same
+        # (its paid answers were unusable): see ``row_stop``.
+        self.row_error: ProviderError | None = None
+
+
+def row_stop(stop: FatalProviderError, error: ProviderError) -> FatalProviderError:
+    """The run's stop, as raised by one row's call that is that row's ``error`` too."""
+    again = type(stop)(stop.code, str(stop), kind=stop.kind)
+    again.row_error = error
+    return again
 
 
 class ProviderUnavailable(FatalProviderError):
@@ -83,6 +94,9 @@ class Usage:
     completion_tokens: int = 0
     embedding_tokens: int = 0
     image_tokens: int = 0
+    # Calls whose answer gave no believable token count (``answers.read_usage``): their tokens
+    # are unknown, so the token totals (and any cost) are a floor.
+    unknown_token_calls: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **counts: int) -> None:
@@ -107,6 +121,7 @@ class Usage:
                 "embedding_tokens": self.embedding_tokens,
                 "image_tokens": self.image_tokens,
                 "total_tokens": self.total_tokens,
+                "unknown_token_calls": self.unknown_token_calls,
             }
 
 

@@ -23,6 +23,14 @@ import openai
 
 from enrich_pipeline.enrichment.images import VisionImage
 from enrich_pipeline.enrichment.text import clean_caption
+from enrich_pipeline.providers.answers import (
+    UNUSABLE_STOP,
+    UnusableStreak,
+    answer_text,
+    is_unusable,
+    read_usage,
+    unusable_answer,
+)
 from enrich_pipeline.providers.base import (
     SCOPE_SERVICE,
     Backoff,
@@ -30,6 +38,7 @@ from enrich_pipeline.providers.base import (
     ProviderError,
     Usage,
     retry_after,
+    row_stop,
     usable_vector,
     with_retries,
 )
@@ -38,7 +47,7 @@ from enrich_pipeline.providers.health import Governor, StopLatch
 from enrich_pipeline.providers.quota import RateBudget, SharedRateLimiter, pacer
 from enrich_pipeline.providers.ratelimit import RateLimiter
 from enrich_pipeline.providers.transport import ForeignAnswer, http_client
-from enrich_pipeline.providers.wire import caption_request_body, empty_caption
+from enrich_pipeline.providers.wire import caption_request_body
 from enrich_pipeline.redaction import HTTP_LOGGERS, hide_in_logs
 from enrich_pipeline.settings import DashScopeSettings
 
@@ -94,6 +103,7 @@ class DashScopeProvider:
             settings, settings.embedding_model, settings.embedding_requests_per_minute, 0, budget
         )
         self._stop = StopLatch()
+        self._unusable = UnusableStreak(settings.unusable_stop)
         self._contexts = {k: CallContext.of(settings, k) for k in ("vision", "embedding")}
         self.governors = {
             kind: Governor(
@@ -130,6 +140,7 @@ class DashScopeProvider:
     def begin_run(self) -> None:
         """A new run on this provider: the last run's stop and give-up count are forgotten."""
         self._stop.reset()
+        self._unusable.reset()
         for governor in self.governors.values():
             governor.begin_run()
 
@@ -207,29 +218,77 @@ class DashScopeProvider:
         return result
 
     def caption(self, image: VisionImage) -> str:
-        def request() -> str:
+        """The image's caption. A paid answer without one (blank, no readable message) is
+        retried within the call like a transient error, then raised as the row's error; its
+        tokens are counted either way. Answers like that for several images in a row, with no
+        caption between, stop the run (``answers.UnusableStreak``)."""
+        paid_unusable = 0
+
+        def request() -> str | None:
             response = self._client.chat.completions.create(
                 **caption_request_body(self.settings, image.data_url)
             )
-            if not isinstance(getattr(response, "choices", None), list):
-                raise ForeignAnswer("HTTP 200: the answer has no choices, not a chat completion")
-            usage = response.usage
-            # Tokens are billed whatever the answer; the call counts as answered only with a
-            # caption (an empty one is a failed call, counted as such by ``_call``).
-            self.usage.add(
-                image_tokens=image.tokens,
-                prompt_tokens=usage.prompt_tokens if usage else 0,
-                completion_tokens=usage.completion_tokens if usage else 0,
+            text = answer_text(response)  # ForeignAnswer: not a completion (the service's failure)
+            # Billed whatever the caption: counted before it is judged, however odd the counts.
+            self._count_tokens(
+                getattr(response, "usage", None), ("prompt_tokens", "completion_tokens")
             )
-            text = clean_caption(response.choices[0].message.content if response.choices else "")
-            if not text:
-                raise empty_caption()
-            self.usage.add(vision_calls=1)
-            return text
+            self.usage.add(image_tokens=image.tokens)
+            return None if text is None else clean_caption(text)
 
-        return self._call(
-            request, "vision", self._limiter, tokens=image.tokens + self.settings.max_caption_tokens
+        def answer() -> str:
+            nonlocal paid_unusable
+            text = self._call(
+                request,
+                "vision",
+                self._limiter,
+                tokens=image.tokens + self.settings.max_caption_tokens,
+            )
+            if text:
+                self._unusable.usable()
+                self.usage.add(vision_calls=1)
+                return text
+            paid_unusable += 1
+            self.usage.add(failed_vision_calls=1)
+            error = unusable_answer(text)
+            streak = self._unusable.note(image.data_url)
+            if streak is not None:
+                self._stop.set(self._unusable_stop(*streak, error))
+            raise error
+
+        try:
+            return with_retries(
+                answer,
+                retries=self.settings.max_retries,
+                backoff=Backoff(self.settings.backoff_initial, self.settings.backoff_max),
+                sleep=self._sleep,
+                on_retry=lambda: self.usage.add(retries=1),
+                transient=lambda exc: is_unusable(exc) and self._stop.error is None,
+            )
+        except ProviderError as exc:
+            stop = self._stop.error
+            if paid_unusable and stop is not None and stop.code == UNUSABLE_STOP:
+                # This row's answers were paid and unusable: its own error travels with the
+                # stop, so that the row is charged when the stopped chunk is given back.
+                raise row_stop(stop, unusable_answer("")) from exc
+            raise
+
+    def _unusable_stop(self, answers: int, images: int, last: ProviderError) -> FatalProviderError:
+        ctx = self._contexts["vision"]
+        return FatalProviderError(
+            UNUSABLE_STOP,
+            f"{ctx.the_model} at {ctx.where} answered {answers} paid calls in a row, for "
+            f"{images} images, without a usable caption (the last: {last}): the model or the "
+            "prompt is the problem, not the images; the rows that got such answers are charged "
+            "an attempt, the others are left pending (DASHSCOPE_UNUSABLE_STOP="
+            f"{self.settings.unusable_stop})",
         )
+
+    def _count_tokens(self, usage: object, names: tuple[str, ...]) -> None:
+        """Count what ``usage`` says, once checked; a call whose counts cannot be believed is
+        counted as one with unknown tokens (``answers.read_usage``)."""
+        counts, known = read_usage(usage, names)
+        self.usage.add(**counts, unknown_token_calls=0 if known else 1)
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """One vector per text; a vector that is not finite or not of the configured length is
@@ -253,9 +312,12 @@ class DashScopeProvider:
         data = sorted(response.data, key=lambda d: d.index)
         if len(data) != len(batch):
             raise ValueError(f"asked for {len(batch)} embeddings, got {len(data)}")
+        usage = getattr(response, "usage", None)
+        counts, known = read_usage(usage, ("total_tokens",))
         self.usage.add(
             embedding_calls=1,
-            embedding_tokens=response.usage.total_tokens if response.usage else 0,
+            embedding_tokens=counts.get("total_tokens", 0),
+            unknown_token_calls=0 if known else 1,
         )
         dims = self.settings.embedding_dimensions
         return [list(d.embedding) if usable_vector(d.embedding, dims) else [] for d in data]

@@ -9,9 +9,10 @@ HTTP status plus ``error.code`` / ``type`` / message, to one verdict:
 - **permanent for the row** (moderation, an image the service cannot fetch or decode): recorded
   once, never retried;
 - **transient**: retried with backoff. Throttling (scope ``throttle``) is never the row's fault;
-  service errors (5xx, timeouts, connections, unreadable or empty answers; scope ``service``)
-  are the row's only while the provider answers most other calls (``stages.settle_blame``), and
-  past the run's patience they stop it (``health.Governor``, ``ProviderUnavailable``, exit 4).
+  service errors (5xx, timeouts, connections, unreadable answers; scope ``service``) are the
+  row's only while the provider answers most other calls (``stages.settle_blame``), and past
+  the run's patience they stop it (``health.Governor``, ``ProviderUnavailable``, exit 4). A paid
+  answer without a caption (blank) is the row's, not the service's: ``answers.py``.
 
 Sources, cited per row below (the bodies the stand-in serves come from the same pages):
 

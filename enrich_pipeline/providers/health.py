@@ -50,7 +50,6 @@ _WHAT = {
     "timeout": "not answering in time",
     "server_error": "failing",
     "malformed_response": "answering unreadably",
-    "empty_caption": "answering without captions",
     "answer_too_large": "sending answers over DASHSCOPE_MAX_ANSWER_BYTES",
 }
 

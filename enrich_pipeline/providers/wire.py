@@ -10,7 +10,8 @@ from typing import Any
 import openai
 
 from enrich_pipeline.enrichment.text import clean_caption
-from enrich_pipeline.providers.base import SCOPE_SERVICE, ProviderError
+from enrich_pipeline.providers.answers import answer_text, read_usage, unusable_answer
+from enrich_pipeline.providers.base import ProviderError
 from enrich_pipeline.providers.errors import classify, classify_answer
 from enrich_pipeline.settings import DashScopeSettings
 
@@ -75,6 +76,7 @@ class LineResult:
     error: ProviderError | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    tokens_known: bool = True  # False: the line's usage gave no believable counts
 
 
 def parse_line(obj: dict[str, Any], url: str) -> LineResult:
@@ -93,16 +95,12 @@ def parse_line(obj: dict[str, Any], url: str) -> LineResult:
                     "malformed_response", "the batch answer has no choices", permanent=False
                 )
             )
-        message = choices[0].get("message") if choices and isinstance(choices[0], dict) else None
-        text = clean_caption(message.get("content") if isinstance(message, dict) else "")
-        usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
-        tokens = {
-            "prompt_tokens": int(usage.get("prompt_tokens") or 0),
-            "completion_tokens": int(usage.get("completion_tokens") or 0),
-        }
+        raw = answer_text(body)
+        text = clean_caption(raw or "")
+        counts, known = read_usage(body.get("usage"), ("prompt_tokens", "completion_tokens"))
         if not text:
-            return LineResult(error=empty_caption(), **tokens)
-        return LineResult(caption=text, **tokens)
+            return LineResult(error=unusable_answer(raw), **counts, tokens_known=known)
+        return LineResult(caption=text, **counts, tokens_known=known)
     if isinstance(status, int) and status >= 400:
         if not isinstance(body, dict) or "error" not in body:
             body = {"error": error or {"message": str(body)}}
@@ -142,15 +140,3 @@ def parse_results(texts: list[str], url: str) -> dict[str, LineResult]:
             if known is None or (known.caption is None and line.caption is not None):
                 results[obj["custom_id"]] = line
     return results
-
-
-def empty_caption() -> ProviderError:
-    # Seen from overloaded gateways; a second try usually answers properly. A caption of only
-    # invisible characters is empty too (``clean_caption``). A service error: the row's only
-    # when the model captions the other rows.
-    return ProviderError(
-        "empty_caption",
-        "the model returned an empty caption",
-        permanent=False,
-        scope=SCOPE_SERVICE,
-    )

@@ -86,6 +86,18 @@ class DashScopeSettings(SettingsModel):
         le=600,
     )
     backoff_max: float = Field(30.0, description="longest retry backoff, in s", gt=0, le=3600)
+    # 8: with the default 3 retries a row pays at most 4 unusable answers in a run, so 8 in a
+    # row are at least two images answered nothing usable on every try, with no caption between;
+    # the stop then caps a blank-answering model's waste at about 8 calls (plus those in flight)
+    # a run, while a model that captions most images never gets there.
+    unusable_stop: int = Field(
+        8,
+        description="stop the run after this many paid answers in a row without a usable "
+        "caption (blank or unreadable), for at least two images",
+        validation_alias="DASHSCOPE_UNUSABLE_STOP",
+        ge=2,
+        le=1000,
+    )
     max_image_side: int = Field(
         896,
         description="longer side of the image sent to the model, in px (snapped to the model's "

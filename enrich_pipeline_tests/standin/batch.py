@@ -33,6 +33,7 @@ from enrich_pipeline_tests.standin.batch_files import (
     validate_lines,
 )
 from enrich_pipeline_tests.standin.errors import ERRORS, Reply, error_body
+from enrich_pipeline_tests.standin.faults import hostile_usage
 from enrich_pipeline_tests.standin.online import OnlineAPI, log_entry
 
 BATCH_MAX_LINES = 50_000  # DashScope: requests in one batch file
@@ -343,7 +344,7 @@ class BatchAPI(OnlineAPI):
             answer = (
                 {"id": "chatcmpl-", "object": "chat.completion"}
                 if fault == "malformed"
-                else respond(fault)
+                else hostile_usage(fault, respond(fault))
             )
             return True, {
                 "id": f"batch_req_{uuid.uuid4().hex}",

@@ -10,6 +10,9 @@ Hostile-provider modes are not DashScope behaviour but what any provider can do 
 ``inf_embedding`` / ``short_embedding``, and captions with NUL, a lone surrogate, 200,000
 characters, only invisible characters, or control characters; answers too large to hold and
 another server's answers (``foreign``).
+
+Usage faults (``USAGE_FAULTS``): a good answer whose ``usage`` is ``{}``, or whose counts are
+null, negative, 1e300 or text.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from enrich_pipeline_tests.standin.errors import ERRORS
 from enrich_pipeline_tests.standin.foreign import FOREIGN_FAULTS, SIZE_FAULTS
@@ -40,6 +44,12 @@ FAULTS = frozenset(
     | SIZE_FAULTS  # gzip_bomb, huge_answer
     | FOREIGN_FAULTS  # not_implemented, not_allowed, html_page, foreign_json
 )
+# A good answer (chat or embeddings) whose `usage` lies: {} ("usage_empty"), null counts,
+# negative counts, 1e300, counts as text. The stand-in's own quota is charged the true counts.
+USAGE_FAULTS = frozenset(
+    {"usage_empty", "usage_null", "usage_negative", "usage_huge", "usage_text"}
+)
+FAULTS |= USAGE_FAULTS
 HUGE_CAPTION_CHARS = 200_000
 
 
@@ -192,3 +202,20 @@ def hostile_vector(fault: str | None, vector: list[float]) -> list[float]:
     if fault == "short_embedding":
         return vector[: len(vector) // 2]
     return vector
+
+
+_HOSTILE_COUNTS = {"usage_null": None, "usage_negative": -1_000_000, "usage_huge": 1e300}
+
+
+def hostile_usage(fault: str | None, answer: dict[str, Any]) -> dict[str, Any]:
+    """`answer` with its `usage` as a hostile provider might send it for a usage fault."""
+    if fault not in USAGE_FAULTS:
+        return answer
+    usage = answer.get("usage") or {}
+    if fault == "usage_empty":
+        lied: dict[str, Any] = {}
+    elif fault == "usage_text":
+        lied = {k: "many" for k in usage}
+    else:
+        lied = {k: _HOSTILE_COUNTS[fault] for k in usage}
+    return {**answer, "usage": lied}

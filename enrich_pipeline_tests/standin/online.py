@@ -26,7 +26,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from enrich_pipeline_tests.standin import limits
 from enrich_pipeline_tests.standin.answers import Parsed, dumps, parse_chat, parse_embeddings
 from enrich_pipeline_tests.standin.errors import ERRORS, Reply, error_body
-from enrich_pipeline_tests.standin.faults import CAPTION_FAULTS, EMBEDDING_FAULTS, FaultPlan
+from enrich_pipeline_tests.standin.faults import (
+    CAPTION_FAULTS,
+    EMBEDDING_FAULTS,
+    FaultPlan,
+    hostile_usage,
+)
 from enrich_pipeline_tests.standin.foreign import FOREIGN_FAULTS, SIZE_FAULTS, foreign_reply
 from enrich_pipeline_tests.standin.tokens import max_output, requested_output
 
@@ -140,6 +145,7 @@ class OnlineAPI:
                 raise reply
             answer = respond(fault)
             self._settle(charge, answer)
+            answer = hostile_usage(fault, answer)
             if fault == "trickle":
                 return self._trickle(request, dumps(answer), headers)
             if fault in CAPTION_FAULTS or fault in EMBEDDING_FAULTS:

@@ -52,6 +52,7 @@ class CollectResult:
     released: int = 0  # given back without a ledger entry (model not supported, bad key)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    unknown_token_lines: int = 0  # answers whose usage gave no believable count
     already: bool = False  # nothing to do: collected (or ended) before
     busy: bool = False  # another collector holds the batch
 
@@ -152,6 +153,7 @@ def _collect(
     for line in results.values():
         out.prompt_tokens += line.prompt_tokens
         out.completion_tokens += line.completion_tokens
+        out.unknown_token_lines += not line.tokens_known
 
     # Paid captions go to the cache first: whatever happens next, they are not paid again.
     store.cache.cache_captions(
@@ -211,6 +213,7 @@ def _collect(
         "released": out.released,
         "prompt_tokens": out.prompt_tokens,
         "completion_tokens": out.completion_tokens,
+        "unknown_token_lines": out.unknown_token_lines,
     }
     final = store.batches.update(
         record.local_id,
