@@ -14,10 +14,14 @@ other module may use it. Two tools:
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import re
 import threading
 from collections.abc import Iterable
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
+from typing import Any
+from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlencode, urlsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -114,7 +118,9 @@ def url_secrets(url: str) -> tuple[str, ...]:
     userinfo = parts.netloc.rpartition("@")[0]
     if userinfo:
         user, _, password = userinfo.partition(":")
-        found += [userinfo, password or user]
+        # The pair as sent in a Basic Authorization header, too.
+        basic = base64.b64encode(unquote(userinfo).encode()).decode()
+        found += [userinfo, password or user, basic]
     for pair in parts.query.split("&"):
         name, _, value = pair.partition("=")
         if value and is_sensitive_name(name):
@@ -139,32 +145,96 @@ def conninfo_secrets(conninfo: str) -> tuple[str, ...]:
 
 
 # --------------------------------------------------------------------------------------------
-# Hiding known secrets in any text and in library log records
+# Hiding known secrets in any text, in exceptions and in log records
+
+# A secret at least this long is random enough that a piece of it is as good as the whole: its
+# head (``sk-abc1...``), its tail (``sk-...9f3a``, ``****9f3a``) and its last 8 characters are
+# masked too, as providers print keys that way.
+PARTIAL_MIN = 16
+_TAIL = 4
+_LAST = 8
+# What a token is made of, where a secret (or a piece of it) sits inside one: no spaces, quotes,
+# brackets or separators of a sentence or a JSON text.
+_TOKEN = r"""[^\s"'`<>(){}\[\],;]"""
+# How a provider marks the elided middle of a key: "sk-...9f3a", "sk-…9f3a", "sk-****9f3a".
+_ELIDED = r"(?:\.\.|…|\*\*)"
+# A credential sent as an HTTP Authorization value, whoever's it is: always masked.
+_SCHEME = re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9\-._~+/%\\]{6,}=*")
 
 
-class _SecretFilter(logging.Filter):
-    """Replaces every registered secret in the records of the loggers it is attached to."""
+def spellings(secret: str) -> tuple[str, ...]:
+    """How ``secret`` can be written in a text: as is, URL-decoded, URL-encoded (both ways,
+    either hex case), and JSON-escaped (slashes too, as some encoders write them)."""
+    found = [secret, unquote(secret)]
+    for form in list(found):
+        found += [quote(form, safe=""), quote(form), quote_plus(form)]
+    found += [_lower_hex(f) for f in found]
+    for form in list(found):
+        escaped = json.dumps(form)[1:-1]
+        found += [escaped, escaped.replace("/", "\\/")]
+    return tuple(dict.fromkeys(f for f in found if len(f) >= MIN_SECRET))
+
+
+def _lower_hex(text: str) -> str:
+    return re.sub(r"%[0-9A-F]{2}", lambda m: m.group().lower(), text)
+
+
+def _scheme_of(secret: str) -> str:
+    """The fixed prefix of a key ("sk-", "sk-proj-"): up to its last "-" or "_" early on."""
+    cut = max(secret.rfind("-", 0, 9), secret.rfind("_", 0, 9))
+    return secret[: cut + 1] if cut > 0 else ""
+
+
+def _partial_patterns(secret: str) -> list[str]:
+    """Regular expressions of the pieces of a long secret that still give it away."""
+    scheme = _scheme_of(secret)
+    head = secret[: len(scheme) + 4] if scheme else secret[:8]
+    tail = re.escape(secret[-_TAIL:])
+    end = r"(?![A-Za-z0-9])"
+    patterns = [
+        # A token that starts like the secret: the key cut short ("sk-abc1...", "sk-abc1").
+        rf"(?<![A-Za-z0-9]){re.escape(head)}{_TOKEN}*",
+        # A token with an elided middle that ends like the secret ("sk-...9f3a", "****9f3a").
+        rf"{_TOKEN}*?{_ELIDED}{_TOKEN}*?{tail}{end}",
+        # Its last characters, wherever they are ("key ending 90abcdef").
+        re.escape(secret[-_LAST:]),
+    ]
+    if scheme:
+        # The prefix and the last characters with nothing between ("sk-9f3a").
+        patterns.append(rf"(?<![A-Za-z0-9]){re.escape(scheme)}{_TOKEN}*?{tail}{end}")
+    return patterns
+
+
+class _Secrets(logging.Filter):
+    """The secrets known to this process, and the filter that hides them in log records."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._secrets: tuple[str, ...] = ()
+        self._known: set[str] = set()
+        self._pattern: re.Pattern[str] | None = None
         self._lock = threading.Lock()
 
     def add(self, secrets: Iterable[str]) -> None:
         with self._lock:
-            merged = set(self._secrets) | {s for s in secrets if len(s) >= MIN_SECRET}
+            new = {s for s in secrets if len(s) >= MIN_SECRET} - self._known
+            if not new:
+                return
+            self._known |= new
+            forms = {f for s in self._known for f in spellings(s)}
             # Longest first, so a secret that contains another is replaced whole.
-            self._secrets = tuple(sorted(merged, key=len, reverse=True))
+            alternatives = [re.escape(f) for f in sorted(forms, key=len, reverse=True)]
+            # A user:password pair is masked whole; its password alone gets the pieces.
+            pieced = [s for s in self._known if len(s) >= PARTIAL_MIN and ":" not in s]
+            alternatives += [p for s in pieced for p in _partial_patterns(s)]
+            self._pattern = re.compile("|".join(alternatives))
 
     def scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, MASK)
-        return text
+        pattern = self._pattern
+        if pattern is not None:
+            text = pattern.sub(MASK, text)
+        return _SCHEME.sub(rf"\1\2{MASK}", text)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not self._secrets:
-            return True
         try:
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a broken record is the logging module's business
@@ -179,19 +249,72 @@ class _SecretFilter(logging.Filter):
         return True
 
 
-_SECRET_FILTER = _SecretFilter()
+_SECRETS = _Secrets()
+_FACTORY_LOCK = threading.Lock()
+_factory_installed = False
+
+
+def _install_record_factory() -> None:
+    """From now on every log record this process makes, whichever logger makes it (the
+    pipeline's own, Dagster's ``context.log``, a library's), is scrubbed as it is made."""
+    global _factory_installed
+    with _FACTORY_LOCK:
+        if _factory_installed:
+            return
+        made = logging.getLogRecordFactory()
+
+        def scrubbed(*args: Any, **kwargs: Any) -> logging.LogRecord:
+            record = made(*args, **kwargs)
+            _SECRETS.filter(record)
+            return record
+
+        logging.setLogRecordFactory(scrubbed)
+        _factory_installed = True
+
+
+def register_secrets(secrets: Iterable[str]) -> None:
+    """Make ``secrets`` known to this process: from now on they (and their pieces and other
+    spellings, see ``spellings`` and ``PARTIAL_MIN``) appear as ``***`` in every text passed
+    through ``scrub_secrets``, in every exception passed through ``scrub_exception`` and in
+    every log record."""
+    _SECRETS.add(secrets)
+    _install_record_factory()
 
 
 def hide_in_logs(secrets: Iterable[str], loggers: Iterable[str]) -> None:
-    """From now on, ``secrets`` appear as ``***`` in every record of ``loggers`` and in every
-    text passed through ``scrub_secrets``."""
-    _SECRET_FILTER.add(secrets)
+    """``register_secrets``, and a filter on ``loggers`` too: the libraries' loggers whose
+    records may be made before, or without, the record factory (``logging.makeLogRecord``)."""
+    register_secrets(secrets)
     for name in loggers:
         logger = logging.getLogger(name)
-        if _SECRET_FILTER not in logger.filters:
-            logger.addFilter(_SECRET_FILTER)
+        if _SECRETS not in logger.filters:
+            logger.addFilter(_SECRETS)
 
 
 def scrub_secrets(text: str) -> str:
-    """``text`` with every secret registered by ``hide_in_logs`` replaced by ``***``."""
-    return _SECRET_FILTER.scrub(text)
+    """``text`` with every registered secret (whole, in another spelling, or a telling piece of
+    it) and every ``Bearer``/``Basic`` credential replaced by ``***``."""
+    return _SECRETS.scrub(text)
+
+
+def scrub_exception(exc: BaseException) -> BaseException:
+    """``exc`` and the exceptions it was raised from, scrubbed in place (their arguments and
+    ``message``), since they stay attached to the errors the pipeline raises: a traceback, the
+    run worker's stderr and Dagster's error info show them. Returns ``exc``."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        args = tuple(scrub_secrets(a) if isinstance(a, str) else a for a in current.args)
+        if args != current.args:
+            current.args = args
+        message = getattr(current, "message", None)
+        if isinstance(message, str):
+            cleaned = scrub_secrets(message)
+            if cleaned != message:
+                try:
+                    current.message = cleaned  # type: ignore[attr-defined]
+                except AttributeError:  # a read-only property: its args were scrubbed
+                    pass
+        current = current.__cause__ or current.__context__
+    return exc

@@ -12,6 +12,7 @@ from psycopg_pool import PoolTimeout
 from enrich_pipeline.bootstrap import Runtime, open_runtime, open_store
 from enrich_pipeline.pipeline.search import search_captions
 from enrich_pipeline.providers.base import ProviderError
+from enrich_pipeline.redaction import scrub_secrets
 from enrich_pipeline.settings import ConfigError, Settings
 
 MAX_TOP_K = 1000
@@ -89,12 +90,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (psycopg.OperationalError, PoolTimeout) as exc:
         where = settings.db.redacted() if settings is not None else "the database"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = scrub_secrets(
+            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        )
         print(f"error: cannot reach the database {where}: {reason}", file=sys.stderr)
         return 2
     except psycopg.Error as exc:  # refused by the server: rights, a missing table...
         where = settings.db.redacted() if settings is not None else "the database"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = scrub_secrets(
+            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        )
         print(f"error: the database {where} refused the search: {reason}", file=sys.stderr)
         return 2
     finally:

@@ -37,7 +37,7 @@ from enrich_pipeline.providers.base import (
     FatalProviderError,
     ProviderError,
 )
-from enrich_pipeline.redaction import redact_source
+from enrich_pipeline.redaction import scrub_exception, scrub_secrets
 
 # Verdicts. The first six stop the run; the rest are per call.
 ACCOUNT = "account"  # arrears, unpaid bills: fix billing
@@ -212,7 +212,7 @@ class CallContext:
         return cls(
             kind=kind,
             model=settings.vision_model if kind == "vision" else settings.embedding_model,
-            base_url=redact_source(settings.base_url),
+            base_url=settings.base_url_shown,
             timeout=settings.timeout,
             max_tokens=settings.max_caption_tokens if kind == "vision" else None,
             dimensions=settings.embedding_dimensions if kind == "embedding" else None,
@@ -272,7 +272,8 @@ def _answer(status: int | None, codes: set[str], message: str) -> str:
     """How the provider's answer is quoted in a message: status, code, message, shortened."""
     code = next((c for c in sorted(codes) if c.lower() != "invalid_request_error"), "")
     head = " ".join(p for p in (f"HTTP {status}" if status else "", code) if p)
-    text = clean_message(message, 240)
+    # Scrubbed before it is cut short: a key cut in half is still given away.
+    text = clean_message(scrub_secrets(message), 240)
     return f"{head}: {text}" if head and text else head or text
 
 
@@ -388,13 +389,18 @@ def _cause(exc: BaseException) -> str:
     while reason.__cause__ is not None or reason.__context__ is not None:
         reason = reason.__cause__ or reason.__context__  # type: ignore[assignment]
     text = str(reason) or type(reason).__name__
-    return clean_message(text, 200)
+    return clean_message(scrub_secrets(text), 200)
 
 
 def classify(exc: BaseException, ctx: CallContext = VISION) -> ProviderError:
-    """Map an SDK exception to the pipeline's error classes (the retry policy in one table)."""
+    """Map an SDK exception to the pipeline's error classes (the retry policy in one table).
+
+    The SDK's exception, which may quote the provider's answer (and what the provider echoed
+    of the request: the key), is scrubbed in place: it stays attached as the cause of the
+    pipeline's error, which tracebacks and Dagster's error info show."""
     if isinstance(exc, ProviderError):
         return exc
+    scrub_exception(exc)
     kind = ctx.kind
     if isinstance(exc, openai.APIStatusError):
         codes, message = _error_fields(exc)
@@ -420,14 +426,14 @@ def classify(exc: BaseException, ctx: CallContext = VISION) -> ProviderError:
         # A 200 whose body is not the JSON promised: a proxy or overloaded gateway, try again.
         return ProviderError(
             "malformed_response",
-            f"unreadable DashScope answer: {clean_message(exc, 200)}",
+            f"unreadable DashScope answer: {clean_message(scrub_secrets(str(exc)), 200)}",
             permanent=False,
             scope=SCOPE_SERVICE,
             kind=kind,
         )
     return ProviderError(
         "unexpected",
-        f"{type(exc).__name__}: {clean_message(exc, 200)}",
+        f"{type(exc).__name__}: {clean_message(scrub_secrets(str(exc)), 200)}",
         permanent=False,
         scope=SCOPE_SERVICE,
         kind=kind,

@@ -8,14 +8,18 @@ truncated JSON body).
 Hostile-provider modes are not DashScope behaviour but what any provider can do to a client:
 ``trickle`` (a 200 sent one byte per ``trickle_interval`` seconds), ``nan_embedding`` /
 ``inf_embedding`` / ``short_embedding``, and captions with NUL, a lone surrogate, 200,000
-characters, only invisible characters, or control characters.
+characters, only invisible characters, or control characters. With ``StandIn.echo_key`` on,
+every error message (and the ``malformed`` body) repeats the credentials the request carried
+(``echoed``), as debugging gateways and careless providers do.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from enrich_pipeline_tests.standin.errors import ERRORS
 
@@ -188,3 +192,24 @@ def hostile_vector(fault: str | None, vector: list[float]) -> list[float]:
     if fault == "short_embedding":
         return vector[: len(vector) // 2]
     return vector
+
+
+def echoed(message: str, authorization: str | None, url: str = "") -> str:
+    """``message`` as a provider that repeats what it was sent words it: the Authorization
+    header whole and cut short, the key URL-encoded, JSON-escaped (slashes too, as PHP and some
+    gateways write them) and masked the way providers print keys (``sk-...abcd``, the prefix and
+    the last characters), and the request URL with its query."""
+    header = authorization or ""
+    key = header.partition(" ")[2] or header
+    head = key[: key.find("-") + 1] if "-" in key[:8] else key[:3]
+    forms = [
+        f"Authorization: {header}",
+        f"header={json.dumps(header)[1:-1].replace('/', chr(92) + '/')}",
+        f"Bearer {key[:12]}...",
+        f"api_key={quote(key, safe='')}",
+        f"key {head}...{key[-4:]}",
+        f"key {head}****{key[-6:]}",
+        f"key ending {key[-8:]}",
+        f"url={url}",
+    ]
+    return f"{message} [request: {'; '.join(forms)}]"

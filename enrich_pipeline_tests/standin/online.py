@@ -26,7 +26,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from enrich_pipeline_tests.standin import limits
 from enrich_pipeline_tests.standin.answers import Parsed, dumps, parse_chat, parse_embeddings
 from enrich_pipeline_tests.standin.errors import ERRORS, Reply, error_body
-from enrich_pipeline_tests.standin.faults import CAPTION_FAULTS, EMBEDDING_FAULTS, FaultPlan
+from enrich_pipeline_tests.standin.faults import (
+    CAPTION_FAULTS,
+    EMBEDDING_FAULTS,
+    FaultPlan,
+    echoed,
+)
 from enrich_pipeline_tests.standin.tokens import max_output, requested_output
 
 
@@ -68,6 +73,7 @@ class OnlineAPI:
     per_second: bool
     hang_seconds: float
     trickle_interval: float
+    echo_key: bool
     text_only_models: set[str]
     max_output_tokens: dict[str, int]
     image_token_rule: str
@@ -129,7 +135,10 @@ class OnlineAPI:
                 self._log(entry)
                 return await self._reset(request)
             elif fault == "malformed":
-                return Response('{"id": "chatcmpl-', 200, headers, "application/json")
+                cut = '{"id": "chatcmpl-'
+                if self.echo_key:  # a truncated body that still carries what was sent
+                    cut += echoed("", request.headers.get("authorization"), str(request.url))
+                return Response(cut, 200, headers, "application/json")
             elif fault in ERRORS:
                 reply = Reply(fault, fault=fault, model=entry["model"])
                 if injected and injected.retry_after is not None:
@@ -144,6 +153,9 @@ class OnlineAPI:
             return JSONResponse(answer, headers=headers)
         except Reply as reply:
             entry["status"], entry["fault"] = reply.status, reply.fault
+            if self.echo_key:
+                auth = request.headers.get("authorization")
+                reply.message = echoed(reply.message, auth, str(request.url))
             content = error_body(reply, request_id)
             return JSONResponse(content, reply.status, headers | reply.headers)
         finally:
