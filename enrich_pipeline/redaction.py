@@ -20,6 +20,7 @@ import logging
 import re
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlencode, urlsplit
 
@@ -153,11 +154,14 @@ def conninfo_secrets(conninfo: str) -> tuple[str, ...]:
 PARTIAL_MIN = 16
 _TAIL = 4
 _LAST = 8
-# What a token is made of, where a secret (or a piece of it) sits inside one: no spaces, quotes,
-# brackets or separators of a sentence or a JSON text.
+# A token: where a secret (or a piece of it) sits in a text. No spaces, quotes, brackets or
+# separators of a sentence or a JSON text.
 _TOKEN = r"""[^\s"'`<>(){}\[\],;]"""
+_TOKENS = re.compile(f"{_TOKEN}+")
+# Tokens longer than this are not keys however they end (a data URL, a base64 dump).
+_MAX_TOKEN = 200
 # How a provider marks the elided middle of a key: "sk-...9f3a", "sk-…9f3a", "sk-****9f3a".
-_ELIDED = r"(?:\.\.|…|\*\*)"
+_ELIDED = re.compile(r"\.\.|…|\*\*")
 # A credential sent as an HTTP Authorization value, whoever's it is: always masked.
 _SCHEME = re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9\-._~+/%\\]{6,}=*")
 
@@ -179,59 +183,86 @@ def _lower_hex(text: str) -> str:
     return re.sub(r"%[0-9A-F]{2}", lambda m: m.group().lower(), text)
 
 
-def _scheme_of(secret: str) -> str:
-    """The fixed prefix of a key ("sk-", "sk-proj-"): up to its last "-" or "_" early on."""
-    cut = max(secret.rfind("-", 0, 9), secret.rfind("_", 0, 9))
-    return secret[: cut + 1] if cut > 0 else ""
+@dataclass(frozen=True)
+class _Pieces:
+    """The pieces of a long secret that still give it away, as providers print keys."""
+
+    head: str  # the key cut short: "sk-abc1..." (its fixed prefix and 4 more characters)
+    last: str  # its last 8 characters, wherever they are: "key ending 90abcdef"
+    tail: str  # its last 4, after an elision ("sk-...9f3a") or right after its prefix
+    scheme: str  # its fixed prefix ("sk-", "sk-proj-"), "" when it has none
+    head_re: re.Pattern[str]
+
+    @classmethod
+    def of(cls, secret: str) -> _Pieces:
+        cut = max(secret.rfind("-", 0, 9), secret.rfind("_", 0, 9))
+        scheme = secret[: cut + 1] if cut > 0 else ""
+        head = secret[: len(scheme) + 4] if scheme else secret[:8]
+        # The whole token that starts like the secret.
+        head_re = re.compile(rf"(?<![A-Za-z0-9]){re.escape(head)}{_TOKEN}*")
+        return cls(head, secret[-_LAST:], secret[-_TAIL:], scheme, head_re)
+
+    def hide(self, token: str) -> str | None:
+        """``token`` with the key it shows masked, or None when it shows none of this key."""
+        core = token.rstrip(".:!?")
+        if not core.endswith(self.tail) or len(token) > _MAX_TOKEN:
+            return None
+        if _ELIDED.search(core[: -len(self.tail)]):
+            return MASK + token[len(core) :]
+        at = core.find(self.scheme) if self.scheme else -1
+        if at >= 0 and (at == 0 or not core[at - 1].isalnum()):
+            return core[:at] + MASK + token[len(core) :]
+        return None
 
 
-def _partial_patterns(secret: str) -> list[str]:
-    """Regular expressions of the pieces of a long secret that still give it away."""
-    scheme = _scheme_of(secret)
-    head = secret[: len(scheme) + 4] if scheme else secret[:8]
-    tail = re.escape(secret[-_TAIL:])
-    end = r"(?![A-Za-z0-9])"
-    patterns = [
-        # A token that starts like the secret: the key cut short ("sk-abc1...", "sk-abc1").
-        rf"(?<![A-Za-z0-9]){re.escape(head)}{_TOKEN}*",
-        # A token with an elided middle that ends like the secret ("sk-...9f3a", "****9f3a").
-        rf"{_TOKEN}*?{_ELIDED}{_TOKEN}*?{tail}{end}",
-        # Its last characters, wherever they are ("key ending 90abcdef").
-        re.escape(secret[-_LAST:]),
-    ]
-    if scheme:
-        # The prefix and the last characters with nothing between ("sk-9f3a").
-        patterns.append(rf"(?<![A-Za-z0-9]){re.escape(scheme)}{_TOKEN}*?{tail}{end}")
-    return patterns
+@dataclass(frozen=True)
+class _Known:
+    """A snapshot of what is hidden: every spelling (longest first), and the pieces."""
+
+    forms: tuple[str, ...] = ()
+    pieces: tuple[_Pieces, ...] = ()
 
 
 class _Secrets(logging.Filter):
-    """The secrets known to this process, and the filter that hides them in log records."""
+    """The secrets known to this process, and the filter that hides them in log records.
+
+    Plain substring searches and linear patterns only: a provider's message (or a log line) may
+    be megabytes long, and its scrubbing must stay linear in its length."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._known: set[str] = set()
-        self._pattern: re.Pattern[str] | None = None
+        self._secrets: set[str] = set()
+        self._known = _Known()
         self._lock = threading.Lock()
 
     def add(self, secrets: Iterable[str]) -> None:
         with self._lock:
-            new = {s for s in secrets if len(s) >= MIN_SECRET} - self._known
+            new = {s for s in secrets if len(s) >= MIN_SECRET} - self._secrets
             if not new:
                 return
-            self._known |= new
-            forms = {f for s in self._known for f in spellings(s)}
-            # Longest first, so a secret that contains another is replaced whole.
-            alternatives = [re.escape(f) for f in sorted(forms, key=len, reverse=True)]
+            self._secrets |= new
+            forms = {f for s in self._secrets for f in spellings(s)}
             # A user:password pair is masked whole; its password alone gets the pieces.
-            pieced = [s for s in self._known if len(s) >= PARTIAL_MIN and ":" not in s]
-            alternatives += [p for s in pieced for p in _partial_patterns(s)]
-            self._pattern = re.compile("|".join(alternatives))
+            pieced = sorted(s for s in self._secrets if len(s) >= PARTIAL_MIN and ":" not in s)
+            self._known = _Known(
+                # Longest first, so a secret that contains another is replaced whole.
+                tuple(sorted(forms, key=len, reverse=True)),
+                tuple(_Pieces.of(s) for s in pieced),
+            )
 
     def scrub(self, text: str) -> str:
-        pattern = self._pattern
-        if pattern is not None:
-            text = pattern.sub(MASK, text)
+        known = self._known
+        for form in known.forms:
+            if form in text:
+                text = text.replace(form, MASK)
+        for piece in known.pieces:
+            if piece.head in text:
+                text = piece.head_re.sub(MASK, text)
+            if piece.last in text:
+                text = text.replace(piece.last, MASK)
+        tails = [p for p in known.pieces if p.tail in text]
+        if tails:
+            text = _TOKENS.sub(lambda m: _hide_token(m.group(), tails), text)
         return _SCHEME.sub(rf"\1\2{MASK}", text)
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -252,6 +283,14 @@ class _Secrets(logging.Filter):
 _SECRETS = _Secrets()
 _FACTORY_LOCK = threading.Lock()
 _factory_installed = False
+
+
+def _hide_token(token: str, pieces: list[_Pieces]) -> str:
+    for piece in pieces:
+        hidden = piece.hide(token)
+        if hidden is not None:
+            return hidden
+    return token
 
 
 def _install_record_factory() -> None:
