@@ -8,8 +8,17 @@ other module may use it. Two tools:
 - ``redact_source`` shows a URL (an image source, a base URL, a database URL) without its
   userinfo, with secret-looking query values masked, ``data:`` URLs shortened and control
   characters removed (log-line injection);
-- ``hide_in_logs``/``scrub_secrets`` replace known secret values (the API key, the database
-  password, base-URL credentials) wherever they appear, in library log records and in any text.
+- the process's registry of known secrets (``register_secrets``; ``hide_in_logs`` also filters
+  given library loggers): the API key, the database password and the base URL's credentials
+  are registered where a client or a connection is made with them, and from then on
+  ``scrub_secrets`` replaces them, in every spelling and by the pieces providers print of a key
+  (``sk-...abcd``), in any text; ``scrub_exception`` does it in an exception chain; and every
+  log record the process makes is scrubbed as it is made.
+
+The choke points that use it: the provider's errors (``providers.errors.classify``,
+``ProviderError``, ``BatchError``), a row's error (``ItemError``), the failure ledger (written
+and read), the command lines' report and database error lines, and log records (Dagster's
+``context.log`` included).
 """
 
 from __future__ import annotations
