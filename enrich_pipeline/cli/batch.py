@@ -24,6 +24,7 @@ from enrich_pipeline.pipeline.batch.state import batch_api
 from enrich_pipeline.pipeline.batch.submit import submit_batch
 from enrich_pipeline.providers.base import FatalProviderError, ProviderError
 from enrich_pipeline.providers.batch_api import BatchError
+from enrich_pipeline.redaction import scrub_secrets
 from enrich_pipeline.settings import (
     BatchSettings,
     ConfigError,
@@ -210,7 +211,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return 2
     except (psycopg.OperationalError, PoolTimeout) as exc:
         where = db.redacted() if db is not None else "the database"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = scrub_secrets(
+            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        )
         if store is None:
             print(f"error: cannot connect to {where}: {reason}", file=sys.stderr)
         else:
@@ -222,7 +225,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return 2
     except psycopg.Error as exc:  # refused by the server: rights, a missing table...
         where = db.redacted() if db is not None else "the database"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = scrub_secrets(
+            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        )
         print(f"error: the database ({where}) refused: {reason}", file=sys.stderr)
         return 2
     except FatalProviderError as exc:

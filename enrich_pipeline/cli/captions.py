@@ -35,7 +35,7 @@ from enrich_pipeline.db.preflight import grants
 from enrich_pipeline.pipeline.stats import RunStats
 from enrich_pipeline.providers.base import FatalProviderError, ProviderUnavailable
 from enrich_pipeline.providers.pricing import estimate_cost, price_table
-from enrich_pipeline.redaction import redact_source
+from enrich_pipeline.redaction import scrub_secrets
 from enrich_pipeline.settings import ConfigError, DbSettings, RunSettings, Settings
 
 RUN_FLAGS: FlagMap = {}
@@ -136,7 +136,7 @@ def configuration(runtime: Runtime, user_id: str | None) -> list[tuple[str, str]
         f"{provider.model_label} (OFFLINE: no DashScope call is made; "
         "captions are synthetic and labelled caption_source=offline)"
         if provider.offline
-        else f"{api.vision_model} at {redact_source(api.base_url)}"
+        else f"{api.vision_model} at {api.base_url_shown}"
     )
     return [
         ("Database", f"{db.redacted()} ({db.namespace}.{db.table})"),
@@ -158,7 +158,7 @@ def configuration(runtime: Runtime, user_id: str | None) -> list[tuple[str, str]
 def _statistics(report: Report, runtime: Runtime, stats: RunStats, started: float) -> None:
     usage = runtime.provider.usage.as_dict()
     api = runtime.settings.dashscope
-    prices = price_table(api.base_url, api.prices)
+    prices = price_table(api.url, api.prices)
     cost = estimate_cost(
         usage,
         vision_model=runtime.provider.model_label,
@@ -218,7 +218,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return EXIT_OK
     except (psycopg.OperationalError, PoolTimeout) as exc:
         where = db.redacted() if db is not None else "the database"
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = scrub_secrets(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         if isinstance(exc, psycopg.errors.DeadlockDetected | psycopg.errors.LockNotAvailable):
             print(
                 f"error: the database ({where}) refused a lock ({type(exc).__name__}: {reason});"

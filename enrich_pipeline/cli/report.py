@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from enrich_pipeline.pipeline.stats import ItemOutcome, RunStats
+from enrich_pipeline.redaction import scrub_secrets
 
 RULE = "=" * 64
 
@@ -20,7 +21,8 @@ class Report:
         self.count = 0
 
     def line(self, text: str = "") -> None:
-        print(text, file=self.out, flush=True)
+        # Every line may quote a provider or a database (an item's reason, a stop): scrubbed.
+        print(scrub_secrets(text), file=self.out, flush=True)
 
     def configuration(self, pairs: Sequence[tuple[str, str]]) -> None:
         self.line(RULE)

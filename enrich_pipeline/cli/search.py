@@ -14,6 +14,7 @@ from enrich_pipeline.cli.flags import Parser
 from enrich_pipeline.cli.stopping import stops_cleanly
 from enrich_pipeline.pipeline.search import reembed_non_finite, search_captions
 from enrich_pipeline.providers.base import ProviderError
+from enrich_pipeline.redaction import scrub_secrets
 from enrich_pipeline.settings import ConfigError, Settings
 
 MAX_TOP_K = 1000
@@ -124,12 +125,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (psycopg.OperationalError, PoolTimeout) as exc:
         where = settings.db.redacted() if settings is not None else "the database"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = scrub_secrets(
+            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        )
         print(f"error: cannot reach the database {where}: {reason}", file=sys.stderr)
         return 2
     except psycopg.Error as exc:  # refused by the server: rights, a missing table...
         where = settings.db.redacted() if settings is not None else "the database"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = scrub_secrets(
+            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        )
         print(f"error: the database {where} refused the search: {reason}", file=sys.stderr)
         return 2
     finally:

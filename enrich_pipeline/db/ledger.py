@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from psycopg import sql
 
 from enrich_pipeline.db.database import Database
+from enrich_pipeline.redaction import scrub_secrets
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,8 @@ class FailureLedger:
         ).format(f=self.db.t("enrich_failures"))
         with self.db.connection() as conn:
             rows = conn.execute(query, {"src": self.db.source_table, "user": user_id})
-            return [LedgerEntry(*r) for r in rows]
+            # Scrubbed as read too: a row written by an older version may quote a secret.
+            return [LedgerEntry(*r[:4], scrub_secrets(r[4]) if r[4] else r[4]) for r in rows]
 
     def reset_failures(self, user_id: str | None = None) -> int:
         """Forget recorded failures so those rows are pending again (the "retry failed" action)."""

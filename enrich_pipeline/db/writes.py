@@ -294,8 +294,9 @@ class ChunkWrites:
                         "ids": [f.item_id for f in failures],
                         "permanent": [f.error.permanent for f in failures],
                         "codes": [f.error.code for f in failures],
-                        # Errors are kept short: the ledger is for people, not for dumps.
-                        "messages": [f.error.message[:2000] for f in failures],
+                        # Errors are kept short: the ledger is for people, not for dumps. A
+                        # table is read by more people than a log: scrubbed once more here.
+                        "messages": [scrub_secrets(f.error.message)[:2000] for f in failures],
                     },
                 )
             every = [s.item_id for s in successes] + [f.item_id for f in failures]

@@ -377,7 +377,7 @@ def _summarize(
     shares = share_usage(usage, runs)
     run_settings = run_state.settings
     embedding_model = settings.embedding_model if run_settings.caption_embedding else None
-    prices = load_prices(base_url=settings.base_url)
+    prices = load_prices(base_url=settings.url)
     max_attempts = run_settings.max_attempts
     items = adbpg.store.summary.user_items(runs, max_attempts=max_attempts)
     database = _database_label(adbpg)

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from enrich_pipeline.enrichment.images import VisionImage
+from enrich_pipeline.redaction import scrub_secrets
 
 
 @dataclass(frozen=True)
@@ -38,13 +39,18 @@ UNSETTLED = frozenset({BLAME_UNCLEAR, BLAME_LIKELY_ROW})
 @dataclass(frozen=True)
 class ItemError:
     """Why one item failed. ``permanent`` errors are not retried by later runs; an error whose
-    ``blame`` is the provider's costs the row nothing (no ledger entry, attempts unchanged)."""
+    ``blame`` is the provider's costs the row nothing (no ledger entry, attempts unchanged).
+    The message is scrubbed of every known secret: it goes to the ledger, the report, logs and
+    Dagster's events, and may quote a provider or a database."""
 
     code: str
     message: str
     permanent: bool
     stage: str
     blame: str = BLAME_ROW
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "message", scrub_secrets(self.message))
 
     @property
     def charged(self) -> bool:

@@ -13,6 +13,7 @@ from typing import Any, Protocol, TypeVar
 import tenacity
 
 from enrich_pipeline.enrichment.images import VisionImage
+from enrich_pipeline.redaction import scrub_secrets
 
 T = TypeVar("T")
 
@@ -31,7 +32,8 @@ SCOPE_SERVICE = "service"
 class ProviderError(Exception):
     """One call failed. ``permanent`` errors are recorded and never retried; ``scope`` says
     whether the row, the quota or the service is at fault; ``kind`` which model was called
-    ("vision" or "embedding")."""
+    ("vision" or "embedding"). The message is scrubbed of every known secret: it may quote the
+    provider, and it goes to reports, the failure ledger, logs and Dagster's events."""
 
     def __init__(
         self,
@@ -43,7 +45,7 @@ class ProviderError(Exception):
         kind: str = "vision",
         status: int | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(scrub_secrets(message))
         self.code = code
         self.permanent = permanent
         self.scope = scope

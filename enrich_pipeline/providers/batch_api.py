@@ -20,6 +20,7 @@ from enrich_pipeline.providers.errors import classify
 from enrich_pipeline.providers.regions import BEIJING, SINGAPORE, region_of
 from enrich_pipeline.providers.transport import bounded_lines
 from enrich_pipeline.providers.wire import CHAT_ENDPOINT
+from enrich_pipeline.redaction import scrub_exception, scrub_secrets
 from enrich_pipeline.settings import ConfigError, DashScopeSettings
 
 COMPLETION_WINDOW = "24h"
@@ -70,15 +71,16 @@ def _listed(model: str, families: tuple[str, ...]) -> bool:
 def batch_refusal(settings: DashScopeSettings) -> str | None:
     """Why the Batch API will not take ``settings``' vision model in its region, in one line;
     None when it does, or when the base URL is no known Model Studio region."""
-    region = region_of(settings.base_url)
+    region = region_of(settings.url)
     if region is None:
         return None
     model = settings.vision_model
     families = BATCH_MODELS.get(region)
     if families is None:
         return (
-            f"DashScope's Batch API is not offered in the {region} region ({settings.base_url}): "
-            f"{_MATRIX}. Use the online path (enrich-captions) or a Beijing base URL"
+            f"DashScope's Batch API is not offered in the {region} region "
+            f"({settings.base_url_shown}): {_MATRIX}. Use the online path (enrich-captions) or a "
+            "Beijing base URL"
         )
     if _listed(model, families):
         return None
@@ -95,7 +97,11 @@ def batch_endpoint(model: str) -> str:
 
 
 class BatchError(Exception):
-    """A batch could not be submitted, polled or collected; the message says why."""
+    """A batch could not be submitted, polled or collected; the message says why, scrubbed of
+    every known secret (it may quote the provider)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(scrub_secrets(message))
 
 
 class BatchUnsupported(BatchError):
@@ -134,7 +140,7 @@ class BatchApi:
             )
         settings.require_key()
         self.settings = settings
-        self.base_url = settings.base_url
+        self.base_url = settings.base_url_shown  # for messages
         self._client = client or openai_client(settings)
 
     def _call(self, fn: Callable[[], Any]) -> Any:
@@ -144,7 +150,8 @@ class BatchApi:
         def attempt() -> Any:
             try:
                 return fn()
-            except openai.APIStatusError:
+            except openai.APIStatusError as exc:
+                scrub_exception(exc)  # the caller quotes it, and keeps it as a cause
                 raise
             except Exception as exc:  # noqa: BLE001 - every other SDK failure is classified
                 raise classify(exc) from exc

@@ -63,7 +63,7 @@ def openai_client(settings: DashScopeSettings, **options: Any) -> openai.OpenAI:
     options.setdefault("http_client", http_client(settings.timeout, settings.max_answer_bytes))
     return openai.OpenAI(
         api_key=settings.api_key.get_secret_value(),
-        base_url=settings.base_url,
+        base_url=settings.url,
         timeout=settings.timeout,
         max_retries=0,
         **options,

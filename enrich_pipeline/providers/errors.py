@@ -44,7 +44,7 @@ from enrich_pipeline.providers.base import (
     ProviderError,
 )
 from enrich_pipeline.providers.transport import AnswerTooLarge, ForeignAnswer
-from enrich_pipeline.redaction import redact_source
+from enrich_pipeline.redaction import scrub_exception, scrub_secrets
 
 # Verdicts. The first six stop the run; the rest are per call.
 ACCOUNT = "account"  # arrears, unpaid bills: fix billing
@@ -223,7 +223,7 @@ class CallContext:
         return cls(
             kind=kind,
             model=settings.vision_model if kind == "vision" else settings.embedding_model,
-            base_url=redact_source(settings.base_url),
+            base_url=settings.base_url_shown,
             timeout=settings.timeout,
             max_tokens=settings.max_caption_tokens if kind == "vision" else None,
             dimensions=settings.embedding_dimensions if kind == "embedding" else None,
@@ -283,7 +283,8 @@ def _answer(status: int | None, codes: set[str], message: str) -> str:
     """How the provider's answer is quoted in a message: status, code, message, shortened."""
     code = next((c for c in sorted(codes) if c.lower() != "invalid_request_error"), "")
     head = " ".join(p for p in (f"HTTP {status}" if status else "", code) if p)
-    text = clean_message(message, 240)
+    # Scrubbed before it is cut short: a key cut in half is still given away.
+    text = clean_message(scrub_secrets(message), 240)
     return f"{head}: {text}" if head and text else head or text
 
 
@@ -399,7 +400,7 @@ def _cause(exc: BaseException) -> str:
     while reason.__cause__ is not None or reason.__context__ is not None:
         reason = reason.__cause__ or reason.__context__  # type: ignore[assignment]
     text = str(reason) or type(reason).__name__
-    return clean_message(text, 200)
+    return clean_message(scrub_secrets(text), 200)
 
 
 def classify(
@@ -409,9 +410,14 @@ def classify(
 
     ``endpoint_proven``: whether the called endpoint ever answered properly (the online
     provider's ``Governor.answered``); until it has, an answer that is not the API's stops the
-    run naming ``DASHSCOPE_BASE_URL``."""
+    run naming ``DASHSCOPE_BASE_URL``.
+
+    The SDK's exception, which may quote the provider's answer (and what the provider echoed
+    of the request: the key), is scrubbed in place: it stays attached as the cause of the
+    pipeline's error, which tracebacks and Dagster's error info show."""
     if isinstance(exc, ProviderError):
         return exc
+    scrub_exception(exc)
     kind = ctx.kind
     if isinstance(exc, AnswerTooLarge):
         # No legitimate answer comes near the cap (see DASHSCOPE_MAX_ANSWER_BYTES): the
@@ -458,14 +464,14 @@ def classify(
         # A 200 whose body is not the JSON promised: a proxy or overloaded gateway, try again.
         return ProviderError(
             "malformed_response",
-            f"unreadable DashScope answer: {clean_message(exc, 200)}",
+            f"unreadable DashScope answer: {clean_message(scrub_secrets(str(exc)), 200)}",
             permanent=False,
             scope=SCOPE_SERVICE,
             kind=kind,
         )
     return ProviderError(
         "unexpected",
-        f"{type(exc).__name__}: {clean_message(exc, 200)}",
+        f"{type(exc).__name__}: {clean_message(scrub_secrets(str(exc)), 200)}",
         permanent=False,
         scope=SCOPE_SERVICE,
         kind=kind,

@@ -207,4 +207,4 @@ def pacer(
     # The budget keeps a schedule of per-second spacing; without it there is nothing to share.
     if budget is None or not local.limited or not settings.rate_per_second:
         return local
-    return SharedRateLimiter(local, budget, account_of(settings.base_url), model)
+    return SharedRateLimiter(local, budget, account_of(settings.url), model)

@@ -8,7 +8,12 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator
 
 from enrich_pipeline.redaction import redact_source, url_secrets
-from enrich_pipeline.settings.framework import ConfigError, CredentialedUrl, SettingsModel
+from enrich_pipeline.settings.framework import (
+    ConfigError,
+    CredentialedUrl,
+    SecretUrl,
+    SettingsModel,
+)
 from enrich_pipeline.settings.prices import parse_prices
 
 BEIJING_BASE_URL = "https://dashscope.aliyuncs.com/compatible-mode/v1"
@@ -16,6 +21,7 @@ DEFAULT_PROMPT = (
     "Describe this image in one or two sentences for a product catalogue: the main objects, "
     "their colors and materials, the style and the setting. Answer in English."
 )
+MAX_URL = 2000
 # text-embedding-v4's documented output sizes (v3 takes the ones up to 1024).
 EMBEDDING_DIMENSIONS = (64, 128, 256, 512, 768, 1024, 1536, 2048)
 
@@ -30,8 +36,6 @@ class DashScopeSettings(SettingsModel):
         BEIJING_BASE_URL,
         description="OpenAI-compatible base URL (Beijing, Singapore, or any compatible server)",
         validation_alias="DASHSCOPE_BASE_URL",
-        min_length=1,
-        max_length=2000,
     )
     vision_model: str = Field(
         "qwen3-vl-plus",
@@ -185,9 +189,11 @@ class DashScopeSettings(SettingsModel):
 
     @field_validator("base_url")
     @classmethod
-    def _http_url(cls, value: str) -> str:
+    def _http_url(cls, value: SecretUrl) -> SecretUrl:
+        if len(value.get_secret_value()) > MAX_URL:
+            raise ValueError(f"must be at most {MAX_URL} characters")
         try:
-            parts = urlsplit(value)
+            parts = urlsplit(value.get_secret_value())
             parts.port  # noqa: B018 - raises on a junk port
         except ValueError:
             raise ValueError("not a valid URL") from None
@@ -210,14 +216,20 @@ class DashScopeSettings(SettingsModel):
         return value
 
     @property
+    def url(self) -> str:
+        """The base URL as configured, credentials included: for the HTTP client and for
+        finding the region, never for showing (``base_url_shown``)."""
+        return self.base_url.get_secret_value()
+
+    @property
     def base_url_shown(self) -> str:
         """The base URL without the credentials it may carry, for reports, logs and tables."""
-        return redact_source(self.base_url)
+        return redact_source(self.url)
 
     def secrets(self) -> tuple[str, ...]:
         """The key and the base URL's credentials (user:password@, secret-looking query
-        values): what the HTTP client's log lines, which show request URLs, must not show."""
-        return (*url_secrets(self.base_url), self.api_key.get_secret_value())
+        values): what no log line, report, table or event may show."""
+        return (*url_secrets(self.url), self.api_key.get_secret_value())
 
     def require_key(self) -> None:
         if not self.offline and not self.api_key.get_secret_value():

@@ -12,8 +12,9 @@ the environment is read where ``from_env`` says so, through pydantic-settings' o
 source, so a test or a Dagster config never picks up a variable behind the caller's back.
 
 Secrets are ``SecretStr`` fields: never shown by ``repr``, ``model_dump`` or an error. A
-``CredentialedUrl`` field may carry credentials (``user:password@``, ``?api-key=``) and is shown
-redacted in ``repr`` and in errors.
+``CredentialedUrl`` field may carry credentials (``user:password@``, ``?api-key=``): it holds a
+``SecretUrl``, shown redacted by ``str``, ``repr``, ``model_dump`` (JSON too) and errors; the
+URL itself is ``get_secret_value()``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 from collections.abc import Mapping
 from typing import Annotated, Any, Self
 
-from pydantic import AliasChoices, BaseModel, SecretStr, ValidationError
+from pydantic import AliasChoices, BaseModel, PlainSerializer, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -42,7 +43,17 @@ class _ShownRedacted:
     """Marks a URL field that may carry credentials."""
 
 
-CredentialedUrl = Annotated[str, _ShownRedacted()]
+class SecretUrl(SecretStr):
+    """A URL that may carry credentials: shown without them (``redact_source``) wherever it is
+    printed or dumped, given whole only by ``get_secret_value()`` (to the HTTP client)."""
+
+    def _display(self) -> str:
+        return redact_source(self.get_secret_value())
+
+
+CredentialedUrl = Annotated[
+    SecretUrl, _ShownRedacted(), PlainSerializer(lambda url: str(url), when_used="json")
+]
 
 
 def variables(model: type[BaseModel], name: str) -> tuple[str, ...]:
@@ -107,6 +118,9 @@ class SettingsModel(BaseSettings):
         frozen=True,
         extra="forbid",
         validate_default=True,
+        # A value may be a secret: pydantic's own message (a model built in code) does not
+        # quote it; ``build`` words every error itself.
+        hide_input_in_errors=True,
         validate_by_name=True,
         validate_by_alias=True,
         case_sensitive=True,
@@ -154,21 +168,13 @@ class SettingsModel(BaseSettings):
         if _is_secret(info) or len(error["loc"]) > 1:
             # A secret, or a value inside a part (``db``'s ``conninfo``, say): not echoed.
             got = ""
-        elif _is_url(info) and isinstance(value, str):
-            got = f", got {redact_source(value)!r}"
+        elif _is_url(info) and isinstance(value, str | SecretStr):
+            shown = value if isinstance(value, str) else value.get_secret_value()
+            got = f", got {redact_source(shown)!r}"
         else:
             got = f", got {value!r}"
         message = error["msg"].removeprefix("Value error, ")
         return f"{where}: {message[:1].lower()}{message[1:]}{got}"
-
-    def __repr_args__(self) -> Any:
-        # A URL field may carry credentials (user:password@, ?api-key=): shown redacted.
-        fields = type(self).model_fields
-        for name, value in super().__repr_args__():
-            if name and isinstance(value, str) and _is_url(fields.get(name)):
-                yield name, redact_source(value)
-            else:
-                yield name, value
 
     @classmethod
     def from_env(

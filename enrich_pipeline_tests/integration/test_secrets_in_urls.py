@@ -557,7 +557,7 @@ def test_settings_and_batch_api_show_the_base_url_redacted() -> None:
         ("api.base_url", api.base_url),
         ("api.settings", repr(api.settings)),
     ]
-    assert settings.base_url == url  # the client still gets the credentials
+    assert settings.url == url  # the client still gets the credentials
     assert api.base_url == "http://gw.example.test/v1"
     with pytest.raises(ConfigError) as info:
         DashScopeSettings.from_env({"DASHSCOPE_BASE_URL": url.replace("http", "gopher")})

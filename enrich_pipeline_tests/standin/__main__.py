@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--batch-delay", type=float, default=0.0, help="seconds a batch takes to complete"
     )
+    parser.add_argument(
+        "--echo-key", action="store_true", help="repeat the request's credentials in errors"
+    )
     args = parser.parse_args(argv)
     with StandIn(**vars(args)) as server:
         print(f"DashScope stand-in listening on {server.base_url}", flush=True)

@@ -33,7 +33,7 @@ from enrich_pipeline_tests.standin.batch_files import (
     validate_lines,
 )
 from enrich_pipeline_tests.standin.errors import ERRORS, Reply, error_body
-from enrich_pipeline_tests.standin.faults import hostile_usage
+from enrich_pipeline_tests.standin.faults import echoed, hostile_usage
 from enrich_pipeline_tests.standin.online import OnlineAPI, log_entry
 
 BATCH_MAX_LINES = 50_000  # DashScope: requests in one batch file
@@ -82,6 +82,9 @@ class BatchAPI(OnlineAPI):
             return JSONResponse(result, headers=headers)
         except Reply as reply:
             entry["status"] = reply.status
+            if self.echo_key:
+                auth = request.headers.get("authorization")
+                reply.message = echoed(reply.message, auth, str(request.url))
             return JSONResponse(error_body(reply, request_id), reply.status, headers)
         finally:
             self._log(entry)
@@ -211,6 +214,8 @@ class BatchAPI(OnlineAPI):
                 "_force": self.batch_force,
                 "_delay": self.batch_delay,
                 "_expire_after": self.batch_expire_after,
+                # What an echoing provider repeats in the error lines of this batch.
+                "_authorization": request.headers.get("authorization"),
             }
             with self._lock:
                 self.batches[batch["id"]] = batch
@@ -294,7 +299,9 @@ class BatchAPI(OnlineAPI):
                 )
                 counts["failed"] += 1
                 continue
-            ok, record = await asyncio.to_thread(self._batch_line, line, kind)
+            ok, record = await asyncio.to_thread(
+                self._batch_line, line, kind, batch["_authorization"]
+            )
             (output if ok else errors).append(record)
             counts["completed" if ok else "failed"] += 1
         while (
@@ -319,7 +326,9 @@ class BatchAPI(OnlineAPI):
         else:
             batch["status"], batch["completed_at"] = "completed", now
 
-    def _batch_line(self, line: dict[str, Any], kind: str) -> tuple[bool, dict[str, Any]]:
+    def _batch_line(
+        self, line: dict[str, Any], kind: str, authorization: str | None = None
+    ) -> tuple[bool, dict[str, Any]]:
         """One request of a batch through the online logic: (answered, output/error line)."""
         request_id = str(uuid.uuid4())
         entry = log_entry(f"batch_{kind}")
@@ -354,6 +363,8 @@ class BatchAPI(OnlineAPI):
             }
         except Reply as reply:
             entry["status"], entry["fault"] = reply.status, reply.fault
+            if self.echo_key:
+                reply.message = echoed(reply.message, authorization)
             return False, batch_error_line(
                 custom_id, reply, reply.code, reply.message, request_id=request_id
             )

@@ -13,14 +13,19 @@ another server's answers (``foreign``).
 
 Usage faults (``USAGE_FAULTS``): a good answer whose ``usage`` is ``{}``, or whose counts are
 null, negative, 1e300 or text.
+
+With ``StandIn.echo_key`` on, every error message (and the ``malformed`` body) repeats the
+credentials the request carried (``echoed``), as debugging gateways and careless providers do.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from enrich_pipeline_tests.standin.errors import ERRORS
 from enrich_pipeline_tests.standin.foreign import FOREIGN_FAULTS, SIZE_FAULTS
@@ -219,3 +224,24 @@ def hostile_usage(fault: str | None, answer: dict[str, Any]) -> dict[str, Any]:
     else:
         lied = {k: _HOSTILE_COUNTS[fault] for k in usage}
     return {**answer, "usage": lied}
+
+
+def echoed(message: str, authorization: str | None, url: str = "") -> str:
+    """``message`` as a provider that repeats what it was sent words it: the Authorization
+    header whole and cut short, the key URL-encoded, JSON-escaped (slashes too, as PHP and some
+    gateways write them) and masked the way providers print keys (``sk-...abcd``, the prefix and
+    the last characters), and the request URL with its query."""
+    header = authorization or ""
+    key = header.partition(" ")[2] or header
+    head = key[: key.find("-") + 1] if "-" in key[:8] else key[:3]
+    forms = [
+        f"Authorization: {header}",
+        f"header={json.dumps(header)[1:-1].replace('/', chr(92) + '/')}",
+        f"Bearer {key[:12]}...",
+        f"api_key={quote(key, safe='')}",
+        f"key {head}...{key[-4:]}",
+        f"key {head}****{key[-6:]}",
+        f"key ending {key[-8:]}",
+        f"url={url}",
+    ]
+    return f"{message} [request: {'; '.join(forms)}]"

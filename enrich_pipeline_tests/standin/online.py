@@ -30,6 +30,7 @@ from enrich_pipeline_tests.standin.faults import (
     CAPTION_FAULTS,
     EMBEDDING_FAULTS,
     FaultPlan,
+    echoed,
     hostile_usage,
 )
 from enrich_pipeline_tests.standin.foreign import FOREIGN_FAULTS, SIZE_FAULTS, foreign_reply
@@ -74,6 +75,7 @@ class OnlineAPI:
     per_second: bool
     hang_seconds: float
     trickle_interval: float
+    echo_key: bool
     text_only_models: set[str]
     max_output_tokens: dict[str, int]
     image_token_rule: str
@@ -135,7 +137,10 @@ class OnlineAPI:
                 self._log(entry)
                 return await self._reset(request)
             elif fault == "malformed":
-                return Response('{"id": "chatcmpl-', 200, headers, "application/json")
+                cut = '{"id": "chatcmpl-'
+                if self.echo_key:  # a truncated body that still carries what was sent
+                    cut += echoed("", request.headers.get("authorization"), str(request.url))
+                return Response(cut, 200, headers, "application/json")
             elif fault in SIZE_FAULTS or fault in FOREIGN_FAULTS:
                 return foreign_reply(fault, headers)
             elif fault in ERRORS:
@@ -153,6 +158,9 @@ class OnlineAPI:
             return JSONResponse(answer, headers=headers)
         except Reply as reply:
             entry["status"], entry["fault"] = reply.status, reply.fault
+            if self.echo_key:
+                auth = request.headers.get("authorization")
+                reply.message = echoed(reply.message, auth, str(request.url))
             content = error_body(reply, request_id)
             return JSONResponse(content, reply.status, headers | reply.headers)
         finally:

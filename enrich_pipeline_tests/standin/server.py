@@ -54,8 +54,9 @@ class StandIn(BatchAPI):
     for every model or a ``{model: limit}`` mapping, ``"*"`` the default), `per_second` to also
     enforce RPM/60 and TPM/60 in any one-second window, `trickle_interval` for the "trickle"
     fault, `text_only_models` refused images, `max_output_tokens` overriding the per-model
-    max_tokens caps, and `image_token_rule` ("legacy" or "dashscope", see ``tokens``). The Batch
-    API's knobs are described in ``batch``.
+    max_tokens caps, `image_token_rule` ("legacy" or "dashscope", see ``tokens``), and
+    `echo_key` to repeat the request's credentials in every error message (``faults.echoed``).
+    The Batch API's knobs are described in ``batch``.
     """
 
     def __init__(
@@ -75,6 +76,7 @@ class StandIn(BatchAPI):
         max_output_tokens: Mapping[str, int] | None = None,
         image_token_rule: str = "dashscope",
         batch_delay: float = 0.0,
+        echo_key: bool = False,
     ) -> None:
         if image_token_rule not in IMAGE_TOKEN_RULES:
             raise ValueError(f"image_token_rule must be one of {IMAGE_TOKEN_RULES}")
@@ -93,6 +95,7 @@ class StandIn(BatchAPI):
         self.text_only_models = set(text_only_models)
         self.max_output_tokens = dict(max_output_tokens or {})
         self.image_token_rule = image_token_rule
+        self.echo_key = echo_key
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._faults = FaultPlan()

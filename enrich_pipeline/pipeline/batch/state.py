@@ -88,14 +88,13 @@ def batch_api(settings: DashScopeSettings, base_url: str | None = None) -> Batch
     """The Batch API at ``base_url`` (default: the configured one) with these settings' key.
 
     A base URL may carry credentials (``https://user:password@gateway/v1``, ``?api-key=``).
-    The client gets the URL as it is; the API object, whose messages name the URL and end up
-    on the terminal, in ``enrich_batches.error`` and in Dagster's event log, gets it redacted;
-    and the HTTP client's log lines (which show request URLs) have the credentials hidden
-    (``openai_client``).
+    The client gets the URL as it is; the API object's messages, which end up on the terminal,
+    in ``enrich_batches.error`` and in Dagster's event log, name it redacted
+    (``base_url_shown``); and the credentials are known secrets from the moment the client is
+    made (``openai_client``), so no log line or message shows them.
     """
-    real = settings if base_url in (None, settings.base_url) else settings.with_(base_url=base_url)
-    shown = real.with_(base_url=real.base_url_shown)
-    return BatchApi(shown, client=openai_client(real))
+    real = settings if base_url in (None, settings.url) else settings.with_(base_url=base_url)
+    return BatchApi(real, client=openai_client(real))
 
 
 class BatchClients:
@@ -112,7 +111,7 @@ class BatchClients:
         self._apis: dict[str, BatchApi] = {}
 
     def url_for(self, stored: str | None) -> str:
-        configured = self.settings.base_url
+        configured = self.settings.url
         if stored is None or stored in (configured, redact_source(configured)):
             return configured
         return stored
