@@ -44,7 +44,7 @@ from enrich_pipeline.bootstrap import open_store
 from enrich_pipeline.cli.flags import Parser
 from enrich_pipeline.cli.stopping import stops_cleanly
 from enrich_pipeline.db import embedded
-from enrich_pipeline.redaction import redact_source
+from enrich_pipeline.redaction import redact_source, register_secrets, scrub_secrets, url_secrets
 from enrich_pipeline.settings import (
     AutomationSettings,
     ConfigError,
@@ -339,8 +339,10 @@ def _storage_error(env: dict[str, str], exc: Exception) -> str:
     cause = exc.__cause__ or exc.__context__
     if cause is not None and str(cause).strip():
         reason += f" ({str(cause).strip().splitlines()[0]})"
+    # The driver's words may quote the storage URL's password, which no settings object holds.
+    register_secrets(url_secrets(env.get("DAGSTER_PG_URL", "")))
     where = redact_source(env.get("DAGSTER_PG_URL", ""))
-    return f"DAGSTER_PG_URL: cannot open Dagster's run storage at {where}: {reason}"
+    return f"DAGSTER_PG_URL: cannot open Dagster's run storage at {where}: {scrub_secrets(reason)}"
 
 
 def partitions(env: dict[str, str], remove: list[str] | None, *, force: bool = False) -> int:

@@ -103,3 +103,19 @@ def test_a_credentialed_base_url_is_held_as_a_secret_and_shown_redacted() -> Non
     with pytest.raises(ValueError) as raw:  # pydantic's own message, built in code
         DashScopeSettings(base_url=url.replace("https", "gopher"))
     assert password not in str(raw.value)
+
+
+def test_a_dagster_storage_error_quoting_its_password_is_shown_without_it() -> None:
+    from enrich_pipeline.cli.dagster import _storage_error
+
+    password = f"st0rage-{CORE[:10]}@x"
+    url = f"postgresql+psycopg2://dagster:{quote(password, safe='')}@db.internal:5432/dagster"
+    cause = RuntimeError(f'password authentication failed for user "dagster" ({password})')
+    error = RuntimeError("could not open the run storage")
+    error.__cause__ = cause
+
+    line = _storage_error({"DAGSTER_PG_URL": url}, error)
+
+    assert line.startswith("DAGSTER_PG_URL: cannot open Dagster's run storage at ")
+    assert "password authentication failed" in line and "db.internal" in line
+    assert password not in line and quote(password, safe="") not in line
