@@ -3,9 +3,11 @@
 
 Starts an embedded PostgreSQL and the stand-in DashScope server (``benchmarks.standin_proc``, in
 a process of its own, 0.2 s a call), seeds one user's rows with distinct PNGs of each size, and
-runs the command line on them as a user would, once per ``--concurrent`` and image size, with
-decoded pixels unbounded (``ENRICH_MAX_PIXELS_IN_FLIGHT=0``) and with each budget asked for (the
-default, 100 MP, unless ``--budgets`` says otherwise). Each run is a fresh process; its peak RSS
+runs the command line on them as a user would, once per ``--concurrent``, image size and
+``--budgets`` value: ``0`` is no bound (``ENRICH_MAX_PIXELS_IN_FLIGHT=0``, as before the
+budget), ``0:malloc`` no bound but freed buffers returned to the system as a budget does
+(glibc's ``MALLOC_MMAP_THRESHOLD_``, to tell the two effects apart), a number that budget (the
+default, 50 MP, unless ``--budgets`` says otherwise). Each run is a fresh process; its peak RSS
 is the kernel's high-water mark of that process (``VmHWM``, as ``wait4`` reports it in
 ``ru_maxrss``), so PostgreSQL and the stand-in never count. Rows per run: twice
 ``--concurrent``, at least 8, so every worker decodes at least twice.
@@ -40,12 +42,14 @@ from PIL import Image, ImageDraw
 from psycopg import sql
 
 from enrich_pipeline.db.samples import create_sample_table
+from enrich_pipeline.enrichment.images.budget import MMAP_THRESHOLD
 from enrich_pipeline.enrichment.images.policy import DEFAULT_PIXELS_IN_FLIGHT
 
 REPO = Path(__file__).resolve().parent.parent
 API_KEY = "sk-memory"
 CLI = ["-m", "enrich_pipeline.cli.captions"]
-SIZES = {1: (1155, 866), 12: (4000, 3000), 50: (8165, 6124)}  # megapixels -> 4:3 size
+# megapixels -> a 4:3 size, the largest under ENRICH_IMAGE_MAX_PIXELS's 50,000,000
+SIZES = {1: (1155, 866), 12: (4000, 3000), 50: (8160, 6120)}
 
 
 def picture(seed: int, size: tuple[int, int]) -> Image.Image:
@@ -118,7 +122,7 @@ class Result:
     fmt: str
     megapixels: int
     concurrent: int
-    budget: int  # ENRICH_MAX_PIXELS_IN_FLIGHT; 0: no bound
+    budget: str  # ENRICH_MAX_PIXELS_IN_FLIGHT (0: no bound), ":malloc" for freed buffers returned
     rows: int
     captioned: int
     peak_rss_mb: float
@@ -172,7 +176,7 @@ class Bench:
             row = conn.execute(query).fetchone()
         return int(row[0]) if row else 0
 
-    def run(self, fmt: str, megapixels: int, concurrent: int, budget: int) -> Result:
+    def run(self, fmt: str, megapixels: int, concurrent: int, budget: str) -> Result:
         rows = max(8, 2 * concurrent)
         images = write_pictures(self.images, megapixels, fmt, rows)
         namespace = self.seed(images)
@@ -190,8 +194,10 @@ class Bench:
             "DASHSCOPE_BASE_URL": self.standin.base_url,
             "ENRICH_ALLOW_LOCAL_FILES": "true",
             "ENRICH_HOME": str(self.tmp / "home"),
-            "ENRICH_MAX_PIXELS_IN_FLIGHT": str(budget),
+            "ENRICH_MAX_PIXELS_IN_FLIGHT": budget.split(":")[0],
         }
+        if budget.endswith(":malloc"):
+            env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
         argv = ["--user-id", "u1", "--max-items", "0", "--concurrent", str(concurrent)]
         log = self.tmp / "cli.log"
         with log.open("w") as out:
@@ -213,6 +219,8 @@ class Bench:
             0.0,
         )
         done = self.captioned(namespace)
+        if done != rows:  # a refused image measures nothing
+            raise RuntimeError(f"{done} of {rows} rows captioned:\n{output[-2000:]}")
         with psycopg.connect(self.database_url, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(namespace)))
         return Result(
@@ -220,11 +228,13 @@ class Bench:
         )
 
 
-def budget_label(budget: int) -> str:
-    return "no bound" if budget == 0 else f"{budget / 1e6:g} MP"
+def budget_label(budget: str) -> str:
+    pixels, _, malloc = budget.partition(":")
+    label = "no bound" if int(pixels) == 0 else f"{int(pixels) / 1e6:g} MP"
+    return f"{label}, malloc" if malloc else label
 
 
-def render(results: list[Result], budgets: Sequence[int]) -> str:
+def render(results: list[Result], budgets: Sequence[str]) -> str:
     """One line per format, size and ``--concurrent``; one column of peak RSS per budget."""
     head = f"{'image':<12}{'--concurrent':>13}{'rows':>6}"
     head += "".join(f"{budget_label(b):>22}" for b in budgets)
@@ -253,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--budgets",
         default=f"0,{DEFAULT_PIXELS_IN_FLIGHT}",
-        help="ENRICH_MAX_PIXELS_IN_FLIGHT values (0: no bound)",
+        help="ENRICH_MAX_PIXELS_IN_FLIGHT values (0: no bound; 0:malloc: no bound, freed "
+        "buffers returned to the system)",
     )
     parser.add_argument("--latency", type=float, default=0.2, help="seconds a model call takes")
     parser.add_argument("--json", default=str(REPO / "artifacts" / "memory.json"))
@@ -265,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     concurrents = [int(x) for x in args.concurrent.split(",")]
     sizes = [int(x) for x in args.megapixels.split(",")]
     formats = [x.strip().lower() for x in args.formats.split(",")]
-    budgets = [int(x) for x in args.budgets.split(",")]
+    budgets = [x.strip() for x in args.budgets.split(",")]
     bench = Bench(args.latency, Path(args.images), args.database_url)
     results: list[Result] = []
     try:

@@ -4,6 +4,7 @@ instead of waiting forever."""
 
 from __future__ import annotations
 
+import platform
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,7 +14,11 @@ import pytest
 from PIL import Image, ImageFile
 
 from enrich_pipeline.enrichment.images import ImagePolicy, load_image
-from enrich_pipeline.enrichment.images.budget import PixelBudget, shared_budget
+from enrich_pipeline.enrichment.images.budget import (
+    PixelBudget,
+    return_freed_buffers,
+    shared_budget,
+)
 from enrich_pipeline.settings import ConfigError, ImageSettings
 from enrich_pipeline_tests.helpers import data_url, encode
 
@@ -193,7 +198,7 @@ def test_jpegs_are_charged_what_they_decode_after_dct_scaling() -> None:
 
 
 def test_the_setting_reaches_the_policy_and_zero_turns_the_bound_off() -> None:
-    assert ImageSettings.from_env({}).policy().max_pixels_in_flight == 100_000_000
+    assert ImageSettings.from_env({}).policy().max_pixels_in_flight == 50_000_000
     env = {"ENRICH_MAX_PIXELS_IN_FLIGHT": "30000000"}
     assert ImageSettings.from_env(env).policy().max_pixels_in_flight == 30_000_000
     policy = ImageSettings.from_env({"ENRICH_MAX_PIXELS_IN_FLIGHT": "0"}).policy()
@@ -202,3 +207,9 @@ def test_the_setting_reaches_the_policy_and_zero_turns_the_bound_off() -> None:
     for junk in ("-1", "1.5", "abc", str(10**11)):
         with pytest.raises(ConfigError, match="ENRICH_MAX_PIXELS_IN_FLIGHT"):
             ImageSettings.from_env({"ENRICH_MAX_PIXELS_IN_FLIGHT": junk})
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
+def test_a_budget_has_malloc_return_freed_image_buffers() -> None:
+    shared_budget(12_345_678)
+    assert return_freed_buffers() is True

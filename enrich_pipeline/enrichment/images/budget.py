@@ -7,10 +7,20 @@ takes its pixel count, read from the header before any pixel is decoded, from on
 by the whole process, and gives it back when the working copy is ready; a load that does not fit
 waits. Loads are served in arrival order, so a large image is not overtaken forever by small
 ones, and an image larger than the whole budget still goes, alone, rather than never.
+
+A bound on pixels at once bounds memory only if freed pixels go back to the system. glibc's
+malloc gives each thread an arena of its own and, once a large block has been freed, serves the
+next large ones from those arenas instead of mapping them afresh; each arena then keeps its own
+peak, and 16 threads each decoding 12 MP one after the other held 956 MB with at most 24 MP
+decoded at a time (224 MB once freed buffers are returned). So a process that takes a budget
+also fixes malloc's mapping threshold at 1 MiB (``mallopt(M_MMAP_THRESHOLD)``, which also stops
+its automatic raising): every image-sized buffer is mapped when allocated and unmapped when
+freed. Elsewhere than glibc this is skipped.
 """
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -77,4 +87,22 @@ class PixelBudget:
 def shared_budget(capacity: int) -> PixelBudget:
     """The process's budget of ``capacity`` pixels: every load with the same setting shares it
     (the CLI's item threads, a Dagster run's op threads and its lookahead alike)."""
+    return_freed_buffers()
     return PixelBudget(capacity)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+MMAP_THRESHOLD = 1 << 20
+
+
+@cache
+def return_freed_buffers() -> bool:
+    """Have malloc map every block of ``MMAP_THRESHOLD`` bytes or more on its own, so freeing it
+    returns it to the system (module docstring). True where it took effect (glibc)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))

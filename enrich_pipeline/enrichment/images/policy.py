@@ -13,9 +13,10 @@ from dataclasses import dataclass
 WORK_MAX_SIDE = 2048
 """Longest side of the decoded working copy; enough for K-Means and for a 1024 px vision input."""
 
-DEFAULT_PIXELS_IN_FLIGHT = 100_000_000
-"""Two images at the 50-megapixel cap decoding at once, any number of small ones: about 300 to
-400 MB of decoded pixels at most, whatever ``--concurrent`` (README "Memory")."""
+DEFAULT_PIXELS_IN_FLIGHT = 50_000_000
+"""One image at the 50-megapixel cap decoding at a time, or smaller ones up to as many pixels:
+Pillow holds RGB at 4 bytes a pixel and the reduction needs about as much again, so about 350 MB
+of decoding at most, whatever ``--concurrent`` (README "Memory")."""
 
 # Pillow names camera JPEGs that carry a second (preview) picture "MPO"; they are ordinary JPEGs
 # to everyone else, and refusing them as an "unsupported format" would surprise users.
