@@ -14,9 +14,10 @@ WORK_MAX_SIDE = 2048
 """Longest side of the decoded working copy; enough for K-Means and for a 1024 px vision input."""
 
 DEFAULT_PIXELS_IN_FLIGHT = 50_000_000
-"""One image at the 50-megapixel cap decoding at a time, or smaller ones up to as many pixels:
-Pillow holds RGB at 4 bytes a pixel and the reduction needs about as much again, so about 350 MB
-of decoding at most, whatever ``--concurrent`` (README "Memory")."""
+"""One image at the 50-megapixel cap decoding at a time, or smaller ones up to as many pixels
+(Pillow holds RGB at 4 bytes a pixel, and the reduction needs about as much again): the CLI
+peaked at 470 MB on 50 MP PNGs at every ``--concurrent`` from 1 to 32, against 7.6 GB unbounded
+at 32 (README "Memory", ``benchmarks/memory.py``)."""
 
 # Pillow names camera JPEGs that carry a second (preview) picture "MPO"; they are ordinary JPEGs
 # to everyone else, and refusing them as an "unsupported format" would surprise users.
