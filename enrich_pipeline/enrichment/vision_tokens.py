@@ -32,6 +32,8 @@ __all__ = [
     "DEFAULT_MAX_TOKENS_28",
     "DEFAULT_MAX_TOKENS_32",
     "HIGH_RESOLUTION_MAX_TOKENS",
+    "MAX_ASPECT_RATIO",
+    "MIN_SIDE",
     "MIN_TOKENS",
     "VISION_SPECIAL_TOKENS",
     "image_tokens",
@@ -49,6 +51,20 @@ MIN_TOKENS = 4
 
 VISION_SPECIAL_TOKENS = 2
 """``<vision_bos>`` and ``<vision_eos>``, one token each, added to every image."""
+
+# What the service accepts at all, before any resize: "图片的宽度和高度均应大于10像素，
+# 宽高比不应超过200:1或1:200" (width and height both above 10 px, aspect ratio at most 200:1).
+# Quoted from the Qwen-Omni page's image input rules
+# (https://help.aliyun.com/zh/model-studio/qwen-omni, "图片+文本输入"), which share the vision
+# page's image limits (https://help.aliyun.com/zh/model-studio/vision, "图像限制"; English
+# https://www.alibabacloud.com/help/en/model-studio/vision). The refusal, as users met it
+# (QwenLM/qwen-code#2505): 400 "<400> InternalError.Algo.InvalidParameter: The image length and
+# width do not meet the model restrictions. [height:1 or width:1 must be larger than 10]".
+MIN_SIDE = 11
+"""The shortest side, in pixels, the service takes ("大于10像素": more than 10)."""
+
+MAX_ASPECT_RATIO = 200
+"""The longest side over the shortest the service takes ("不应超过200:1")."""
 
 DEFAULT_MAX_TOKENS_28 = 1280
 """Default cap for the 28-px (Qwen2.5-VL era) models: the docs' older estimator sets

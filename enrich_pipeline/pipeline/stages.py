@@ -150,10 +150,12 @@ def load_visual(
     try:
         loaded = load_image(work.item.image, policy)
         work.content_sha256 = loaded.content_sha256
-        work.dominant_colors = dominant_colors(loaded.image, k=color_count)
+        # The copy for the model first: an image the model would refuse (too_small) costs no
+        # colour clustering either.
         work.vision = prepare_for_vision(
             loaded, max_side=max_image_side, model=vision_model or vision_tokens.DEFAULT_MODEL
         )
+        work.dominant_colors = dominant_colors(loaded.image, k=color_count)
     except ImageLoadError as exc:
         work.fail(ItemError(exc.code, clean_message(exc), exc.permanent, "image"))
     except Exception as exc:  # noqa: BLE001 - a decoder bug must cost one row, not the run

@@ -7,6 +7,7 @@ import ipaddress
 from pydantic import Field, field_validator
 
 from enrich_pipeline.enrichment.images import ImagePolicy
+from enrich_pipeline.enrichment.images.policy import DEFAULT_PIXELS_IN_FLIGHT
 from enrich_pipeline.settings.framework import SettingsModel
 
 
@@ -26,6 +27,14 @@ class ImageSettings(SettingsModel):
         validation_alias="ENRICH_IMAGE_MAX_PIXELS",
         gt=0,
         le=10**9,
+    )
+    max_pixels_in_flight: int = Field(
+        DEFAULT_PIXELS_IN_FLIGHT,
+        description="image pixels one process decodes at once (a larger image goes alone); "
+        "0: no bound",
+        validation_alias="ENRICH_MAX_PIXELS_IN_FLIGHT",
+        ge=0,
+        le=10**10,
     )
     timeout: float = Field(
         15.0,
@@ -76,6 +85,7 @@ class ImageSettings(SettingsModel):
         return ImagePolicy(
             max_bytes=self.max_bytes,
             max_pixels=self.max_pixels,
+            max_pixels_in_flight=self.max_pixels_in_flight,
             timeout=self.timeout,
             max_redirects=self.max_redirects,
             allow_private_networks=self.allow_private_networks,

@@ -93,7 +93,8 @@ def test_caption_names_the_mean_color(rgb: tuple[int, int, int], word: str) -> N
 def test_tiny_image_bills_minimum_tokens_and_remote_urls_are_not_fetched() -> None:
     with StandIn() as server:
         client = _client(server)
-        tiny = _caption(client, _data_url(_image((0, 0, 0), (10, 10))))
+        # 11x11: the smallest image DashScope takes (10 px or less is refused).
+        tiny = _caption(client, _data_url(_image((0, 0, 0), (11, 11))))
         remote = _caption(client, "https://example.com/chair.jpg")
         text_only = _caption(client)
 

@@ -8,6 +8,12 @@ Request validation done by the server itself (the error pages in ``errors``):
 - An image sent to a model in ``text_only_models``: 400 "The provided messages input is invalid.
   The error info is [Unexpected item type in content]" (the page's "Common scenario" for
   text-only models).
+- An image with a side of 10 px or less, or longer than 200:1 (Model Studio's image limits,
+  ``vision_tokens.MIN_SIDE`` and ``MAX_ASPECT_RATIO``, https://help.aliyun.com/zh/model-studio/vision
+  "图像限制"): 400 "The image length and width do not meet the model restrictions. [height:1 or
+  width:1 must be larger than 10]", the body users met (QwenLM/qwen-code#2505). No refusal of a
+  ratio has been published: it gets the same code and text, the bracket worded as Qwen-VL's open
+  preprocessor words it ("absolute aspect ratio must be smaller than 200").
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from enrich_pipeline.enrichment import vision_tokens
 from enrich_pipeline.enrichment.synthetic import (
     hashed_embedding,
     mean_color,
@@ -98,6 +105,7 @@ def parse_chat(
                     raise Reply("bad_image")
                 if url.startswith("data:"):
                     image = _decode_data_url(url)
+                    _refuse_shape(image)
                     images.append(image)
                     means.append(mean_color(image))
                     entry["image_tokens"] += image_tokens(
@@ -193,3 +201,23 @@ def _decode_data_url(url: str) -> Image.Image:
     except (binascii.Error, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise Reply("bad_image") from exc
     return image.convert("RGB")
+
+
+_SHAPE = "The image length and width do not meet the model restrictions. "
+
+
+def _refuse_shape(image: Image.Image) -> None:
+    """The service's refusal of an image it cannot take, whatever the model (module docstring)."""
+    width, height = image.size
+    if min(width, height) < vision_tokens.MIN_SIDE:
+        limit = vision_tokens.MIN_SIDE - 1
+        raise Reply(
+            400, f"{INVALID}{_SHAPE}[height:{height} or width:{width} must be larger than {limit}]"
+        )
+    ratio = max(width, height) / min(width, height)
+    if ratio > vision_tokens.MAX_ASPECT_RATIO:
+        raise Reply(
+            400,
+            f"{INVALID}{_SHAPE}[absolute aspect ratio must be smaller than "
+            f"{vision_tokens.MAX_ASPECT_RATIO}, got {ratio:g}]",
+        )

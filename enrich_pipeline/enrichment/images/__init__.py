@@ -11,7 +11,9 @@ tells the retry machinery whether trying again can help.
 - :mod:`.fetch`: HTTP(S) with one deadline, vetted addresses and redirects;
 - :mod:`.addresses`: the SSRF guard's verdicts on IP addresses (pure);
 - :mod:`.decode`: bytes to an upright RGB working copy (:class:`LoadedImage`);
-- :mod:`.vision`: the copy sent to the model (:class:`VisionImage`) and its tokens.
+- :mod:`.budget`: the bound on decoded pixels in flight in one process;
+- :mod:`.vision`: the copy sent to the model (:class:`VisionImage`) and its tokens, padded or
+  refused (``too_small``) where its shape is outside what the model takes.
 """
 
 from __future__ import annotations

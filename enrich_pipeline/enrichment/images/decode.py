@@ -8,13 +8,16 @@ and the working copy is reduced while it is decoded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from enrich_pipeline.enrichment.images.budget import shared_budget
 from enrich_pipeline.enrichment.images.policy import (
     FORMAT_ALIASES,
     ImagePolicy,
@@ -96,22 +99,26 @@ def decode(source: str, raw: bytes, policy: ImagePolicy, display: str) -> Loaded
             f"image has too many pixels: {width}x{height} is more than {policy.max_pixels}",
             display,
         )
-    orientation = _orientation(image)
-
     try:
         side = policy.work_max_side
         # JPEG can decode straight at 1/2, 1/4 or 1/8 scale (DCT scaling), which is both the
         # fastest resize and the biggest memory saving for camera photos.
         image.draft(None, (side, side))
-        image.load()
-        image = _to_rgb_or_rgba(image)
-        image.thumbnail((side, side), Image.Resampling.BICUBIC, reducing_gap=2.0)
-        if image.mode == "RGBA":
-            # Done after the reduction (Pillow resizes RGBA premultiplied, so this is exact)
-            # because compositing the small copy is far cheaper.
-            background = Image.new("RGB", image.size, (255, 255, 255))
-            background.paste(image, mask=image.getchannel("A"))
-            image = background
+        # What is decoded (after DCT scaling) is held against the process's budget until the
+        # working copy is ready: the full-size pixels are gone by then.
+        with _held(policy, image.size[0] * image.size[1]):
+            image.load()
+            # Read once decoded: a PNG's EXIF may follow its pixels, and asking for it earlier
+            # decodes the whole image outside the budget.
+            orientation = _orientation(image)
+            image = _to_rgb_or_rgba(image)
+            image.thumbnail((side, side), Image.Resampling.BICUBIC, reducing_gap=2.0)
+            if image.mode == "RGBA":
+                # Done after the reduction (Pillow resizes RGBA premultiplied, so this is
+                # exact) because compositing the small copy is far cheaper.
+                background = Image.new("RGB", image.size, (255, 255, 255))
+                background.paste(image, mask=image.getchannel("A"))
+                image = background
     except Image.DecompressionBombError:
         raise load_error("too_many_pixels", "image has too many pixels", display) from None
     except OSError as exc:
@@ -134,6 +141,12 @@ def decode(source: str, raw: bytes, policy: ImagePolicy, display: str) -> Loaded
         content_sha256=hashlib.sha256(raw).hexdigest(),
         format=image_format,
     )
+
+
+def _held(policy: ImagePolicy, pixels: int) -> AbstractContextManager[None]:
+    if policy.max_pixels_in_flight <= 0:
+        return contextlib.nullcontext()
+    return shared_budget(policy.max_pixels_in_flight).hold(pixels)
 
 
 def _short(exc: BaseException) -> str:

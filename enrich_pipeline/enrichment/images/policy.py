@@ -13,6 +13,12 @@ from dataclasses import dataclass
 WORK_MAX_SIDE = 2048
 """Longest side of the decoded working copy; enough for K-Means and for a 1024 px vision input."""
 
+DEFAULT_PIXELS_IN_FLIGHT = 50_000_000
+"""One image at the 50-megapixel cap decoding at a time, or smaller ones up to as many pixels
+(Pillow holds RGB at 4 bytes a pixel, and the reduction needs about as much again): the CLI
+peaked at 470 MB on 50 MP PNGs at every ``--concurrent`` from 1 to 32, against 7.6 GB unbounded
+at 32 (README "Memory", ``benchmarks/memory.py``)."""
+
 # Pillow names camera JPEGs that carry a second (preview) picture "MPO"; they are ordinary JPEGs
 # to everyone else, and refusing them as an "unsupported format" would surprise users.
 FORMAT_ALIASES = {"MPO": "JPEG", "JPG": "JPEG", "TIF": "TIFF"}
@@ -47,6 +53,8 @@ class ImagePolicy:
     body together), so a server that drips one byte a second cannot hold a worker forever.
     ``allowed_networks`` exempts specific CIDRs (say an internal image CDN) from the SSRF guard
     without opening every private network as ``allow_private_networks`` does.
+    ``max_pixels_in_flight`` bounds the pixels decoded at once by the whole process (every load
+    with the same value shares one :mod:`.budget`; 0: no bound).
     """
 
     max_bytes: int = 20 * 1024 * 1024
@@ -58,10 +66,13 @@ class ImagePolicy:
     allowed_formats: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
     allowed_networks: frozenset[str] = frozenset()
     work_max_side: int = WORK_MAX_SIDE
+    max_pixels_in_flight: int = DEFAULT_PIXELS_IN_FLIGHT
 
     def __post_init__(self) -> None:
         if self.max_bytes <= 0 or self.max_pixels <= 0 or self.work_max_side <= 0:
             raise ValueError("max_bytes, max_pixels and work_max_side must be positive")
+        if self.max_pixels_in_flight < 0:
+            raise ValueError("max_pixels_in_flight must be >= 0 (0: no bound)")
         if not self.timeout > 0:
             raise ValueError("timeout must be positive")
         if self.max_redirects < 0:

@@ -3,6 +3,13 @@
 The working copy is shrunk to the model's patch grid and its per-image cap, JPEG-encoded into a
 data URL, and its input tokens counted as DashScope counts them (the rules per model live in
 :mod:`enrich_pipeline.enrichment.vision_tokens`).
+
+The service refuses an image with a side of 10 px or less, or longer than 200:1
+(``vision_tokens.MIN_SIDE``, ``vision_tokens.MAX_ASPECT_RATIO``), and bills the refused call. So
+an image within the ratio whose shrunk copy would have a side under the minimum (2000x10 sent as
+896x4, a 5x5 icon) is padded with white up to it, and its tokens are counted on the padded size;
+an image beyond the ratio (a 1x100000 strip) is refused here, as the row's permanent
+``too_small`` error, before any call: padding it would buy a caption of padding.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from PIL import Image
 
 from enrich_pipeline.enrichment import vision_tokens
 from enrich_pipeline.enrichment.images.decode import LoadedImage
+from enrich_pipeline.enrichment.images.policy import ImageLoadError
+from enrich_pipeline.redaction import redact_source
 
 # Qwen-VL sees an image as patches of 32x32 px (Qwen3-VL, current qwen-vl-max/plus) or 28x28 px
 # (Qwen2.5-VL era, QVQ), one token each, capped per image: see vision_tokens.
@@ -60,6 +69,7 @@ def prepare_for_vision(
     """
     if max_side < 1:
         raise ValueError("max_side must be positive")
+    refuse_too_narrow(img)
     image = img.image if img.image.mode == "RGB" else img.image.convert("RGB")
     width, height = image.size
     patch = vision_tokens.patch_side(model)
@@ -70,15 +80,45 @@ def prepare_for_vision(
         # Area averaging (BOX) is the right filter for shrinking and a third of Lanczos' cost
         # (about 6 ms against 20 ms for 1600x1200 -> 1008x756); the model resamples anyway.
         image = image.resize(target, Image.Resampling.BOX)
+    sent = padded_size(*target)
+    if sent != target:
+        image = _letterbox(image, sent)
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality)
     encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
     return VisionImage(
         data_url=f"data:image/jpeg;base64,{encoded}",
-        width=target[0],
-        height=target[1],
-        tokens=image_tokens(*target, model, high_resolution=high_resolution),
+        width=sent[0],
+        height=sent[1],
+        tokens=image_tokens(*sent, model, high_resolution=high_resolution),
     )
+
+
+def refuse_too_narrow(img: LoadedImage) -> None:
+    """Raise the row's ``too_small`` error for an image longer than the service's ratio.
+
+    Judged on the original (upright) size: the working copy's rounding (1x100000 kept as
+    1x2048) says nothing about the picture."""
+    width, height = img.original_width, img.original_height
+    if max(width, height) > vision_tokens.MAX_ASPECT_RATIO * min(width, height):
+        raise ImageLoadError(
+            "too_small",
+            f"image too narrow for the model: {width}x{height} is longer than "
+            f"{vision_tokens.MAX_ASPECT_RATIO}:1, the most Qwen-VL takes "
+            f"({redact_source(img.source)})",
+        )
+
+
+def padded_size(width: int, height: int) -> tuple[int, int]:
+    """``width`` x ``height`` with each side raised to the service's minimum."""
+    return max(width, vision_tokens.MIN_SIDE), max(height, vision_tokens.MIN_SIDE)
+
+
+def _letterbox(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    # White, as transparent pixels are composited (decode): padding reads as background.
+    canvas = Image.new("RGB", size, (255, 255, 255))
+    canvas.paste(image, ((size[0] - image.width) // 2, (size[1] - image.height) // 2))
+    return canvas
 
 
 def _vision_size(width: int, height: int, max_side: int, patch: int = 32) -> tuple[int, int]:
