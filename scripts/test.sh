@@ -41,10 +41,13 @@ done
 # The older servers' passes run side by side: each has its own server (the binaries' cache and
 # the system user are taken under file locks), and their tests wait on servers and processes
 # more than they compute, so two at once take little longer than one. Each pass's output is
-# printed whole when it ends.
+# printed whole when it ends. Job control (set -m) gives them default signal dispositions: without
+# it a background job starts with SIGINT ignored, which the processes the signal tests start
+# would inherit.
 if [ ${#older[@]} -gt 0 ]; then
     logs="$(mktemp -d)"
     pids=()
+    set -m
     for server in "${older[@]}"; do
         ENRICH_TEST_SERVER="$server" "$venv/bin/pytest" -q -p no:cacheprovider -m "not e2e" "$@" \
             >"$logs/$server.log" 2>&1 &
@@ -57,6 +60,7 @@ if [ ${#older[@]} -gt 0 ]; then
         cat "$logs/${older[$i]}.log"
         [ "$status" = 0 ] || failed+=("${older[$i]}")
     done
+    set +m
     rm -rf "$logs"
 fi
 if [ ${#failed[@]} -gt 0 ]; then
