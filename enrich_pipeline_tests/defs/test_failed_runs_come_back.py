@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from dagster import (
     DagsterInstance,
+    DagsterRun,
     DagsterRunStatus,
     ExecuteInProcessResult,
     RunRequest,
@@ -92,6 +93,31 @@ def ledger_and_claims(items: Items) -> tuple[int, int]:
 
 def seed(items: Items, folder: Path, user: str, n: int, prefix: str) -> list[str]:
     return [items.add(user, str(p)) for p in paint(folder, hues(n), prefix=prefix)]
+
+
+def started_with_every_row_claimed(
+    instance: DagsterInstance, items: Items, request: RunRequest, pid: int
+) -> DagsterRun:
+    """The run as the daemon launched it for ``request`` (its worker process ``pid``), holding
+    every row of the table for an hour."""
+    run = create_run_for_test(
+        instance,
+        job_name="enrich_job",
+        status=DagsterRunStatus.STARTED,
+        tags={
+            **request.tags,
+            "dagster/partition": "alice",
+            "dagster/run_key": request.run_key or "",
+            HEARTBEAT_TAG: str(int(time.time())),
+            WORKER_TAG: f"{socket.gethostname()}:{pid}",
+        },
+    )
+    items.execute(
+        "INSERT INTO {ns}.enrich_claims (source_table, item_id, user_id, worker, expires_at)"
+        " SELECT %s, id::text, user_id, %s, now() + interval '1 hour' FROM {items}",
+        (f"{items.namespace}.items", run.run_id),
+    )
+    return run
 
 
 def test_an_outage_run_comes_back_after_a_doubling_back_off_and_captions_every_row(
@@ -207,23 +233,7 @@ def test_a_killed_run_gives_its_claims_back_and_new_rows_in_its_lease_strand_not
     instance = DagsterInstance.ephemeral()
     (request,), cursor, _ = tick(instance, None)
     # The run as the daemon launched it, its process then killed mid-run with every row claimed.
-    run = create_run_for_test(
-        instance,
-        job_name="enrich_job",
-        status=DagsterRunStatus.STARTED,
-        tags={
-            **request.tags,
-            "dagster/partition": "alice",
-            "dagster/run_key": request.run_key or "",
-            HEARTBEAT_TAG: str(int(time.time())),
-            WORKER_TAG: f"{socket.gethostname()}:{_dead_pid()}",
-        },
-    )
-    items.execute(
-        "INSERT INTO {ns}.enrich_claims (source_table, item_id, user_id, worker, expires_at)"
-        " SELECT %s, id::text, user_id, %s, now() + interval '1 hour' FROM {items}",
-        (f"{items.namespace}.items", run.run_id),
-    )
+    run = started_with_every_row_claimed(instance, items, request, _dead_pid())
     new = seed(items, tmp_path, "alice", 2, "new")
     # Still running as far as Dagster knows: the user is held, nothing is requested.
     assert tick(instance, cursor)[0] == []
@@ -252,23 +262,7 @@ def test_rows_a_dead_run_held_come_back_under_a_run_key_never_used(
     (first,), cursor, _ = tick(instance, None)
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        run = create_run_for_test(
-            instance,
-            job_name="enrich_job",
-            status=DagsterRunStatus.STARTED,
-            tags={
-                **first.tags,
-                "dagster/partition": "alice",
-                "dagster/run_key": first.run_key or "",
-                HEARTBEAT_TAG: str(int(time.time())),
-                WORKER_TAG: f"{socket.gethostname()}:{alive.pid}",
-            },
-        )
-        items.execute(
-            "INSERT INTO {ns}.enrich_claims (source_table, item_id, user_id, worker, expires_at)"
-            " SELECT %s, id::text, user_id, %s, now() + interval '1 hour' FROM {items}",
-            (f"{items.namespace}.items", run.run_id),
-        )
+        run = started_with_every_row_claimed(instance, items, first, alive.pid)
         instance.report_run_failed(run)
         new = seed(items, tmp_path, "alice", 2, "new")
         requests, cursor, _ = tick(instance, cursor)
