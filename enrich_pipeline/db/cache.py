@@ -1,5 +1,5 @@
-"""The caption cache: captions by image content, model and prompt version, so that the same
-image is never paid twice, across rows, users and runs."""
+"""The answer cache: answers by image content, model, prompt version, answer format and caption
+languages, so that the same image is never paid twice, across rows, users and runs."""
 
 from __future__ import annotations
 
@@ -15,24 +15,40 @@ log = logging.getLogger(__name__)
 
 
 class CaptionCacheRows:
-    """Statements on ``enrich_caption_cache``."""
+    """Statements on ``enrich_answer_cache``."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
 
     def cached_captions(
-        self, shas: Iterable[str], *, model: str, prompt_version: str
+        self,
+        shas: Iterable[str],
+        *,
+        model: str,
+        prompt_version: str,
+        answer_format: str = "text",
+        languages: str = "en",
     ) -> dict[str, str]:
         query = sql.SQL(
             "SELECT content_sha256, caption FROM {c} WHERE model = %(model)s"
-            " AND prompt_version = %(pv)s AND content_sha256 = ANY(%(shas)s::text[])"
-        ).format(c=self.db.t("enrich_caption_cache"))
+            " AND prompt_version = %(pv)s AND answer_format = %(fmt)s AND languages = %(langs)s"
+            " AND content_sha256 = ANY(%(shas)s::text[])"
+        ).format(c=self.db.t("enrich_answer_cache"))
         wanted = sorted(set(shas))
         if not wanted:
             return {}
         try:
             with self.db.connection() as conn:
-                rows = conn.execute(query, {"model": model, "pv": prompt_version, "shas": wanted})
+                rows = conn.execute(
+                    query,
+                    {
+                        "model": model,
+                        "pv": prompt_version,
+                        "fmt": answer_format,
+                        "langs": languages,
+                        "shas": wanted,
+                    },
+                )
                 return dict(rows.fetchall())
         except psycopg.Error as exc:  # PoolTimeout included
             # The cache saves money; it must never cost a row. A failed lookup is a miss.
@@ -53,11 +69,12 @@ class CaptionCacheRows:
         if not captions:
             return
         query = sql.SQL(
-            "INSERT INTO {c} (content_sha256, model, prompt_version, caption)"
-            " SELECT DISTINCT ON (x.sha) x.sha, %(model)s, %(pv)s, x.caption"
+            "INSERT INTO {c} (content_sha256, model, prompt_version, answer_format, languages,"
+            " caption) SELECT DISTINCT ON (x.sha) x.sha, %(model)s, %(pv)s, 'text', 'en',"
+            " x.caption"
             " FROM unnest(%(shas)s::text[], %(captions)s::text[]) AS x(sha, caption)"
             " ON CONFLICT DO NOTHING"
-        ).format(c=self.db.t("enrich_caption_cache"))
+        ).format(c=self.db.t("enrich_answer_cache"))
         params = {
             "model": model,
             "pv": prompt_version,

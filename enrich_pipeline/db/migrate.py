@@ -111,8 +111,8 @@ def migrate(conn: psycopg.Connection, namespace: str, *, greenplum: bool = False
 
 
 def tables() -> list[str]:
-    """The pipeline's own tables, as the migrations create them."""
-    names = re.findall(
-        r"CREATE TABLE IF NOT EXISTS \{ns\}\.(\w+)", "".join(m.text for m in available())
-    )
-    return ["enrich_schema_migrations", *dict.fromkeys(names)]
+    """The pipeline's own tables, as the migrations create them (and not drop them later)."""
+    text = "".join(m.text for m in available())
+    names = re.findall(r"CREATE TABLE IF NOT EXISTS \{ns\}\.(\w+)", text)
+    dropped = set(re.findall(r"DROP TABLE \{ns\}\.(\w+)", text))
+    return ["enrich_schema_migrations", *(n for n in dict.fromkeys(names) if n not in dropped)]

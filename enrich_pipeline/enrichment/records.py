@@ -6,6 +6,7 @@ directly.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -13,6 +14,18 @@ from typing import Any
 
 from enrich_pipeline.enrichment.images import VisionImage
 from enrich_pipeline.redaction import scrub_secrets
+
+TAGS_FROM_MODEL = "model"
+TAGS_FROM_RULES = "rules"
+
+
+def image_digest(image: str) -> str:
+    """What a caption records of the ``image`` value it was made from: the MD5 of its UTF-8
+    text, in hex, as PostgreSQL's ``md5(text)`` computes it (present on every server the
+    pipeline runs on, Greenplum 6 included), so that a changed image is found in SQL. A change
+    detector, not a security boundary: nobody gains by forging a collision with their own row.
+    """
+    return hashlib.md5(image.encode("utf-8"), usedforsecurity=False).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,23 @@ class WorkItem:
     error: ItemError | None = None
     from_cache: bool = False
     caption_truncated: bool = False
+    # Every configured language's caption, in the configured order; ``caption`` is the first.
+    captions: dict[str, str] = field(default_factory=dict)
+    # Where the tags came from: the model's structured answer ("model") or the keyword rules
+    # over the caption ("rules"); and the answer format the caption was asked in.
+    tags_source: str = TAGS_FROM_RULES
+    answer_format: str = "text"
+    # Tags the model returned outside the vocabulary, dropped (counted in the run's stats).
+    tags_dropped: int = 0
+
+    @property
+    def embedding_text(self) -> str:
+        """The text embedded for search: every language's caption, one per line, so that a
+        query in any configured language meets its own words (see the README, "What the model
+        returns, and in which language")."""
+        if not self.captions:
+            return self.caption or ""
+        return "\n".join(text for text in self.captions.values() if text)
 
     @property
     def ok(self) -> bool:
@@ -90,6 +120,8 @@ class Provenance:
     model: str
     prompt_version: str
     offline: bool = False
+    # The caption languages asked for, in order (``ENRICH_CAPTION_LANGUAGES``).
+    languages: tuple[str, ...] = ("en",)
 
 
 def utc_timestamp(now: datetime | None = None) -> str:
@@ -102,13 +134,22 @@ def metadata_patch(work: WorkItem, provenance: Provenance, generated_at: str) ->
     """The keys merged into ``metadata``; nothing else of the row is touched."""
     patch: dict[str, Any] = {
         "caption": work.caption,
+        "caption_i18n": dict(work.captions)
+        or ({provenance.languages[0]: work.caption} if work.caption else {}),
         "dominant_colors": work.dominant_colors,
         "style_tags": work.style_tags,
         "object_tags": work.object_tags,
         "caption_generated_at": generated_at,
         "caption_model": provenance.model,
         "caption_prompt_version": provenance.prompt_version,
+        "tags_source": work.tags_source,
+        "answer_format": work.answer_format,
+        # What the caption was made from: the image value (a change makes the row stale) and
+        # the image's bytes (the cache's key).
+        "caption_image_digest": image_digest(work.item.image),
     }
+    if work.content_sha256:
+        patch["caption_content_sha256"] = work.content_sha256
     if work.caption_truncated:
         patch["caption_truncated"] = True
     if provenance.offline:

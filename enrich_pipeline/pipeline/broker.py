@@ -14,7 +14,7 @@ from enrich_pipeline.providers.base import Provider
 
 
 class CaptionCache(Protocol):
-    """Where paid captions are remembered (the store's ``enrich_caption_cache``)."""
+    """Where paid captions are remembered (the store's ``enrich_answer_cache``)."""
 
     def cached_captions(
         self, shas: Iterable[str], *, model: str, prompt_version: str

@@ -3,6 +3,8 @@ push it."""
 
 from __future__ import annotations
 
+import re
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
@@ -22,6 +24,9 @@ DEFAULT_PROMPT = (
     "their colors and materials, the style and the setting. Answer in English."
 )
 MAX_URL = 2000
+# A language code as BCP 47 writes it: "en", "zh", "zh-Hant", "pt-BR".
+_LANGUAGE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*")
+MAX_LANGUAGES = 5
 # text-embedding-v4's documented output sizes (v3 takes the ones up to 1024).
 EMBEDDING_DIMENSIONS = (64, 128, 256, 512, 768, 1024, 1536, 2048)
 
@@ -67,6 +72,19 @@ class DashScopeSettings(SettingsModel):
         validation_alias="ENRICH_PROMPT_VERSION",
         min_length=1,
         max_length=100,
+    )
+    answer_format: Literal["auto", "json_schema", "json_object", "text"] = Field(
+        "auto",
+        description="how the caption and tags are asked for: auto (what the model's "
+        "documentation lists), json_schema, json_object, or text (caption only, tags by "
+        "keyword rules)",
+        validation_alias="ENRICH_ANSWER_FORMAT",
+    )
+    caption_languages: str = Field(
+        "en",
+        description="caption languages, comma-separated (e.g. zh,en): one call answers all; "
+        "metadata.caption holds the first, caption_i18n every one",
+        validation_alias="ENRICH_CAPTION_LANGUAGES",
     )
     timeout: float = Field(
         60.0,
@@ -207,6 +225,25 @@ class DashScopeSettings(SettingsModel):
         if value.strip():
             parse_prices(value)
         return value
+
+    @field_validator("caption_languages")
+    @classmethod
+    def _languages(cls, value: str) -> str:
+        codes = [c.strip() for c in value.split(",") if c.strip()]
+        if not codes:
+            raise ValueError("name at least one language, e.g. en or zh,en")
+        bad = [c for c in codes if not _LANGUAGE.fullmatch(c)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a language code such as en, zh or zh-Hant")
+        unique = list(dict.fromkeys(codes))
+        if len(unique) > MAX_LANGUAGES:
+            raise ValueError(f"at most {MAX_LANGUAGES} languages (one call answers them all)")
+        return ",".join(unique)
+
+    @property
+    def languages(self) -> tuple[str, ...]:
+        """The caption languages in order; the first is ``metadata.caption``'s."""
+        return tuple(self.caption_languages.split(","))
 
     @field_validator("embedding_dimensions")
     @classmethod

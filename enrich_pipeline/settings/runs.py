@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from enrich_pipeline.settings.framework import SettingsModel
@@ -45,6 +47,12 @@ class RunSettings(SettingsModel):
     color_count: int = Field(5, description="dominant colors per image at most", ge=1, le=12)
     recaption: bool = Field(
         False, description="re-caption rows captioned with another model or prompt version"
+    )
+    on_image_change: Literal["recaption", "flag", "ignore"] = Field(
+        "recaption",
+        description="a row whose image changed since the pipeline captioned it (stale): "
+        "recaption it like a pending row, flag it (caption_stale, counted, no call), or ignore it",
+        validation_alias="ENRICH_ON_IMAGE_CHANGE",
     )
 
 

@@ -238,7 +238,7 @@ def test_statement_timeout_while_caching_a_paid_caption_keeps_the_caption(
     lock = RowLock(
         items.conninfo,
         sql.SQL("LOCK TABLE {} IN SHARE MODE").format(
-            sql.Identifier(items.namespace, "enrich_caption_cache")
+            sql.Identifier(items.namespace, "enrich_answer_cache")
         ),
         (),
     )

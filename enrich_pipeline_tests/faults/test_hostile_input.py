@@ -726,7 +726,7 @@ def test_namespace_and_table_with_odd_characters(
         "enrich_failures",
         "enrich_claims",
         "enrich_embeddings",
-        "enrich_caption_cache",
+        "enrich_answer_cache",
         "enrich_schema_migrations",
     } <= mine
     assert _all_tables(odd_table.conninfo) - {(ns, n) for n in mine} == others_before - {

@@ -178,7 +178,7 @@ def test_sigkill_mid_run_keeps_written_chunks_and_the_rerun_pays_nothing_twice(
                 len(writes(items)) >= 2
                 and chat_open == 0
                 and embed_open >= 1
-                and count(items, "enrich_caption_cache") == good_chat_calls(server)
+                and count(items, "enrich_answer_cache") == good_chat_calls(server)
             )
             if not quiet:
                 stable_since = None

@@ -116,7 +116,7 @@ def test_a_stop_signal_mid_run_releases_claims_keeps_paid_captions_and_says_so_i
     # The calls on the wire at the signal were let finish: each is a caption in the cache.
     paid = good_chat_calls(server)
     assert paid >= paid_then + chat_open
-    assert count(items, "enrich_caption_cache") == paid
+    assert count(items, "enrich_answer_cache") == paid
     assert f"{len(written)} row(s) written" in lines[0]
 
     # The rerun (in-process: a second interpreter start buys nothing) pays only for the rest.

@@ -220,7 +220,7 @@ def test_submit_restart_poll_collect_writes_like_the_online_path(
         assert vectors[alice["blue"]] == vectors[bob] and len(vectors[bob]) == 1024
         assert alice["yellow"] not in vectors
         # Paid captions are in the cache (the yellow line was paid for too).
-        assert items.execute("SELECT count(*) FROM {ns}.enrich_caption_cache") == [(4,)]
+        assert items.execute("SELECT count(*) FROM {ns}.enrich_answer_cache") == [(4,)]
 
         # Collecting twice writes nothing twice.
         before = items.all()
@@ -347,7 +347,7 @@ def test_files_are_split_by_lines_and_by_bytes(
 
     # By bytes: no two requests fit in one file, so each image gets a batch of its own.
     more = [items.add("alice", str(image_dir / f"{c}.jpg"), metadata={"n": 2}) for c in colors]
-    items.execute("DELETE FROM {ns}.enrich_caption_cache")  # make them go to the batch
+    items.execute("DELETE FROM {ns}.enrich_answer_cache")  # make them go to the batch
     sizes = [
         len(
             wire.batch_line(
@@ -372,7 +372,7 @@ def test_files_are_split_by_lines_and_by_bytes(
 
     # A request larger than a file may be is a permanent failure of that row, not a crash.
     huge = items.add("alice", str(image_dir / "blue.jpg"), metadata={"n": 3})
-    items.execute("DELETE FROM {ns}.enrich_caption_cache")
+    items.execute("DELETE FROM {ns}.enrich_answer_cache")
     too_small = submit(store, settings, max_bytes=1000)
     assert too_small.parts == [] and too_small.direct.failed == 1
     assert ledger(store)[huge][:2] == ("request_too_large", True)
