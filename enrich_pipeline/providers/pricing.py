@@ -7,21 +7,32 @@ command starts). It is merged over the region's table; a ``currency`` other than
 replaces the table instead. An unknown host (a local server, a proxy) has no list prices, so
 there is no estimate unless ``ENRICH_PRICES`` gives one. Batch calls bill half ("at 50% of the
 cost of real-time calls", https://www.alibabacloud.com/help/en/model-studio/batch-interfaces-
-compatible-with-openai, Jan 2026).
+compatible-with-openai, Jan 2026). Thinking tokens are output tokens: DashScope bills them "at
+output price" (https://docs.qwencloud.com/developer-guides/text-generation/batch) and counts
+them in ``completion_tokens``, so a model left thinking costs its thinking at the output price
+(``benchmarks/cost.py`` measures how much).
 
 Where the figures come from (see also the README, "Caption cache, re-captioning, cost"):
 
 - Beijing, CNY. Vision models: a third-party scrape of the Bailian console
   (http://47.109.151.80:15030/Maas2-group/Maas-Model-platform, ``parsed_json/<model>.json``,
   2026, "元/千tokens"; qwen3-vl-plus at its <=32K-input tier, where captions are). No official
-  page with these figures could be read. Embeddings: the official zh page
+  page with these figures could be read. qwen3.5-plus: a third-party write-up of the Bailian
+  prices (github.com/gntrq862/qwen3-pricing-analysis, 2026: 0.8 元 per million input tokens up
+  to 128K, 4.8 元 output, thinking or not). No Beijing figure was found for qwen3.5-flash (only
+  "from 0.2 元" input) or the Qwen3.6 models. Embeddings: the official zh page
   https://help.aliyun.com/zh/model-studio/text-embedding-synchronous-api (Beijing table, as
   transcribed in a public repository on 2026-09-09: 0.0005 元 per 1,000 tokens).
 - Singapore, USD. Embeddings: official, https://www.alibabacloud.com/help/en/model-studio/
   developer-reference/text-embedding-synchronous-api ("$0.07"). Vision models: third-party
   figures only (OpenRouter for qwen-vl-max, $0.80/$3.20; API Evangelist's "Qwen3-VL-Plus input
   $0.2/M up to 32K"; memories.ai's reseller prices, about 5 % above $0.20/$1.60 and
-  $0.21/$0.63).
+  $0.21/$0.63, and $0.052/$0.42 for qwen3-vl-flash, taken as $0.05/$0.40). Qwen3.5: Vercel AI
+  Gateway's Alibaba listing, $0.40/$2.40 (qwen3.5-plus) and $0.10/$0.40 (qwen3.5-flash), whose
+  input prices match API Evangelist's reading of the official models page ("Qwen3.5-Plus input
+  $0.4/M up to 256K. Qwen3.5-Flash input $0.1/M up to 128K"). qwen3.6-plus: one reseller's list
+  only (docs.laozhang.ai, $0.30/$1.80). qwen3.6-flash: no believable figure (that list shows a
+  $75/$75 placeholder), so no estimate unless ``ENRICH_PRICES`` gives one.
 - US (Virginia): no list price found; no default estimate.
 """
 
@@ -45,6 +56,10 @@ class ListPrices:
 
 
 _CONSOLE_SCRAPE = "third-party scrape of the Bailian console, 2026"
+_QWEN35_BEIJING = "third-party write-up of the Bailian prices (gntrq862), 2026"
+_VERCEL = (
+    "third-party only (Vercel AI Gateway; input as API Evangelist reads the models page), 2026"
+)
 _ZH_EMBEDDING_PAGE = "help.aliyun.com text-embedding-synchronous-api (zh), as of 2026-09-09"
 _INTL_EMBEDDING_PAGE = "alibabacloud.com text-embedding-synchronous-api (official)"
 
@@ -56,6 +71,7 @@ LIST_PRICES: dict[str, ListPrices] = {
             "qwen3-vl-flash": (0.15, 1.5),
             "qwen-vl-max": (1.6, 4.0),
             "qwen-vl-plus": (0.8, 2.0),
+            "qwen3.5-plus": (0.8, 4.8),
             "text-embedding-v4": (0.5, 0.0),
             "text-embedding-v3": (0.5, 0.0),
         },
@@ -64,6 +80,7 @@ LIST_PRICES: dict[str, ListPrices] = {
             "qwen3-vl-flash": _CONSOLE_SCRAPE,
             "qwen-vl-max": _CONSOLE_SCRAPE,
             "qwen-vl-plus": _CONSOLE_SCRAPE,
+            "qwen3.5-plus": _QWEN35_BEIJING,
             "text-embedding-v4": _ZH_EMBEDDING_PAGE,
             "text-embedding-v3": _ZH_EMBEDDING_PAGE,
         },
@@ -72,6 +89,10 @@ LIST_PRICES: dict[str, ListPrices] = {
         "USD",
         {
             "qwen3-vl-plus": (0.20, 1.60),
+            "qwen3-vl-flash": (0.05, 0.40),
+            "qwen3.5-plus": (0.40, 2.40),
+            "qwen3.5-flash": (0.10, 0.40),
+            "qwen3.6-plus": (0.30, 1.80),
             "qwen-vl-max": (0.80, 3.20),
             "qwen-vl-plus": (0.21, 0.63),
             "text-embedding-v4": (0.07, 0.0),
@@ -79,6 +100,10 @@ LIST_PRICES: dict[str, ListPrices] = {
         },
         {
             "qwen3-vl-plus": "third-party only (API Evangelist, memories.ai), 2026",
+            "qwen3-vl-flash": "third-party only (memories.ai, less its ~5 % markup), 2026",
+            "qwen3.5-plus": _VERCEL,
+            "qwen3.5-flash": _VERCEL,
+            "qwen3.6-plus": "third-party only (one reseller, docs.laozhang.ai), 2026",
             "qwen-vl-max": "third-party only (OpenRouter), 2026",
             "qwen-vl-plus": "third-party only (memories.ai), 2026",
             "text-embedding-v4": _INTL_EMBEDDING_PAGE,
