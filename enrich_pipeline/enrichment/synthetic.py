@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageStat
@@ -149,14 +152,28 @@ def _mask(image: Image.Image) -> tuple[np.ndarray, np.ndarray, tuple[int, int, i
     return mask, small, bg  # type: ignore[return-value]
 
 
-def _reference_masks() -> dict[str, np.ndarray]:
-    if not _REFERENCE:
-        for shape in SAMPLE_SUBJECTS:
-            _REFERENCE[shape] = _mask(draw_sample(shape, (0, 0, 0), (255, 255, 255)))[0]
-    return _REFERENCE
+def _reference_masks() -> Mapping[str, np.ndarray]:
+    """The known silhouettes, built once per process on first use (captioning threads call this
+    together: a table filled in place was read half-built, and drawings it did not hold yet came
+    out unknown). Published whole and read-only, so readers never need the lock."""
+    global _REFERENCE
+    reference = _REFERENCE
+    if reference is None:
+        with _REFERENCE_LOCK:
+            if _REFERENCE is None:
+                masks = {
+                    shape: _mask(draw_sample(shape, (0, 0, 0), (255, 255, 255)))[0]
+                    for shape in SAMPLE_SUBJECTS
+                }
+                for mask in masks.values():
+                    mask.setflags(write=False)
+                _REFERENCE = MappingProxyType(masks)
+            reference = _REFERENCE
+    return reference
 
 
-_REFERENCE: dict[str, np.ndarray] = {}
+_REFERENCE: Mapping[str, np.ndarray] | None = None
+_REFERENCE_LOCK = threading.Lock()
 
 
 def recognize_sample(
