@@ -17,7 +17,6 @@ which is what caption search needs to be testable).
 from __future__ import annotations
 
 import hashlib
-import re
 import threading
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -26,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageStat
 
 from enrich_pipeline.enrichment.colors import color_name, dominant_colors
+from enrich_pipeline.enrichment.words import words_and_bigrams
 
 _PALETTE: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
@@ -86,9 +86,13 @@ def synthetic_caption_for_key(key: str) -> str:
 
 
 def hashed_embedding(text: str, dimensions: int = 1024) -> list[float]:
-    """L2-normalised feature hashing of lower-cased words, with a sign bit against collisions."""
+    """L2-normalised feature hashing of lower-cased words, with a sign bit against collisions.
+
+    Han and kana text counts by overlapping character pairs (``words.words_and_bigrams``), so a
+    Chinese query shares terms with a Chinese caption ("蓝色椅子" and "一把蓝色的椅子" share
+    蓝色 and 椅子); text without them hashes exactly as before."""
     vec = np.zeros(dimensions, dtype=np.float64)
-    for word in re.findall(r"\w+", text.lower()):
+    for word in words_and_bigrams(text.lower()):
         h = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "big")
         vec[h % dimensions] += 1.0 if (h >> 40) & 1 else -1.0
     norm = float(np.linalg.norm(vec))
