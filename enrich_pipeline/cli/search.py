@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dimensions=dimensions,
             hits=len(hits),
         )
-        print(("No matching items: " if not hits else "Note: ") + note + ".")
+        print(("No matching items: " if not hits else "Note: ") + note)
     elif not hits:
         print("No matching items.")
     for rank, hit in enumerate(hits, start=1):

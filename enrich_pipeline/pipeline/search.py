@@ -109,28 +109,31 @@ def vectors_not_compared(
 def describe_not_compared(
     groups: Sequence[VectorGroup], *, user_id: str, model: str, dimensions: int, hits: int
 ) -> str:
-    """One paragraph saying which of the user's vectors a search could not compare, and the
-    command that makes them comparable."""
+    """Which of the user's vectors a search could not compare, and the command that makes them
+    comparable."""
     parts = []
     for group in groups:
-        made = f"{group.count} by {group.model} ({group.dimensions} dims)"
-        if group.offline_captions and group.model != OFFLINE_EMBEDDING_MODEL:
-            made += f", offline captions an earlier version labelled {group.model}"
-        elif group.offline_captions:
-            made += ", offline captions"
-        parts.append(made)
-    lead = (
-        f"no caption vectors made by {model} ({dimensions} dims) for user {user_id}"
+        if not group.offline_captions:
+            parts.append(f"{group.count} made by {group.model} ({group.dimensions} dims)")
+        elif group.model == OFFLINE_EMBEDDING_MODEL:
+            parts.append(f"{group.count} made by {group.model} for offline captions")
+        else:
+            parts.append(
+                f"{group.count} of offline captions, labelled {group.model} by an earlier version"
+            )
+    made = f"made by {model} ({dimensions} dims)"
+    said = [
+        f"no caption vectors {made} for user {user_id}"
         if hits == 0
-        else f"only caption vectors made by {model} ({dimensions} dims) were compared"
-    )
-    fixes = []
+        else f"only caption vectors {made} were compared",
+        f"; not compared: {'; '.join(parts)}.",
+    ]
     if any(not g.offline_captions for g in groups):
-        fixes.append("re-embed the other models' with enrich-search --reembed")
+        said.append(" Re-embed the other models' with enrich-search --reembed.")
     if any(g.offline_captions for g in groups):
         command = f"enrich-captions --recaption --user-id {shlex.quote(user_id)}"
-        fixes.append(f"caption the offline rows with a model: {command}")
-    return f"{lead}; {'; '.join(parts)} were not: {'; '.join(fixes)}"
+        said.append(f" Caption the offline rows with a model: {command}")
+    return "".join(said)
 
 
 def stored_embedding_text(

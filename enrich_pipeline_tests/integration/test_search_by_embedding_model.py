@@ -63,8 +63,8 @@ def test_offline_vectors_are_labelled_offline_and_a_real_query_never_meets_them(
     out = capsys.readouterr().out
     assert out == (
         "No matching items: no caption vectors made by text-embedding-v4 (1024 dims) for user "
-        f"alice; 3 by {OFFLINE_EMBEDDING_MODEL} (1024 dims), offline captions were not: caption "
-        "the offline rows with a model: enrich-captions --recaption --user-id alice.\n"
+        f"alice; not compared: 3 made by {OFFLINE_EMBEDDING_MODEL} for offline captions. "
+        "Caption the offline rows with a model: enrich-captions --recaption --user-id alice\n"
     )
     # --reembed does not turn offline captions into a model's vectors: nothing to do.
     assert search_main(["--reembed", "--user-id", "alice"]) == 0
@@ -85,9 +85,11 @@ def test_offline_vectors_an_earlier_version_labelled_as_the_real_model_are_relab
     caption = items.row(offline_rows["red"])["metadata"]["caption"]
     assert search_captions(store, DashScopeProvider(api_settings), "alice", caption) == []
     assert search_main(["--user-id", "alice", caption]) == 0
-    assert (
-        "3 by text-embedding-v4 (1024 dims), offline captions an earlier version labelled "
-        "text-embedding-v4 were not" in capsys.readouterr().out
+    assert capsys.readouterr().out == (
+        "No matching items: no caption vectors made by text-embedding-v4 (1024 dims) for user "
+        "alice; not compared: 3 of offline captions, labelled text-embedding-v4 by an earlier "
+        "version. Caption the offline rows with a model: enrich-captions --recaption --user-id "
+        "alice\n"
     )
 
     assert search_main(["--reembed"]) == 0
@@ -127,8 +129,8 @@ def test_vectors_of_another_model_are_left_out_until_re_embedded(
     out = capsys.readouterr().out
     assert out.startswith(
         "Note: only caption vectors made by text-embedding-v4 (1024 dims) were compared; "
-        "1 by text-embedding-v3 (1024 dims) were not: re-embed the other models' with "
-        "enrich-search --reembed.\n"
+        "not compared: 1 made by text-embedding-v3 (1024 dims). Re-embed the other models' "
+        "with enrich-search --reembed.\n"
     )
     assert out.count(" score ") == 2
 
