@@ -57,7 +57,7 @@ def run_legacy(
             store,
             chunk,
             provenance=provenance,
-            embedding_model=api.embedding_model if caption_embedding else None,
+            embedding_model=provider.embedding_model if caption_embedding else None,
         )
         stats.merge(result.stats)
         if n + 1 < len(batches):

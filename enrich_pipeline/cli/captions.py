@@ -143,7 +143,7 @@ def configuration(runtime: Runtime, user_id: str | None) -> list[tuple[str, str]
         ("Vision model", provider_label),
         (
             "Embedding",
-            f"{api.embedding_model} ({api.embedding_dimensions} dims)"
+            f"{provider.embedding_model} ({api.embedding_dimensions} dims)"
             if run.caption_embedding
             else "disabled (--no-caption-embedding)",
         ),
@@ -162,7 +162,7 @@ def _statistics(report: Report, runtime: Runtime, stats: RunStats, started: floa
     cost = estimate_cost(
         usage,
         vision_model=runtime.provider.model_label,
-        embedding_model=api.embedding_model,
+        embedding_model=runtime.provider.embedding_model,
         prices=prices,
     )
     elapsed = time.monotonic() - started

@@ -12,7 +12,12 @@ from psycopg_pool import PoolTimeout
 from enrich_pipeline.bootstrap import Runtime, open_runtime, open_store
 from enrich_pipeline.cli.flags import Parser
 from enrich_pipeline.cli.stopping import stops_cleanly
-from enrich_pipeline.pipeline.search import reembed_non_finite, search_captions
+from enrich_pipeline.pipeline.search import (
+    describe_not_compared,
+    reembed,
+    search_captions,
+    vectors_not_compared,
+)
 from enrich_pipeline.providers.base import ProviderError
 from enrich_pipeline.redaction import scrub_secrets
 from enrich_pipeline.settings import ConfigError, Settings
@@ -62,7 +67,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--reembed",
         action="store_true",
         help="embed again the captions whose stored vector holds NaN or an infinity (an older "
-        "version's; search skips them), of --user-id or every user, and exit",
+        "version's) or was made by another embedding model or length (search compares only "
+        "the configured model's), of --user-id or every user, and exit",
     )
     p.add_argument("--color", action="append", default=[], help="dominant color (repeatable)")
     p.add_argument("--tag", action="append", default=[], help="style or object tag (repeatable)")
@@ -89,26 +95,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         runtime = open_runtime(settings, seed=False)
         if args.reembed:
-            if runtime.provider.offline:  # synthetic vectors, stored as the real model's
+            if runtime.provider.offline:  # hashed words would replace a model's vectors
                 raise ConfigError("--reembed needs the embedding model: not offline")
             api = settings.dashscope
-            done = reembed_non_finite(
+            done = reembed(
                 runtime.store,
                 runtime.provider,
                 args.user_id,
-                model=api.embedding_model,
                 dimensions=api.embedding_dimensions,
+                languages=api.languages,
             )
-            left = [
+            model = f"{runtime.provider.embedding_model} ({api.embedding_dimensions} dims)"
+            said = [
+                f"re-embedded {done.replaced} stored vector(s) that held NaN or an infinity",
+                f"re-embedded {done.other_model} made by another model or length with {model}"
+                if done.other_model
+                else "",
+                f"labelled {done.relabelled} vector(s) of offline captions as the offline "
+                "model's (an earlier version labelled them as the embedding model's)"
+                if done.relabelled
+                else "",
                 f"{done.no_caption} left: their item has no caption" if done.no_caption else "",
                 f"{done.refused} left: the new vector was unusable too" if done.refused else "",
             ]
-            print(
-                "; ".join(
-                    [f"re-embedded {done.replaced} stored vector(s) that held NaN or an infinity"]
-                    + [text for text in left if text]
-                )
-            )
+            print("; ".join(text for text in said if text))
             return 0
         hits = search_captions(
             runtime.store,
@@ -119,6 +129,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             colors=args.color,
             tags=args.tag,
             method=args.method,
+        )
+        dimensions = settings.dashscope.embedding_dimensions
+        others = vectors_not_compared(
+            runtime.store,
+            args.user_id,
+            model=runtime.provider.embedding_model,
+            dimensions=dimensions,
+            offline=runtime.provider.offline,
         )
     except (ConfigError, ProviderError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -140,7 +158,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if runtime is not None:
             runtime.close()
-    if not hits:
+    if others:
+        # Said first, and on stdout: it is the answer when nothing could be compared.
+        note = describe_not_compared(
+            others,
+            user_id=args.user_id,
+            model=runtime.provider.embedding_model,
+            dimensions=dimensions,
+            hits=len(hits),
+        )
+        print(("No matching items: " if not hits else "Note: ") + note)
+    elif not hits:
         print("No matching items.")
     for rank, hit in enumerate(hits, start=1):
         print(f"{rank:>2}. item {hit.item_id}  score {hit.score:.3f}  {hit.caption}")

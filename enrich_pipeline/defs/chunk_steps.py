@@ -128,7 +128,7 @@ def provider_step(
                 provenance=Provenance(
                     provider.model_label, settings.prompt_version, provider.offline
                 ),
-                embedding_model=settings.embedding_model if state.run.caption_embedding else None,
+                embedding_model=provider.embedding_model if state.run.caption_embedding else None,
                 run_id=context.run_id,
             )
             written = result.stats.succeeded

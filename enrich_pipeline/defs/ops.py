@@ -289,7 +289,7 @@ def write_results(
     settings = dashscope.settings
     provider = dashscope.provider
     provenance = Provenance(provider.model_label, settings.prompt_version, provider.offline)
-    embedding_model = settings.embedding_model if state.run.caption_embedding else None
+    embedding_model = provider.embedding_model if state.run.caption_embedding else None
     total = RunStats()
     by_user: dict[str, UserRun] = {}
     failures: list[tuple[str, str, str, str]] = []
@@ -376,7 +376,7 @@ def _summarize(
     usage = provider.usage.as_dict()
     shares = share_usage(usage, runs)
     run_settings = run_state.settings
-    embedding_model = settings.embedding_model if run_settings.caption_embedding else None
+    embedding_model = provider.embedding_model if run_settings.caption_embedding else None
     prices = load_prices(base_url=settings.url)
     max_attempts = run_settings.max_attempts
     items = adbpg.store.summary.user_items(runs, max_attempts=max_attempts)
@@ -397,7 +397,7 @@ def _summarize(
             cost = estimate_cost(
                 share,
                 vision_model=provider.model_label,
-                embedding_model=settings.embedding_model,
+                embedding_model=provider.embedding_model,
                 prices=prices,
             )
         metadata = partition_metadata(

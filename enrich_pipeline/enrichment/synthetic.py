@@ -17,12 +17,15 @@ which is what caption search needs to be testable).
 from __future__ import annotations
 
 import hashlib
-import re
+import threading
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageStat
 
 from enrich_pipeline.enrichment.colors import color_name, dominant_colors
+from enrich_pipeline.enrichment.words import words_and_bigrams
 
 _PALETTE: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
@@ -83,9 +86,13 @@ def synthetic_caption_for_key(key: str) -> str:
 
 
 def hashed_embedding(text: str, dimensions: int = 1024) -> list[float]:
-    """L2-normalised feature hashing of lower-cased words, with a sign bit against collisions."""
+    """L2-normalised feature hashing of lower-cased words, with a sign bit against collisions.
+
+    Han and kana text counts by overlapping character pairs (``words.words_and_bigrams``), so a
+    Chinese query shares terms with a Chinese caption ("蓝色椅子" and "一把蓝色的椅子" share
+    蓝色 and 椅子); text without them hashes exactly as before."""
     vec = np.zeros(dimensions, dtype=np.float64)
-    for word in re.findall(r"\w+", text.lower()):
+    for word in words_and_bigrams(text.lower()):
         h = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "big")
         vec[h % dimensions] += 1.0 if (h >> 40) & 1 else -1.0
     norm = float(np.linalg.norm(vec))
@@ -149,14 +156,28 @@ def _mask(image: Image.Image) -> tuple[np.ndarray, np.ndarray, tuple[int, int, i
     return mask, small, bg  # type: ignore[return-value]
 
 
-def _reference_masks() -> dict[str, np.ndarray]:
-    if not _REFERENCE:
-        for shape in SAMPLE_SUBJECTS:
-            _REFERENCE[shape] = _mask(draw_sample(shape, (0, 0, 0), (255, 255, 255)))[0]
-    return _REFERENCE
+def _reference_masks() -> Mapping[str, np.ndarray]:
+    """The known silhouettes, built once per process on first use (captioning threads call this
+    together: a table filled in place was read half-built, and drawings it did not hold yet came
+    out unknown). Published whole and read-only, so readers never need the lock."""
+    global _REFERENCE
+    reference = _REFERENCE
+    if reference is None:
+        with _REFERENCE_LOCK:
+            if _REFERENCE is None:
+                masks = {
+                    shape: _mask(draw_sample(shape, (0, 0, 0), (255, 255, 255)))[0]
+                    for shape in SAMPLE_SUBJECTS
+                }
+                for mask in masks.values():
+                    mask.setflags(write=False)
+                _REFERENCE = MappingProxyType(masks)
+            reference = _REFERENCE
+    return reference
 
 
-_REFERENCE: dict[str, np.ndarray] = {}
+_REFERENCE: Mapping[str, np.ndarray] | None = None
+_REFERENCE_LOCK = threading.Lock()
 
 
 def recognize_sample(

@@ -267,7 +267,7 @@ class _Stream:
             engine.store,
             chunk,
             provenance=engine.provenance,
-            embedding_model=engine.dashscope.embedding_model if run.caption_embedding else None,
+            embedding_model=engine.provider.embedding_model if run.caption_embedding else None,
             run_id=self.run_id,
         )
         with self._cond:

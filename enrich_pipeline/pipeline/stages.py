@@ -300,7 +300,7 @@ def embed_chunk(
 
     def one(batch: list[WorkItem]) -> None:
         try:
-            vectors = provider.embed([w.caption or "" for w in batch])
+            vectors = provider.embed([w.embedding_text for w in batch])
         except FatalProviderError:
             raise
         except ProviderError:  # a failed batch costs its vectors, not the captions

@@ -131,6 +131,9 @@ class Provider(Protocol):
     """What the pipeline needs from a model provider; DashScope and the offline one fit."""
 
     model_label: str
+    # The model that makes this provider's vectors, stored with each one: search compares only
+    # vectors of one model (and length), so offline vectors never meet a real model's.
+    embedding_model: str
     offline: bool
     usage: Usage
 

@@ -86,6 +86,7 @@ class DashScopeProvider:
         settings.require_key()
         self.settings = settings
         self.model_label = settings.vision_model
+        self.embedding_model = settings.embedding_model
         self.usage = Usage()
         self._client = openai_client(settings)
         # DashScope's limits are per account and per model, per minute and per second: the

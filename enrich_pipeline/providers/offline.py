@@ -19,11 +19,15 @@ from enrich_pipeline.enrichment.synthetic import hashed_embedding, offline_capti
 from enrich_pipeline.providers.base import Usage
 
 OFFLINE_MODEL = "offline-synthetic"
+# The name stored with the offline vectors: feature-hashed words (``synthetic.hashed_embedding``),
+# comparable only with each other, never with a real model's.
+OFFLINE_EMBEDDING_MODEL = "offline-hashed-words-v1"
 
 
 class OfflineProvider:
     offline = True
     model_label = OFFLINE_MODEL
+    embedding_model = OFFLINE_EMBEDDING_MODEL
 
     def __init__(self, embedding_dimensions: int = 1024) -> None:
         self.dimensions = embedding_dimensions

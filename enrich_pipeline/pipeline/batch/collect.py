@@ -202,7 +202,7 @@ def _collect(
             store,
             chunk,
             provenance=provenance,
-            embedding_model=settings.embedding_model if record.caption_embedding else None,
+            embedding_model=provider.embedding_model if record.caption_embedding else None,
             run_id=run_id,
         )
         out.stats.merge(written.stats)

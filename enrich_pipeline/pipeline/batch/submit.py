@@ -137,7 +137,7 @@ def submit_batch(
             store,
             chunk,
             provenance=provenance,
-            embedding_model=settings.embedding_model if caption_embedding else None,
+            embedding_model=provider.embedding_model if caption_embedding else None,
             run_id=run_id,
         )
         result.direct.merge(written.stats)
