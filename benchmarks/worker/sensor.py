@@ -127,7 +127,7 @@ def run_sensor(spec: SensorSpec) -> SensorRun:
                     sql.SQL("EXPLAIN (ANALYZE, BUFFERS) ") + query, params
                 ).fetchall()
                 explain.append("\n".join(r[0] for r in plan))
-    index = f"{db.table}_enrich_pending_idx"
+    index = f"{db.table}_enrich_pending_stale_idx"
     return SensorRun(
         rows=rows,
         pending_rows=int(pending[0]) if pending else 0,

@@ -1,4 +1,6 @@
-"""The one change the pipeline makes to the items table: a partial index on pending rows."""
+"""The one change the pipeline makes to the items table: a partial index on pending and stale
+rows (``<table>_enrich_pending_stale_idx``; it replaces the pending-only
+``<table>_enrich_pending_idx`` of earlier versions, dropped once the new one is built)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,14 @@ import psycopg
 from psycopg import sql
 
 from enrich_pipeline.db.database import Database
+from enrich_pipeline.db.pending import index_predicate
 
 log = logging.getLogger(__name__)
 
 _INDEX_LOCK = 0x656E7270  # "enrp": one builder of the pending-rows index at a time
+INDEX_SUFFIX = "_enrich_pending_stale_idx"
+# The pending-only index of versions before stale rows: dropped once the new one is there.
+OLD_INDEX_SUFFIX = "_enrich_pending_idx"
 
 
 class PendingIndex:
@@ -22,9 +28,10 @@ class PendingIndex:
 
     @property
     def pending_index(self) -> sql.Identifier:
-        return sql.Identifier(
-            self.db.namespace, f"{self.db.settings.table}_enrich_pending_idx"[:63]
-        )
+        return sql.Identifier(self.db.namespace, self._index_name(INDEX_SUFFIX))
+
+    def _index_name(self, suffix: str) -> str:
+        return f"{self.db.settings.table}{suffix}"[:63]
 
     def has_pending_index(self, conn: psycopg.Connection) -> bool:
         """The index exists and is valid (a cancelled CONCURRENTLY build leaves an invalid one)."""
@@ -35,19 +42,20 @@ class PendingIndex:
         return bool(row and row[0])
 
     def ensure_pending_index(self, *, wait_seconds: float = 30.0) -> bool:
-        """The one change the pipeline makes to the items table: a partial index on pending rows.
+        """The one change the pipeline makes to the items table: a partial index on pending and
+        stale rows (``pending.index_predicate``).
 
-        It makes the sensor's tick and the pending query cheap on large tables. Built
+        It makes the sensor's tick and the pending query cheap on large tables, in every
+        ``ENRICH_ON_IMAGE_CHANGE`` mode (the planner uses it for pending-only queries too). Built
         concurrently where the server can (not on Greenplum/AnalyticDB, where it falls back to
         a plain CREATE INDEX), by one process at a time: concurrent builds of the same index
         wait on each other's snapshots and deadlock. Returns whether the index is there.
         """
-        name = sql.Identifier(f"{self.db.settings.table}_enrich_pending_idx"[:63])
-        body = sql.SQL(
-            "{name} ON {items} (user_id)"
-            " WHERE status = 'active' AND COALESCE(metadata->>'caption', '') = ''"
-            " AND image IS NOT NULL AND image <> ''"
-        ).format(name=name, items=self.db.items)
+        name = sql.Identifier(self._index_name(INDEX_SUFFIX))
+        old = sql.Identifier(self.db.namespace, self._index_name(OLD_INDEX_SUFFIX))
+        body = sql.SQL("{name} ON {items} (user_id) WHERE " + index_predicate()).format(
+            name=name, items=self.db.items
+        )
         with self.db.connection() as conn:
             conn.autocommit = True
             if self.has_pending_index(conn):
@@ -76,6 +84,7 @@ class PendingIndex:
                     )
                 except psycopg.errors.FeatureNotSupported:
                     conn.execute(sql.SQL("CREATE INDEX ") + body)
+                self._drop_old(conn, old)
             except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
                 log.warning("pending-rows index not built now (%s); queries work without it", exc)
                 conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(self.pending_index))
@@ -85,3 +94,13 @@ class PendingIndex:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (_INDEX_LOCK,))
                 conn.autocommit = False
         return True
+
+    @staticmethod
+    def _drop_old(conn: psycopg.Connection, old: sql.Identifier) -> None:
+        """The earlier pending-only index, now covered by the new one: dropped (a plain DROP,
+        which Greenplum has too, under the 5 s lock timeout); on a busy table it stays for a
+        later run to drop, costing only its upkeep."""
+        try:
+            conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(old))
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
+            log.warning("old pending-rows index %s not dropped now (%s)", old.as_string(conn), exc)
