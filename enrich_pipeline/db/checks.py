@@ -7,7 +7,13 @@ from collections.abc import Iterable
 from psycopg import sql
 
 from enrich_pipeline.db.database import Database
-from enrich_pipeline.db.pending import RECAPTION, pending_rows, unclaimed, work_rows
+from enrich_pipeline.db.pending import (
+    RECAPTION,
+    pending_rows,
+    plan_with_index,
+    unclaimed,
+    work_rows,
+)
 from enrich_pipeline.db.search import non_finite
 
 
@@ -54,11 +60,12 @@ class PartitionFigures:
         ).format(f=self.db.t("enrich_failures"))
         params = {"src": self.db.source_table, "users": wanted, "dims": dimensions}
         with self.db.connection() as conn:
-            left = {str(r[0]): (int(r[1]), int(r[2])) for r in conn.execute(pending_sql, params)}
             embeddings = {
                 str(r[0]): tuple(map(int, r[1:])) for r in conn.execute(embed_sql, params)
             }
             failed = {str(r[0]): int(r[1]) for r in conn.execute(failed_sql, params)}
+            plan_with_index(conn, RECAPTION)  # last: it holds to the end of the transaction
+            left = {str(r[0]): (int(r[1]), int(r[2])) for r in conn.execute(pending_sql, params)}
         out: dict[str, dict[str, int]] = {}
         for u in wanted:
             count, wrong, not_finite = embeddings.get(u, (0, 0, 0))
