@@ -1,6 +1,14 @@
-"""The one change the pipeline makes to the items table: a partial index on pending and stale
-rows (``<table>_enrich_pending_stale_idx``; it replaces the pending-only
-``<table>_enrich_pending_idx`` of earlier versions, dropped once the new one is built)."""
+"""The one change the pipeline makes to the items table: partial indexes on the rows it works on.
+
+- ``<table>_enrich_pending_idx`` on ``(user_id)``, rows without a caption: the pending-only
+  queries (``ENRICH_ON_IMAGE_CHANGE=ignore``, batch mode, counts) read it and nothing more, so
+  stale rows that are ignored for good never slow them down;
+- ``<table>_enrich_pending_stale_idx`` on ``(user_id, updated_at, id)``, rows pending or stale
+  (``pending.index_predicate``): the sensor's tick in recaption mode is answered from it alone
+  (an index-only scan: the predicate's columns need not be in it, those of the query are).
+
+Both are small (the rows still to do), built once by the table's owner.
+"""
 
 from __future__ import annotations
 
@@ -15,47 +23,61 @@ from enrich_pipeline.db.pending import index_predicate
 
 log = logging.getLogger(__name__)
 
-_INDEX_LOCK = 0x656E7270  # "enrp": one builder of the pending-rows index at a time
+_INDEX_LOCK = 0x656E7270  # "enrp": one builder of the pending-rows indexes at a time
+PENDING_SUFFIX = "_enrich_pending_idx"
 INDEX_SUFFIX = "_enrich_pending_stale_idx"
-# The pending-only index of versions before stale rows: dropped once the new one is there.
-OLD_INDEX_SUFFIX = "_enrich_pending_idx"
+_PENDING_PREDICATE = (
+    "status = 'active' AND COALESCE(metadata->>'caption', '') = ''"
+    " AND image IS NOT NULL AND image <> ''"
+)
+# suffix -> (key columns, predicate)
+_INDEXES = {
+    PENDING_SUFFIX: ("user_id", _PENDING_PREDICATE),
+    INDEX_SUFFIX: ("user_id, updated_at, id", index_predicate()),
+}
 
 
 class PendingIndex:
-    """Finding and building the pending-rows index (part of ``ItemRows``)."""
+    """Finding and building the pending-rows indexes (part of ``ItemRows``)."""
 
     db: Database
 
     @property
     def pending_index(self) -> sql.Identifier:
-        return sql.Identifier(self.db.namespace, self._index_name(INDEX_SUFFIX))
+        """The pending-and-stale index (the one the sensor's tick reads)."""
+        return self._qualified(INDEX_SUFFIX)
+
+    def _qualified(self, suffix: str) -> sql.Identifier:
+        return sql.Identifier(self.db.namespace, self._index_name(suffix))
 
     def _index_name(self, suffix: str) -> str:
         return f"{self.db.settings.table}{suffix}"[:63]
 
+    def _missing(self, conn: psycopg.Connection) -> list[str]:
+        """The indexes not there, or not valid (a cancelled CONCURRENTLY build leaves an
+        invalid one)."""
+        missing = []
+        for suffix in _INDEXES:
+            row = conn.execute(
+                "SELECT x.indisvalid FROM pg_index x WHERE x.indexrelid = to_regclass(%s)",
+                (self._qualified(suffix).as_string(conn),),
+            ).fetchone()
+            if not (row and row[0]):
+                missing.append(suffix)
+        return missing
+
     def has_pending_index(self, conn: psycopg.Connection) -> bool:
-        """The index exists and is valid (a cancelled CONCURRENTLY build leaves an invalid one)."""
-        row = conn.execute(
-            "SELECT x.indisvalid FROM pg_index x WHERE x.indexrelid = to_regclass(%s)",
-            (self.pending_index.as_string(conn),),
-        ).fetchone()
-        return bool(row and row[0])
+        """Both indexes exist and are valid."""
+        return not self._missing(conn)
 
     def ensure_pending_index(self, *, wait_seconds: float = 30.0) -> bool:
-        """The one change the pipeline makes to the items table: a partial index on pending and
-        stale rows (``pending.index_predicate``).
+        """Build the indexes that are missing (see the module's docstring).
 
-        It makes the sensor's tick and the pending query cheap on large tables, in every
-        ``ENRICH_ON_IMAGE_CHANGE`` mode (the planner uses it for pending-only queries too). Built
+        They make the sensor's tick and the pending query cheap on large tables. Built
         concurrently where the server can (not on Greenplum/AnalyticDB, where it falls back to
         a plain CREATE INDEX), by one process at a time: concurrent builds of the same index
-        wait on each other's snapshots and deadlock. Returns whether the index is there.
+        wait on each other's snapshots and deadlock. Returns whether both are there.
         """
-        name = sql.Identifier(self._index_name(INDEX_SUFFIX))
-        old = sql.Identifier(self.db.namespace, self._index_name(OLD_INDEX_SUFFIX))
-        body = sql.SQL("{name} ON {items} (user_id) WHERE " + index_predicate()).format(
-            name=name, items=self.db.items
-        )
         with self.db.connection() as conn:
             conn.autocommit = True
             if self.has_pending_index(conn):
@@ -68,26 +90,22 @@ class PendingIndex:
                     log.warning("pending-rows index: another process is building it")
                     return False
                 time.sleep(0.25)
+            building: str | None = None
             try:
-                if self.has_pending_index(conn):
-                    return True
-                conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(self.pending_index))
                 # Building waits for open transactions on the table; on a busy table the run
                 # goes on without the index (it only makes queries faster) and a later run
                 # builds it.
                 conn.execute("SET lock_timeout = '5s'")
-                concurrently = self.db.dialect.concurrent_index
-                try:
-                    conn.execute(
-                        sql.SQL("CREATE INDEX CONCURRENTLY " if concurrently else "CREATE INDEX ")
-                        + body
-                    )
-                except psycopg.errors.FeatureNotSupported:
-                    conn.execute(sql.SQL("CREATE INDEX ") + body)
-                self._drop_old(conn, old)
+                for suffix in self._missing(conn):
+                    building = suffix
+                    self._build(conn, suffix)
+                building = None
             except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
                 log.warning("pending-rows index not built now (%s); queries work without it", exc)
-                conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(self.pending_index))
+                if building is not None:
+                    conn.execute(
+                        sql.SQL("DROP INDEX IF EXISTS {}").format(self._qualified(building))
+                    )
                 return False
             finally:
                 conn.execute("RESET lock_timeout")
@@ -95,12 +113,16 @@ class PendingIndex:
                 conn.autocommit = False
         return True
 
-    @staticmethod
-    def _drop_old(conn: psycopg.Connection, old: sql.Identifier) -> None:
-        """The earlier pending-only index, now covered by the new one: dropped (a plain DROP,
-        which Greenplum has too, under the 5 s lock timeout); on a busy table it stays for a
-        later run to drop, costing only its upkeep."""
+    def _build(self, conn: psycopg.Connection, suffix: str) -> None:
+        columns, predicate = _INDEXES[suffix]
+        conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(self._qualified(suffix)))
+        body = sql.SQL("{name} ON {items} (" + columns + ") WHERE " + predicate).format(
+            name=sql.Identifier(self._index_name(suffix)), items=self.db.items
+        )
         try:
-            conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(old))
-        except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
-            log.warning("old pending-rows index %s not dropped now (%s)", old.as_string(conn), exc)
+            concurrently = self.db.dialect.concurrent_index
+            conn.execute(
+                sql.SQL("CREATE INDEX CONCURRENTLY " if concurrently else "CREATE INDEX ") + body
+            )
+        except psycopg.errors.FeatureNotSupported:
+            conn.execute(sql.SQL("CREATE INDEX ") + body)

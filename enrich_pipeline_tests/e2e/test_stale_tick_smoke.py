@@ -24,3 +24,4 @@ def test_stale_tick_benchmark_measures_every_mode(pg_conninfo: str, tmp_path: Pa
     for m in result["modes"]:
         assert len(m["steady_tick_ms"]) == len(m["requesting_tick_ms"]) == 2, m
         assert m["runs_requested"] >= 1 and "items" in m["plan"], m
+        assert m["index"] in ("none", "items_enrich_pending_stale_idx", "items_enrich_pending_idx")
