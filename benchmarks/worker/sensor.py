@@ -126,6 +126,9 @@ def run_sensor(spec: SensorSpec) -> SensorRun:
             store.items.pending_fingerprints(max_attempts, stale=stale)
         with store.db.pool.connection() as conn:
             for query, params in captured:
+                if isinstance(query, str):  # a setting for what follows (SET LOCAL), not a query
+                    conn.execute(query, params)
+                    continue
                 plan = conn.execute(
                     sql.SQL("EXPLAIN (ANALYZE, BUFFERS) ") + query, params
                 ).fetchall()
