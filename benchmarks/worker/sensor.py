@@ -54,7 +54,10 @@ def run_sensor(spec: SensorSpec) -> SensorRun:
     from enrich_pipeline.defs.sensors import pending_rows_sensor
     from enrich_pipeline.settings import DbSettings, RunSettings
 
-    max_attempts = RunSettings.from_env().max_attempts
+    run_settings = RunSettings.from_env()
+    max_attempts = run_settings.max_attempts
+    # As the sensor counts work: stale rows too, as ENRICH_ON_IMAGE_CHANGE says.
+    stale = run_settings.on_image_change
 
     db = DbSettings.from_env()
     items = sql.Identifier(db.namespace, db.table)
@@ -113,21 +116,24 @@ def run_sensor(spec: SensorSpec) -> SensorRun:
     explain: list[str] = []
     with Store(db) as store:
         store.setup()
-        store.items.pending_fingerprints(max_attempts)
+        store.items.pending_fingerprints(max_attempts, stale=stale)
         alone = []
         for _ in range(spec.ticks):
             started = time.perf_counter()
-            store.items.pending_fingerprints(max_attempts)
+            store.items.pending_fingerprints(max_attempts, stale=stale)
             alone.append((time.perf_counter() - started) * 1000)
         with _capturing(store) as captured:
-            store.items.pending_fingerprints(max_attempts)
+            store.items.pending_fingerprints(max_attempts, stale=stale)
         with store.db.pool.connection() as conn:
             for query, params in captured:
+                if isinstance(query, str):  # a setting for what follows (SET LOCAL), not a query
+                    conn.execute(query, params)
+                    continue
                 plan = conn.execute(
                     sql.SQL("EXPLAIN (ANALYZE, BUFFERS) ") + query, params
                 ).fetchall()
                 explain.append("\n".join(r[0] for r in plan))
-    index = f"{db.table}_enrich_pending_idx"
+    index = f"{db.table}_enrich_pending_stale_idx"
     return SensorRun(
         rows=rows,
         pending_rows=int(pending[0]) if pending else 0,

@@ -28,10 +28,13 @@ import psycopg
 from psycopg_pool import PoolTimeout
 
 from enrich_pipeline.bootstrap import Runtime, open_runtime, open_store
+from enrich_pipeline.cli import stale
 from enrich_pipeline.cli.flags import FlagMap, Parser, add_setting, given
 from enrich_pipeline.cli.report import Report
 from enrich_pipeline.cli.stopping import exit_code, stop_line, stops_cleanly
+from enrich_pipeline.db.pending import FLAG, IGNORE, RECAPTION, OnImageChange
 from enrich_pipeline.db.preflight import grants
+from enrich_pipeline.db.store import Store
 from enrich_pipeline.pipeline.stats import RunStats
 from enrich_pipeline.providers.base import FatalProviderError, ProviderUnavailable
 from enrich_pipeline.providers.pricing import estimate_cost, price_table
@@ -79,6 +82,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="re-caption --user-id's rows captioned with another model or prompt version "
         "(DASHSCOPE_VISION_MODEL, ENRICH_PROMPT_VERSION); old captions stay until replaced",
     )
+    add_setting(
+        p,
+        "--on-image-change",
+        RunSettings,
+        "on_image_change",
+        flags=RUN_FLAGS,
+        choices=["recaption", "flag", "ignore"],
+    )
+    stale.add_flags(p)
     p.add_argument("--quiet", action="store_true", help="only the configuration and statistics")
     p.add_argument(
         "--setup",
@@ -170,6 +182,47 @@ def _statistics(report: Report, runtime: Runtime, stats: RunStats, started: floa
     report.statistics(stats, usage, elapsed, cost, prices.currency, offline=offline)
 
 
+def _pending(
+    store: Store, user_id: str | None, run: RunSettings, recaption: tuple[str, str] | None
+) -> tuple[int, int]:
+    """(pending rows, rows this run works on: stale ones too with ENRICH_ON_IMAGE_CHANGE=
+    recaption); with flag, the stale rows are flagged first (no call: that is the whole of
+    what flag mode does with them)."""
+    max_attempts = run.max_attempts
+    if recaption is not None:
+        assert user_id is not None
+        n = store.items.count_pending(user_id, max_attempts=max_attempts, recaption=recaption)
+        return n, n
+    mode = run.on_image_change
+    if mode == FLAG:
+        users = (
+            [user_id]
+            if user_id is not None
+            else [u for u, _ in store.items.users_with_pending(max_attempts, stale=FLAG)]
+        )
+        for user in users:
+            store.items.flag_stale(user)
+
+    def count(stale: OnImageChange) -> int:
+        if user_id is not None:
+            return store.items.count_pending(user_id, max_attempts=max_attempts, stale=stale)
+        return sum(n for _, n in store.items.users_with_pending(max_attempts, stale=stale))
+
+    pending = count(IGNORE)
+    return pending, count(RECAPTION) if mode == RECAPTION else pending
+
+
+def _maintenance(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
+    """``--adopt`` or ``--forget-cache``: statements on the database only, no model call."""
+    store = open_store(settings)
+    try:
+        if args.adopt:
+            return stale.adopt(store, args.user_id, out)
+        return stale.forget(store, args, settings.run.on_image_change, out)
+    finally:
+        store.close()
+
+
 @stops_cleanly
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
@@ -182,6 +235,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         settings = settings_from(args)
         if args.setup:
             return setup(settings, args.grant_to, out)
+        stale.check_flags(args)
+        if args.adopt or args.forget_cache:
+            return _maintenance(settings, args, out)
         if args.recaption and args.user_id is None:
             raise ConfigError("--recaption needs --user-id: re-captioning is chosen per user")
         db = settings.db
@@ -198,13 +254,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         if args.retry_failed:
             n = store.items.reset_failures(args.user_id)
             report.line(f"Retrying failed rows: {n} recorded failure(s) cleared.")
-        if args.user_id is not None:
-            pending = store.items.count_pending(
-                args.user_id, max_attempts=run.max_attempts, recaption=engine.recaption
-            )
-        else:
-            pending = sum(n for _, n in store.items.users_with_pending(run.max_attempts))
-        if pending == 0:
+        pending, work = _pending(store, args.user_id, run, engine.recaption)
+        stale_line = stale.stale_line(store.items.count_stale(args.user_id), run.on_image_change)
+        if work == 0:
+            if stale_line:
+                report.line(stale_line)
             who = f"user {args.user_id!r}" if args.user_id is not None else "any user"
             report.line(f"No pending items for {who}: nothing to do.")
             return 0
@@ -212,6 +266,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             f"Pending items: {pending}"
             + (f" (processing at most {run.max_items})" if run.max_items else "")
         )
+        if stale_line and engine.recaption is None:
+            report.line(stale_line)
         started = time.monotonic()
         stats = engine.enrich(args.user_id, on_outcome=report.item)
         _statistics(report, runtime, stats, started)

@@ -292,8 +292,13 @@ def backfill(env: dict[str, str], users: list[str] | None, *, allow_unknown: boo
     with _environ(env):
         if users is None:
             with open_store(Settings.from_env()) as store:
-                max_attempts = RunSettings.from_env().max_attempts
-                users = [u for u, _ in store.items.users_with_pending(max_attempts)]
+                run = RunSettings.from_env()
+                users = [
+                    u
+                    for u, _ in store.items.users_with_pending(
+                        run.max_attempts, stale=run.on_image_change
+                    )
+                ]
         else:
             users = check_users(users, allow_unknown=allow_unknown)
         if not users:

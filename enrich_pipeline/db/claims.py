@@ -15,7 +15,7 @@ from psycopg import sql
 
 from enrich_pipeline.db.database import Database, retry_db
 from enrich_pipeline.db.leases import LeaseKeeper
-from enrich_pipeline.db.pending import not_given_up, selected_rows
+from enrich_pipeline.db.pending import IGNORE, OnImageChange, not_given_up, selected_rows
 from enrich_pipeline.enrichment.records import PendingItem
 
 
@@ -35,14 +35,17 @@ class ClaimRows:
         lease_seconds: int,
         max_attempts: int,
         recaption: tuple[str, str] | None = None,
+        stale: OnImageChange = IGNORE,
     ) -> tuple[list[PendingItem], list[str]]:
-        """Claim rows for ``worker`` and read those still pending.
+        """Claim rows for ``worker`` and read those still pending (or stale, with
+        ``stale="recaption"``: their current caption is then the one a write replaces).
 
         Returns the claimed pending items and the ids skipped (claimed by another live run, or
         no longer pending). A claim held by someone else is only taken over once its lease has
         expired, so concurrent runs never work on the same row.
         """
         claims = self.db.t("enrich_claims")
+        selection, extra = selected_rows(self.db, recaption, stale)
         claim_sql = sql.SQL(
             "INSERT INTO {claims} AS c (source_table, item_id, user_id, worker, expires_at)"
             " SELECT %(src)s, x, %(user)s, %(worker)s, now() + make_interval(secs => %(lease)s)"
@@ -59,7 +62,7 @@ class ClaimRows:
         ).format(
             items=self.db.items,
             match=self.db.id_match("claimed"),
-            pending=selected_rows(self.db, recaption)[0],
+            pending=selection,
             alive=not_given_up(self.db),
         )
         release_sql = sql.SQL(
@@ -73,7 +76,7 @@ class ClaimRows:
             "lease": lease_seconds,
             "ids": list(ids),
             "max_attempts": max_attempts,
-            **selected_rows(self.db, recaption)[1],
+            **extra,
         }
         with self.db.connection() as conn, conn.transaction():
             claimed = [r[0] for r in conn.execute(claim_sql, params)]

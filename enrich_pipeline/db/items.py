@@ -2,7 +2,8 @@
 writes back and records, as one object (``Store.items``) assembled from one module per concern:
 
 - :mod:`.pending_index`: the partial index on pending rows (the one change to the items table);
-- :mod:`.pending`: which rows are pending, and the queries that list and count them;
+- :mod:`.pending`: which rows are pending or stale, and the queries that list and count them;
+- :mod:`.stale`: stale rows counted and flagged, old captions adopted, cached answers forgotten;
 - :mod:`.claims`: claims on rows and their leases (``enrich_claims``);
 - :mod:`.writes`: a chunk's results written back in one transaction;
 - :mod:`.ledger`: the failure ledger read and reset (``enrich_failures``);
@@ -18,10 +19,13 @@ from enrich_pipeline.db.leases import LeaseKeeper
 from enrich_pipeline.db.ledger import FailureLedger
 from enrich_pipeline.db.pending import PendingRows
 from enrich_pipeline.db.pending_index import PendingIndex
+from enrich_pipeline.db.stale import StaleRows
 from enrich_pipeline.db.writes import ChunkWrites
 
 
-class ItemRows(PendingIndex, PendingRows, PartitionFigures, ClaimRows, ChunkWrites, FailureLedger):
+class ItemRows(
+    PendingIndex, PendingRows, StaleRows, PartitionFigures, ClaimRows, ChunkWrites, FailureLedger
+):
     """Statements on the items table, ``enrich_claims`` and ``enrich_failures``."""
 
     def __init__(self, db: Database) -> None:

@@ -1,4 +1,14 @@
-"""The one change the pipeline makes to the items table: a partial index on pending rows."""
+"""The one change the pipeline makes to the items table: partial indexes on the rows it works on.
+
+- ``<table>_enrich_pending_idx`` on ``(user_id)``, rows without a caption: the pending-only
+  queries (``ENRICH_ON_IMAGE_CHANGE=ignore``, batch mode, counts) read it and nothing more, so
+  stale rows that are ignored for good never slow them down;
+- ``<table>_enrich_pending_stale_idx`` on ``(user_id, updated_at, id)``, rows pending or stale
+  (``pending.index_predicate``): the sensor's tick in recaption mode is answered from it alone
+  (an index-only scan: the predicate's columns need not be in it, those of the query are).
+
+Both are small (the rows still to do), built once by the table's owner.
+"""
 
 from __future__ import annotations
 
@@ -9,45 +19,65 @@ import psycopg
 from psycopg import sql
 
 from enrich_pipeline.db.database import Database
+from enrich_pipeline.db.pending import index_predicate
 
 log = logging.getLogger(__name__)
 
-_INDEX_LOCK = 0x656E7270  # "enrp": one builder of the pending-rows index at a time
+_INDEX_LOCK = 0x656E7270  # "enrp": one builder of the pending-rows indexes at a time
+PENDING_SUFFIX = "_enrich_pending_idx"
+INDEX_SUFFIX = "_enrich_pending_stale_idx"
+_PENDING_PREDICATE = (
+    "status = 'active' AND COALESCE(metadata->>'caption', '') = ''"
+    " AND image IS NOT NULL AND image <> ''"
+)
+# suffix -> (key columns, predicate)
+_INDEXES = {
+    PENDING_SUFFIX: ("user_id", _PENDING_PREDICATE),
+    INDEX_SUFFIX: ("user_id, updated_at, id", index_predicate()),
+}
 
 
 class PendingIndex:
-    """Finding and building the pending-rows index (part of ``ItemRows``)."""
+    """Finding and building the pending-rows indexes (part of ``ItemRows``)."""
 
     db: Database
 
     @property
     def pending_index(self) -> sql.Identifier:
-        return sql.Identifier(
-            self.db.namespace, f"{self.db.settings.table}_enrich_pending_idx"[:63]
-        )
+        """The pending-and-stale index (the one the sensor's tick reads)."""
+        return self._qualified(INDEX_SUFFIX)
+
+    def _qualified(self, suffix: str) -> sql.Identifier:
+        return sql.Identifier(self.db.namespace, self._index_name(suffix))
+
+    def _index_name(self, suffix: str) -> str:
+        return f"{self.db.settings.table}{suffix}"[:63]
+
+    def _missing(self, conn: psycopg.Connection) -> list[str]:
+        """The indexes not there, or not valid (a cancelled CONCURRENTLY build leaves an
+        invalid one)."""
+        missing = []
+        for suffix in _INDEXES:
+            row = conn.execute(
+                "SELECT x.indisvalid FROM pg_index x WHERE x.indexrelid = to_regclass(%s)",
+                (self._qualified(suffix).as_string(conn),),
+            ).fetchone()
+            if not (row and row[0]):
+                missing.append(suffix)
+        return missing
 
     def has_pending_index(self, conn: psycopg.Connection) -> bool:
-        """The index exists and is valid (a cancelled CONCURRENTLY build leaves an invalid one)."""
-        row = conn.execute(
-            "SELECT x.indisvalid FROM pg_index x WHERE x.indexrelid = to_regclass(%s)",
-            (self.pending_index.as_string(conn),),
-        ).fetchone()
-        return bool(row and row[0])
+        """Both indexes exist and are valid."""
+        return not self._missing(conn)
 
     def ensure_pending_index(self, *, wait_seconds: float = 30.0) -> bool:
-        """The one change the pipeline makes to the items table: a partial index on pending rows.
+        """Build the indexes that are missing (see the module's docstring).
 
-        It makes the sensor's tick and the pending query cheap on large tables. Built
+        They make the sensor's tick and the pending query cheap on large tables. Built
         concurrently where the server can (not on Greenplum/AnalyticDB, where it falls back to
         a plain CREATE INDEX), by one process at a time: concurrent builds of the same index
-        wait on each other's snapshots and deadlock. Returns whether the index is there.
+        wait on each other's snapshots and deadlock. Returns whether both are there.
         """
-        name = sql.Identifier(f"{self.db.settings.table}_enrich_pending_idx"[:63])
-        body = sql.SQL(
-            "{name} ON {items} (user_id)"
-            " WHERE status = 'active' AND COALESCE(metadata->>'caption', '') = ''"
-            " AND image IS NOT NULL AND image <> ''"
-        ).format(name=name, items=self.db.items)
         with self.db.connection() as conn:
             conn.autocommit = True
             if self.has_pending_index(conn):
@@ -60,28 +90,39 @@ class PendingIndex:
                     log.warning("pending-rows index: another process is building it")
                     return False
                 time.sleep(0.25)
+            building: str | None = None
             try:
-                if self.has_pending_index(conn):
-                    return True
-                conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(self.pending_index))
                 # Building waits for open transactions on the table; on a busy table the run
                 # goes on without the index (it only makes queries faster) and a later run
                 # builds it.
                 conn.execute("SET lock_timeout = '5s'")
-                concurrently = self.db.dialect.concurrent_index
-                try:
-                    conn.execute(
-                        sql.SQL("CREATE INDEX CONCURRENTLY " if concurrently else "CREATE INDEX ")
-                        + body
-                    )
-                except psycopg.errors.FeatureNotSupported:
-                    conn.execute(sql.SQL("CREATE INDEX ") + body)
+                for suffix in self._missing(conn):
+                    building = suffix
+                    self._build(conn, suffix)
+                building = None
             except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
                 log.warning("pending-rows index not built now (%s); queries work without it", exc)
-                conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(self.pending_index))
+                if building is not None:
+                    conn.execute(
+                        sql.SQL("DROP INDEX IF EXISTS {}").format(self._qualified(building))
+                    )
                 return False
             finally:
                 conn.execute("RESET lock_timeout")
                 conn.execute("SELECT pg_advisory_unlock(%s)", (_INDEX_LOCK,))
                 conn.autocommit = False
         return True
+
+    def _build(self, conn: psycopg.Connection, suffix: str) -> None:
+        columns, predicate = _INDEXES[suffix]
+        conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(self._qualified(suffix)))
+        body = sql.SQL("{name} ON {items} (" + columns + ") WHERE " + predicate).format(
+            name=sql.Identifier(self._index_name(suffix)), items=self.db.items
+        )
+        try:
+            concurrently = self.db.dialect.concurrent_index
+            conn.execute(
+                sql.SQL("CREATE INDEX CONCURRENTLY " if concurrently else "CREATE INDEX ") + body
+            )
+        except psycopg.errors.FeatureNotSupported:
+            conn.execute(sql.SQL("CREATE INDEX ") + body)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from psycopg import sql
 
 from enrich_pipeline.db.database import Database
+from enrich_pipeline.db.pending import FLAGGED, STALE
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,11 @@ class UserItems:
     given_up: int = 0
     # Of the captioned rows: a caption embedding stored.
     embedded: int = 0
+    # Of the rows captioned by the pipeline: those whose image changed since (stale), in every
+    # ENRICH_ON_IMAGE_CHANGE mode (with ``ignore`` they are counted, never worked on), and of
+    # these the ones flagged ``caption_stale`` (``flag``).
+    stale: int = 0
+    stale_flagged: int = 0
 
     @property
     def failure_share(self) -> float | None:
@@ -66,7 +72,9 @@ class SummaryRows:
             " AND f.attempts < %(max_attempts)s THEN 1 ELSE 0 END),"
             " sum(CASE WHEN {empty} AND f.item_id IS NOT NULL AND (f.permanent"
             " OR f.attempts >= %(max_attempts)s) THEN 1 ELSE 0 END),"
-            " sum(CASE WHEN NOT {empty} AND e.item_id IS NOT NULL THEN 1 ELSE 0 END)"
+            " sum(CASE WHEN NOT {empty} AND e.item_id IS NOT NULL THEN 1 ELSE 0 END),"
+            " sum(CASE WHEN {stale} THEN 1 ELSE 0 END),"
+            " sum(CASE WHEN {stale} AND {flagged} THEN 1 ELSE 0 END)"
             " FROM {items} i"
             " LEFT JOIN {failures} f ON f.source_table = %(src)s AND f.item_id = i.id::text"
             " LEFT JOIN {embeddings} e ON e.source_table = %(src)s AND e.item_id = i.id::text"
@@ -75,6 +83,8 @@ class SummaryRows:
             " GROUP BY i.user_id"
         ).format(
             empty=sql.SQL(empty),
+            stale=STALE,
+            flagged=FLAGGED,
             items=self.db.items,
             failures=self.db.t("enrich_failures"),
             embeddings=self.db.t("enrich_embeddings"),

@@ -39,6 +39,15 @@ def _first_line(exc: BaseException) -> str:
     return one_line(scrub_secrets(text.splitlines()[0] if text else type(exc).__name__))
 
 
+# The row still holds what the write expects: no caption (a pending row), or the caption being
+# replaced and the image digest recorded with it (a stale row: were either changed, someone
+# else's newer caption is there, and it wins).
+_STILL_THERE = sql.SQL(
+    "(CASE WHEN v.replaces IS NULL THEN COALESCE(i.metadata->>'caption', '') = ''"
+    " ELSE i.metadata->>'caption' = v.replaces"
+    " AND (i.metadata->>'caption_image_digest') IS NOT DISTINCT FROM v.digest END)"
+)
+
 _KEPT_BACK = ItemError(
     "write_failed",
     "the database kept the row unchanged: a trigger or a rule on the items table skipped the "
@@ -54,8 +63,23 @@ class SuccessRow:
     image: str
     patch: dict[str, Any]
     embedding: Sequence[float] | None = None
-    # Re-captioning: the caption this one replaces; the write only happens if it is still there.
+    # Re-captioning (a stale row, or a model change): the caption this one replaces and the
+    # image digest it recorded, as read when the row was claimed; the write only happens if
+    # both are still there (someone else's newer caption wins).
     replaces: str | None = None
+    replaces_digest: str | None = None
+
+
+def replacing(metadata: Any) -> dict[str, str | None]:
+    """``SuccessRow``'s ``replaces`` and ``replaces_digest`` for a row whose metadata was read as
+    ``metadata``: its caption, if it had one (a stale or re-captioned row), and its digest."""
+    if not isinstance(metadata, dict) or not metadata.get("caption"):
+        return {"replaces": None, "replaces_digest": None}
+    digest = metadata.get("caption_image_digest")
+    return {
+        "replaces": str(metadata["caption"]),
+        "replaces_digest": None if digest is None else str(digest),
+    }
 
 
 @dataclass(frozen=True)
@@ -83,6 +107,9 @@ class ChunkWrites:
     # Keys a person may have filled in by hand: the merge keeps their non-empty values (as
     # the caption itself is kept) unless the pipeline is re-captioning its own earlier output.
     KEPT_KEYS = ("dominant_colors", "style_tags", "object_tags")
+    # Keys that describe the caption being replaced and that a new caption may not carry: a
+    # re-caption drops them (the patch sets them again where they apply).
+    REPLACED_KEYS = ("caption_stale", "caption_truncated", "caption_source")
 
     def _merge_sql(self) -> sql.Composed:
         """The conditional merge, in SQL every target has: no jsonb ``||`` or ``jsonb_set``
@@ -90,9 +117,10 @@ class ChunkWrites:
         level of correlation (Greenplum plans no skip-level correlated subqueries).
 
         Each key comes from the patch, except that an existing non-empty value of a kept key
-        wins; every other existing key stays. Only rows of this user that are still active,
-        still caption-less (or still carry the caption being replaced), still point at the
-        captioned image, and whose metadata is an object (or null) are written.
+        wins; every other existing key stays (but those of ``REPLACED_KEYS`` when a caption is
+        replaced). Only rows of this user that are still active, still caption-less (or still
+        carry the caption being replaced, with the image digest it recorded), still point at
+        the captioned image, and whose metadata is an object (or null) are written.
         """
         return sql.SQL(
             "UPDATE {items} AS i SET metadata = ("
@@ -103,21 +131,22 @@ class ChunkWrites:
             " THEN 0 ELSE 2 END AS rank"
             " FROM jsonb_each(CASE WHEN jsonb_typeof(i.metadata) = 'object' THEN i.metadata"
             " ELSE '{{}}'::jsonb END) AS o"
+            " WHERE v.replaces IS NULL OR o.key <> ALL(%(replaced_keys)s::text[])"
             " UNION ALL SELECT p.key, p.value, 1 FROM jsonb_each(v.patch::jsonb) AS p"
             " ) AS kv ORDER BY kv.key, kv.rank) AS m),"
             " updated_at = now()"
             " FROM unnest(%(ids)s::{idt}[], %(images)s::text[], %(patches)s::text[],"
-            " %(replaces)s::text[]) AS v(id, image, patch, replaces)"
+            " %(replaces)s::text[], %(digests)s::text[])"
+            " AS v(id, image, patch, replaces, digest)"
             " WHERE {i_id} = v.id AND i.user_id = %(user)s AND i.image = v.image"
-            " AND i.status = 'active' AND (CASE WHEN v.replaces IS NULL"
-            " THEN COALESCE(i.metadata->>'caption', '') = ''"
-            " ELSE i.metadata->>'caption' = v.replaces END)"
+            " AND i.status = 'active' AND {still}"
             " AND (i.metadata IS NULL OR jsonb_typeof(i.metadata) IN ('object', 'null'))"
             "{returning}"
         ).format(
             items=self.db.items,
             idt=self.db.id_cast,
             i_id=self.db.i_id,
+            still=_STILL_THERE,
             returning=sql.SQL(" RETURNING i.id::text" if self.db.dialect.items_returning else ""),
         )
 
@@ -137,13 +166,11 @@ class ChunkWrites:
         transaction, so a caption someone else wrote meanwhile is not mistaken for it."""
         return sql.SQL(
             "SELECT i.id::text FROM {items} i, unnest(%(ids)s::{idt}[], %(images)s::text[],"
-            " %(replaces)s::text[]) AS v(id, image, replaces)"
+            " %(replaces)s::text[], %(digests)s::text[]) AS v(id, image, replaces, digest)"
             " WHERE {i_id} = v.id AND i.user_id = %(user)s AND i.image = v.image"
-            " AND i.status = 'active' AND (CASE WHEN v.replaces IS NULL"
-            " THEN COALESCE(i.metadata->>'caption', '') = ''"
-            " ELSE i.metadata->>'caption' = v.replaces END)"
+            " AND i.status = 'active' AND {still}"
             " AND (i.metadata IS NULL OR jsonb_typeof(i.metadata) IN ('object', 'null'))"
-        ).format(items=self.db.items, idt=self.db.id_cast, i_id=self.db.i_id)
+        ).format(items=self.db.items, idt=self.db.id_cast, i_id=self.db.i_id, still=_STILL_THERE)
 
     def write_chunk(
         self,
@@ -246,6 +273,8 @@ class ChunkWrites:
                     "images": [s.image for s in successes],
                     "patches": [json.dumps(s.patch, ensure_ascii=False) for s in successes],
                     "replaces": [s.replaces for s in successes],
+                    "digests": [s.replaces_digest for s in successes],
+                    "replaced_keys": list(self.REPLACED_KEYS),
                 }
                 cur = conn.execute(self._merge_sql(), params)
                 if self.db.dialect.items_returning:
@@ -265,6 +294,7 @@ class ChunkWrites:
                         "ids": [s.item_id for s in left],
                         "images": [s.image for s in left],
                         "replaces": [s.replaces for s in left],
+                        "digests": [s.replaces_digest for s in left],
                     },
                 )
                 kept_back = [FailureRow(r[0], _KEPT_BACK) for r in kept]

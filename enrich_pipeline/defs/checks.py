@@ -66,23 +66,38 @@ def _figures(adbpg: AdbpgResource, keys: list[str], dims: int) -> dict[str, dict
 @asset_check(
     asset=enriched_items,
     partitions_def=users_partitions,
-    description="No pending row is left for the user, apart from rows in the failure ledger.",
+    description="No pending row is left for the user, apart from rows in the failure ledger; "
+    "nor a stale one (image changed since captioned) where ENRICH_ON_IMAGE_CHANGE=recaption.",
 )
 def no_unrecorded_pending_rows(
     context: AssetCheckExecutionContext, adbpg: AdbpgResource, dashscope: DashScopeResource
 ) -> AssetCheckResult | None:
     dims = dashscope.settings.embedding_dimensions
+    # Stale rows are left-over work only where runs re-caption them; counted in every mode.
+    recaptioned = RunSettings.from_env().on_image_change == "recaption"
 
     def judge(keys: list[str]) -> dict[str, Verdict]:
         out: dict[str, Verdict] = {}
         for key, figures in _figures(adbpg, keys, dims).items():
-            left = figures["pending_unrecorded"]
+            pending = figures["pending_unrecorded"]
+            stale = figures["stale_unrecorded"]
+            left = pending + (stale if recaptioned else 0)
+            problems = [
+                f"{pending} pending row(s) without a recorded failure" if pending else "",
+                f"{stale} stale row(s) (image changed since captioned) without a recorded failure"
+                if stale and recaptioned
+                else "",
+            ]
             out[key] = (
                 left == 0,
                 # Rows can arrive during a run; that is a reason to look, not to stop anything.
                 AssetCheckSeverity.WARN,
-                {"pending_unrecorded": left, "failures_recorded": figures["failures_recorded"]},
-                f"{left} pending row(s) without a recorded failure" if left else None,
+                {
+                    "pending_unrecorded": pending,
+                    "stale_unrecorded": stale,
+                    "failures_recorded": figures["failures_recorded"],
+                },
+                "; ".join(p for p in problems if p) or None,
             )
         return out
 

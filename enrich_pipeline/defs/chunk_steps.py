@@ -212,6 +212,7 @@ def loader(
                     lease_seconds=run.lease_seconds,
                     max_attempts=run.max_attempts,
                     recaption=recaption,
+                    stale=run.on_image_change,
                 )
                 claims.hold(part)
                 parts.append(part)

@@ -9,7 +9,7 @@ tick that reads the value again fails (or skips) with the same line.
 from __future__ import annotations
 
 import sys
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from dagster import Config
 from pydantic import BaseModel, Field
@@ -136,6 +136,9 @@ class EnrichConfig(Config):
     )
     recaption: bool = field_of(
         RunSettings, "recaption", False, "; each old caption stays until its new one is written"
+    )
+    on_image_change: Literal["recaption", "flag", "ignore"] = field_of(
+        RunSettings, "on_image_change", RUN.on_image_change
     )
     overlap: Overlap = Field(
         default=Overlap.captions,

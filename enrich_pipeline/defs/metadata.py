@@ -90,9 +90,14 @@ def partition_metadata(
         "items": MetadataValue.int(items.items),
         "items_captioned": items.captioned,
         "items_pending": items.pending,
+        # Captioned by the pipeline from an image the row no longer has (ENRICH_ON_IMAGE_CHANGE
+        # says what is done with them; counted in every mode).
+        "items_stale": items.stale,
         "items_given_up": items.given_up,
         "items_embedded": items.embedded,
     }
+    if items.stale_flagged:
+        md["items_stale_flagged"] = items.stale_flagged
     if items.failed_retrying:
         md["items_failing_retried"] = items.failed_retrying
     if items.failure_share is not None:

@@ -30,6 +30,7 @@ from dagster import (
     op,
 )
 
+from enrich_pipeline.db.pending import FLAG
 from enrich_pipeline.defs.chunk_steps import (
     ChunkSpec,
     ChunkState,
@@ -138,11 +139,20 @@ def _pending_specs(
             context.log.info(f"retry_failed: {cleared} recorded failure(s) of {user!r} cleared")
         if budget is not None and budget <= 0:
             break
+        recaption = recaption_of(run, dashscope)
+        if run.on_image_change == FLAG and recaption is None:
+            flagged, _ = store.items.flag_stale(user)
+            if flagged:
+                context.log.info(
+                    f"{flagged} stale row(s) of {user!r} flagged caption_stale "
+                    "(ENRICH_ON_IMAGE_CHANGE=flag: no call)"
+                )
         ids = store.items.pending_ids(
             user,
             limit=budget,
             max_attempts=run.max_attempts,
-            recaption=recaption_of(run, dashscope),
+            recaption=recaption,
+            stale=run.on_image_change,
         )
         if budget is not None:
             budget -= len(ids)

@@ -309,7 +309,8 @@ def pending_rows_sensor(context: SensorEvaluationContext, adbpg: AdbpgResource):
     try:
         # The runs it requests use the same ENRICH_MAX_ATTEMPTS (their config default), so the
         # sensor and its runs agree on which rows are given up.
-        max_attempts = RunSettings.from_env().max_attempts
+        run_settings = RunSettings.from_env()
+        max_attempts = run_settings.max_attempts
         automation = AutomationSettings.from_env()
         api = DashScopeSettings.from_env()
         layer = dagster_settings()
@@ -318,7 +319,10 @@ def pending_rows_sensor(context: SensorEvaluationContext, adbpg: AdbpgResource):
         finished = reruns.finished_runs(instance, now)
         # Before the pending rows are read, so that a dead run's rows count as pending.
         released = store.items.release_workers(dead_runs(finished, layer.heartbeat_timeout))
-        fingerprints = store.items.pending_fingerprints(max_attempts)
+        # Stale rows are work as ENRICH_ON_IMAGE_CHANGE says (the runs read the same variable).
+        fingerprints = store.items.pending_fingerprints(
+            max_attempts, stale=run_settings.on_image_change
+        )
         shared = _quota_is_shared(api, embedded=store.settings.embedded)
     except (psycopg.Error, ConfigError) as exc:
         # A database that is down is a reason to skip, not a crash: the next tick tries again.

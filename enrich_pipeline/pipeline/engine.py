@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from enrich_pipeline.db.pending import FLAG
 from enrich_pipeline.db.store import Store
 from enrich_pipeline.enrichment.images import ImagePolicy
 from enrich_pipeline.enrichment.records import ItemError, Provenance, WorkItem
@@ -67,8 +68,15 @@ class Engine:
         run_id: str | None = None,
     ) -> RunStats:
         """Stream the user's pending rows through the stages; see ``_Stream``."""
+        if self.run.on_image_change == FLAG and self.recaption is None:
+            # Flagged in one statement, no call: what the flag mode does with stale rows.
+            self.store.items.flag_stale(user_id)
         ids = self.store.items.pending_ids(
-            user_id, limit=limit, max_attempts=self.run.max_attempts, recaption=self.recaption
+            user_id,
+            limit=limit,
+            max_attempts=self.run.max_attempts,
+            recaption=self.recaption,
+            stale=self.run.on_image_change,
         )
         return _Stream(self, user_id, worker, run_id, on_outcome).run(ids)
 
@@ -87,7 +95,12 @@ class Engine:
         users = (
             [user_id]
             if user_id is not None
-            else [u for u, _ in self.store.items.users_with_pending(self.run.max_attempts)]
+            else [
+                u
+                for u, _ in self.store.items.users_with_pending(
+                    self.run.max_attempts, stale=self.run.on_image_change
+                )
+            ]
         )
         stats = RunStats()
         budget = self.run.max_items
@@ -171,6 +184,7 @@ class _Stream:
                     lease_seconds=run.lease_seconds,
                     max_attempts=run.max_attempts,
                     recaption=self.engine.recaption,
+                    stale=run.on_image_change,
                 )
                 with self._cond:
                     self._unwritten[n] = chunk

@@ -22,8 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
+from enrich_pipeline.db.pending import IGNORE, OnImageChange
 from enrich_pipeline.db.store import Store
-from enrich_pipeline.db.writes import FailureRow, SuccessRow
+from enrich_pipeline.db.writes import FailureRow, SuccessRow, replacing
 from enrich_pipeline.enrichment import vision_tokens
 from enrich_pipeline.enrichment.colors import dominant_colors
 from enrich_pipeline.enrichment.images import (
@@ -105,6 +106,7 @@ def claim_chunk(
     lease_seconds: int,
     max_attempts: int,
     recaption: tuple[str, str] | None = None,
+    stale: OnImageChange = IGNORE,
 ) -> Chunk:
     items, skipped = store.items.claim(
         user_id,
@@ -113,6 +115,7 @@ def claim_chunk(
         lease_seconds=lease_seconds,
         max_attempts=max_attempts,
         recaption=recaption,
+        stale=stale,
     )
     return Chunk(
         user_id=user_id,
@@ -357,7 +360,8 @@ def write_chunk(
             w.item.image,
             metadata_patch(w, provenance, generated_at),
             w.embedding,
-            replaces=w.item.metadata.get("caption") if chunk.recaption else None,
+            # A stale or re-captioned row's caption is replaced only if it is still there.
+            **replacing(w.item.metadata),
         )
         for w in chunk.items
         if w.ok and w.caption

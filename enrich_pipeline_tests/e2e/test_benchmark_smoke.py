@@ -41,7 +41,7 @@ TARGETS = {
     "4000x3000 photo sent as": "image tokens",
     "load + colors + downscale + tags": "local CPU",
     "tick, no cursor (all users requested), median": "sensor",
-    "partial index items_enrich_pending_idx in the plan": "sensor",
+    "partial index items_enrich_pending_stale_idx in the plan": "sensor",
 }
 
 

@@ -739,7 +739,7 @@ def test_namespace_and_table_with_odd_characters(
     }
     assert odd_table.execute(
         "SELECT count(*) FROM pg_indexes WHERE schemaname = %s AND indexname = %s",
-        (ns, f"{table}_enrich_pending_idx"),
+        (ns, f"{table}_enrich_pending_stale_idx"),
     ) == [(1,)]
 
 
