@@ -49,7 +49,6 @@ from enrich_pipeline.defs.partitions import key_to_user
 from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
 from enrich_pipeline.defs.run_state import RunStateResource
 from enrich_pipeline.defs.runs import PartitionOrder, users_in_flight
-from enrich_pipeline.enrichment.records import Provenance
 from enrich_pipeline.pipeline import stages
 from enrich_pipeline.pipeline.lookahead import Lookahead
 from enrich_pipeline.pipeline.stats import ChunkResult, RunStats
@@ -230,6 +229,7 @@ def captions(
                 vocabulary=dashscope.vocabulary,
                 cache=adbpg.store.cache,
                 prompt_version=dashscope.settings.prompt_version,
+                question=dashscope.question,
             )
         else:
             lookahead.captions(state.index, state)
@@ -287,8 +287,7 @@ def write_results(
 ) -> ChunkState:
     """Write the chunk back, one transaction per user; what it finished survives a crash."""
     settings = dashscope.settings
-    provider = dashscope.provider
-    provenance = Provenance(provider.model_label, settings.prompt_version, provider.offline)
+    provenance = dashscope.provenance()
     embedding_model = settings.embedding_model if state.run.caption_embedding else None
     total = RunStats()
     by_user: dict[str, UserRun] = {}
