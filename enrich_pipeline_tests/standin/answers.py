@@ -24,21 +24,23 @@ import io
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from enrich_pipeline.enrichment import vision_tokens
-from enrich_pipeline.enrichment.synthetic import (
-    hashed_embedding,
-    mean_color,
-    synthetic_caption,
-    synthetic_caption_for_key,
-)
+from enrich_pipeline.enrichment.synthetic import hashed_embedding, mean_color
 from enrich_pipeline_tests.standin.errors import INVALID, Reply
 from enrich_pipeline_tests.standin.faults import hostile_caption, hostile_vector
+from enrich_pipeline_tests.standin.scenes import Scene, scene_of_image, scene_of_key
+from enrich_pipeline_tests.standin.structured import (
+    TEXT,
+    answer_content,
+    read_request,
+    reasoning_text,
+)
 from enrich_pipeline_tests.standin.tokens import count_tokens, embedding_tokens, image_tokens
 
 EMBEDDING_DIMENSIONS = (64, 128, 256, 512, 768, 1024, 1536, 2048)
@@ -63,9 +65,11 @@ def parse_chat(
     max_output: int,
     text_only: bool,
     image_token_rule: str,
+    response_formats: Mapping[str, Iterable[str]] | None = None,
 ) -> Parsed:
     """Check a chat body for a model taking at most `max_output` tokens (and no image when
-    `text_only`); fill `entry`'s counts."""
+    `text_only`), and its response_format and thinking (``structured``, `response_formats`
+    overriding which model takes what); fill `entry`'s counts."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise Reply(400, "messages must be a non-empty list.")
@@ -85,6 +89,7 @@ def parse_chat(
     images: list[Image.Image] = []
     means: list[tuple[float, float, float]] = []
     keys: list[str] = []
+    texts: list[str] = []
     for message in messages:
         content = message.get("content") if isinstance(message, dict) else None
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
@@ -96,6 +101,7 @@ def parse_chat(
             if part.get("type") == "text":
                 text_tokens += count_tokens(str(part.get("text", "")))
                 keys.append(str(part.get("text", "")))
+                texts.append(str(part.get("text", "")))
             elif part.get("type") == "image_url":
                 if text_only:
                     raise Reply("no_image_support", model=model)
@@ -116,15 +122,27 @@ def parse_chat(
                 else:
                     raise Reply("bad_image")
                 entry["n_inputs"] += 1
-    prompt_tokens = text_tokens + entry["image_tokens"]
+    request = read_request(body, model, texts, response_formats)
+    prompt_tokens = text_tokens + request.schema_tokens + entry["image_tokens"]
     entry["prompt_tokens"] = prompt_tokens
 
     def respond(fault: str | None) -> dict[str, Any]:
-        caption = (
-            synthetic_caption(images[0]) if images else synthetic_caption_for_key("|".join(keys))
-        )
-        caption = hostile_caption(fault, caption)
-        completion = count_tokens(caption)
+        scene = scene_of_image(images[0]) if images else scene_of_key("|".join(keys))
+        if request.kind == TEXT:
+            content = hostile_caption(fault, answer_content(scene, request, fault))
+        else:  # a hostile caption travels inside the answer, where the client reads it
+            hostile = {k: hostile_caption(fault, v) for k, v in scene.captions.items()}
+            scene = Scene(hostile, scene.styles, scene.objects)
+            content = answer_content(scene, request, fault)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        completion = count_tokens(content)
+        usage: dict[str, Any] = {}
+        if request.thinking:
+            reasoning = reasoning_text(scene, request)
+            message["reasoning_content"] = reasoning
+            thought = count_tokens(reasoning)
+            completion += thought
+            usage["completion_tokens_details"] = {"reasoning_tokens": thought}
         return {
             "id": f"chatcmpl-{uuid.uuid4()}",
             "object": "chat.completion",
@@ -133,7 +151,7 @@ def parse_chat(
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": caption},
+                    "message": message,
                     "finish_reason": "stop",
                     "logprobs": None,
                 }
@@ -142,6 +160,7 @@ def parse_chat(
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion,
                 "total_tokens": prompt_tokens + completion,
+                **usage,
             },
             "system_fingerprint": None,
         }

@@ -7,7 +7,8 @@ truncated JSON body).
 
 Hostile-provider modes are not DashScope behaviour but what any provider can do to a client:
 ``trickle`` (a 200 sent one byte per ``trickle_interval`` seconds), ``nan_embedding`` /
-``inf_embedding`` / ``short_embedding``, and captions with NUL, a lone surrogate, 200,000
+``inf_embedding`` / ``short_embedding``, structured answers that are cut short or carry
+unknown tags (``ANSWER_FAULTS``), and captions with NUL, a lone surrogate, 200,000
 characters, only invisible characters, or control characters; answers too large to hold and
 another server's answers (``foreign``).
 
@@ -44,8 +45,13 @@ CAPTION_FAULTS = frozenset(
     }
 )
 EMBEDDING_FAULTS = frozenset({"nan_embedding", "inf_embedding", "short_embedding"})
+# Structured answers (json_object / json_schema) that break the contract: the answer JSON cut in
+# half ("malformed_answer"), and tags outside every vocabulary ("unknown_tags"). A text answer
+# is served unchanged (see ``structured.answer_content``).
+ANSWER_FAULTS = frozenset({"malformed_answer", "unknown_tags"})
 FAULTS = frozenset(
     {*ERRORS, "timeout", "reset", "malformed", "trickle", *CAPTION_FAULTS, *EMBEDDING_FAULTS}
+    | ANSWER_FAULTS
     | SIZE_FAULTS  # gzip_bomb, huge_answer
     | FOREIGN_FAULTS  # not_implemented, not_allowed, html_page, foreign_json
 )
@@ -78,7 +84,7 @@ class _Rule:
 def applies(fault: str, kind: str) -> bool:
     """Whether `fault` can be served on a `kind` ("chat" or "embeddings") request: hostile
     captions only come back from chat, hostile vectors only from embeddings."""
-    if fault in CAPTION_FAULTS:
+    if fault in CAPTION_FAULTS or fault in ANSWER_FAULTS:
         return kind == "chat"
     if fault in EMBEDDING_FAULTS:
         return kind == "embeddings"

@@ -79,6 +79,7 @@ class OnlineAPI:
     text_only_models: set[str]
     max_output_tokens: dict[str, int]
     image_token_rule: str
+    response_formats: dict[str, frozenset[str]]
     requests: list[dict[str, Any]]
     _lock: threading.Lock
     _faults: FaultPlan
@@ -178,6 +179,7 @@ class OnlineAPI:
             max_output=max_output(model, self.max_output_tokens),
             text_only=model in self.text_only_models,
             image_token_rule=self.image_token_rule,
+            response_formats=self.response_formats,
         )
 
     def _admit(

@@ -15,7 +15,9 @@ Fidelity
 --------
 What the stand-in does because DashScope documents it, and where, is said in the module that
 does it: rate limits in ``limits``, error bodies in ``errors``, request validation in
-``answers``, image tokens in ``tokens``, the Batch API in ``batch``; hostile-provider modes,
+``answers``, image tokens in ``tokens``, structured output, thinking and languages in
+``structured`` (what each picture shows in ``scenes``), the Batch API in ``batch``;
+hostile-provider modes,
 which are not DashScope behaviour, in ``faults``. Pages that are stored copies (not readable
 live from here) are named by their public URL; where the docs are silent the code says so next
 to the choice, which is always the stricter one.
@@ -54,8 +56,10 @@ class StandIn(BatchAPI):
     for every model or a ``{model: limit}`` mapping, ``"*"`` the default), `per_second` to also
     enforce RPM/60 and TPM/60 in any one-second window, `trickle_interval` for the "trickle"
     fault, `text_only_models` refused images, `max_output_tokens` overriding the per-model
-    max_tokens caps, `image_token_rule` ("legacy" or "dashscope", see ``tokens``), and
-    `echo_key` to repeat the request's credentials in every error message (``faults.echoed``).
+    max_tokens caps, `image_token_rule` ("legacy" or "dashscope", see ``tokens``),
+    `response_formats` (``{model: ["json_object", ...]}``) overriding which response_format types
+    a model takes (``structured``), and `echo_key` to repeat the request's credentials in every
+    error message (``faults.echoed``).
     The Batch API's knobs are described in ``batch``.
     """
 
@@ -75,6 +79,7 @@ class StandIn(BatchAPI):
         text_only_models: Iterable[str] = (),
         max_output_tokens: Mapping[str, int] | None = None,
         image_token_rule: str = "dashscope",
+        response_formats: Mapping[str, Iterable[str]] | None = None,
         batch_delay: float = 0.0,
         echo_key: bool = False,
     ) -> None:
@@ -95,6 +100,7 @@ class StandIn(BatchAPI):
         self.text_only_models = set(text_only_models)
         self.max_output_tokens = dict(max_output_tokens or {})
         self.image_token_rule = image_token_rule
+        self.response_formats = {m: frozenset(k) for m, k in (response_formats or {}).items()}
         self.echo_key = echo_key
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()

@@ -6,8 +6,10 @@ Image tokens (https://help.aliyun.com/zh/model-studio/vision): with ``image_toke
 ``vl_high_resolution_images`` flag (32x32 or 28x28 px patches, capped, plus two special tokens).
 ``"legacy"`` keeps the older estimate (one token per started 28x28 patch, at least 4).
 
-Text is counted as words and punctuation marks: not DashScope's tokenizer, but deterministic,
-which is what tests of token budgets need.
+Text is counted as words and punctuation marks, each Han or kana character a token of its own
+(Chinese has no spaces: counted as words, a whole sentence would be one token, where Qwen's
+tokenizer spends about one token per one or two characters): not DashScope's tokenizer, but
+deterministic, which is what tests of token budgets need.
 """
 
 from __future__ import annotations
@@ -30,8 +32,12 @@ DEFAULT_MAX_OUTPUT_TOKENS = 8192
 _MAX_OUTPUT_BY_PREFIX = (("qwen3-vl", 32768),)
 
 
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_TEXT_TOKEN = re.compile(f"[{_CJK}]|(?:(?![{_CJK}])\\w)+|[^\\w\\s]")
+
+
 def count_tokens(text: str) -> int:
-    return len(re.findall(r"\w+|[^\w\s]", text))
+    return len(_TEXT_TOKEN.findall(text))
 
 
 def embedding_tokens(texts: list[str]) -> int:
