@@ -45,6 +45,12 @@ PATCH_KEYS = [
     "caption_generated_at",
     "caption_model",
     "caption_prompt_version",
+    # What a caption records of what made it (issue 17's keys, see records.metadata_patch).
+    "caption_i18n",
+    "tags_source",
+    "answer_format",
+    "caption_image_digest",
+    "caption_content_sha256",
 ]
 HUGE_TOTAL = 100 * 1024 * 1024
 IMAGE_TIMEOUT = 1.5  # ENRICH_IMAGE_TIMEOUT for the runs that meet the stalling server
