@@ -141,6 +141,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def answers_label(answer_format: str, languages: Sequence[str]) -> str:
+    """How the run asks: the answer format, where the tags come from, the caption languages."""
+    tags = "tags by keyword rules" if answer_format == "text" else "tags by the model"
+    return f"{answer_format} ({tags}), captions in {', '.join(languages)}"
+
+
 def configuration(runtime: Runtime, user_id: str | None) -> list[tuple[str, str]]:
     settings, provider = runtime.settings, runtime.provider
     api, run, db = settings.dashscope, settings.run, settings.db
@@ -153,6 +159,7 @@ def configuration(runtime: Runtime, user_id: str | None) -> list[tuple[str, str]
     return [
         ("Database", f"{db.redacted()} ({db.namespace}.{db.table})"),
         ("Vision model", provider_label),
+        ("Answers", answers_label(provider.answer_format, api.languages)),
         (
             "Embedding",
             f"{provider.embedding_model} ({api.embedding_dimensions} dims)"

@@ -78,6 +78,12 @@ class Report:
                 f"  {'Tokens unknown:':<18}for {unknown} call(s) (no believable count in the "
                 "answer: the totals and the cost are a floor)"
             )
+        steps = usage.get("format_step_downs", 0)
+        if steps:
+            self.line(
+                f"  {'Answer format:':<18}stepped down {steps} time(s) (refused or malformed "
+                "answers; see the log, or set ENRICH_ANSWER_FORMAT)"
+            )
         # Every call made counts, answered or failed; the failed ones are also shown apart.
         failed_vision = usage.get("failed_vision_calls", 0)
         failed_embedding = usage.get("failed_embedding_calls", 0)

@@ -58,6 +58,9 @@ class BatchRecord:
     error: str | None = None
     stats: dict[str, Any] | None = None
     created_at: datetime | None = None
+    # What the lines asked for (``structured``): collecting reads and caches by it.
+    answer_format: str = "text"
+    languages: str = "en"
 
     @classmethod
     def from_row(cls, row: dict[str, Any] | None) -> BatchRecord | None:
@@ -126,6 +129,8 @@ class BatchRows:
             "caption_embedding",
             "lines",
             "bytes",
+            "answer_format",
+            "languages",
         )
         batch_sql = sql.SQL(
             "INSERT INTO {b} (source_table, state, {cols}) VALUES (%(src)s, 'submitting', {vals})"

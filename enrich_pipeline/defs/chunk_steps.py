@@ -18,7 +18,7 @@ from enrich_pipeline.defs.heartbeat import HeartbeatResource
 from enrich_pipeline.defs.metadata import UserRun
 from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
 from enrich_pipeline.defs.run_state import RunStateResource
-from enrich_pipeline.enrichment.records import Provenance, WorkItem
+from enrich_pipeline.enrichment.records import WorkItem
 from enrich_pipeline.pipeline import stages
 from enrich_pipeline.pipeline.broker import CaptionBroker
 from enrich_pipeline.pipeline.claims import ChunkClaims
@@ -121,13 +121,10 @@ def provider_step(
         chunk = state.chunk
         written = 0
         if embedding_step and exc.kind == "embedding" and any(w.caption for w in chunk.items):
-            settings = dashscope.settings
             result = stages.write_chunk(
                 adbpg.store,
                 chunk,
-                provenance=Provenance(
-                    provider.model_label, settings.prompt_version, provider.offline
-                ),
+                provenance=dashscope.provenance(),
                 embedding_model=provider.embedding_model if state.run.caption_embedding else None,
                 run_id=context.run_id,
             )
@@ -244,7 +241,10 @@ def caption_calls(
     def calls(state: ChunkState) -> list[Callable[[], None]]:
         live = state.chunk.live()
         broker = CaptionBroker(
-            dashscope.provider, adbpg.store.cache, dashscope.settings.prompt_version
+            dashscope.provider,
+            adbpg.store.cache,
+            dashscope.settings.prompt_version,
+            dashscope.question,
         )
         broker.prefetch(w.content_sha256 for w in live if w.content_sha256)
         vocabulary = dashscope.vocabulary

@@ -50,7 +50,6 @@ from enrich_pipeline.defs.partitions import key_to_user
 from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
 from enrich_pipeline.defs.run_state import RunStateResource
 from enrich_pipeline.defs.runs import PartitionOrder, users_in_flight
-from enrich_pipeline.enrichment.records import Provenance
 from enrich_pipeline.pipeline import stages
 from enrich_pipeline.pipeline.lookahead import Lookahead
 from enrich_pipeline.pipeline.stats import ChunkResult, RunStats
@@ -240,6 +239,7 @@ def captions(
                 vocabulary=dashscope.vocabulary,
                 cache=adbpg.store.cache,
                 prompt_version=dashscope.settings.prompt_version,
+                question=dashscope.question,
             )
         else:
             lookahead.captions(state.index, state)
@@ -296,9 +296,8 @@ def write_results(
     heartbeat: HeartbeatResource,
 ) -> ChunkState:
     """Write the chunk back, one transaction per user; what it finished survives a crash."""
-    settings = dashscope.settings
     provider = dashscope.provider
-    provenance = Provenance(provider.model_label, settings.prompt_version, provider.offline)
+    provenance = dashscope.provenance()
     embedding_model = provider.embedding_model if state.run.caption_embedding else None
     total = RunStats()
     by_user: dict[str, UserRun] = {}

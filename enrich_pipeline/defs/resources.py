@@ -19,8 +19,11 @@ from pydantic import Field, PrivateAttr
 from enrich_pipeline.bootstrap import build_provider, open_store, run_policies
 from enrich_pipeline.db.store import Store
 from enrich_pipeline.enrichment.images import ImagePolicy
+from enrich_pipeline.enrichment.records import Provenance
+from enrich_pipeline.enrichment.structured import Question
 from enrich_pipeline.enrichment.tags import TagVocabulary
 from enrich_pipeline.providers.base import Provider
+from enrich_pipeline.providers.wire import question_of
 from enrich_pipeline.settings import (
     DashScopeSettings,
     DbSettings,
@@ -98,12 +101,15 @@ class DashScopeResource(ConfigurableResource):
     timeout: float | None = _unset(DashScopeSettings, "timeout")
     requests_per_minute: int | None = _unset(DashScopeSettings, "requests_per_minute")
     max_image_side: int | None = _unset(DashScopeSettings, "max_image_side")
+    answer_format: str | None = _unset(DashScopeSettings, "answer_format")
+    caption_languages: str | None = _unset(DashScopeSettings, "caption_languages")
     offline: bool = Field(default=False, description=describe(DashScopeSettings, "offline"))
 
     _provider: Provider | None = PrivateAttr(default=None)
     _settings: DashScopeSettings | None = PrivateAttr(default=None)
     _images: ImagePolicy | None = PrivateAttr(default=None)
     _vocabulary: TagVocabulary | None = PrivateAttr(default=None)
+    _question: Question | None = PrivateAttr(default=None)
 
     def api_settings(self) -> DashScopeSettings:
         names = (
@@ -116,6 +122,8 @@ class DashScopeResource(ConfigurableResource):
             "timeout",
             "requests_per_minute",
             "max_image_side",
+            "answer_format",
+            "caption_languages",
         )
         given = _given(self, names)
         if self.offline:
@@ -127,6 +135,7 @@ class DashScopeResource(ConfigurableResource):
         embedded = settings.db.embedded
         self._settings = settings.dashscope
         self._images, self._vocabulary = run_policies(settings, embedded=embedded)
+        self._question = question_of(self._settings, self._vocabulary)
         self._provider = build_provider(self._settings, embedded_db=embedded)
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
@@ -153,3 +162,16 @@ class DashScopeResource(ConfigurableResource):
     def vocabulary(self) -> TagVocabulary:
         assert self._vocabulary is not None, "DashScopeResource used outside a run"
         return self._vocabulary
+
+    @property
+    def question(self) -> Question:
+        """What each vision call asks: the configured languages, the run's vocabulary."""
+        assert self._question is not None, "DashScopeResource used outside a run"
+        return self._question
+
+    def provenance(self) -> Provenance:
+        """What every caption of this resource's runs records of what made it."""
+        provider, settings = self.provider, self.settings
+        return Provenance(
+            provider.model_label, settings.prompt_version, provider.offline, settings.languages
+        )

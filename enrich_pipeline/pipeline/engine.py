@@ -9,17 +9,20 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from enrich_pipeline.db.pending import FLAG
 from enrich_pipeline.db.store import Store
 from enrich_pipeline.enrichment.images import ImagePolicy
 from enrich_pipeline.enrichment.records import ItemError, Provenance, WorkItem
+from enrich_pipeline.enrichment.structured import Question
 from enrich_pipeline.enrichment.tags import DEFAULT_VOCABULARY, TagVocabulary
 from enrich_pipeline.enrichment.text import clean_message
 from enrich_pipeline.pipeline import stages
 from enrich_pipeline.pipeline.broker import CaptionBroker
 from enrich_pipeline.pipeline.stats import ItemOutcome, RunStats
 from enrich_pipeline.providers.base import FatalProviderError, Provider, Usage
+from enrich_pipeline.providers.wire import question_of
 from enrich_pipeline.settings import DashScopeSettings, RunSettings
 
 OutcomeCallback = Callable[[str, ItemOutcome], None]
@@ -44,8 +47,17 @@ class Engine:
     @property
     def provenance(self) -> Provenance:
         return Provenance(
-            self.provider.model_label, self.dashscope.prompt_version, self.provider.offline
+            self.provider.model_label,
+            self.dashscope.prompt_version,
+            self.provider.offline,
+            self.dashscope.languages,
         )
+
+    @cached_property
+    def question(self) -> Question:
+        """What each vision call asks: captions in the configured languages, tags from the
+        run's vocabulary."""
+        return question_of(self.dashscope, self.vocabulary)
 
     @property
     def usage(self) -> Usage:
@@ -151,7 +163,7 @@ class _Stream:
         self.stats = RunStats()
         self.fatal: FatalProviderError | None = None
         self.broker = CaptionBroker(
-            engine.provider, engine.store.cache, engine.dashscope.prompt_version
+            engine.provider, engine.store.cache, engine.dashscope.prompt_version, engine.question
         )
         self._in_flight = 0
         self._remaining: dict[int, int] = {}

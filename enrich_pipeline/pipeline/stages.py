@@ -45,7 +45,8 @@ from enrich_pipeline.enrichment.records import (
     metadata_patch,
     utc_timestamp,
 )
-from enrich_pipeline.enrichment.tags import DEFAULT_VOCABULARY, TagVocabulary, derive_tags
+from enrich_pipeline.enrichment.structured import Answer, Question, accepted_tags
+from enrich_pipeline.enrichment.tags import DEFAULT_VOCABULARY, TagVocabulary
 from enrich_pipeline.enrichment.text import clean_caption, clean_message, fit_caption
 from enrich_pipeline.pipeline.broker import CaptionBroker, CaptionCache
 from enrich_pipeline.pipeline.stats import ChunkResult, ItemOutcome, RunStats
@@ -60,6 +61,7 @@ from enrich_pipeline.providers.base import (
     usable_vector,
 )
 from enrich_pipeline.providers.dashscope import MAX_EMBEDDING_BATCH
+from enrich_pipeline.settings.dashscope import DEFAULT_PROMPT
 
 T = TypeVar("T")
 
@@ -199,23 +201,39 @@ def visual_attributes(
 
 
 def accept_caption(
-    work: WorkItem, caption: str, vocabulary: TagVocabulary, *, cached: bool = False
+    work: WorkItem,
+    caption: Answer | str,
+    vocabulary: TagVocabulary = DEFAULT_VOCABULARY,
+    *,
+    cached: bool = False,
 ) -> None:
-    """Take a caption for the item (online, from the cache or from a batch answer): made fit to
-    store (``text.clean_caption``, capped at ``text.CAPTION_MAX_CHARS`` and marked
-    ``caption_truncated``), tags derived from it, the downscaled image dropped to keep memory
-    flat. Whatever provider it came from, a caption that is empty once cleaned is no caption."""
-    text, truncated = fit_caption(clean_caption(caption))
-    if not text:
+    """Take an answer for the item (online, from the cache or from a batch answer; a bare
+    caption is an English text answer): every language's caption made fit to store
+    (``text.clean_caption``, capped at ``text.CAPTION_MAX_CHARS`` and marked
+    ``caption_truncated``), the tags the model chose that are in the vocabulary (the others
+    dropped and counted) or, for a text answer, the keyword rules' tags, the downscaled image
+    dropped to keep memory flat. Whatever provider it came from, a caption that is empty once
+    cleaned is no caption."""
+    answer = Answer.plain(caption) if isinstance(caption, str) else caption
+    captions: dict[str, str] = {}
+    truncated = False
+    for code, raw in answer.captions.items():
+        text, cut = fit_caption(clean_caption(raw))
+        captions[code] = text
+        truncated = truncated or cut
+    if not captions or not all(captions.values()):
         # Paid for and unusable: the row's error, as the providers raise it (answers.py).
         work.fail(
             ItemError("empty_caption", "the model returned an empty caption", False, "caption")
         )
         return
-    work.caption = text
+    work.captions = captions
+    work.caption = next(iter(captions.values()))
     work.caption_truncated = truncated
     work.from_cache = cached
-    work.style_tags, work.object_tags = derive_tags(text, vocabulary)
+    work.answer_format = answer.answer_format
+    work.tags_source = answer.tags_source
+    work.style_tags, work.object_tags, work.tags_dropped = accepted_tags(answer, vocabulary)
     work.vision = None
 
 
@@ -232,12 +250,13 @@ def _blame(error: ProviderError) -> str:
 def caption_item(
     work: WorkItem, broker: CaptionBroker, vocabulary: TagVocabulary = DEFAULT_VOCABULARY
 ) -> None:
-    """Caption one item and derive its tags; a provider error fails the item, a stop of the
-    provider (rejected key, provider given up on) propagates to stop the run. Anything else that
-    goes wrong for this item fails this item alone (``internal_error``, transient)."""
+    """Caption one item (its answer: captions and tags); a provider error fails the item, a
+    stop of the provider (rejected key, provider given up on) propagates to stop the run.
+    Anything else that goes wrong for this item fails this item alone (``internal_error``,
+    transient)."""
     try:
-        caption, cached = broker.caption(work)
-        accept_caption(work, caption, vocabulary, cached=cached)
+        answer, cached = broker.answer(work)
+        accept_caption(work, answer, vocabulary, cached=cached)
     except FatalProviderError as stop:
         if stop.row_error is not None:  # the row's own (paid, unusable) answers met the stop
             error = stop.row_error
@@ -272,14 +291,18 @@ def caption_chunk(
     vocabulary: TagVocabulary = DEFAULT_VOCABULARY,
     cache: CaptionCache | None = None,
     prompt_version: str = "",
+    question: Question | None = None,
 ) -> Chunk:
-    """Caption every live item, ``concurrent`` calls at a time, and derive its tags.
+    """Caption every live item, ``concurrent`` calls at a time: each call asks ``question``
+    (captions in its languages, tags from its vocabulary; default: English, ``vocabulary``).
 
-    With a cache, an image already captioned by this model and prompt version (in any row, any
-    run) costs no call, and rows of the chunk that share an image share one call.
+    With a cache, an image already answered by this model, prompt version, answer format and
+    languages (in any row, any run) costs no call, and rows of the chunk that share an image
+    share one call.
     """
     live = chunk.live()
-    broker = CaptionBroker(provider, cache, prompt_version)
+    question = question or Question(DEFAULT_PROMPT, vocabulary=vocabulary)
+    broker = CaptionBroker(provider, cache, prompt_version, question)
     broker.prefetch(w.content_sha256 for w in live if w.content_sha256)
     _parallel(lambda w: caption_item(w, broker, vocabulary), live, concurrent)
     return settle_blame(chunk, provider)
@@ -418,6 +441,7 @@ def write_chunk(
                     tuple(w.style_tags),
                     tuple(w.object_tags),
                     cached=w.from_cache,
+                    tags_dropped=w.tags_dropped,
                 )
             )
             if w.embedding is not None:

@@ -22,6 +22,8 @@ class ItemOutcome:
     cached: bool = False
     # Skipped because the provider failed it (throttling, an outage): given back, not charged.
     deferred: bool = False
+    # Tags the model returned outside the vocabulary, dropped (structured answers).
+    tags_dropped: int = 0
 
 
 @dataclass
@@ -36,6 +38,7 @@ class RunStats:
     embedding_failed: int = 0
     cache_hits: int = 0
     deferred: int = 0  # of the skipped: given back uncharged because the provider failed them
+    tags_dropped: int = 0  # model tags outside the vocabulary, dropped from written rows
     samples: list[str] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
 
@@ -53,6 +56,7 @@ class RunStats:
             if o.status == "succeeded":
                 self.succeeded += 1
                 self.cache_hits += o.cached
+                self.tags_dropped += o.tags_dropped
                 if o.caption and len(self.samples) < SAMPLE_CAPTIONS:
                     self.samples.append(o.caption)
             elif o.status == "failed":
@@ -72,6 +76,7 @@ class RunStats:
         self.embedding_failed += other.embedding_failed
         self.cache_hits += other.cache_hits
         self.deferred += other.deferred
+        self.tags_dropped += other.tags_dropped
         self.samples.extend(other.samples[: max(0, SAMPLE_CAPTIONS - len(self.samples))])
         for code, n in other.errors.items():
             self.errors[code] = self.errors.get(code, 0) + n
@@ -99,6 +104,10 @@ class RunStats:
                     "attempts unchanged)",
                 )
             )
+        if self.tags_dropped:
+            rows.append(
+                ("Tags dropped", f"{self.tags_dropped} (the model's, not in the vocabulary)")
+            )
         without = f" ({self.embedding_failed} without embedding)" if self.embedding_failed else ""
         rows.append(("Embedded", f"{self.embedded}{without}"))
         return rows
@@ -116,6 +125,7 @@ class RunStats:
             "cache_hits": self.cache_hits,
             "cache_hit_rate": round(self.cache_hit_rate, 4),
             "deferred": self.deferred,
+            "tags_dropped": self.tags_dropped,
             "errors": dict(self.errors),
         }
 

@@ -104,6 +104,23 @@ def unusable_answer(text: str | None) -> ProviderError:
 
 
 UNUSABLE_CODES = frozenset({"empty_caption", "unusable_answer"})
+MALFORMED = "malformed_answer"
+
+
+def malformed_answer(reason: object) -> ProviderError:
+    """The row's error for a paid answer that is not what was asked for (not JSON, not an
+    object, a language's caption missing: ``structured.MalformedAnswer``); transient like an
+    unusable answer. A streak of them steps the run's format down (``formats.FormatLadder``)."""
+    return ProviderError(
+        MALFORMED,
+        f"the model's answer is malformed: {reason}",
+        permanent=False,
+        scope=SCOPE_ROW,
+    )
+
+
+def is_malformed(exc: BaseException) -> bool:
+    return isinstance(exc, ProviderError) and exc.code == MALFORMED
 
 
 def is_unusable(exc: BaseException) -> bool:

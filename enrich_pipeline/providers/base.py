@@ -13,6 +13,7 @@ from typing import Any, Protocol, TypeVar
 import tenacity
 
 from enrich_pipeline.enrichment.images import VisionImage
+from enrich_pipeline.enrichment.structured import Answer, Question
 from enrich_pipeline.redaction import scrub_secrets
 
 T = TypeVar("T")
@@ -99,6 +100,8 @@ class Usage:
     # Calls whose answer gave no believable token count (``answers.read_usage``): their tokens
     # are unknown, so the token totals (and any cost) are a floor.
     unknown_token_calls: int = 0
+    # Times the run's answer format stepped down (refused, or malformed answers in a row).
+    format_step_downs: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **counts: int) -> None:
@@ -124,6 +127,7 @@ class Usage:
                 "image_tokens": self.image_tokens,
                 "total_tokens": self.total_tokens,
                 "unknown_token_calls": self.unknown_token_calls,
+                "format_step_downs": self.format_step_downs,
             }
 
 
@@ -136,8 +140,11 @@ class Provider(Protocol):
     embedding_model: str
     offline: bool
     usage: Usage
+    # The format the next answer is asked in ("json_schema", "json_object" or "text"): the
+    # answer cache's key follows it when a run steps down.
+    answer_format: str
 
-    def caption(self, image: VisionImage) -> str: ...
+    def answer(self, image: VisionImage, question: Question) -> Answer: ...
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
 

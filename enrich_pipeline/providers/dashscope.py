@@ -1,4 +1,5 @@
-"""The DashScope client: Qwen-VL captions and text embeddings over the OpenAI-compatible API.
+"""The DashScope client: Qwen-VL answers (captions and tags, ``enrichment/structured.py``) and
+text embeddings over the OpenAI-compatible API.
 
 Every online call to the model provider goes through ``DashScopeProvider``: admitted by the
 model's ``health.Governor`` (fewer calls in flight and a shared pause when the provider
@@ -22,12 +23,15 @@ from typing import Any
 import openai
 
 from enrich_pipeline.enrichment.images import VisionImage
+from enrich_pipeline.enrichment.structured import Answer, MalformedAnswer, Question, read_answer
 from enrich_pipeline.enrichment.text import clean_caption
 from enrich_pipeline.providers.answers import (
     UNUSABLE_STOP,
     UnusableStreak,
     answer_text,
+    is_malformed,
     is_unusable,
+    malformed_answer,
     read_usage,
     unusable_answer,
 )
@@ -42,12 +46,18 @@ from enrich_pipeline.providers.base import (
     usable_vector,
     with_retries,
 )
-from enrich_pipeline.providers.errors import CallContext, classify
+from enrich_pipeline.providers.errors import FORMAT_REFUSED, CallContext, classify
+from enrich_pipeline.providers.formats import FormatLadder, first_format
 from enrich_pipeline.providers.health import Governor, StopLatch
 from enrich_pipeline.providers.quota import RateBudget, SharedRateLimiter, pacer
 from enrich_pipeline.providers.ratelimit import RateLimiter
 from enrich_pipeline.providers.transport import ForeignAnswer, http_client
-from enrich_pipeline.providers.wire import caption_request_body
+from enrich_pipeline.providers.wire import (
+    answer_max_tokens,
+    caption_request_body,
+    question_of,
+    sdk_arguments,
+)
 from enrich_pipeline.redaction import HTTP_LOGGERS, hide_in_logs
 from enrich_pipeline.settings import DashScopeSettings
 
@@ -105,6 +115,13 @@ class DashScopeProvider:
         )
         self._stop = StopLatch()
         self._unusable = UnusableStreak(settings.unusable_stop)
+        # The run's answer format (ENRICH_ANSWER_FORMAT, else what the model's documentation
+        # lists), stepped down when the model refuses it or keeps answering it malformed.
+        self.formats = FormatLadder(
+            first_format(settings.answer_format, settings.vision_model, settings.url),
+            settings.vision_model,
+            on_step=lambda: self.usage.add(format_step_downs=1),
+        )
         self._contexts = {k: CallContext.of(settings, k) for k in ("vision", "embedding")}
         self.governors = {
             kind: Governor(
@@ -142,6 +159,7 @@ class DashScopeProvider:
         """A new run on this provider: the last run's stop and give-up count are forgotten."""
         self._stop.reset()
         self._unusable.reset()
+        self.formats.reset()
         for governor in self.governors.values():
             governor.begin_run()
 
@@ -218,40 +236,69 @@ class DashScopeProvider:
         governor.call_ok()
         return result
 
+    @property
+    def answer_format(self) -> str:
+        """The format the next answer is asked in (the answer cache's key follows it)."""
+        return self.formats.current
+
     def caption(self, image: VisionImage) -> str:
-        """The image's caption. A paid answer without one (blank, no readable message) is
-        retried within the call like a transient error, then raised as the row's error; its
-        tokens are counted either way. Answers like that for several images in a row, with no
-        caption between, stop the run (``answers.UnusableStreak``)."""
+        """The image's caption alone, asked as the settings' question (default vocabulary)."""
+        return self.answer(image, question_of(self.settings)).caption
+
+    def answer(self, image: VisionImage, question: Question) -> Answer:
+        """The image's answer in the run's format. A refusal of the format (the model does not
+        take that response_format) steps the run down one format and asks again in the same
+        call: no row is charged for it (``formats.FormatLadder``)."""
+        while True:
+            answer_format = self.formats.current
+            try:
+                return self._answer_in(image, question, answer_format)
+            except ProviderError as exc:
+                if exc.code == FORMAT_REFUSED and self.formats.refused(answer_format, str(exc)):
+                    continue
+                raise
+
+    def _answer_in(self, image: VisionImage, question: Question, first: str) -> Answer:
+        """The answer, asked in ``first`` and, once the run steps down (a streak of malformed
+        answers), in the format below. A paid answer without a caption (blank, no readable
+        message) or not of the asked shape (malformed) is retried within the call like a
+        transient error, then raised as the row's error; its tokens are counted either way.
+        Answers without a caption for several images in a row stop the run
+        (``answers.UnusableStreak``)."""
         paid_unusable = 0
+        asked = {"format": first}
 
         def request() -> str | None:
-            response = self._client.chat.completions.create(
-                **caption_request_body(self.settings, image.data_url)
-            )
+            body = caption_request_body(self.settings, image.data_url, question, asked["format"])
+            response = self._client.chat.completions.create(**sdk_arguments(body))
             text = answer_text(response)  # ForeignAnswer: not a completion (the service's failure)
-            # Billed whatever the caption: counted before it is judged, however odd the counts.
+            # Billed whatever the answer: counted before it is judged, however odd the counts.
             self._count_tokens(
                 getattr(response, "usage", None), ("prompt_tokens", "completion_tokens")
             )
             self.usage.add(image_tokens=image.tokens)
-            return None if text is None else clean_caption(text)
+            return text
 
-        def answer() -> str:
+        def attempt() -> Answer:
             nonlocal paid_unusable
-            text = self._call(
-                request,
-                "vision",
-                self._limiter,
-                tokens=image.tokens + self.settings.max_caption_tokens,
-            )
-            if text:
+            # A retry after a step-down asks in the lower format; a refusal is the caller's.
+            answer_format = asked["format"] = self.formats.current
+            tokens = answer_max_tokens(self.settings, answer_format, len(question.languages))
+            text = self._call(request, "vision", self._limiter, tokens=image.tokens + tokens)
+            if text and clean_caption(text):
+                try:
+                    answer = read_answer(text, answer_format, question.languages)
+                except MalformedAnswer as exc:
+                    self.usage.add(failed_vision_calls=1)
+                    self.formats.malformed(answer_format, image.data_url)
+                    raise malformed_answer(exc) from None
                 self._unusable.usable()
+                self.formats.wellformed()
                 self.usage.add(vision_calls=1)
-                return text
+                return answer
             paid_unusable += 1
             self.usage.add(failed_vision_calls=1)
-            error = unusable_answer(text)
+            error = unusable_answer(None if text is None else "")
             streak = self._unusable.note(image.data_url)
             if streak is not None:
                 self._stop.set(self._unusable_stop(*streak, error))
@@ -259,12 +306,14 @@ class DashScopeProvider:
 
         try:
             return with_retries(
-                answer,
+                attempt,
                 retries=self.settings.max_retries,
                 backoff=Backoff(self.settings.backoff_initial, self.settings.backoff_max),
                 sleep=self._sleep,
                 on_retry=lambda: self.usage.add(retries=1),
-                transient=lambda exc: is_unusable(exc) and self._stop.error is None,
+                transient=lambda exc: (
+                    (is_unusable(exc) or is_malformed(exc)) and self._stop.error is None
+                ),
             )
         except ProviderError as exc:
             stop = self._stop.error

@@ -59,6 +59,8 @@ IMAGE = "image"  # permanent for the row
 THROTTLE = "throttle"  # transient, never the row's
 SERVICE = "service"  # transient, the row's only if the provider otherwise answers
 ROW_REJECTED = "row_rejected"  # any other 4xx: permanent for the row
+FORMAT = "format"  # the model does not take the response_format: the run steps down (formats.py)
+FORMAT_REFUSED = "format_refused"  # the error code of that verdict
 STOPS = frozenset({ACCOUNT, KEY, MODEL_DENIED, MODEL_MISSING, WRONG_URL, NO_IMAGES, REQUEST})
 
 
@@ -125,6 +127,17 @@ TABLE: tuple[Rule, ...] = (
     # to it.", model_not_supported "Unsupported model xxx for OpenAI compatibility mode." [E]
     _rule(MODEL_MISSING, (404, 400), ("ModelNotFound", "model_not_found", "model_not_supported")),
     _rule(MODEL_MISSING, None, ("ModelNotFound", "model_not_found", "model_not_supported")),
+    # A response_format the model does not take. DashScope documents no error for it (RESEARCH
+    # §1: NOT FOUND); its one documented structured-output error names both, 400
+    # "'messages' must contain the word 'json' in some form, to use 'response_format' of type
+    # 'json_object'." (https://www.alibabacloud.com/help/en/model-studio/qwen-structured-output;
+    # status and code observed: https://github.com/agno-agi/agno/pull/5317), and another
+    # compatible vendor answers "The parameter response_format.type ... invalid value:
+    # json_schema, supported values are: json_object and text"
+    # (https://github.com/agno-agi/agno/issues/2553). Any 400 naming response_format,
+    # json_schema or json_object is the format's, never the image's: the run steps down one
+    # format and asks again, charging no row (``formats.FormatLadder``).
+    _rule(FORMAT, (400,), message=r"response_format|json_schema|json_object"),
     # [E] also lists "Model not exist." under 400 InvalidParameter.
     _rule(MODEL_MISSING, (400, 404), message=r"model (not exist|can ?not be found|.*not exist)"),
     # Any other 404/405: the path does not exist, i.e. DASHSCOPE_BASE_URL is mistyped. 501 Not
@@ -360,6 +373,15 @@ def classify_answer(
     kind = ctx.kind
     if verdict in STOPS:
         return _stop(verdict, answer, ctx)
+    if verdict == FORMAT:
+        return ProviderError(
+            FORMAT_REFUSED,
+            f"{ctx.the_model} does not take this answer format ({answer})",
+            permanent=True,
+            scope=SCOPE_ROW,
+            kind=kind,
+            status=status,
+        )
     if verdict == MODERATION:
         return ProviderError(
             "moderation", f"rejected by content moderation ({answer})", permanent=True, kind=kind

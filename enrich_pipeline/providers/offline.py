@@ -2,8 +2,11 @@
 
 No model is called. Its captions say only what is known without one (``offline_caption``): the
 subject of one of the demo's own drawings and the colors measured in the pixels, or the colors
-alone for any other image; the tags derived from them follow. Its embeddings are hashed bags of
-words. It is never chosen silently against a real database (see ``bootstrap.build_provider``).
+alone for any other image; the tags derived from them follow (the keyword rules over the English
+caption). Other configured languages get the same facts from a small table (Chinese), or the
+measured colors alone, labelled as offline. Its embeddings are hashed bags of words. It is never
+chosen silently against a real database (see ``bootstrap.build_provider``), and its answers are
+never cached (``pipeline/broker.py``): they are not a model's.
 """
 
 from __future__ import annotations
@@ -14,8 +17,14 @@ from collections.abc import Sequence
 
 from PIL import Image
 
+from enrich_pipeline.enrichment.colors import color_name, dominant_colors
 from enrich_pipeline.enrichment.images import VisionImage
-from enrich_pipeline.enrichment.synthetic import hashed_embedding, offline_caption
+from enrich_pipeline.enrichment.structured import TEXT, Answer, Question, rule_tags
+from enrich_pipeline.enrichment.synthetic import (
+    hashed_embedding,
+    offline_caption,
+    recognize_sample,
+)
 from enrich_pipeline.providers.base import Usage
 
 OFFLINE_MODEL = "offline-synthetic"
@@ -23,11 +32,64 @@ OFFLINE_MODEL = "offline-synthetic"
 # comparable only with each other, never with a real model's.
 OFFLINE_EMBEDDING_MODEL = "offline-hashed-words-v1"
 
+# What the offline provider can say in Chinese: the demo drawings' subjects and the color names
+# ``colors.color_name`` gives. A word missing here is said in English rather than guessed.
+_ZH_SUBJECTS = {
+    "chair": "椅子",
+    "lamp": "灯",
+    "vase": "花瓶",
+    "sofa": "沙发",
+    "laptop": "笔记本电脑",
+}
+_ZH_COLORS = {
+    "black": "黑色",
+    "white": "白色",
+    "gray": "灰色",
+    "red": "红色",
+    "orange": "橙色",
+    "yellow": "黄色",
+    "gold": "金色",
+    "green": "绿色",
+    "teal": "青色",
+    "blue": "蓝色",
+    "navy": "藏青色",
+    "purple": "紫色",
+    "pink": "粉色",
+    "brown": "棕色",
+    "beige": "米色",
+}
+
+
+def _zh(word: str, table: dict[str, str]) -> str:
+    return table.get(word, word)
+
+
+def localized_offline_caption(image: Image.Image, language: str) -> str:
+    """The offline caption in ``language``: the known sample's subject and colors (Chinese), or
+    the measured colors; labelled as offline, since no model saw the image."""
+    known = recognize_sample(image)
+    colors = (
+        [color_name(known[1]), color_name(known[2])]
+        if known is not None
+        else dominant_colors(image, k=3) or ["unknown"]
+    )
+    if language.split("-")[0] == "zh":
+        if known is not None:
+            subject = _zh(known[0], _ZH_SUBJECTS)
+            fg, bg = _zh(colors[0], _ZH_COLORS), _zh(colors[1], _ZH_COLORS)
+            return f"(离线说明){bg}背景上的{fg}{subject}平面剪影。"
+        named = "、".join(_zh(c, _ZH_COLORS) for c in colors)
+        return f"(离线说明)图像的主要颜色:{named};离线无法识别主体。"
+    # No table for this language: the measured colors alone, which need no translation to be
+    # true, said as what they are.
+    return f"[offline, {language}] colors: {', '.join(colors)}"
+
 
 class OfflineProvider:
     offline = True
     model_label = OFFLINE_MODEL
     embedding_model = OFFLINE_EMBEDDING_MODEL
+    answer_format = TEXT
 
     def __init__(self, embedding_dimensions: int = 1024) -> None:
         self.dimensions = embedding_dimensions
@@ -37,12 +99,30 @@ class OfflineProvider:
         pass
 
     def caption(self, image: VisionImage) -> str:
-        raw = base64.b64decode(image.data_url.split(",", 1)[1])
-        with Image.open(io.BytesIO(raw)) as decoded:
+        """The English offline caption."""
+        with self._decoded(image) as decoded:
             text = offline_caption(decoded)
         # No image is sent anywhere, so no image tokens are counted (nor billed).
         self.usage.add(vision_calls=1)
         return text
+
+    def answer(self, image: VisionImage, question: Question) -> Answer:
+        """Every configured language's offline caption; tags by the rules over the English
+        one (what was recognized), whichever languages are shown."""
+        with self._decoded(image) as decoded:
+            english = offline_caption(decoded)
+            captions = {
+                code: english if code == "en" else localized_offline_caption(decoded, code)
+                for code in question.languages
+            }
+        self.usage.add(vision_calls=1)
+        styles, objects = rule_tags([english], question.vocabulary)
+        return Answer(captions, TEXT, tuple(styles), tuple(objects))
+
+    @staticmethod
+    def _decoded(image: VisionImage) -> Image.Image:
+        raw = base64.b64decode(image.data_url.split(",", 1)[1])
+        return Image.open(io.BytesIO(raw))
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         self.usage.add(embedding_calls=1)

@@ -1,5 +1,6 @@
-"""The wire format of caption requests: the online chat body, the Batch API's JSONL lines that
-carry the same body, and the reading of a batch's answer lines with the online meaning."""
+"""The wire format of caption requests: the online chat body (in the run's answer format, see
+``enrichment/structured.py`` and ``formats.py``), the Batch API's JSONL lines that carry the
+same body, and the reading of a batch's answer lines with the online meaning."""
 
 from __future__ import annotations
 
@@ -9,10 +10,27 @@ from typing import Any
 
 import openai
 
+from enrich_pipeline.enrichment.structured import (
+    JSON_OBJECT,
+    JSON_SCHEMA,
+    SCHEMA_NAME,
+    TEXT,
+    Answer,
+    MalformedAnswer,
+    Question,
+    read_answer,
+)
+from enrich_pipeline.enrichment.tags import DEFAULT_VOCABULARY, TagVocabulary
 from enrich_pipeline.enrichment.text import clean_caption
-from enrich_pipeline.providers.answers import answer_text, read_usage, unusable_answer
+from enrich_pipeline.providers.answers import (
+    answer_text,
+    malformed_answer,
+    read_usage,
+    unusable_answer,
+)
 from enrich_pipeline.providers.base import ProviderError
 from enrich_pipeline.providers.errors import classify, classify_answer
+from enrich_pipeline.providers.formats import thinking_off
 from enrich_pipeline.settings import DashScopeSettings
 
 try:  # the HTTP library of the installed openai SDK (httpx2 from openai 3, httpx before)
@@ -23,21 +41,74 @@ except ImportError:  # pragma: no cover - older SDKs
 CHAT_ENDPOINT = "/v1/chat/completions"
 
 
-def caption_request_body(settings: DashScopeSettings, data_url: str) -> dict[str, Any]:
-    """The chat request of one caption, the same online and in a batch line."""
-    return {
+# Room for the tags and the JSON around the captions: two lists of a few short keys.
+STRUCTURE_TOKENS = 120
+MAX_TOKENS = 8192  # DashScope's max_tokens cap for the Qwen-VL models (settings' upper bound)
+
+
+def question_of(
+    settings: DashScopeSettings, vocabulary: TagVocabulary = DEFAULT_VOCABULARY
+) -> Question:
+    """What every vision call of these settings asks."""
+    return Question(settings.prompt, settings.languages, vocabulary)
+
+
+def answer_max_tokens(settings: DashScopeSettings, answer_format: str, languages: int) -> int:
+    """``max_tokens`` of an answer: the caption budget (``max_caption_tokens``) per language,
+    plus room for the tags and the JSON in a structured answer (a cut-off JSON answer is
+    malformed)."""
+    tokens = settings.max_caption_tokens * max(1, languages)
+    if answer_format != TEXT:
+        tokens += STRUCTURE_TOKENS
+    return min(tokens, MAX_TOKENS)
+
+
+def response_format(question: Question, answer_format: str) -> dict[str, Any] | None:
+    """The ``response_format`` of ``answer_format`` (None for text). ``strict`` inside
+    ``json_schema``, as OpenAI places it and as the newer copies of DashScope's structured
+    output page show it (https://www.alibabacloud.com/help/en/model-studio/qwen-structured-output,
+    Feb 18 2026)."""
+    if answer_format == JSON_SCHEMA:
+        return {
+            "type": "json_schema",
+            "json_schema": {"name": SCHEMA_NAME, "strict": True, "schema": question.schema()},
+        }
+    if answer_format == JSON_OBJECT:
+        return {"type": "json_object"}
+    return None
+
+
+def caption_request_body(
+    settings: DashScopeSettings,
+    data_url: str,
+    question: Question | None = None,
+    answer_format: str = TEXT,
+) -> dict[str, Any]:
+    """The chat request of one image's answer, the same online and in a batch line.
+
+    ``enable_thinking`` is a top-level body field: the SDK's ``extra_body`` merges it there,
+    and a batch line's body is the request body itself."""
+    question = question or question_of(settings)
+    body: dict[str, Any] = {
         "model": settings.vision_model,
-        "max_tokens": settings.max_caption_tokens,
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": data_url}},
-                    {"type": "text", "text": settings.prompt},
-                ],
-            }
-        ],
+        "max_tokens": answer_max_tokens(settings, answer_format, len(question.languages)),
+        "messages": question.messages(answer_format, data_url),
     }
+    fmt = response_format(question, answer_format)
+    if fmt is not None:
+        body["response_format"] = fmt
+    if thinking_off(settings.vision_model, answer_format):
+        body["enable_thinking"] = False
+    return body
+
+
+def sdk_arguments(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` as ``chat.completions.create`` takes it: fields the SDK does not know go in
+    ``extra_body`` (DashScope's ``enable_thinking``)."""
+    known = {k: v for k, v in body.items() if k != "enable_thinking"}
+    if "enable_thinking" in body:
+        known["extra_body"] = {"enable_thinking": body["enable_thinking"]}
+    return known
 
 
 def batch_line(custom_id: str, body: dict[str, Any], url: str = CHAT_ENDPOINT) -> bytes:
@@ -72,17 +143,28 @@ def status_error(status: int, body: Any, url: str) -> openai.APIStatusError:
 
 @dataclass(frozen=True)
 class LineResult:
-    caption: str | None = None
+    answer: Answer | None = None
     error: ProviderError | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     tokens_known: bool = True  # False: the line's usage gave no believable counts
 
+    @property
+    def caption(self) -> str | None:
+        """The answer's first caption, if the line answered."""
+        return None if self.answer is None else self.answer.caption
 
-def parse_line(obj: dict[str, Any], url: str) -> LineResult:
-    """One output or error line, with the online path's meaning: a caption, or an error
-    classified by the same table as online answers (``errors.classify``): moderation and bad
-    images permanent, 429/5xx transient, account/key/model problems a stop."""
+
+def parse_line(
+    obj: dict[str, Any],
+    url: str,
+    answer_format: str = TEXT,
+    languages: tuple[str, ...] = ("en",),
+) -> LineResult:
+    """One output or error line, with the online path's meaning: an answer read as online
+    (``structured.read_answer``: a malformed one is the row's ``malformed_answer``), or an
+    error classified by the same table as online answers (``errors.classify``): moderation and
+    bad images permanent, 429/5xx transient, account/key/model problems a stop."""
     response = obj.get("response") if isinstance(obj.get("response"), dict) else {}
     status = response.get("status_code")
     body = response.get("body")
@@ -100,7 +182,11 @@ def parse_line(obj: dict[str, Any], url: str) -> LineResult:
         counts, known = read_usage(body.get("usage"), ("prompt_tokens", "completion_tokens"))
         if not text:
             return LineResult(error=unusable_answer(raw), **counts, tokens_known=known)
-        return LineResult(caption=text, **counts, tokens_known=known)
+        try:
+            answer = read_answer(raw or "", answer_format, languages)
+        except MalformedAnswer as exc:
+            return LineResult(error=malformed_answer(exc), **counts, tokens_known=known)
+        return LineResult(answer=answer, **counts, tokens_known=known)
     if isinstance(status, int) and status >= 400:
         if not isinstance(body, dict) or "error" not in body:
             body = {"error": error or {"message": str(body)}}
@@ -122,7 +208,12 @@ def parse_line(obj: dict[str, Any], url: str) -> LineResult:
     )
 
 
-def parse_results(texts: list[str], url: str) -> dict[str, LineResult]:
+def parse_results(
+    texts: list[str],
+    url: str,
+    answer_format: str = TEXT,
+    languages: tuple[str, ...] = ("en",),
+) -> dict[str, LineResult]:
     """Output and error files, by ``custom_id``; an answer beats an error for the same id."""
     results: dict[str, LineResult] = {}
     for text in texts:
@@ -135,8 +226,8 @@ def parse_results(texts: list[str], url: str) -> dict[str, LineResult]:
                 continue
             if not isinstance(obj, dict) or not isinstance(obj.get("custom_id"), str):
                 continue
-            line = parse_line(obj, url)
+            line = parse_line(obj, url, answer_format, languages)
             known = results.get(obj["custom_id"])
-            if known is None or (known.caption is None and line.caption is not None):
+            if known is None or (known.answer is None and line.answer is not None):
                 results[obj["custom_id"]] = line
     return results

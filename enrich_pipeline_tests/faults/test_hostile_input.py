@@ -45,6 +45,7 @@ PATCH_KEYS = [
     "caption_generated_at",
     "caption_model",
     "caption_prompt_version",
+    # What a caption records of what made it (see records.metadata_patch).
     "caption_i18n",
     "tags_source",
     "answer_format",

@@ -44,6 +44,7 @@ from enrich_pipeline.enrichment.images import (
     prepare_for_vision,
 )
 from enrich_pipeline.enrichment.records import Provenance
+from enrich_pipeline.enrichment.structured import Answer, Question
 from enrich_pipeline.enrichment.text import CAPTION_MAX_CHARS, ELLIPSIS
 from enrich_pipeline.pipeline import stages
 from enrich_pipeline.pipeline.engine import Engine
@@ -587,16 +588,17 @@ class _Explodes:
 
     model_label = "exploding"
     offline = False
+    answer_format = "text"
 
     def __init__(self) -> None:
         self.usage = Usage()
         self.calls = 0
 
-    def caption(self, image: VisionImage) -> str:
+    def answer(self, image: VisionImage, question: Question) -> Answer:
         self.calls += 1
         if self.calls == 2:
             raise KeyError("choices")
-        return "A plain chair."
+        return Answer({"en": "A plain chair."})
 
     def embed(self, texts: Any) -> list[list[float]]:
         return [[0.5] * 4 for _ in texts]

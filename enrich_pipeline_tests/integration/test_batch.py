@@ -36,6 +36,7 @@ from enrich_pipeline.defs.batch import (
 from enrich_pipeline.defs.heartbeat import HeartbeatResource
 from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
 from enrich_pipeline.enrichment.images import ImagePolicy, load_image, prepare_for_vision
+from enrich_pipeline.enrichment.structured import Answer
 from enrich_pipeline.pipeline.batch import collect as collect_mode
 from enrich_pipeline.pipeline.batch.collect import collect_batch
 from enrich_pipeline.pipeline.batch.poll import cancel_batch, open_batches, poll_batches
@@ -546,7 +547,7 @@ def test_answer_lines_read_like_online_answers() -> None:
             },
         },
     }
-    assert wire.parse_line(ok, url) == wire.LineResult("A blue chair.", None, 7, 3)
+    assert wire.parse_line(ok, url) == wire.LineResult(Answer.plain("A blue chair."), None, 7, 3)
     # An error line with only DashScope's code (no response) is classified as online.
     moderated = wire.parse_line(
         {"custom_id": "2", "error": {"code": "DataInspectionFailed", "message": "no"}}, url

@@ -1,5 +1,7 @@
 """Collecting an ended batch: ``collect_batch`` downloads the output and error files, reads the
-lines by ``custom_id``, caches every paid caption, accepts the answers as online captions,
+lines by ``custom_id`` (in the answer format and languages the batch asked for, with the
+online reading: a malformed answer is the row's error), caches every paid answer, accepts the
+answers as online ones,
 embeds them with the run's provider, and writes back with ``stages.write_chunk``: the same
 conditional merge, scoped to the batch's user, failure ledger (per-line errors classified as
 online: moderation and bad images permanent) and release of the claims. Items without an answer
@@ -39,6 +41,7 @@ from enrich_pipeline.providers.batch_api import (
     BatchNotReady,
     unsupported_message,
 )
+from enrich_pipeline.providers.errors import FORMAT_REFUSED
 from enrich_pipeline.providers.wire import parse_results
 from enrich_pipeline.redaction import redact_source
 from enrich_pipeline.settings import DashScopeSettings
@@ -146,7 +149,10 @@ def _collect(
         if f
     ]
     shown = redact_source(record.base_url)  # rows stored before credentials were kept out
-    results = parse_results(texts, f"{shown.rstrip('/')}/chat/completions")
+    languages = tuple(record.languages.split(","))
+    results = parse_results(
+        texts, f"{shown.rstrip('/')}/chat/completions", record.answer_format, languages
+    )
     held = set(store.batches.held_ids(record.local_id))
     todo = [i for i in batch_items if i.item_id in held]
     out = CollectResult(record)
@@ -155,17 +161,18 @@ def _collect(
         out.completion_tokens += line.completion_tokens
         out.unknown_token_lines += not line.tokens_known
 
-    # Paid captions go to the cache first: whatever happens next, they are not paid again.
-    store.cache.cache_captions(
+    # Paid answers go to the cache first: whatever happens next, they are not paid again.
+    store.cache.cache_answers(
         [
-            (i.content_sha256, results[i.custom_id].caption)  # type: ignore[misc]
+            (i.content_sha256, results[i.custom_id].answer)  # type: ignore[misc]
             for i in todo
-            if i.custom_id in results and results[i.custom_id].caption
+            if i.custom_id in results and results[i.custom_id].answer is not None
         ],
         model=record.model,
         prompt_version=record.prompt_version,
+        languages=languages,
     )
-    provenance = Provenance(record.model, record.prompt_version)
+    provenance = Provenance(record.model, record.prompt_version, languages=languages)
     missing_code, missing_message = NO_ANSWER.get(record.status or "", NO_ANSWER["failed"])
     for start in range(0, len(todo), chunk_size):
         if not store.batches.take_collector(record.local_id, collector, collector_lease_seconds):
@@ -183,15 +190,16 @@ def _collect(
             if line is None:
                 work.fail(ItemError(missing_code, missing_message, False, "batch"))
             elif line.error is not None:
-                if isinstance(line.error, FatalProviderError):
-                    # A bad key or unknown model fails every line alike: not the row's fault.
+                if isinstance(line.error, FatalProviderError) or line.error.code == FORMAT_REFUSED:
+                    # A bad key, an unknown model or a response_format the model does not take
+                    # fails every line alike: not the row's fault.
                     given_back.append(item.item_id)
                     continue
                 work.fail(
                     ItemError(line.error.code, str(line.error), line.error.permanent, "caption")
                 )
             else:
-                stages.accept_caption(work, line.caption or "", vocabulary)
+                stages.accept_caption(work, line.answer or "", vocabulary)
             works.append(work)
         if given_back:
             store.items.release(record.user_id, given_back, worker=record.worker)

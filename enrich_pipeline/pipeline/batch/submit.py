@@ -2,13 +2,14 @@
 
 ``submit_batch`` claims the rows for the worker ``batch:<submission>`` with a long lease, loads
 each image once (dominant colors and the downscaled copy, exactly as online), and writes one
-JSONL chat request per distinct image (``custom_id`` = item id; the online path's prompt, model
-and ``max_tokens``). A file holds at most ``max_lines`` lines (50,000) and ``max_bytes`` (500 MB);
-past that the submission is split into parts, one provider batch each. A part is recorded (state
-``submitting``, with what collecting needs per item) *before* its file is uploaded and its batch
-created, so a crash in between is resolved later by the poll (it looks the batch up by the local
-id sent as batch metadata). Images already in the caption cache, and images that cannot be read,
-are written at once, as online.
+JSONL chat request per distinct image (``custom_id`` = item id; the online path's body: model,
+messages, ``max_tokens``, response_format and thinking switch, in the answer format the model's
+documentation lists or ``ENRICH_ANSWER_FORMAT`` names). A file holds at most ``max_lines`` lines
+(50,000) and ``max_bytes`` (500 MB); past that the submission is split into parts, one provider
+batch each. A part is recorded (state ``submitting``, with what collecting needs per item)
+*before* its file is uploaded and its batch created, so a crash in between is resolved later by
+the poll (it looks the batch up by the local id sent as batch metadata). Images already in the
+caption cache, and images that cannot be read, are written at once, as online.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from enrich_pipeline.db.batches import (
 from enrich_pipeline.db.store import Store
 from enrich_pipeline.enrichment.images import ImagePolicy
 from enrich_pipeline.enrichment.records import ItemError, Provenance, WorkItem
+from enrich_pipeline.enrichment.structured import Question
 from enrich_pipeline.enrichment.tags import DEFAULT_VOCABULARY, TagVocabulary
 from enrich_pipeline.pipeline import stages
 from enrich_pipeline.pipeline.batch.state import batch_api, give_back, new_id, stored_base_url
@@ -44,7 +46,8 @@ from enrich_pipeline.providers.batch_api import (
     batch_endpoint,
     batch_refusal,
 )
-from enrich_pipeline.providers.wire import batch_line, caption_request_body
+from enrich_pipeline.providers.formats import first_format
+from enrich_pipeline.providers.wire import batch_line, caption_request_body, question_of
 from enrich_pipeline.settings import BatchSettings, DashScopeSettings, RunSettings
 
 
@@ -123,7 +126,13 @@ def submit_batch(
     ids = store.items.pending_ids(user_id, limit=batch.max_items, max_attempts=run.max_attempts)
     if not ids:
         return result
-    provenance = Provenance(settings.vision_model, settings.prompt_version)
+    provenance = Provenance(
+        settings.vision_model, settings.prompt_version, languages=settings.languages
+    )
+    # One format for the whole batch: its lines are answered long after they are sent, so
+    # there is no step-down within it (a refused format gives its rows back: see collect).
+    question = question_of(settings, vocabulary)
+    answer_format = first_format(settings.answer_format, settings.vision_model, settings.url)
     held: set[str] = set()  # claimed here, neither written nor recorded in a part yet
     claimed: set[str] = set()
 
@@ -148,7 +157,7 @@ def submit_batch(
         if not part.items:
             return
         held.difference_update(i.item_id for i in part.items)
-        record = _submit_part(store, api, settings, result, part, caption_embedding)
+        record = _submit_part(store, api, settings, result, part, caption_embedding, answer_format)
         result.parts.append(record)
         result.queued += len(part.items)
         result.lines += part.lines
@@ -178,10 +187,12 @@ def submit_batch(
                     concurrent=run.concurrent,
                     vision_model=settings.vision_model,
                 )
-                cached = store.cache.cached_captions(
+                cached = store.cache.cached_answers(
                     [w.content_sha256 for w in chunk.live() if w.content_sha256],
                     model=settings.vision_model,
                     prompt_version=settings.prompt_version,
+                    answer_format=answer_format,
+                    languages=question.languages,
                 )
                 direct: list[WorkItem] = []
                 for work in chunk.items:
@@ -193,7 +204,9 @@ def submit_batch(
                         stages.accept_caption(work, cached[sha], vocabulary, cached=True)
                         direct.append(work)
                     else:
-                        part = _queue(work, part, folder, settings, batch, flush)
+                        part = _queue(
+                            work, part, folder, settings, batch, flush, question, answer_format
+                        )
                         if not work.ok:
                             direct.append(work)
                 write_direct(direct)
@@ -216,6 +229,8 @@ def _queue(
     settings: DashScopeSettings,
     batch: BatchSettings,
     flush: Callable[[_Part], None],
+    question: Question,
+    answer_format: str,
 ) -> _Part:
     """Add the item to the current part (a new line, or the line of its image's twin); start
     a new part when the line would not fit. Returns the part in use."""
@@ -225,7 +240,7 @@ def _queue(
     if custom_id is None:
         line = batch_line(
             work.item.id,
-            caption_request_body(settings, work.vision.data_url),
+            caption_request_body(settings, work.vision.data_url, question, answer_format),
             batch_endpoint(settings.vision_model),
         )
         if len(line) > batch.max_bytes:
@@ -261,6 +276,7 @@ def _submit_part(
     result: SubmitResult,
     part: _Part,
     caption_embedding: bool,
+    answer_format: str,
 ) -> BatchRecord:
     local_id = f"{result.submission_id}-{part.number}"
     store.batches.record(
@@ -278,6 +294,8 @@ def _submit_part(
             "caption_embedding": caption_embedding,
             "lines": part.lines,
             "bytes": part.bytes,
+            "answer_format": answer_format,
+            "languages": settings.caption_languages,
         },
         part.items,
     )
