@@ -314,18 +314,6 @@ def _text_captions(text: str, languages: tuple[str, ...]) -> dict[str, str]:
     return {code: found[code] for code in languages}
 
 
-def _implied_categories(vocabulary: TagVocabulary) -> dict[str, list[str]]:
-    """Object tag -> the categories that name it ("chair" -> ["furniture"])."""
-    objects = set(vocabulary.objects)
-    implied: dict[str, list[str]] = {}
-    for category, members in vocabulary.categories.items():
-        for member in members:
-            name = member.strip().lower()
-            if name in objects:
-                implied.setdefault(name, []).append(category)
-    return implied
-
-
 def rule_tags(
     captions: Iterable[str], vocabulary: TagVocabulary = DEFAULT_VOCABULARY
 ) -> tuple[list[str], list[str]]:
@@ -350,13 +338,12 @@ def accepted_tags(
         return styles, objects, answer.malformed_tags
     allowed_styles = set(style_keys(vocabulary))
     allowed_objects = set(object_keys(vocabulary))
-    implied = _implied_categories(vocabulary)
     styles = [t for t in answer.style_tags if t in allowed_styles]
     objects: dict[str, None] = {}
     for tag in answer.object_tags:
         if tag in allowed_objects:
             objects.setdefault(tag)
-            for category in implied.get(tag, ()):
+            for category in vocabulary.categories_of(tag):
                 objects.setdefault(category)
     kept_objects = [t for t in answer.object_tags if t in allowed_objects]
     dropped = (

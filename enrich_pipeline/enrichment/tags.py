@@ -304,6 +304,11 @@ class TagVocabulary:
 
     __hash__ = None  # type: ignore[assignment]  # holds mappings; equality only
 
+    def categories_of(self, tag: str) -> tuple[str, ...]:
+        """The categories an object tag implies ("chair" -> ("furniture",)), as the rules
+        add them after the object."""
+        return self._implied.get(_normalize(tag), ())
+
     @property
     def languages(self) -> tuple[str, ...]:
         """Every language some tag has words in, English first."""
