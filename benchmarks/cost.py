@@ -6,7 +6,7 @@ images at the list prices of ``providers/pricing.py`` (Singapore in USD, Beijing
 where no price was found). The images are sample-like: half the demo's drawings, half smooth
 photo-like pictures, 1600x1200 JPEG, read and shrunk by the project's own image code
 (``load_image``, ``prepare_for_vision`` at ``ENRICH_MAX_IMAGE_SIDE``), so the image tokens are
-the pipeline's.
+the pipeline's, and the request bodies are the pipeline's own (``wire.caption_request_body``).
 
 Rows, for each model (qwen3-vl-plus, qwen3-vl-flash, qwen3.5-plus, qwen3.5-flash, qwen3.6-plus,
 qwen3.6-flash):
@@ -45,9 +45,8 @@ from benchmarks.memory import picture
 from enrich_pipeline.enrichment.images.sources import load_image
 from enrich_pipeline.enrichment.images.vision import prepare_for_vision
 from enrich_pipeline.enrichment.synthetic import SAMPLE_SUBJECTS, draw_sample
-from enrich_pipeline.enrichment.tags import DEFAULT_VOCABULARY
 from enrich_pipeline.providers.pricing import PriceTable, estimate_cost, price_table
-from enrich_pipeline.providers.wire import caption_request_body
+from enrich_pipeline.providers.wire import caption_request_body, question_of, sdk_arguments
 from enrich_pipeline.settings import BEIJING_BASE_URL, DashScopeSettings
 from enrich_pipeline_tests.standin import StandIn
 
@@ -99,72 +98,23 @@ def sample_images(n: int) -> list[str]:
     return urls
 
 
-# -- the request bodies, per the wire contract -------------------------------------------------
-
-_SYSTEM = (
-    "You describe images for a product catalogue. Reply with one JSON object and nothing else."
-)
-
-
-def _base_prompt(settings: DashScopeSettings) -> str:
-    return settings.prompt.removesuffix(" Answer in English.").rstrip()
+# -- the request bodies: the pipeline's own ------------------------------------------------------
 
 
 def request_body(
     settings: DashScopeSettings, data_url: str, answer_format: str, thinking: bool
 ) -> dict[str, Any]:
-    """The chat body the pipeline sends for one image in ``answer_format`` (text or
-    json_object) and ``settings.languages``; ``thinking`` leaves a thinking model's default."""
-    languages = settings.languages
-    if answer_format == "text" and languages == ("en",):
-        body = caption_request_body(settings, data_url)  # the legacy request, unchanged
-    else:
-        line = f"Languages: {', '.join(languages)}"
-        if answer_format == "text":
-            text = (
-                f"{_base_prompt(settings)}\nWrite that description in each language below, one "
-                f"line per language, as <code>: <caption>, and nothing else.\n{line}"
-            )
-        else:
-            styles = ", ".join(DEFAULT_VOCABULARY.styles)
-            objects = ", ".join([*DEFAULT_VOCABULARY.objects, *DEFAULT_VOCABULARY.categories])
-            text = "\n".join(
-                [
-                    _base_prompt(settings),
-                    'Answer with a JSON object with the keys "captions" (one key per language '
-                    'code below, each that description in that language), "style_tags" and '
-                    '"object_tags". Choose tags only from the lists given.',
-                    f"Style tags to choose from: {styles}",
-                    f"Object tags to choose from: {objects}",
-                    line,
-                ]
-            )
-        user = {
-            "role": "user",
-            "content": [
-                {"type": "image_url", "image_url": {"url": data_url}},
-                {"type": "text", "text": text},
-            ],
-        }
-        messages = (
-            [user] if answer_format == "text" else [{"role": "system", "content": _SYSTEM}, user]
-        )
-        body = {
-            "model": settings.vision_model,
-            "max_tokens": settings.max_caption_tokens * len(languages) + 120,
-            "messages": messages,
-        }
-        if answer_format != "text":
-            body["response_format"] = {"type": answer_format}
-    if settings.vision_model.startswith(_THINKS_BY_DEFAULT) and not thinking:
-        body["enable_thinking"] = False
+    """The chat body the pipeline sends for one image in ``answer_format`` and
+    ``settings.languages`` (``wire.caption_request_body``, as online and in batch lines);
+    ``thinking`` leaves a thinking model's default on, which the pipeline never does."""
+    body = caption_request_body(settings, data_url, question_of(settings), answer_format)
+    if thinking:
+        body.pop("enable_thinking", None)
     return body
 
 
 def _send(client: openai.OpenAI, body: dict[str, Any]) -> Any:
-    known = {k: v for k, v in body.items() if k != "enable_thinking"}
-    extra = {"enable_thinking": body["enable_thinking"]} if "enable_thinking" in body else None
-    return client.chat.completions.create(**known, extra_body=extra)
+    return client.chat.completions.create(**sdk_arguments(body))
 
 
 # -- measuring ---------------------------------------------------------------------------------
