@@ -144,6 +144,27 @@ _PROTOTYPE_NAMES: tuple[str, ...] = tuple(
 _PROTOTYPE_LAB = rgb_to_lab(np.array([p for protos in COLOR_PROTOTYPES.values() for p in protos]))
 
 
+# The color names in Chinese, for captions said in Chinese without a model (the offline
+# provider) and for the stand-in's Chinese answers; a name missing here is said in English.
+COLOR_NAMES_ZH = {
+    "black": "黑色",
+    "gray": "灰色",
+    "white": "白色",
+    "red": "红色",
+    "orange": "橙色",
+    "yellow": "黄色",
+    "gold": "金色",
+    "green": "绿色",
+    "teal": "青色",
+    "blue": "蓝色",
+    "navy": "藏青色",
+    "purple": "紫色",
+    "pink": "粉色",
+    "brown": "棕色",
+    "beige": "米色",
+}
+
+
 def color_name(rgb: tuple[int, int, int]) -> str:
     """The common name (black, white, gray, red, blue, navy, beige, ...) nearest to ``rgb``."""
     lightness, a, b = rgb_to_lab(np.array(rgb, dtype=np.float64))

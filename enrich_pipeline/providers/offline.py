@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from enrich_pipeline.enrichment.colors import color_name, dominant_colors
+from enrich_pipeline.enrichment.colors import COLOR_NAMES_ZH, color_name, dominant_colors
 from enrich_pipeline.enrichment.images import VisionImage
 from enrich_pipeline.enrichment.structured import TEXT, Answer, Question, rule_tags
 from enrich_pipeline.enrichment.synthetic import (
@@ -41,23 +41,6 @@ _ZH_SUBJECTS = {
     "sofa": "沙发",
     "laptop": "笔记本电脑",
 }
-_ZH_COLORS = {
-    "black": "黑色",
-    "white": "白色",
-    "gray": "灰色",
-    "red": "红色",
-    "orange": "橙色",
-    "yellow": "黄色",
-    "gold": "金色",
-    "green": "绿色",
-    "teal": "青色",
-    "blue": "蓝色",
-    "navy": "藏青色",
-    "purple": "紫色",
-    "pink": "粉色",
-    "brown": "棕色",
-    "beige": "米色",
-}
 
 
 def _zh(word: str, table: dict[str, str]) -> str:
@@ -76,9 +59,9 @@ def localized_offline_caption(image: Image.Image, language: str) -> str:
     if language.split("-")[0] == "zh":
         if known is not None:
             subject = _zh(known[0], _ZH_SUBJECTS)
-            fg, bg = _zh(colors[0], _ZH_COLORS), _zh(colors[1], _ZH_COLORS)
+            fg, bg = _zh(colors[0], COLOR_NAMES_ZH), _zh(colors[1], COLOR_NAMES_ZH)
             return f"(离线说明){bg}背景上的{fg}{subject}平面剪影。"
-        named = "、".join(_zh(c, _ZH_COLORS) for c in colors)
+        named = "、".join(_zh(c, COLOR_NAMES_ZH) for c in colors)
         return f"(离线说明)图像的主要颜色:{named};离线无法识别主体。"
     # No table for this language: the measured colors alone, which need no translation to be
     # true, said as what they are.

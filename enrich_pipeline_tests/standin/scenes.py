@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from enrich_pipeline.enrichment.colors import color_name
+from enrich_pipeline.enrichment.colors import COLOR_NAMES_ZH, color_name
 from enrich_pipeline.enrichment.synthetic import (
     draw_sample,
     recognize_sample,
@@ -30,25 +30,6 @@ from enrich_pipeline.enrichment.synthetic import (
     synthetic_caption_for_key,
 )
 from enrich_pipeline.enrichment.tags import derive_tags
-
-# The color words of synthetic's palette and of colors.color_name, in Chinese.
-COLORS_ZH = {
-    "black": "黑色",
-    "gray": "灰色",
-    "white": "白色",
-    "red": "红色",
-    "orange": "橙色",
-    "yellow": "黄色",
-    "gold": "金色",
-    "green": "绿色",
-    "teal": "青色",
-    "blue": "蓝色",
-    "navy": "藏青色",
-    "purple": "紫色",
-    "pink": "粉色",
-    "brown": "棕色",
-    "beige": "米色",
-}
 
 
 @dataclass(frozen=True)
@@ -163,7 +144,7 @@ def scene_of_caption(caption: str) -> Scene:
         match = pattern.fullmatch(caption)
         if match:
             color = match.group(1)
-            zh = template.zh.format(color=COLORS_ZH.get(color, color))
+            zh = template.zh.format(color=COLOR_NAMES_ZH.get(color, color))
             return Scene({"en": caption, "zh": zh}, template.styles, template.objects)
     styles, objects = derive_tags(caption)
     return Scene({"en": caption}, tuple(styles), tuple(objects))
@@ -174,7 +155,7 @@ def _sample_scene(subject: str, fg: tuple[int, int, int], bg: tuple[int, int, in
     article = "An" if fg_name[:1] in "aeiou" else "A"
     en = f"{article} {fg_name} {subject} drawn as a flat silhouette on a {bg_name} background."
     subject_zh, category = SAMPLES[subject]
-    fg_zh, bg_zh = COLORS_ZH.get(fg_name, fg_name), COLORS_ZH.get(bg_name, bg_name)
+    fg_zh, bg_zh = COLOR_NAMES_ZH.get(fg_name, fg_name), COLOR_NAMES_ZH.get(bg_name, bg_name)
     zh = f"{bg_zh}背景上的一个{fg_zh}{subject_zh}剪影。"
     return Scene({"en": en, "zh": zh}, ("minimalist",), (subject, category))
 
