@@ -80,6 +80,8 @@ def partition_metadata(
     ledger: Sequence[LedgerEntry] | None,
     run_users: int,
     other_runs: Sequence[str] = (),
+    answer_format: str | None = None,
+    languages: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The metadata of one partition's materialization (``usage`` is this user's share)."""
     s = run.stats
@@ -107,6 +109,12 @@ def partition_metadata(
     md["model"] = model
     if embedding_model:
         md["embedding_model"] = embedding_model
+    # How the model was asked: the format the run ended in (a refusal or malformed answers step
+    # it down) and the caption languages, first one in ``caption``.
+    if answer_format:
+        md["answer_format"] = answer_format
+    if languages:
+        md["caption_languages"] = ",".join(languages)
     # What this run did.
     md["total"] = s.total
     md["succeeded"] = s.succeeded
@@ -124,6 +132,8 @@ def partition_metadata(
         md["embedded"] = s.embedded
         if s.embedding_failed:
             md["embedding_failed"] = s.embedding_failed
+    if s.tags_dropped:
+        md["tags_dropped"] = s.tags_dropped
     if s.succeeded:
         md["cache_hits"] = s.cache_hits
         md["cache_hit_rate"] = MetadataValue.float(round(s.cache_hits / s.succeeded, 4))

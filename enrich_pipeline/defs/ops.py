@@ -418,6 +418,8 @@ def _summarize(
             offline=provider.offline,
             model=provider.model_label,
             embedding_model=embedding_model,
+            answer_format=provider.answer_format,
+            languages=dashscope.settings.languages,
             database=database,
             ledger=ledger,
             run_users=len(keys),

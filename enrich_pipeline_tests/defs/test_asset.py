@@ -84,6 +84,9 @@ def test_partition_materializes_with_statistics(
     assert (md["items"], md["items_pending"], md["items_given_up"]) == (6, 0, 1)
     assert md["items_embedded"] == 5 and md["failure_share"] == pytest.approx(1 / 6, abs=1e-3)
     assert md["database"].startswith("PostgreSQL ") and md["model"] == "qwen3-vl-plus"
+    # How it was asked: a server that is not DashScope gets plain text, in the one language.
+    assert (md["answer_format"], md["caption_languages"]) == ("text", "en")
+    assert md["embedding_model"] == "text-embedding-v4"
     # Nothing about storage: the summary is not pickled anywhere.
     assert "path" not in md
     assert mat.partition == "alice"
