@@ -271,6 +271,9 @@ def _json_document(text: str) -> object:
         return json.loads(fenced.group(1) if fenced else text)
     except ValueError:
         raise MalformedAnswer("the answer is not JSON") from None
+    except RecursionError:
+        # Nesting deeper than the parser recurses (a hostile answer within the size cap).
+        raise MalformedAnswer("the answer is JSON nested too deeply to read") from None
 
 
 def read_answer(text: str, answer_format: str, languages: Iterable[str]) -> Answer:

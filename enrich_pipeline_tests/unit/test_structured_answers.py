@@ -116,6 +116,7 @@ def test_a_fenced_json_answer_is_read() -> None:
         '{"captions": {"en": "A chair.", "zh": "  \\u200b "}}',  # empty once cleaned
         '{"captions": {"en": "A chair.", "zh": "椅子"}, "style_tags": "modern"}',  # not a list
         '{"captions": {"en": "A chair.", "zh": "椅子"',  # cut off (max_tokens)
+        "[" * 200_000 + "]" * 200_000,  # nested deeper than the parser recurses
     ],
 )
 def test_a_malformed_answer_is_refused(text: str) -> None:
