@@ -90,9 +90,7 @@ def test_a_stale_row_submitted_in_batch_is_recaptioned_and_records_the_new_diges
 
     assert code == 0, out
     assert "2 item(s) in 1 batch(es)" in out and "1 of them stale" in out
-    recorded = dict(
-        items.execute("SELECT item_id, replaces_digest FROM {ns}.enrich_batch_items")
-    )
+    recorded = dict(items.execute("SELECT item_id, replaces_digest FROM {ns}.enrich_batch_items"))
     assert recorded == {stale: md5(red), pending: None}
 
     out = collect_when_ended()
