@@ -21,7 +21,7 @@ from enrich_pipeline.db.store import Store
 from enrich_pipeline.pipeline.batch.collect import CollectResult, collect_batch
 from enrich_pipeline.pipeline.batch.poll import cancel_batch, open_batches, poll_batches
 from enrich_pipeline.pipeline.batch.state import batch_api
-from enrich_pipeline.pipeline.batch.submit import submit_batch
+from enrich_pipeline.pipeline.batch.submit import SubmitResult, submit_batch
 from enrich_pipeline.providers.base import FatalProviderError, ProviderError
 from enrich_pipeline.providers.batch_api import BatchError
 from enrich_pipeline.redaction import scrub_secrets
@@ -52,7 +52,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_setting(parser, "--namespace", DbSettings, "namespace", flags=DB_FLAGS)
     add_setting(parser, "--table", DbSettings, "table", flags=DB_FLAGS)
     sub = parser.add_subparsers(dest="command", required=True)
-    submit = sub.add_parser("submit", help="claim a user's pending rows and submit batches")
+    submit = sub.add_parser(
+        "submit",
+        help="claim a user's pending rows (and stale ones, ENRICH_ON_IMAGE_CHANGE=recaption) "
+        "and submit batches",
+    )
     submit.add_argument("--user-id", required=True)
     submit.add_argument(
         "--max-items",
@@ -62,6 +66,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     add_setting(submit, "--max-attempts", RunSettings, "max_attempts", flags=RUN_FLAGS)
     add_setting(submit, "--concurrent", RunSettings, "concurrent", flags=RUN_FLAGS)
+    add_setting(
+        submit,
+        "--on-image-change",
+        RunSettings,
+        "on_image_change",
+        flags=RUN_FLAGS,
+        choices=["recaption", "flag", "ignore"],
+    )
     submit.add_argument("--no-caption-embedding", action="store_true")
     add_setting(submit, "--max-lines", BatchSettings, "max_lines", flags=BATCH_FLAGS)
     add_setting(submit, "--max-bytes", BatchSettings, "max_bytes", flags=BATCH_FLAGS)
@@ -111,6 +123,25 @@ def _print_collected(out: TextIO, result: CollectResult) -> None:
             else ""
         )
         + (f"; {result.released} released ({result.batch.error})" if result.released else "")
+        + "\n"
+    )
+    if result.format_step:
+        out.write(f"  {result.format_step}\n")
+
+
+def _print_submitted(out: TextIO, user_id: str, result: SubmitResult) -> None:
+    d = result.direct
+    if result.format_note:
+        out.write(f"{result.format_note}\n")
+    out.write(
+        f"Submission {result.submission_id} for user {user_id!r}: "
+        f"{result.queued} item(s) in {len(result.parts)} batch(es) "
+        f"({result.lines} distinct image(s), {result.answer_format or '-'} answers), "
+        f"{result.stale} of them stale (image changed since captioned); written at once: "
+        f"{d.succeeded} from the caption cache"
+        + (f" ({result.stale_direct} stale)" if result.stale_direct else "")
+        + f", {d.failed} failed; {len(result.skipped)} skipped"
+        + (f"; {result.flagged} stale row(s) flagged caption_stale" if result.flagged else "")
         + "\n"
     )
 
@@ -171,13 +202,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
                 batch=batch,
                 run=run,
             )
-            d = result.direct
-            out.write(
-                f"Submission {result.submission_id} for user {args.user_id!r}: "
-                f"{result.queued} item(s) in {len(result.parts)} batch(es) "
-                f"({result.lines} distinct image(s)); written at once: {d.succeeded} from the "
-                f"caption cache, {d.failed} failed; {len(result.skipped)} skipped\n"
-            )
+            _print_submitted(out, args.user_id, result)
             for record in result.parts:
                 out.write(f"  {_describe(record)}\n")
         elif args.command == "poll":

@@ -61,6 +61,8 @@ class BatchRecord:
     # What the lines asked for (``structured``): collecting reads and caches by it.
     answer_format: str = "text"
     languages: str = "en"
+    # What the collected batch showed of its answer format (``formats.batch_verdict``).
+    next_format: str | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any] | None) -> BatchRecord | None:
@@ -85,6 +87,10 @@ class BatchItem:
     image: str
     content_sha256: str
     dominant_colors: tuple[str, ...]
+    # A stale row: the caption being replaced and the image digest recorded with it, as read
+    # when the row was claimed (``writes.replacing``); None for a pending row.
+    replaces: str | None = None
+    replaces_digest: str | None = None
 
 
 class BatchRows:
@@ -110,6 +116,7 @@ class BatchRows:
             "collector_expires_at",
             "polled_at",
             "finished_at",
+            "next_format",
         }
     )
 
@@ -141,9 +148,11 @@ class BatchRows:
         )
         items_sql = sql.SQL(
             "INSERT INTO {bi} (local_id, item_id, custom_id, image, content_sha256,"
-            " dominant_colors) SELECT %(local_id)s, x.item_id, x.custom_id, x.image, x.sha,"
-            " x.colors::jsonb FROM unnest(%(ids)s::text[], %(cids)s::text[], %(images)s::text[],"
-            " %(shas)s::text[], %(colors)s::text[]) AS x(item_id, custom_id, image, sha, colors)"
+            " dominant_colors, replaces, replaces_digest) SELECT %(local_id)s, x.item_id,"
+            " x.custom_id, x.image, x.sha, x.colors::jsonb, x.replaces, x.digest"
+            " FROM unnest(%(ids)s::text[], %(cids)s::text[], %(images)s::text[],"
+            " %(shas)s::text[], %(colors)s::text[], %(replaces)s::text[], %(digests)s::text[])"
+            " AS x(item_id, custom_id, image, sha, colors, replaces, digest)"
         ).format(bi=self.db.t("enrich_batch_items"))
         with self.db.connection() as conn, conn.transaction():
             conn.execute(batch_sql, {"src": self.db.source_table, **{c: batch[c] for c in columns}})
@@ -156,6 +165,8 @@ class BatchRows:
                     "images": [i.image for i in items],
                     "shas": [i.content_sha256 for i in items],
                     "colors": [json.dumps(list(i.dominant_colors)) for i in items],
+                    "replaces": [i.replaces for i in items],
+                    "digests": [i.replaces_digest for i in items],
                 },
             )
 
@@ -242,13 +253,28 @@ class BatchRows:
 
     def items(self, local_id: str) -> list[BatchItem]:
         query = sql.SQL(
-            "SELECT bi.item_id, bi.custom_id, bi.image, bi.content_sha256, bi.dominant_colors"
-            " FROM {bi} bi JOIN {b} b ON b.local_id = bi.local_id"
+            "SELECT bi.item_id, bi.custom_id, bi.image, bi.content_sha256, bi.dominant_colors,"
+            " bi.replaces, bi.replaces_digest FROM {bi} bi JOIN {b} b ON b.local_id = bi.local_id"
             " WHERE b.source_table = %(src)s AND bi.local_id = %(local_id)s ORDER BY bi.item_id"
         ).format(bi=self.db.t("enrich_batch_items"), b=self.db.t("enrich_batches"))
         with self.db.connection() as conn:
             rows = conn.execute(query, {"src": self.db.source_table, "local_id": local_id})
-            return [BatchItem(r[0], r[1], r[2], r[3], tuple(r[4])) for r in rows]
+            return [BatchItem(r[0], r[1], r[2], r[3], tuple(r[4]), r[5], r[6]) for r in rows]
+
+    @retry_db
+    def format_verdicts(self, model: str) -> list[tuple[str, str, str]]:
+        """What the collected batches of ``model`` showed of their answer format, oldest first:
+        (the format asked, the format the next submission should use, the batch's ref).
+
+        Of every table in the namespace: whether a model takes a response_format is the
+        model's, not the table's."""
+        query = sql.SQL(
+            "SELECT answer_format, next_format, COALESCE(batch_id, local_id) FROM {b}"
+            " WHERE model = %(model)s AND state = 'collected' AND next_format IS NOT NULL"
+            " ORDER BY finished_at, created_at, local_id"
+        ).format(b=self.db.t("enrich_batches"))
+        with self.db.connection() as conn:
+            return [(r[0], r[1], r[2]) for r in conn.execute(query, {"model": model})]
 
     def held_ids(self, local_id: str) -> list[str]:
         """Items of the batch whose claim its worker still holds: those not written back yet."""

@@ -82,8 +82,11 @@ def batch_submit(
     except (ConfigError, BatchError, FatalProviderError) as exc:
         raise Failure(description=str(exc), allow_retries=False) from exc
     parts = [{"batch": p.ref, "lines": p.lines, "status": p.status} for p in result.parts]
+    if result.format_note:
+        context.log.warning(result.format_note)
     context.log.info(
-        f"user {user!r}: {result.queued} item(s) submitted in {len(parts)} batch(es); "
+        f"user {user!r}: {result.queued} item(s) submitted in {len(parts)} batch(es), "
+        f"{result.stale} of them stale (image changed since captioned); "
         f"{result.direct.succeeded} written from the caption cache, "
         f"{result.direct.failed} failed before submission"
     )
@@ -91,7 +94,9 @@ def batch_submit(
         "user_id": user,
         "submission_id": result.submission_id,
         "queued": result.queued,
+        "stale": result.stale,
         "lines": result.lines,
+        "answer_format": result.answer_format,
         "batches": parts,
         "written_from_cache": result.direct.succeeded,
         "failed_before_submission": result.direct.failed,
@@ -103,6 +108,8 @@ def batch_submit(
             "user_id": user,
             "submission_id": result.submission_id,
             "queued": result.queued,
+            "stale": result.stale,
+            "answer_format": result.answer_format,
             "batches": MetadataValue.json(parts),
             "written_from_cache": result.direct.succeeded,
             "failed_before_submission": result.direct.failed,
@@ -144,6 +151,8 @@ def batch_collect(
         context.log.info(f"batch {record.ref} is already {record.state}: nothing to do")
     elif result.busy:
         context.log.info(f"batch {record.ref}: another collector is at work on it")
+    if result.format_step:
+        context.log.warning(result.format_step)
     summary = {
         "batch": record.ref,
         "user_id": record.user_id,
@@ -154,6 +163,8 @@ def batch_collect(
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens,
         "unknown_token_lines": result.unknown_token_lines,
+        "answer_format": record.answer_format,
+        "next_format": record.next_format,
     }
     metadata = {k: v for k, v in summary.items() if k != "errors"}
     metadata["success_rate"] = MetadataValue.float(summary["success_rate"])

@@ -168,6 +168,12 @@ class BatchSubmitConfig(Config):
     max_attempts: int = field_of(RunSettings, "max_attempts", RUN.max_attempts)
     caption_embedding: bool = field_of(RunSettings, "caption_embedding", True)
     concurrent: int = field_of(RunSettings, "concurrent", RUN.concurrent, "; images loaded at once")
+    on_image_change: Literal["recaption", "flag", "ignore"] = field_of(
+        RunSettings,
+        "on_image_change",
+        RUN.on_image_change,
+        "; batches take stale rows only with recaption",
+    )
     max_lines: int = field_of(BatchSettings, "max_lines", _BATCH.max_lines)
     max_bytes: int = field_of(BatchSettings, "max_bytes", _BATCH.max_bytes)
     lease_seconds: int = field_of(BatchSettings, "lease_seconds", _BATCH.lease_seconds)
@@ -179,7 +185,7 @@ class BatchSubmitConfig(Config):
         )
 
     def run_settings(self) -> RunSettings:
-        names = ("max_attempts", "caption_embedding", "concurrent")
+        names = ("max_attempts", "caption_embedding", "concurrent", "on_image_change")
         return RunSettings.build(
             {n: getattr(self, n) for n in names}, {n: f"config.{n}" for n in names}
         )

@@ -191,3 +191,68 @@ class FormatLadder:
             self._current = self.first
             self._malformed = 0
             self._images.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch mode: a batch's lines are answered long after they are sent, so there is no step-down
+# within one. What a collected batch showed of its format (``batch_verdict``) is recorded with
+# it instead, and the model's next submission starts from there (``batch_format``).
+
+# Malformed answers that lower a batch's format: more than its well-formed ones, and from at
+# least this many lines (images), as the online streak needs two images.
+BATCH_MALFORMED_LINES = 2
+
+
+def batch_verdict(asked: str, *, refused: int, malformed: int, wellformed: int) -> str | None:
+    """The format the model's next batch should use, as this batch's lines showed: one below
+    ``asked`` when any line was refused for its response_format or most answers were
+    malformed, ``asked`` itself when it was answered well, None when nothing was learned (no
+    answer, or ``text`` failing: there is nothing below it)."""
+    if refused or (malformed >= BATCH_MALFORMED_LINES and malformed > wellformed):
+        return lower(asked)
+    return asked if wellformed else None
+
+
+def _rank(answer_format: str) -> int:
+    return FORMATS.index(answer_format)
+
+
+def batch_format(
+    setting: str, model: str, base_url: str, verdicts: list[tuple[str, str, str]]
+) -> tuple[str, str | None]:
+    """The format a batch submission for ``model`` uses, and the line that says why when the
+    model's earlier batches (``verdicts``: asked, next, batch ref; oldest first) lowered it.
+
+    ``ENRICH_ANSWER_FORMAT`` set explicitly wins. Under ``auto`` a refusal (or mostly malformed
+    answers) lowers the model's format for good, and a batch later answered well in a better
+    format (asked for explicitly) raises it again: the best format the documentation lists,
+    no better than the model's batches have shown it takes."""
+    first = first_format(setting, model, base_url)
+    limit: str | None = None  # None: no batch has lowered the model's format
+    refused_in: dict[str, str] = {}  # format -> the last batch that showed it is not taken
+    for asked, verdict, ref in verdicts:
+        if asked not in FORMATS or verdict not in FORMATS:
+            continue
+        if _rank(verdict) > _rank(asked):
+            refused_in[asked] = ref
+            if limit is None or _rank(verdict) > _rank(limit):
+                limit = verdict
+        elif limit is not None and _rank(asked) < _rank(limit):
+            limit = asked
+    if limit is None or _rank(limit) <= _rank(first):
+        return first, None
+    above = FORMATS[_rank(limit) - 1]
+    because = (
+        f"batch {refused_in[above]} showed the model does not take {above}"
+        if above in refused_in
+        else f"the model's batches showed it does not take {above}"
+    )
+    if setting != AUTO:
+        return first, (
+            f"answer format {first} for model {model!r}, as ENRICH_ANSWER_FORMAT says, "
+            f"although {because}"
+        )
+    return limit, (
+        f"answer format {limit} for model {model!r}, not {first}: {because}; set "
+        "ENRICH_ANSWER_FORMAT to choose"
+    )

@@ -6,6 +6,12 @@ embeds them with the run's provider, and writes back with ``stages.write_chunk``
 conditional merge, scoped to the batch's user, failure ledger (per-line errors classified as
 online: moderation and bad images permanent) and release of the claims. Items without an answer
 (expired, cancelled or failed batches) are recorded as transient failures and released.
+A stale row's answer replaces its caption only if that caption, and the image digest recorded
+with it, are what the row held when it was submitted (someone else's newer caption wins).
+
+Lines refused for their response_format give their rows back uncharged; that refusal, or mostly
+malformed answers, is recorded with the batch (``next_format``, ``formats.batch_verdict``) so
+that the model's next submission starts one format lower, and said in one line (``format_step``).
 
 Collecting is idempotent: an item's claim is released in the transaction that writes it, so
 "still claimed by the batch's worker" is exactly "not written yet"; a second collect (or one
@@ -18,6 +24,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from enrich_pipeline.db.batches import COLLECTED, OPEN, REJECTED, BatchRecord
@@ -34,6 +41,7 @@ from enrich_pipeline.pipeline.batch.state import (
     now,
 )
 from enrich_pipeline.pipeline.stats import ItemOutcome, RunStats
+from enrich_pipeline.providers.answers import MALFORMED
 from enrich_pipeline.providers.base import FatalProviderError, Provider
 from enrich_pipeline.providers.batch_api import (
     BatchApi,
@@ -42,7 +50,8 @@ from enrich_pipeline.providers.batch_api import (
     unsupported_message,
 )
 from enrich_pipeline.providers.errors import FORMAT_REFUSED
-from enrich_pipeline.providers.wire import parse_results
+from enrich_pipeline.providers.formats import batch_verdict
+from enrich_pipeline.providers.wire import LineResult, parse_results
 from enrich_pipeline.redaction import redact_source
 from enrich_pipeline.settings import DashScopeSettings
 
@@ -57,6 +66,8 @@ class CollectResult:
     completion_tokens: int = 0
     unknown_token_lines: int = 0  # answers whose usage gave no believable count
     already: bool = False  # nothing to do: collected (or ended) before
+    # The model's next submissions use a lower answer format, and why (one line).
+    format_step: str | None = None
     busy: bool = False  # another collector holds the batch
 
 
@@ -160,6 +171,7 @@ def _collect(
         out.prompt_tokens += line.prompt_tokens
         out.completion_tokens += line.completion_tokens
         out.unknown_token_lines += not line.tokens_known
+    next_format, out.format_step = _format_verdict(record, results.values())
 
     # Paid answers go to the cache first: whatever happens next, they are not paid again.
     store.cache.cache_answers(
@@ -181,8 +193,14 @@ def _collect(
         works: list[WorkItem] = []
         given_back: list[str] = []
         for item in todo[start : start + chunk_size]:
+            # What the claim read of a stale row: the caption to replace and its image digest.
+            read = (
+                None
+                if item.replaces is None
+                else {"caption": item.replaces, "caption_image_digest": item.replaces_digest}
+            )
             work = WorkItem(
-                PendingItem(item.item_id, record.user_id, item.image, None),
+                PendingItem(item.item_id, record.user_id, item.image, read),
                 content_sha256=item.content_sha256,
                 dominant_colors=list(item.dominant_colors),
             )
@@ -231,7 +249,37 @@ def _collect(
         finished_at=now(),
         collector=None,
         collector_expires_at=None,
+        next_format=next_format,
     )
     if final is not None:
         out.batch = final
     return out
+
+
+def _format_verdict(
+    record: BatchRecord, lines: Iterable[LineResult]
+) -> tuple[str | None, str | None]:
+    """What the batch's lines showed of its answer format (``formats.batch_verdict``), and the
+    line saying so when the model's next submissions are to use a lower one."""
+    refused = malformed = wellformed = 0
+    for line in lines:
+        if line.answer is not None:
+            wellformed += 1
+        elif line.error is not None and line.error.code == FORMAT_REFUSED:
+            refused += 1
+        elif line.error is not None and line.error.code == MALFORMED:
+            malformed += 1
+    asked = record.answer_format
+    verdict = batch_verdict(asked, refused=refused, malformed=malformed, wellformed=wellformed)
+    if verdict is None or verdict == asked:
+        return verdict, None
+    why = (
+        f"{refused} line(s) refused it (their rows given back, not charged)"
+        if refused
+        else f"{malformed} of {malformed + wellformed} answers were malformed"
+    )
+    return verdict, (
+        f"batch {record.ref}: model {record.model!r} does not take the {asked} answer format "
+        f"({why}); its next batch submissions use {verdict} unless ENRICH_ANSWER_FORMAT says "
+        "otherwise"
+    )

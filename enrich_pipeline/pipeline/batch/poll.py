@@ -29,15 +29,23 @@ def poll_batches(
     lease_seconds: int = BatchSettings().lease_seconds,
     submit_grace_seconds: float = SUBMIT_GRACE_SECONDS,
     on_error: Callable[[BatchRecord, Exception], None] | None = None,
+    api: BatchApi | None = None,
 ) -> list[BatchRecord]:
     """Refresh every open batch's status; return those that have ended and wait to be
-    collected. Parts left "submitting" by a dead submitter are resolved on the way."""
-    apis = BatchClients(settings)
+    collected. Parts left "submitting" by a dead submitter are resolved on the way.
+
+    ``api``: the Batch API for every batch (as ``submit_batch`` and ``collect_batch`` take
+    one); by default each batch is polled at the base URL it was submitted to."""
+    clients = BatchClients(settings)
+
+    def api_for(record: BatchRecord) -> BatchApi:
+        return api or clients.get(record.base_url)
+
     for record in store.batches.list(
         states=[SUBMITTING], user_id=user_id, idle_seconds=submit_grace_seconds
     ):
         try:
-            _recover(store, apis.get(record.base_url), record)
+            _recover(store, api_for(record), record)
         except (BatchError, ProviderError) as exc:
             if isinstance(exc, FatalProviderError):
                 raise
@@ -48,7 +56,7 @@ def poll_batches(
         if record.batch_id is None:  # cannot happen: open means created
             continue
         try:
-            batch = apis.get(record.base_url).retrieve(record.batch_id)
+            batch = api_for(record).retrieve(record.batch_id)
         except FatalProviderError:
             raise
         except (BatchError, ProviderError) as exc:

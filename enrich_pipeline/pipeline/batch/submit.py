@@ -1,4 +1,4 @@
-"""Submitting a user's pending rows to DashScope's Batch API.
+"""Submitting a user's pending rows (and stale ones) to DashScope's Batch API.
 
 ``submit_batch`` claims the rows for the worker ``batch:<submission>`` with a long lease, loads
 each image once (dominant colors and the downscaled copy, exactly as online), and writes one
@@ -10,6 +10,14 @@ batch each. A part is recorded (state ``submitting``, with what collecting needs
 *before* its file is uploaded and its batch created, so a crash in between is resolved later by
 the poll (it looks the batch up by the local id sent as batch metadata). Images already in the
 caption cache, and images that cannot be read, are written at once, as online.
+
+Stale rows (captioned by the pipeline, image changed since) are taken with the pending ones
+under ``ENRICH_ON_IMAGE_CHANGE=recaption``, as online: each item records the caption it replaces
+and that caption's image digest, and collecting writes only if both are still there. With
+``flag`` they are flagged (no call) and with ``ignore`` left alone; either way only pending rows
+are submitted. The answer format is the model's documented best, or lower where the model's
+collected batches showed it does not take it (``formats.batch_format``), or
+``ENRICH_ANSWER_FORMAT``'s.
 """
 
 from __future__ import annotations
@@ -27,7 +35,9 @@ from enrich_pipeline.db.batches import (
     BatchItem,
     BatchRecord,
 )
+from enrich_pipeline.db.pending import FLAG
 from enrich_pipeline.db.store import Store
+from enrich_pipeline.db.writes import replacing
 from enrich_pipeline.enrichment.images import ImagePolicy
 from enrich_pipeline.enrichment.records import ItemError, Provenance, WorkItem
 from enrich_pipeline.enrichment.structured import Question
@@ -46,7 +56,7 @@ from enrich_pipeline.providers.batch_api import (
     batch_endpoint,
     batch_refusal,
 )
-from enrich_pipeline.providers.formats import first_format
+from enrich_pipeline.providers.formats import batch_format
 from enrich_pipeline.providers.wire import batch_line, caption_request_body, question_of
 from enrich_pipeline.settings import BatchSettings, DashScopeSettings, RunSettings
 
@@ -61,6 +71,12 @@ class SubmitResult:
     lines: int = 0  # distinct images sent
     direct: RunStats = field(default_factory=RunStats)  # written at submit time
     skipped: list[str] = field(default_factory=list)  # claimed by someone else meanwhile
+    stale: int = 0  # of ``queued``: stale rows (image changed since captioned)
+    stale_direct: int = 0  # of the rows written at once: stale ones (their new image cached)
+    flagged: int = 0  # ENRICH_ON_IMAGE_CHANGE=flag: stale rows flagged, not submitted
+    answer_format: str = ""
+    # Why the format is not the documented one: the model's earlier batches (one line).
+    format_note: str | None = None
 
 
 class _Part:
@@ -73,6 +89,7 @@ class _Part:
         self.lines = 0
         self.bytes = 0
         self.items: list[BatchItem] = []
+        self.stale = 0
         self.line_of: dict[str, str] = {}  # content sha256 -> custom_id of its line
 
     def write(self, line: bytes) -> None:
@@ -98,12 +115,13 @@ def submit_batch(
     api: BatchApi | None = None,
     run_id: str | None = None,
 ) -> SubmitResult:
-    """Claim the user's pending rows and submit their captions as one or more batches.
+    """Claim the user's pending rows (and stale ones, as ``run.on_image_change`` says) and
+    submit their captions as one or more batches.
 
     ``batch`` sizes the files and the claims; of ``run``, the attempts, the embedding switch,
-    the images loaded at once and the colors per image count. ``provider`` is the run's (its
-    limiter and usage counts): it embeds the captions that need no batch line (found in the
-    cache).
+    the images loaded at once, the colors per image count and what stale rows get.
+    ``provider`` is the run's (its limiter and usage counts): it embeds the captions that need
+    no batch line (found in the cache).
     """
     # The region/model matrix first: a model the region's Batch API does not take is refused
     # before a row is claimed or a byte uploaded.
@@ -123,16 +141,29 @@ def submit_batch(
     submission = new_id()
     worker = f"batch:{submission}"
     result = SubmitResult(submission, user_id, worker)
-    ids = store.items.pending_ids(user_id, limit=batch.max_items, max_attempts=run.max_attempts)
+    stale = run.on_image_change
+    if stale == FLAG:
+        # As an online run does: flagged in one statement, no call, nothing submitted for them.
+        result.flagged, _ = store.items.flag_stale(user_id)
+    ids = store.items.pending_ids(
+        user_id, limit=batch.max_items, max_attempts=run.max_attempts, stale=stale
+    )
     if not ids:
         return result
     provenance = Provenance(
         settings.vision_model, settings.prompt_version, languages=settings.languages
     )
     # One format for the whole batch: its lines are answered long after they are sent, so
-    # there is no step-down within it (a refused format gives its rows back: see collect).
+    # there is no step-down within it. A refused format gives its rows back uncharged, and
+    # collect records it, so that this model's next submission starts one format lower.
     question = question_of(settings, vocabulary)
-    answer_format = first_format(settings.answer_format, settings.vision_model, settings.url)
+    answer_format, result.format_note = batch_format(
+        settings.answer_format,
+        settings.vision_model,
+        settings.url,
+        store.batches.format_verdicts(settings.vision_model),
+    )
+    result.answer_format = answer_format
     held: set[str] = set()  # claimed here, neither written nor recorded in a part yet
     claimed: set[str] = set()
 
@@ -150,6 +181,10 @@ def submit_batch(
             run_id=run_id,
         )
         result.direct.merge(written.stats)
+        done = {o.item_id for o in written.outcomes if o.status == "succeeded"}
+        result.stale_direct += sum(
+            1 for w in works if w.item.id in done and replacing(w.item.metadata)["replaces"]
+        )
         held.difference_update(w.item.id for w in works)
 
     def flush(part: _Part) -> None:
@@ -160,6 +195,7 @@ def submit_batch(
         record = _submit_part(store, api, settings, result, part, caption_embedding, answer_format)
         result.parts.append(record)
         result.queued += len(part.items)
+        result.stale += part.stale
         result.lines += part.lines
 
     with tempfile.TemporaryDirectory(prefix="enrich-batch-") as tmp:
@@ -174,6 +210,7 @@ def submit_batch(
                     worker=worker,
                     lease_seconds=batch.lease_seconds,
                     max_attempts=run.max_attempts,
+                    stale=stale,
                 )
                 mine = [w.item.id for w in chunk.items]
                 held.update(mine)
@@ -262,9 +299,20 @@ def _queue(
         part.write(line)
         custom_id = work.item.id
         part.line_of[sha] = custom_id
+    # A stale row's caption is replaced at collect time only if it is still there.
+    replaced = replacing(work.item.metadata)
     part.items.append(
-        BatchItem(work.item.id, custom_id, work.item.image, sha, tuple(work.dominant_colors))
+        BatchItem(
+            work.item.id,
+            custom_id,
+            work.item.image,
+            sha,
+            tuple(work.dominant_colors),
+            replaced["replaces"],
+            replaced["replaces_digest"],
+        )
     )
+    part.stale += replaced["replaces"] is not None
     work.vision = None  # the data URL is in the file now; keep memory flat
     return part
 
