@@ -2,7 +2,7 @@
 before image (or text) digests adopted, answer-cache entries forgotten with the rows they fed
 marked stale.
 
-Every statement sets or removes one metadata key in portable SQL: ``jsonb_each`` and
+Every statement sets or removes a metadata key or two in portable SQL: ``jsonb_each`` and
 ``json_object_agg`` only (no ``jsonb ||``, ``jsonb_set``, ``to_jsonb``, ``jsonb_build_object``:
 AnalyticDB 6.0 lacks them), the value built as JSON text, one level of correlation. Large
 tables are worked through in batches of ids (keyset order), each its own transaction, so a
