@@ -39,6 +39,7 @@ from psycopg import sql
 
 from enrich_pipeline.db.pending_index import INDEX_SUFFIX, PENDING_SUFFIX
 from enrich_pipeline.db.samples import create_sample_table
+from enrich_pipeline.enrichment.records import text_digest
 
 REPO = Path(__file__).resolve().parent.parent
 BOUND_MS = 200.0
@@ -100,13 +101,16 @@ def seed(url: str, namespace: str, rows: int, users: int, stale: float, pending:
     stale_n, pending_n = round(stale * _PER), round(pending * _PER)
     image = "'https://img.example.com/' || g || '.jpg'"
 
+    text = "A modern blue chair in a minimalist living room with white walls."
+
     def caption(captioned: str) -> str:
-        """A pipeline caption's metadata recording the digest of ``captioned`` (SQL)."""
+        """A pipeline caption's metadata recording the digest of ``captioned`` (SQL) and of its
+        own text."""
         return (
-            '\'{{"caption": "A modern blue chair in a minimalist living room with white '
-            'walls.", "dominant_colors": ["blue", "white"], "style_tags": '
+            f'\'{{{{"caption": "{text}", "dominant_colors": ["blue", "white"], "style_tags": '
             '["modern"], "object_tags": ["chair", "furniture"], "caption_model": '
-            '"qwen3-vl-plus", "caption_image_digest": "\' || md5(' + captioned + ") || '\"}}'"
+            f'"qwen3-vl-plus", "caption_text_digest": "{text_digest(text)}", '
+            '"caption_image_digest": "\' || md5(' + captioned + ") || '\"}}'"
         )
 
     query = sql.SQL(

@@ -48,6 +48,7 @@ def run_sensor(spec: SensorSpec) -> SensorRun:
     from dagster import DagsterInstance, SensorResult, build_sensor_context
     from psycopg import sql
 
+    from enrich_pipeline.db.pending_index import INDEX_SUFFIX
     from enrich_pipeline.db.samples import create_sample_table
     from enrich_pipeline.db.store import Store
     from enrich_pipeline.defs.resources import AdbpgResource
@@ -133,7 +134,7 @@ def run_sensor(spec: SensorSpec) -> SensorRun:
                     sql.SQL("EXPLAIN (ANALYZE, BUFFERS) ") + query, params
                 ).fetchall()
                 explain.append("\n".join(r[0] for r in plan))
-    index = f"{db.table}_enrich_pending_stale_idx"
+    index = f"{db.table}{INDEX_SUFFIX}"
     return SensorRun(
         rows=rows,
         pending_rows=int(pending[0]) if pending else 0,

@@ -1,7 +1,7 @@
 """``enrich-captions``' commands and lines about captions that follow their image: how many rows
-are stale, ``--adopt`` (record the current image of the pipeline's captions from before image
-digests, no call) and ``--forget-cache`` (remove answers from the cache, mark the rows they fed
-stale). Neither command calls a model or needs ``DASHSCOPE_API_KEY``."""
+are stale, ``--adopt`` (record the current image and text of the pipeline's captions from
+before image or text digests, no call) and ``--forget-cache`` (remove answers from the cache,
+mark the rows they fed stale). Neither command calls a model or needs ``DASHSCOPE_API_KEY``."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--adopt",
         action="store_true",
-        help="record the current image of captions the pipeline wrote before image digests "
-        "(of --user-id, or all) as the one captioned, so a later image change is noticed; "
-        "no model call, and exit",
+        help="record the current image and text of captions the pipeline wrote before image "
+        "digests (of --user-id, or all) as the ones captioned, so a later image change or "
+        "edit is noticed; no model call, and exit",
     )
     p.add_argument(
         "--forget-cache",
@@ -69,13 +69,21 @@ def check_flags(args: argparse.Namespace) -> None:
 
 
 def adopt(store: Store, user_id: str | None, out: TextIO) -> int:
-    n = store.items.adopt_captions(user_id)
+    done = store.items.adopt_captions(user_id)
     who = f"user {user_id!r}" if user_id is not None else "every user"
     print(
-        f"Adopted {n} caption(s) of {who} written by the pipeline before image digests: their "
-        "current image is recorded as the one captioned (no model call).",
+        f"Adopted {done.images} caption(s) of {who} written by the pipeline before image "
+        "digests: their current image is recorded as the one captioned, their current text as "
+        "the pipeline's (no model call).",
         file=out,
     )
+    if done.texts or done.edited:
+        print(
+            f"Recorded the text of {done.texts + done.edited} caption(s) written before text "
+            f"digests; {done.edited} of them edited by a person, kept as theirs (never "
+            "replaced).",
+            file=out,
+        )
     return 0
 
 

@@ -2,9 +2,11 @@
 
 A row is pending when it is active, has an image and no caption yet (or, re-captioning, a
 caption by another model or prompt version). It is **stale** when the pipeline captioned it
-(``caption_image_digest`` recorded) and its ``image`` has changed since: ``md5(image)`` no longer
-matches the digest (``enrichment.records.image_digest``). Captions without the digest (people's,
-and the pipeline's from before digests until adopted, :mod:`.stale`) are never stale.
+(``caption_image_digest`` recorded), its caption is still the pipeline's (``md5(caption)``
+matches ``caption_text_digest``, or no text digest was recorded) and its ``image`` has changed
+since: ``md5(image)`` no longer matches the image digest (``enrichment.records.image_digest``).
+Captions without the image digest (people's, and the pipeline's from before digests until
+adopted, :mod:`.stale`) and captions a person edited are never stale, nor re-captioned.
 
 What is done with stale rows is ``ENRICH_ON_IMAGE_CHANGE`` (``RunSettings.on_image_change``):
 ``recaption`` takes them like pending rows; ``flag`` marks them ``caption_stale`` (no call), so
@@ -33,10 +35,19 @@ RECAPTION, FLAG, IGNORE = "recaption", "flag", "ignore"
 # What every row the pipeline works on is; ``{a}`` is the items table's alias ("i." or "").
 _ELIGIBLE = "{a}status = 'active' AND {a}image IS NOT NULL AND {a}image <> ''"
 _UNCAPTIONED = "COALESCE({a}metadata->>'caption', '') = ''"
+# The caption is still the text the pipeline wrote: a person's edit changes the caption, not
+# the digest recorded with it, and makes the caption theirs. Captions written before text
+# digests carry none and count as the pipeline's (``--adopt`` records one, :mod:`.stale`): a
+# plain OR of the row's own columns, so the partial index keeps it and the tick stays an
+# index-only scan.
+_PIPELINES = (
+    "(NOT {a}metadata ? 'caption_text_digest'"
+    " OR md5({a}metadata->>'caption') = {a}metadata->>'caption_text_digest')"
+)
 # Disjoint from pending (a caption is there), so that counts add up.
 _CHANGED = (
     "COALESCE({a}metadata->>'caption', '') <> '' AND {a}metadata ? 'caption_image_digest'"
-    " AND md5({a}image) <> {a}metadata->>'caption_image_digest'"
+    " AND md5({a}image) <> {a}metadata->>'caption_image_digest' AND " + _PIPELINES
 )
 _FLAGGED = "{a}metadata->>'caption_stale' = 'true'"
 
@@ -63,12 +74,16 @@ _PENDING_OR_UNFLAGGED = sql.SQL(
 )
 STALE = sql.SQL(f"{_text(_ELIGIBLE)} AND {_text(_CHANGED)}")
 FLAGGED = sql.SQL(_text(_FLAGGED))
+# The row's caption is the pipeline's (``caption_text_digest`` absent or matching): only such a
+# caption is ever replaced (stale rows, re-captioning, the conditional write in :mod:`.writes`).
+PIPELINES_CAPTION = sql.SQL(_text(_PIPELINES))
 
 _RECAPTION = sql.SQL(
     "i.status = 'active' AND i.image IS NOT NULL AND i.image <> ''"
     " AND COALESCE(i.metadata->>'caption', '') <> '' AND i.metadata ? 'caption_model'"
     " AND (i.metadata->>'caption_model' IS DISTINCT FROM %(rc_model)s"
     " OR i.metadata->>'caption_prompt_version' IS DISTINCT FROM %(rc_prompt)s)"
+    f" AND {_text(_PIPELINES)}"
 )
 
 

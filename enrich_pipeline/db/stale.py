@@ -1,7 +1,8 @@
 """Captions that follow their image: stale rows counted and flagged, pipeline captions from
-before image digests adopted, answer-cache entries forgotten with the rows they fed marked stale.
+before image (or text) digests adopted, answer-cache entries forgotten with the rows they fed
+marked stale.
 
-Every statement sets or removes one metadata key in portable SQL: ``jsonb_each`` and
+Every statement sets or removes a metadata key or two in portable SQL: ``jsonb_each`` and
 ``json_object_agg`` only (no ``jsonb ||``, ``jsonb_set``, ``to_jsonb``, ``jsonb_build_object``:
 AnalyticDB 6.0 lacks them), the value built as JSON text, one level of correlation. Large
 tables are worked through in batches of ids (keyset order), each its own transaction, so a
@@ -18,12 +19,16 @@ from typing import Any
 from psycopg import sql
 
 from enrich_pipeline.db.database import Database, retry_db
-from enrich_pipeline.db.pending import FLAGGED, STALE, stale_rows
+from enrich_pipeline.db.pending import FLAGGED, PIPELINES_CAPTION, STALE, stale_rows
 
 # What a forgotten answer's rows record as their image digest: never an MD5 in hex, so the row
 # is stale whatever its image, until a new caption records the real digest.
 FORGOTTEN = "forgotten"
 DIGEST_KEY = "caption_image_digest"
+TEXT_DIGEST_KEY = "caption_text_digest"
+# What an adopted caption records as its text digest when a person had already edited it: never
+# an MD5 in hex, so the caption is the person's (never stale, never replaced) whatever its text.
+EDITED = "edited"
 STALE_FLAG = "caption_stale"
 
 _OBJECT = sql.SQL("jsonb_typeof(i.metadata) = 'object'")
@@ -32,6 +37,20 @@ _UNADOPTED = sql.SQL(
     "i.metadata ? 'caption_model' AND NOT i.metadata ? 'caption_image_digest'"
     " AND COALESCE(i.metadata->>'caption', '') <> '' AND i.image IS NOT NULL"
 )
+# Pipeline captions from before text digests (an image digest, no text digest).
+_TEXT_UNRECORDED = (
+    "i.metadata ? 'caption_image_digest' AND NOT i.metadata ? 'caption_text_digest'"
+    " AND COALESCE(i.metadata->>'caption', '') <> ''"
+)
+# Of those, the ones a person edited: the pipeline wrote ``caption`` as one of the values of
+# ``caption_i18n`` (the first language's), and an edit changes ``caption`` alone.
+_EDITED = (
+    "jsonb_typeof(i.metadata->'caption_i18n') = 'object' AND NOT EXISTS (SELECT 1"
+    " FROM jsonb_each_text(i.metadata->'caption_i18n') AS t WHERE t.value = i.metadata->>'caption')"
+)
+_TEXT_UNEDITED = sql.SQL(f"{_TEXT_UNRECORDED} AND NOT ({_EDITED})")
+_TEXT_EDITED = sql.SQL(f"{_TEXT_UNRECORDED} AND {_EDITED}")
+_MD5_OF = "('\"' || md5({}) || '\"')::jsonb"
 
 
 @dataclass(frozen=True)
@@ -39,6 +58,18 @@ class StaleCounts:
     stale: int = 0
     # Of those: flagged ``caption_stale`` (ENRICH_ON_IMAGE_CHANGE=flag).
     flagged: int = 0
+
+
+@dataclass(frozen=True)
+class Adopted:
+    """What ``adopt_captions`` recorded."""
+
+    # Captions from before image digests: the current image and text recorded as captioned.
+    images: int = 0
+    # Captions from before text digests (their image digest kept): the text recorded...
+    texts: int = 0
+    # ... or, a person having edited it, ``edited``: the caption is theirs from now on.
+    edited: int = 0
 
 
 @dataclass(frozen=True)
@@ -50,13 +81,21 @@ class Forgotten:
     users: int
 
 
-def _with_key(key: str, value: sql.Composable) -> sql.Composed:
-    """``i.metadata`` with ``key`` set to ``value`` (a jsonb expression), every other key kept."""
+def _with_key(key: str, value: sql.Composable, *more: tuple[str, sql.Composable]) -> sql.Composed:
+    """``i.metadata`` with ``key`` set to ``value`` (a jsonb expression), and each further
+    (key, value) of ``more``, every other key kept."""
+    keys = [key, *(k for k, _ in more)]
     return sql.SQL(
         "(SELECT json_object_agg(m.key, m.value)::jsonb FROM ("
-        " SELECT o.key, o.value FROM jsonb_each(i.metadata) AS o WHERE o.key <> {key}"
-        " UNION ALL SELECT {key}, {value}) AS m)"
-    ).format(key=sql.Literal(key), value=value)
+        " SELECT o.key, o.value FROM jsonb_each(i.metadata) AS o WHERE o.key <> ALL({keys})"
+        " {values}) AS m)"
+    ).format(
+        keys=sql.SQL("ARRAY[{}]::text[]").format(sql.SQL(", ").join(map(sql.Literal, keys))),
+        values=sql.SQL(" ").join(
+            sql.SQL("UNION ALL SELECT {}, {}").format(sql.Literal(k), v)
+            for k, v in [(key, value), *more]
+        ),
+    )
 
 
 def _without_key(key: str) -> sql.Composed:
@@ -125,13 +164,35 @@ class StaleRows:
             unflagged = conn.execute(unflag_sql, {"user": user_id}).rowcount
         return max(flagged, 0), max(unflagged, 0)
 
-    def adopt_captions(self, user_id: str | None = None, *, batch: int = 5000) -> int:
-        """Record the current image as the one captioned, for the pipeline's captions from
-        before image digests (``caption_model`` without ``caption_image_digest``): no call, the
-        digest computed in SQL (``md5(image)``). Returns the rows adopted."""
-        value = sql.SQL("('\"' || md5(i.image) || '\"')::jsonb")
-        return sum(
-            self._set_in_batches(_UNADOPTED, _with_key(DIGEST_KEY, value), {}, user_id, batch)
+    def adopt_captions(self, user_id: str | None = None, *, batch: int = 5000) -> Adopted:
+        """Record what the pipeline's older captions were made from, no call, the digests
+        computed in SQL (``md5``):
+
+        - captions from before image digests (``caption_model`` without
+          ``caption_image_digest``): the current image as the one captioned and the current
+          caption as the pipeline's text. Nothing tells a person's edit of such a caption from
+          the pipeline's text: adopting declares it the pipeline's;
+        - captions from before text digests (an image digest, no ``caption_text_digest``): the
+          current caption as the pipeline's text, their image digest kept (a row stale now
+          stays stale); but ``edited`` where ``caption`` is none of ``caption_i18n``'s values,
+          which the pipeline wrote together: a person has edited it, and it stays theirs.
+        """
+        image = sql.SQL(_MD5_OF).format(sql.SQL("i.image"))
+        text = sql.SQL(_MD5_OF).format(sql.SQL("i.metadata->>'caption'"))
+        edited = sql.SQL("{}::jsonb").format(sql.Literal(json.dumps(EDITED)))
+        with_both = _with_key(DIGEST_KEY, image, (TEXT_DIGEST_KEY, text))
+        return Adopted(
+            images=sum(self._set_in_batches(_UNADOPTED, with_both, {}, user_id, batch)),
+            texts=sum(
+                self._set_in_batches(
+                    _TEXT_UNEDITED, _with_key(TEXT_DIGEST_KEY, text), {}, user_id, batch
+                )
+            ),
+            edited=sum(
+                self._set_in_batches(
+                    _TEXT_EDITED, _with_key(TEXT_DIGEST_KEY, edited), {}, user_id, batch
+                )
+            ),
         )
 
     def forget_answers(
@@ -147,7 +208,8 @@ class StaleRows:
         answer (the same ``caption_model`` / ``caption_prompt_version`` /
         ``caption_content_sha256``) stale: its recorded image digest becomes ``forgotten``,
         which no image matches, so ``ENRICH_ON_IMAGE_CHANGE`` decides what happens to it next
-        (by default it is re-captioned, and the removed answer cannot serve it again)."""
+        (by default it is re-captioned, and the removed answer cannot serve it again). A
+        caption a person edited is left alone: it no longer says what the answer said."""
         given = {
             "model": model,
             "prompt_version": prompt_version,
@@ -171,6 +233,8 @@ class StaleRows:
                 sql.SQL(
                     "i.metadata ? 'caption_model' AND COALESCE(i.metadata->>'caption', '') <> ''"
                 ),
+                # A caption a person edited is theirs: no forgotten answer makes it stale.
+                PIPELINES_CAPTION,
                 *(
                     sql.SQL("i.metadata->>{} = %({})s").format(
                         sql.Literal(recorded[col]), sql.SQL(keys[col])

@@ -18,6 +18,7 @@ from psycopg import sql
 
 from enrich_pipeline.db.database import Database, retry_db
 from enrich_pipeline.db.leases import LeaseKeeper
+from enrich_pipeline.db.pending import PIPELINES_CAPTION
 from enrich_pipeline.enrichment.records import ItemError
 from enrich_pipeline.redaction import one_line, scrub_secrets
 
@@ -41,12 +42,13 @@ def _first_line(exc: BaseException) -> str:
 
 # The row still holds what the write expects: no caption (a pending row), or the caption being
 # replaced and the image digest recorded with it (a stale row: were either changed, someone
-# else's newer caption is there, and it wins).
+# else's newer caption is there, and it wins), that caption still the pipeline's (one a person
+# edited before the row was read no longer matches its text digest: it is never replaced).
 _STILL_THERE = sql.SQL(
     "(CASE WHEN v.replaces IS NULL THEN COALESCE(i.metadata->>'caption', '') = ''"
     " ELSE i.metadata->>'caption' = v.replaces"
-    " AND (i.metadata->>'caption_image_digest') IS NOT DISTINCT FROM v.digest END)"
-)
+    " AND (i.metadata->>'caption_image_digest') IS NOT DISTINCT FROM v.digest AND {own} END)"
+).format(own=PIPELINES_CAPTION)
 
 _KEPT_BACK = ItemError(
     "write_failed",
@@ -119,8 +121,8 @@ class ChunkWrites:
         Each key comes from the patch, except that an existing non-empty value of a kept key
         wins; every other existing key stays (but those of ``REPLACED_KEYS`` when a caption is
         replaced). Only rows of this user that are still active, still caption-less (or still
-        carry the caption being replaced, with the image digest it recorded), still point at
-        the captioned image, and whose metadata is an object (or null) are written.
+        carry the caption being replaced, with the image digest it recorded, unedited), still
+        point at the captioned image, and whose metadata is an object (or null) are written.
         """
         return sql.SQL(
             "UPDATE {items} AS i SET metadata = ("

@@ -28,6 +28,13 @@ def image_digest(image: str) -> str:
     return hashlib.md5(image.encode("utf-8"), usedforsecurity=False).hexdigest()
 
 
+def text_digest(caption: str) -> str:
+    """What a caption records of its own text, the same MD5 hex (SQL:
+    ``md5(metadata->>'caption')``): a person who edits the caption changes the text, not the
+    digest, and the caption is theirs from then on (never replaced)."""
+    return image_digest(caption)
+
+
 @dataclass(frozen=True)
 class PendingItem:
     id: str
@@ -145,8 +152,10 @@ def metadata_patch(work: WorkItem, provenance: Provenance, generated_at: str) ->
         "tags_source": work.tags_source,
         "answer_format": work.answer_format,
         # What the caption was made from: the image value (a change makes the row stale) and
-        # the image's bytes (the cache's key).
+        # the image's bytes (the cache's key); and the caption's own text (an edit by a person
+        # makes the caption theirs).
         "caption_image_digest": image_digest(work.item.image),
+        "caption_text_digest": text_digest(work.caption or ""),
     }
     if work.content_sha256:
         patch["caption_content_sha256"] = work.content_sha256

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from benchmarks.bench.cli import main as bench_main
+from enrich_pipeline.db.pending_index import INDEX_SUFFIX
 
 TINY = [
     "--n", "20",
@@ -41,7 +42,7 @@ TARGETS = {
     "4000x3000 photo sent as": "image tokens",
     "load + colors + downscale + tags": "local CPU",
     "tick, no cursor (all users requested), median": "sensor",
-    "partial index items_enrich_pending_stale_idx in the plan": "sensor",
+    f"partial index items{INDEX_SUFFIX} in the plan": "sensor",
 }
 
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from benchmarks.stale_tick import main
+from enrich_pipeline.db.pending_index import INDEX_SUFFIX
 
 
 def test_stale_tick_benchmark_measures_every_mode(pg_conninfo: str, tmp_path: Path) -> None:
@@ -16,7 +17,7 @@ def test_stale_tick_benchmark_measures_every_mode(pg_conninfo: str, tmp_path: Pa
     argv += ["--pending-share", "0.01", "--database-url", pg_conninfo, "--json", str(target)]
     assert main(argv) == 0
     result = json.loads(target.read_text())
-    assert result["index_name"] == "items_enrich_pending_stale_idx"
+    assert result["index_name"] == f"items{INDEX_SUFFIX}"
     assert result["stale_rows"] > 0 and result["pending_rows"] > 0
     work = {m["mode"]: m["work_rows"] for m in result["modes"]}
     both = result["stale_rows"] + result["pending_rows"]
@@ -24,4 +25,4 @@ def test_stale_tick_benchmark_measures_every_mode(pg_conninfo: str, tmp_path: Pa
     for m in result["modes"]:
         assert len(m["steady_tick_ms"]) == len(m["requesting_tick_ms"]) == 2, m
         assert m["runs_requested"] >= 1 and "items" in m["plan"], m
-        assert m["index"] in ("none", "items_enrich_pending_stale_idx", "items_enrich_pending_idx")
+        assert m["index"] in ("none", f"items{INDEX_SUFFIX}", "items_enrich_pending_idx")

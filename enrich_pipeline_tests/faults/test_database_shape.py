@@ -16,6 +16,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from enrich_pipeline.db.pending_index import INDEX_SUFFIX
 from enrich_pipeline.db.store import Store
 from enrich_pipeline_tests.helpers import (
     Items,
@@ -251,7 +252,7 @@ def test_least_privilege_role_runs_with_exactly_the_listed_grants(
         # The index is the owner's to make; without it the role still runs, and is told.
         conn.execute(
             sql.SQL("DROP INDEX {}").format(
-                sql.Identifier(items.namespace, f"{items.table}_enrich_pending_stale_idx")
+                sql.Identifier(items.namespace, f"{items.table}{INDEX_SUFFIX}")
             )
         )
 
@@ -297,7 +298,7 @@ def test_concurrent_first_runs_set_up_once_without_deadlock(items: Items) -> Non
     assert failures == []
     valid = items.execute(
         "SELECT x.indisvalid FROM pg_index x WHERE x.indexrelid = to_regclass(%s)",
-        (f"{items.namespace}.{items.table}_enrich_pending_stale_idx",),
+        (f"{items.namespace}.{items.table}{INDEX_SUFFIX}",),
     )
     assert valid == [(True,)]
     assert items.execute("SELECT count(*) FROM {ns}.enrich_schema_migrations")[0][0] >= 3

@@ -28,6 +28,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from enrich_pipeline.db.pending_index import INDEX_SUFFIX
 from enrich_pipeline.db.samples import create_sample_table, insert_sample_items
 from enrich_pipeline.db.store import Store
 from enrich_pipeline.enrichment.images import ImagePolicy
@@ -50,6 +51,7 @@ PATCH_KEYS = [
     "tags_source",
     "answer_format",
     "caption_image_digest",
+    "caption_text_digest",
     "caption_content_sha256",
 ]
 HUGE_TOTAL = 100 * 1024 * 1024
@@ -740,7 +742,7 @@ def test_namespace_and_table_with_odd_characters(
     }
     assert odd_table.execute(
         "SELECT count(*) FROM pg_indexes WHERE schemaname = %s AND indexname = %s",
-        (ns, f"{table}_enrich_pending_stale_idx"),
+        (ns, f"{table}{INDEX_SUFFIX}"),
     ) == [(1,)]
 
 

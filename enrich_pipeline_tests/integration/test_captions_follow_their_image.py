@@ -235,12 +235,16 @@ def test_captions_from_before_digests_are_adopted_without_a_call(
     assert "Adopted 3 caption(s) of user 'alice'" in report
     for item in alice:
         row = items.row(item)
-        assert row["metadata"] == {**old, "caption_image_digest": md5(row["image"])}
+        assert row["metadata"] == {
+            **old,
+            "caption_image_digest": md5(row["image"]),
+            "caption_text_digest": md5("Old."),
+        }
     assert items.row(bob)["metadata"] == old
     assert items.row(by_hand)["metadata"] == {"caption": "Mine."}
 
     # Every user, in small batches; what is adopted already is not counted again.
-    assert store.items.adopt_captions(batch=1) == 1
+    assert store.items.adopt_captions(batch=1).images == 1
     assert items.row(bob)["metadata"]["caption_image_digest"] == md5(items.row(bob)["image"])
     code, report = run_cli(["--adopt"])
     assert "Adopted 0 caption(s) of every user" in report

@@ -13,10 +13,11 @@ from enrich_pipeline.db.pending import (
     stale_rows,
     work_rows,
 )
+from enrich_pipeline.db.pending_index import INDEX_SUFFIX
 from enrich_pipeline.db.store import Store
 from enrich_pipeline_tests.helpers import Items
 
-INDEX = "items_enrich_pending_stale_idx"
+INDEX = f"items{INDEX_SUFFIX}"
 PENDING_INDEX = "items_enrich_pending_idx"
 
 
