@@ -3,13 +3,13 @@
 - ``<table>_enrich_pending_idx`` on ``(user_id)``, rows without a caption: the pending-only
   queries (``ENRICH_ON_IMAGE_CHANGE=ignore``, batch mode, counts) read it and nothing more, so
   stale rows that are ignored for good never slow them down;
-- ``<table>_enrich_pending_stale_v2_idx`` on ``(user_id, updated_at, id)``, rows pending or
+- ``<table>_enrich_pending_stale_idx`` on ``(user_id, updated_at, id)``, rows pending or
   stale (``pending.index_predicate``): the sensor's tick in recaption mode is answered from it
   alone (an index-only scan: the predicate's columns need not be in it, those of the query are).
 
 Both are small (the rows still to do), built once by the table's owner. An index is found by its
-name, so one whose definition changes gets a new name: the old one (``_OBSOLETE``) is dropped
-once its successor is built, and until then queries simply do not use it.
+name: one whose definition changes must get a new name (and the old one dropped once its
+successor is built), or deployments would keep the old definition.
 """
 
 from __future__ import annotations
@@ -27,11 +27,7 @@ log = logging.getLogger(__name__)
 
 _INDEX_LOCK = 0x656E7270  # "enrp": one builder of the pending-rows indexes at a time
 PENDING_SUFFIX = "_enrich_pending_idx"
-# v2: a caption a person edited (its text no longer matches ``caption_text_digest``) is no
-# longer stale.
-INDEX_SUFFIX = "_enrich_pending_stale_v2_idx"
-# Built by earlier versions, with a definition that has changed since.
-_OBSOLETE = ("_enrich_pending_stale_idx",)
+INDEX_SUFFIX = "_enrich_pending_stale_idx"
 _PENDING_PREDICATE = (
     "status = 'active' AND COALESCE(metadata->>'caption', '') = ''"
     " AND image IS NOT NULL AND image <> ''"
@@ -59,16 +55,6 @@ class PendingIndex:
     def _index_name(self, suffix: str) -> str:
         return f"{self.db.settings.table}{suffix}"[:63]
 
-    def _obsolete(self, conn: psycopg.Connection) -> list[str]:
-        """The indexes of earlier definitions still there."""
-        return [
-            suffix
-            for suffix in _OBSOLETE
-            if conn.execute(
-                "SELECT to_regclass(%s) IS NOT NULL", (self._qualified(suffix).as_string(conn),)
-            ).fetchone()[0]  # type: ignore[index]
-        ]
-
     def _missing(self, conn: psycopg.Connection) -> list[str]:
         """The indexes not there, or not valid (a cancelled CONCURRENTLY build leaves an
         invalid one)."""
@@ -83,9 +69,8 @@ class PendingIndex:
         return missing
 
     def has_pending_index(self, conn: psycopg.Connection) -> bool:
-        """Both indexes exist and are valid, and none of an earlier definition is left (an
-        upgraded deployment builds the new one and drops the old)."""
-        return not self._missing(conn) and not self._obsolete(conn)
+        """Both indexes exist and are valid."""
+        return not self._missing(conn)
 
     def ensure_pending_index(self, *, wait_seconds: float = 30.0) -> bool:
         """Build the indexes that are missing (see the module's docstring).
@@ -117,7 +102,6 @@ class PendingIndex:
                     building = suffix
                     self._build(conn, suffix)
                 building = None
-                self._drop_obsolete(conn)
             except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
                 log.warning("pending-rows index not built now (%s); queries work without it", exc)
                 if building is not None:
@@ -130,25 +114,6 @@ class PendingIndex:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (_INDEX_LOCK,))
                 conn.autocommit = False
         return True
-
-    def _drop_obsolete(self, conn: psycopg.Connection) -> None:
-        """Drop the indexes of earlier definitions, the new ones being built: on a busy table a
-        later run drops them (they only cost their upkeep meanwhile)."""
-        try:
-            for suffix in self._obsolete(conn):
-                self._drop(conn, suffix)
-        except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
-            log.warning("pending-rows index of an earlier version not dropped now (%s)", exc)
-
-    def _drop(self, conn: psycopg.Connection, suffix: str) -> None:
-        name = self._qualified(suffix)
-        try:
-            if self.db.dialect.concurrent_index:
-                conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(name))
-                return
-        except psycopg.errors.FeatureNotSupported:
-            pass
-        conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(name))
 
     def _build(self, conn: psycopg.Connection, suffix: str) -> None:
         columns, predicate = _INDEXES[suffix]
