@@ -177,7 +177,7 @@ def releasing(run_state: RunStateResource, state: ChunkState) -> Iterator[None]:
         raise
 
 
-def merged(parts: list[stages.Chunk], worker: str, recaption: bool) -> stages.Chunk:
+def merged(parts: list[stages.Chunk], worker: str) -> stages.Chunk:
     if len(parts) == 1:
         return parts[0]
     return stages.Chunk(
@@ -185,7 +185,6 @@ def merged(parts: list[stages.Chunk], worker: str, recaption: bool) -> stages.Ch
         worker=worker,
         items=[w for p in parts for w in p.items],
         skipped=[i for p in parts for i in p.skipped],
-        recaption=recaption,
     )
 
 
@@ -213,7 +212,7 @@ def loader(
                 )
                 claims.hold(part)
                 parts.append(part)
-            chunk = merged(parts, worker, recaption is not None)
+            chunk = merged(parts, worker)
             stages.visual_attributes(
                 chunk,
                 policy=dashscope.image_policy,

@@ -91,11 +91,6 @@ class Question:
 
     __hash__ = None  # type: ignore[assignment]  # holds the vocabulary; equality only
 
-    @property
-    def languages_key(self) -> str:
-        """The languages as the answer cache keys them: codes joined by ",", in order."""
-        return ",".join(self.languages)
-
     def schema(self) -> dict[str, Any]:
         """The JSON schema of the answer (``json_schema`` format); a fresh copy."""
         return json.loads(json.dumps(self._schema))

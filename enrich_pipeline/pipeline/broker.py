@@ -113,11 +113,6 @@ class CaptionBroker:
         mine.set_result(answer[0])
         return answer
 
-    def caption(self, work: WorkItem) -> tuple[str, bool]:
-        """The first language's caption of the item's image (see ``answer``)."""
-        answer, cached = self.answer(work)
-        return answer.caption, cached
-
     def _cached_or_paid(self, sha: str, work: WorkItem) -> tuple[Answer, bool]:
         fmt = self._format
         if self.cache is not None and (sha, fmt) not in self._looked_up:

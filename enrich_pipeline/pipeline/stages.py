@@ -72,8 +72,6 @@ class Chunk:
     worker: str
     items: list[WorkItem]
     skipped: list[str] = field(default_factory=list)
-    # Re-captioning: each row's current caption is replaced, and only if it is still there.
-    recaption: bool = False
 
     def live(self) -> list[WorkItem]:
         return [w for w in self.items if w.ok]
@@ -124,7 +122,6 @@ def claim_chunk(
         worker=worker,
         items=[WorkItem(i) for i in items],
         skipped=skipped,
-        recaption=recaption is not None,
     )
 
 

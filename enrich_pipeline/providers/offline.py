@@ -81,14 +81,6 @@ class OfflineProvider:
     def close(self) -> None:
         pass
 
-    def caption(self, image: VisionImage) -> str:
-        """The English offline caption."""
-        with self._decoded(image) as decoded:
-            text = offline_caption(decoded)
-        # No image is sent anywhere, so no image tokens are counted (nor billed).
-        self.usage.add(vision_calls=1)
-        return text
-
     def answer(self, image: VisionImage, question: Question) -> Answer:
         """Every configured language's offline caption; tags by the rules over the English
         one (what was recognized), whichever languages are shown."""
@@ -98,6 +90,7 @@ class OfflineProvider:
                 code: english if code == "en" else localized_offline_caption(decoded, code)
                 for code in question.languages
             }
+        # No image is sent anywhere, so no image tokens are counted (nor billed).
         self.usage.add(vision_calls=1)
         styles, objects = rule_tags([english], question.vocabulary)
         return Answer(captions, TEXT, tuple(styles), tuple(objects))
