@@ -62,6 +62,11 @@ def index_predicate() -> str:
     return f"{_text(_ELIGIBLE, '')} AND ({_text(_UNCAPTIONED, '')} OR ({_text(_CHANGED, '')}))"
 
 
+def pending_index_predicate() -> str:
+    """The pending-only index's predicate, spelled as ``pending_rows`` spells it."""
+    return f"{_text(_ELIGIBLE, '')} AND {_text(_UNCAPTIONED, '')}"
+
+
 _PENDING = sql.SQL(f"{_text(_ELIGIBLE)} AND {_text(_UNCAPTIONED)}")
 # Pending or stale, the index's predicate: what a recaption-mode run takes.
 _PENDING_OR_STALE = sql.SQL(
@@ -79,7 +84,7 @@ FLAGGED = sql.SQL(_text(_FLAGGED))
 PIPELINES_CAPTION = sql.SQL(_text(_PIPELINES))
 
 _RECAPTION = sql.SQL(
-    "i.status = 'active' AND i.image IS NOT NULL AND i.image <> ''"
+    f"{_text(_ELIGIBLE)}"
     " AND COALESCE(i.metadata->>'caption', '') <> '' AND i.metadata ? 'caption_model'"
     " AND (i.metadata->>'caption_model' IS DISTINCT FROM %(rc_model)s"
     " OR i.metadata->>'caption_prompt_version' IS DISTINCT FROM %(rc_prompt)s)"

@@ -21,20 +21,16 @@ import psycopg
 from psycopg import sql
 
 from enrich_pipeline.db.database import Database
-from enrich_pipeline.db.pending import index_predicate
+from enrich_pipeline.db.pending import index_predicate, pending_index_predicate
 
 log = logging.getLogger(__name__)
 
 _INDEX_LOCK = 0x656E7270  # "enrp": one builder of the pending-rows indexes at a time
 PENDING_SUFFIX = "_enrich_pending_idx"
 INDEX_SUFFIX = "_enrich_pending_stale_idx"
-_PENDING_PREDICATE = (
-    "status = 'active' AND COALESCE(metadata->>'caption', '') = ''"
-    " AND image IS NOT NULL AND image <> ''"
-)
 # suffix -> (key columns, predicate)
 _INDEXES = {
-    PENDING_SUFFIX: ("user_id", _PENDING_PREDICATE),
+    PENDING_SUFFIX: ("user_id", pending_index_predicate()),
     INDEX_SUFFIX: ("user_id, updated_at, id", index_predicate()),
 }
 
