@@ -7,7 +7,7 @@ directly.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +33,13 @@ def text_digest(caption: str) -> str:
     ``md5(metadata->>'caption')``): a person who edits the caption changes the text, not the
     digest, and the caption is theirs from then on (never replaced)."""
     return image_digest(caption)
+
+
+def joined_captions(captions: Iterable[str]) -> str:
+    """The text embedded for search: every language's caption, one per line, so that a query
+    in any configured language meets its own words (see the README, "What the model returns,
+    and in which language")."""
+    return "\n".join(text for text in captions if text)
 
 
 @dataclass(frozen=True)
@@ -102,12 +109,10 @@ class WorkItem:
 
     @property
     def embedding_text(self) -> str:
-        """The text embedded for search: every language's caption, one per line, so that a
-        query in any configured language meets its own words (see the README, "What the model
-        returns, and in which language")."""
+        """The text embedded for search (``joined_captions``)."""
         if not self.captions:
             return self.caption or ""
-        return "\n".join(text for text in self.captions.values() if text)
+        return joined_captions(self.captions.values())
 
     @property
     def ok(self) -> bool:

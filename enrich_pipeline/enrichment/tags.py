@@ -14,7 +14,6 @@ mean something else ("画面包含…": the picture contains, not 面包, bread)
 from __future__ import annotations
 
 import json
-import re
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,14 +22,11 @@ from os import PathLike
 from pathlib import Path
 from types import MappingProxyType
 
-from enrich_pipeline.enrichment.words import characters_and_words
+from enrich_pipeline.enrichment.words import LANGUAGE_CODE, characters_and_words
 
 __all__ = ["DEFAULT_VOCABULARY", "TagVocabulary", "Words", "derive_tags"]
 
 ENGLISH = "en"
-# A language code as BCP 47 writes it: "en", "zh", "zh-Hant", "pt-BR" (as ENRICH_CAPTION_LANGUAGES
-# takes them).
-LANGUAGE_CODE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import re
 
+# A language code as BCP 47 writes it: "en", "zh", "zh-Hant", "pt-BR" (ENRICH_CAPTION_LANGUAGES,
+# and the languages of the tag vocabulary's words).
+LANGUAGE_CODE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*")
+
 # Hiragana and katakana, bopomofo, CJK extension A, unified ideographs, compatibility
 # ideographs.
 UNSPACED = "\u3040-\u30ff\u3100-\u312f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"

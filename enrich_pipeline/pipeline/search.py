@@ -17,6 +17,7 @@ from typing import Literal
 from enrich_pipeline.db.dialect import Dialect
 from enrich_pipeline.db.search import VectorGroup
 from enrich_pipeline.db.store import Store
+from enrich_pipeline.enrichment.records import joined_captions
 from enrich_pipeline.providers.base import Provider, ProviderError, usable_vector
 from enrich_pipeline.providers.offline import OFFLINE_EMBEDDING_MODEL, OFFLINE_MODEL
 from enrich_pipeline.settings import ConfigError
@@ -149,7 +150,7 @@ def stored_embedding_text(
         return caption
     ordered = [captions[code] for code in languages if code in captions]
     ordered += [text for code, text in sorted(captions.items()) if code not in languages]
-    return "\n".join(ordered)
+    return joined_captions(ordered)
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,12 @@ push it."""
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 
+from enrich_pipeline.enrichment.words import LANGUAGE_CODE
 from enrich_pipeline.redaction import redact_source, url_secrets
 from enrich_pipeline.settings.framework import (
     ConfigError,
@@ -24,8 +24,6 @@ DEFAULT_PROMPT = (
     "their colors and materials, the style and the setting. Answer in English."
 )
 MAX_URL = 2000
-# A language code as BCP 47 writes it: "en", "zh", "zh-Hant", "pt-BR".
-_LANGUAGE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*")
 MAX_LANGUAGES = 5
 # text-embedding-v4's documented output sizes (v3 takes the ones up to 1024).
 EMBEDDING_DIMENSIONS = (64, 128, 256, 512, 768, 1024, 1536, 2048)
@@ -232,7 +230,7 @@ class DashScopeSettings(SettingsModel):
         codes = [c.strip() for c in value.split(",") if c.strip()]
         if not codes:
             raise ValueError("name at least one language, e.g. en or zh,en")
-        bad = [c for c in codes if not _LANGUAGE.fullmatch(c)]
+        bad = [c for c in codes if not LANGUAGE_CODE.fullmatch(c)]
         if bad:
             raise ValueError(f"{bad[0]!r} is not a language code such as en, zh or zh-Hant")
         unique = list(dict.fromkeys(codes))
