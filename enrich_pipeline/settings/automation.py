@@ -24,6 +24,16 @@ class AutomationSettings(SettingsModel):
         ge=1,
         le=86_400,
     )
+    overview_interval: int = Field(
+        300,
+        description=(
+            "seconds between ticks of the items_table sensor, which observes the whole items "
+            "table (one pass over it: about 1 s a million rows, benchmarks/overview.py)"
+        ),
+        validation_alias="ENRICH_OVERVIEW_INTERVAL",
+        ge=1,
+        le=86_400,
+    )
     max_concurrent_runs: int = Field(
         4,
         description="runs at once in the Dagster queue",
