@@ -154,12 +154,12 @@ def figures_metadata(f: TableFigures) -> dict[str, Any]:
         md["coverage"] = MetadataValue.float(round(f.coverage, 4))
     if f.by_model_language:
         lines = "\n".join(
-            f"| {g.model} | {g.languages} | {g.rows} |" for g in f.by_model_language[:50]
+            f"| {g.model} | {g.language} | {g.rows} |" for g in f.by_model_language[:50]
         )
         extra = len(f.by_model_language) - 50
         more = f"\n\n({extra} more)" if extra > 0 else ""
         md["by_model_language"] = MetadataValue.md(
-            "| caption model | languages | rows |\n|---|---|---:|\n" + lines + more
+            "| caption model | language | rows |\n|---|---|---:|\n" + lines + more
         )
     else:
         md["by_model_language"] = MetadataValue.md("no row captioned by the pipeline yet")

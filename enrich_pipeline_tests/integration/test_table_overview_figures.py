@@ -59,8 +59,9 @@ def test_figures_count_every_user_of_the_table(items: Items, store: Store) -> No
     assert (f.embedded, f.stale) == (1, 1)
     assert (f.users, f.users_with_pending) == (3, 2)
     assert f.coverage == pytest.approx(4 / 7)
-    groups = {(g.model, g.languages): g.rows for g in f.by_model_language}
-    assert groups == {("m1", "en"): 2, ("m2", "en,zh"): 1}
+    # By model and language: bob's row in two languages counts under each.
+    groups = {(g.model, g.language): g.rows for g in f.by_model_language}
+    assert groups == {("m1", "en"): 2, ("m2", "en"): 1, ("m2", "zh"): 1}
     assert pending and retried
 
 
