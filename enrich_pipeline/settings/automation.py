@@ -27,8 +27,9 @@ class AutomationSettings(SettingsModel):
     overview_interval: int = Field(
         300,
         description=(
-            "seconds between ticks of the items_table sensor, which observes the whole items "
-            "table (one pass over it: about 1 s a million rows, benchmarks/overview.py)"
+            "seconds between ticks of the items_table sensor, which reads the whole items "
+            "table (two passes: 5-10 s a million rows on a busy 2-core machine, "
+            "benchmarks/overview.py) and observes it when a figure changed"
         ),
         validation_alias="ENRICH_OVERVIEW_INTERVAL",
         ge=1,
