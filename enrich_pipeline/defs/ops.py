@@ -46,6 +46,7 @@ from enrich_pipeline.defs.config import EnrichConfig
 from enrich_pipeline.defs.heartbeat import HeartbeatResource
 from enrich_pipeline.defs.io_managers import CHUNK_IO
 from enrich_pipeline.defs.metadata import UserRun, partition_metadata, share_usage
+from enrich_pipeline.defs.overview import record_and_observe
 from enrich_pipeline.defs.partitions import key_to_user
 from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
 from enrich_pipeline.defs.run_state import RunStateResource
@@ -432,3 +433,5 @@ def _summarize(
             f"{len(keys)} user partitions: {total.succeeded} rows succeeded, {total.failed} "
             f"failed, {total.skipped} skipped"
         )
+    # After every write: the run's spend per user, then the whole table as it now is.
+    record_and_observe(context, adbpg, dashscope, shares, max_attempts=max_attempts)
