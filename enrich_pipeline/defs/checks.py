@@ -38,16 +38,15 @@ def _evaluate(
 ) -> None:
     op_context = context.op_execution_context
     keys, whole = _scope(context)
-    failing: dict[str, str | None] = {}
-    for key, evaluation in found.evaluations(context.instance, name, make(adbpg, dashscope), keys):
+    tally = found.Tally() if whole else None
+    judge = make(adbpg, dashscope)
+    for _, evaluation in found.evaluations(context.instance, name, judge, keys, tally):
         op_context.log_event(evaluation)
-        if not evaluation.passed:
-            failing[key] = evaluation.description
-    if whole:
-        op_context.log_event(found.whole_asset(context.instance, name, len(keys), failing))
+    if tally is not None:
+        op_context.log_event(found.whole_asset(context.instance, name, tally))
         context.log.info(
             f"{name}: no partition was selected, so every user partition was evaluated "
-            f"({len(keys)}, {len(failing)} failing)"
+            f"({tally.judged}, {len(tally.failing)} failing, {tally.recorded} recorded one by one)"
         )
 
 
