@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from typing import TextIO
 
@@ -34,6 +35,7 @@ from enrich_pipeline.cli.report import Report
 from enrich_pipeline.cli.stopping import exit_code, stop_line, stops_cleanly
 from enrich_pipeline.db.pending import FLAG, IGNORE, RECAPTION, OnImageChange
 from enrich_pipeline.db.preflight import grants
+from enrich_pipeline.db.spend import CAPTIONS, SpendRow
 from enrich_pipeline.db.store import Store
 from enrich_pipeline.pipeline.stats import RunStats
 from enrich_pipeline.providers.base import FatalProviderError, ProviderUnavailable
@@ -174,7 +176,9 @@ def configuration(runtime: Runtime, user_id: str | None) -> list[tuple[str, str]
     ]
 
 
-def _statistics(report: Report, runtime: Runtime, stats: RunStats, started: float) -> None:
+def _statistics(
+    report: Report, runtime: Runtime, stats: RunStats, started: float, user_id: str | None
+) -> None:
     usage = runtime.provider.usage.as_dict()
     api = runtime.settings.dashscope
     prices = price_table(api.url, api.prices)
@@ -187,6 +191,35 @@ def _statistics(report: Report, runtime: Runtime, stats: RunStats, started: floa
     elapsed = time.monotonic() - started
     offline = runtime.provider.offline
     report.statistics(stats, usage, elapsed, cost, prices.currency, offline=offline)
+    _record_spend(runtime, usage, cost, prices.currency, user_id)
+
+
+def _record_spend(
+    runtime: Runtime, usage: dict[str, int], cost: float | None, currency: str, user: str | None
+) -> None:
+    """The run's spend in the ledger (the overview's spend to date), where a model was called;
+    a database that fails here only loses the ledger line, never the report."""
+    provider = runtime.provider
+    called = ("prompt_tokens", "completion_tokens", "embedding_tokens", "vision_calls")
+    if provider.offline or not any(usage.get(k, 0) for k in called):
+        return
+    embedded = bool(usage.get("embedding_tokens") or usage.get("embedding_calls"))
+    row = SpendRow(
+        f"{CAPTIONS}:{uuid.uuid4().hex[:16]}",
+        user or "",
+        CAPTIONS,
+        provider.model_label + (f", {provider.embedding_model}" if embedded else ""),
+        usage.get("prompt_tokens", 0),
+        usage.get("completion_tokens", 0),
+        usage.get("embedding_tokens", 0),
+        cost,
+        currency or None,
+    )
+    try:
+        runtime.store.spend.record([row])
+    except psycopg.Error as exc:
+        first = scrub_secrets(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        print(f"warning: this run's spend was not recorded: {first}", file=sys.stderr)
 
 
 def _pending(
@@ -277,7 +310,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             report.line(stale_line)
         started = time.monotonic()
         stats = engine.enrich(args.user_id, on_outcome=report.item)
-        _statistics(report, runtime, stats, started)
+        _statistics(report, runtime, stats, started, args.user_id)
         return EXIT_OK
     except (psycopg.OperationalError, PoolTimeout) as exc:
         where = db.redacted() if db is not None else "the database"
@@ -304,7 +337,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except FatalProviderError as exc:
         if runtime is not None and started is not None:
             done = exc.stats if isinstance(exc.stats, RunStats) else RunStats()
-            _statistics(report, runtime, done, started)
+            _statistics(report, runtime, done, started, args.user_id)
         print(f"error: run stopped: {exc}", file=sys.stderr)
         if isinstance(exc, ProviderUnavailable):
             return EXIT_PROVIDER_UNAVAILABLE
@@ -313,7 +346,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         done = getattr(exc, "stats", None)
         done = done if isinstance(done, RunStats) else RunStats()
         if runtime is not None and started is not None:
-            _statistics(report, runtime, done, started)
+            _statistics(report, runtime, done, started, args.user_id)
         print(
             stop_line(
                 exc,

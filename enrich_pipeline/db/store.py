@@ -1,6 +1,6 @@
 """The store: one connection pool and the statements of every table the pipeline touches,
-grouped by the tables they serve (``items``, ``cache``, ``search``, ``batches``), and
-read-only figures by user (``summary``)."""
+grouped by the tables they serve (``items``, ``cache``, ``search``, ``batches``, ``spend``), and
+read-only figures by user (``summary``) and of the whole table (``overview``)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from enrich_pipeline.db.database import Database, retry_setup
 from enrich_pipeline.db.dialect import Dialect, probe
 from enrich_pipeline.db.items import ItemRows
 from enrich_pipeline.db.migrate import migrate, pending
+from enrich_pipeline.db.overview import OverviewRows
 from enrich_pipeline.db.search import SearchRows
+from enrich_pipeline.db.spend import SpendRows
 from enrich_pipeline.db.summary import SummaryRows
 from enrich_pipeline.settings import ConfigError, DbSettings
 
@@ -48,6 +50,8 @@ class Store:
         self.search = SearchRows(self.db)
         self.batches = BatchRows(self.db)
         self.summary = SummaryRows(self.db)
+        self.overview = OverviewRows(self.db)
+        self.spend = SpendRows(self.db)
         self._create_pending_index = create_pending_index
         self.readiness: Readiness | None = None
 

@@ -15,6 +15,7 @@ from enrich_pipeline.defs.checks import (
 from enrich_pipeline.defs.heartbeat import HeartbeatResource
 from enrich_pipeline.defs.io_managers import CHUNK_IO, handoff_io_manager
 from enrich_pipeline.defs.jobs import enrich_job
+from enrich_pipeline.defs.overview import items_table, items_table_sensor
 from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
 from enrich_pipeline.defs.run_state import RunStateResource
 from enrich_pipeline.defs.sensors import pending_rows_sensor
@@ -27,10 +28,10 @@ def _secret(variable: str) -> EnvVar | None:
 
 
 defs = Definitions(
-    assets=[enriched_items],
+    assets=[enriched_items, items_table],
     asset_checks=[no_unrecorded_pending_rows, embedding_dimensions, failure_share],
     jobs=[enrich_job, *BATCH_JOBS],
-    sensors=[pending_rows_sensor, *BATCH_SENSORS],
+    sensors=[pending_rows_sensor, items_table_sensor, *BATCH_SENSORS],
     resources={
         "adbpg": AdbpgResource(url=_secret("ADBPG_URL"), password=_secret("ADBPG_PASSWORD")),
         "dashscope": DashScopeResource(api_key=_secret("DASHSCOPE_API_KEY")),

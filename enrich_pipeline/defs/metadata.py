@@ -1,10 +1,12 @@
 """What a materialization of one user partition says: the user's items as they now are, and
 what this run did for them.
 
-Rules: figures describe the asset (the user's items), not only the run; a rate is
-shown only where something was attempted; a zero is shown only where zero is true (the offline
-provider calls no model, so it shows no tokens and no cost); Dagster's conventional keys where
-they fit (``dagster/row_count``); nothing about storage (the summary is not stored anywhere).
+Rules: figures describe the asset (the user's items), not only the run; the run's counters
+and rates are shown only where the run attempted or skipped something for the user (a run with
+nothing pending says so in ``this_run``, so plots do not dip to zero); a zero is shown only
+where zero is true (the offline provider calls no model, so it shows no tokens and no cost); no
+``dagster/row_count`` (the UI would show one user's rows as the asset's: the whole table's
+count is on the ``items_table`` asset); nothing about storage (the summary is not stored).
 """
 
 from __future__ import annotations
@@ -88,7 +90,6 @@ def partition_metadata(
     md: dict[str, Any] = {
         "user_id": user,
         # The asset: the user's enriched items, as they are now.
-        "dagster/row_count": items.captioned,
         "items": MetadataValue.int(items.items),
         "items_captioned": items.captioned,
         "items_pending": items.pending,
@@ -115,11 +116,12 @@ def partition_metadata(
         md["answer_format"] = answer_format
     if languages:
         md["caption_languages"] = ",".join(languages)
-    # What this run did.
-    md["total"] = s.total
-    md["succeeded"] = s.succeeded
-    md["failed"] = s.failed
-    md["skipped"] = s.skipped
+    # What this run did: counters only where it attempted or skipped something for the user.
+    if s.total:
+        md["total"] = s.total
+        md["succeeded"] = s.succeeded
+        md["failed"] = s.failed
+        md["skipped"] = s.skipped
     if run.attempted:
         md["success_rate"] = MetadataValue.float(round(s.succeeded / run.attempted, 4))
     if run.skipped_reasons:
@@ -169,15 +171,18 @@ def partition_metadata(
     if ledger is not None:  # read when the user has failed rows; otherwise there are none
         md["failures_recorded"] = len(ledger)
     if ledger:
-        rows = "\n".join(
-            f"| {e.item_id} | {e.attempts} | {'yes' if e.permanent else 'no'} | {e.error_code} |"
-            f" {e.last_error[:120].replace('|', '/').replace(chr(10), ' ')} |"
-            for e in ledger[:20]
-        )
-        more = f"\n\n({len(ledger) - 20} more)" if len(ledger) > 20 else ""
-        md["failure_ledger"] = MetadataValue.md(
-            "| item | attempts | permanent | code | last error |\n|---|---|---|---|---|\n"
-            + rows
-            + more
-        )
+        md["failure_ledger"] = ledger_table(ledger)
     return md
+
+
+def ledger_table(ledger: Sequence[LedgerEntry], shown: int = 20) -> MetadataValue:
+    """The first ``shown`` entries of a user's failure ledger, as a markdown table."""
+    rows = "\n".join(
+        f"| {e.item_id} | {e.attempts} | {'yes' if e.permanent else 'no'} | {e.error_code} |"
+        f" {e.last_error[:120].replace('|', '/').replace(chr(10), ' ')} |"
+        for e in ledger[:shown]
+    )
+    more = f"\n\n({len(ledger) - shown} more)" if len(ledger) > shown else ""
+    return MetadataValue.md(
+        "| item | attempts | permanent | code | last error |\n|---|---|---|---|---|\n" + rows + more
+    )

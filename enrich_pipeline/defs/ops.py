@@ -15,9 +15,12 @@ captioned together so that calls stay in flight. The run's ``Lookahead``
 (pipeline/lookahead.py) works one chunk ahead of the steps.
 """
 
+from collections.abc import Iterator
 from dataclasses import replace
 
 from dagster import (
+    AssetCheckEvaluation,
+    AssetMaterialization,
     DagsterInstance,
     DynamicOut,
     DynamicOutput,
@@ -43,9 +46,11 @@ from enrich_pipeline.defs.chunk_steps import (
     releasing,
 )
 from enrich_pipeline.defs.config import EnrichConfig
+from enrich_pipeline.defs.failed_partitions import Summary, all_failed, fail_partitions
 from enrich_pipeline.defs.heartbeat import HeartbeatResource
 from enrich_pipeline.defs.io_managers import CHUNK_IO
 from enrich_pipeline.defs.metadata import UserRun, partition_metadata, share_usage
+from enrich_pipeline.defs.overview import record_and_observe
 from enrich_pipeline.defs.partitions import key_to_user
 from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
 from enrich_pipeline.defs.run_state import RunStateResource
@@ -358,13 +363,22 @@ def summarize(
     dashscope: DashScopeResource,
     run_state: RunStateResource,
     heartbeat: HeartbeatResource,
-) -> Output[None]:
+) -> Iterator[Output[None] | AssetMaterialization | AssetCheckEvaluation]:
     """One materialization per user partition: the user's items as they now are, and what this
-    run did for them. Nothing is stored (no IO manager): the metadata is the summary."""
+    run did for them. Nothing is stored (no IO manager): the metadata is the summary.
+
+    A partition whose rows all failed gets none: the others are materialized one by one, the
+    run's planned checks are evaluated here for every partition of the run (their own steps
+    are skipped once this step fails), then the step fails naming the users, so Dagster shows
+    those partitions as failed."""
     with progressing(context, adbpg, dashscope, heartbeat):
-        _summarize(context, states, adbpg, dashscope, run_state, heartbeat)
+        summary = _summarize(context, states, adbpg, dashscope, run_state, heartbeat)
+        if summary.failed:
+            yield from fail_partitions(context, summary, adbpg, dashscope)
     run_state.close()
-    return Output(None)
+    if summary.failed:
+        raise summary.failure()
+    yield Output(None)
 
 
 def _summarize(
@@ -374,7 +388,7 @@ def _summarize(
     dashscope: DashScopeResource,
     run_state: RunStateResource,
     heartbeat: HeartbeatResource,
-) -> None:
+) -> Summary:
     keys = partition_keys(context)
     runs: dict[str, UserRun] = {key_to_user(k): UserRun() for k in keys}
     for state in states:
@@ -393,6 +407,8 @@ def _summarize(
     others = run_state.other_runs
     total = RunStats()
     step = context.get_step_execution_context()
+    summary = Summary(keys=keys)
+    any_failed = any(all_failed(items[key_to_user(k)]) for k in keys)
     for key in keys:
         user = key_to_user(key)
         user_run = runs[user]
@@ -425,10 +441,19 @@ def _summarize(
             run_users=len(keys),
             other_runs=[others[key]] if key in others else [],
         )
-        step.add_asset_metadata(metadata, partition_key=key)
+        if all_failed(state):
+            summary.failed[key] = (state, ledger or [])
+        elif any_failed:
+            summary.materialized[key] = metadata
+        else:
+            step.add_asset_metadata(metadata, partition_key=key)
         heartbeat.progress()
     if len(keys) > 1:
         context.log.info(
             f"{len(keys)} user partitions: {total.succeeded} rows succeeded, {total.failed} "
             f"failed, {total.skipped} skipped"
         )
+    # After every write, before a failed partition fails the step: the run's spend per user,
+    # then the whole table as it now is.
+    record_and_observe(context, adbpg, dashscope, shares, max_attempts=max_attempts)
+    return summary

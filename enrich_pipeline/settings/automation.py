@@ -24,6 +24,17 @@ class AutomationSettings(SettingsModel):
         ge=1,
         le=86_400,
     )
+    overview_interval: int = Field(
+        300,
+        description=(
+            "seconds between ticks of the items_table sensor, which reads the whole items "
+            "table (two passes: 5-10 s a million rows on a busy 2-core machine, "
+            "benchmarks/overview.py) and observes it when a figure changed"
+        ),
+        validation_alias="ENRICH_OVERVIEW_INTERVAL",
+        ge=1,
+        le=86_400,
+    )
     max_concurrent_runs: int = Field(
         4,
         description="runs at once in the Dagster queue",

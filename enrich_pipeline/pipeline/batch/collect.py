@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from enrich_pipeline.db.batches import COLLECTED, OPEN, REJECTED, BatchRecord
+from enrich_pipeline.db.spend import BATCH, SpendRow
 from enrich_pipeline.db.store import Store
 from enrich_pipeline.enrichment.records import ItemError, PendingItem, Provenance, WorkItem
 from enrich_pipeline.enrichment.tags import DEFAULT_VOCABULARY, TagVocabulary
@@ -42,7 +43,7 @@ from enrich_pipeline.pipeline.batch.state import (
 )
 from enrich_pipeline.pipeline.stats import ItemOutcome, RunStats
 from enrich_pipeline.providers.answers import MALFORMED
-from enrich_pipeline.providers.base import FatalProviderError, Provider
+from enrich_pipeline.providers.base import FatalProviderError, Provider, Usage
 from enrich_pipeline.providers.batch_api import (
     BatchApi,
     BatchError,
@@ -51,6 +52,7 @@ from enrich_pipeline.providers.batch_api import (
 )
 from enrich_pipeline.providers.errors import FORMAT_REFUSED
 from enrich_pipeline.providers.formats import batch_verdict
+from enrich_pipeline.providers.pricing import estimate_cost, price_table
 from enrich_pipeline.providers.wire import LineResult, parse_results
 from enrich_pipeline.redaction import redact_source
 from enrich_pipeline.settings import DashScopeSettings
@@ -164,6 +166,7 @@ def _collect(
     results = parse_results(
         texts, f"{shown.rstrip('/')}/chat/completions", record.answer_format, languages
     )
+    embedding_before = provider.usage.embedding_tokens
     held = set(store.batches.held_ids(record.local_id))
     todo = [i for i in batch_items if i.item_id in held]
     out = CollectResult(record)
@@ -253,7 +256,46 @@ def _collect(
     )
     if final is not None:
         out.batch = final
+        # Once, by the collect that closed the batch: every line's tokens (billed whatever was
+        # written) and the embeddings this collect made (those of a collect that died midway
+        # are not counted).
+        spend = batch_spend(record, out, provider, settings, embedding_before, provider.usage)
+        if spend.prompt_tokens + spend.completion_tokens + spend.embedding_tokens:
+            store.spend.record([spend])
     return out
+
+
+def batch_spend(
+    record: BatchRecord,
+    out: CollectResult,
+    provider: Provider,
+    settings: DashScopeSettings,
+    embedding_before: int,
+    usage: Usage,
+) -> SpendRow:
+    """The spend-ledger row of a collected batch: its lines at the batch price (half), its
+    captions' embeddings at the online one; no cost where a model used has no price."""
+    prices = price_table(record.base_url, settings.prices)
+    embedding_tokens = max(0, usage.embedding_tokens - embedding_before)
+    tokens = {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens}
+    cost = estimate_cost(
+        tokens, vision_model=record.model, embedding_model="", prices=prices, batch=True
+    )
+    embedding_model = provider.embedding_model
+    if embedding_tokens and cost is not None:
+        price = prices.get(embedding_model)
+        cost = None if price is None else cost + embedding_tokens * price[0] / 1_000_000
+    return SpendRow(
+        f"batch:{record.local_id}",
+        record.user_id,
+        BATCH,
+        record.model + (f", {embedding_model}" if embedding_tokens else ""),
+        out.prompt_tokens,
+        out.completion_tokens,
+        embedding_tokens,
+        cost,
+        prices.currency or None,
+    )
 
 
 def _format_verdict(

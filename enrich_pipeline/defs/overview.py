@@ -1,0 +1,240 @@
+"""The whole items table as one asset, ``items_table``: observed, never materialized (the
+pipeline does not make the table, it fills it in), after every enrichment run and by its own
+sensor, so that its plots over time show the table's progress, every user's, with spend to date.
+
+The partitioned ``enriched_items`` describes one user per materialization; this asset is the
+answer to "how much of the table is captioned, what is left, what has it cost". The sensor
+(``ENRICH_OVERVIEW_INTERVAL`` s, 300) catches what runs do not report (command-line runs, batch
+collects, rows added or edited by others) and observes only when a figure changed since the
+last observation, whoever made it, so idle ticks add nothing to the event log.
+
+Spend: each run records what it paid, per user, in the spend ledger (``db/spend.py``), priced
+as the partition's ``estimated_cost_usd`` is; an offline run or one served from the cache calls
+no model and records nothing, so the sum is a zero only where nothing was paid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import psycopg
+from dagster import (
+    AssetKey,
+    AssetObservation,
+    AssetSpec,
+    DagsterInstance,
+    DefaultSensorStatus,
+    MetadataValue,
+    OpExecutionContext,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    sensor,
+)
+
+from enrich_pipeline.db.overview import TableFigures
+from enrich_pipeline.db.spend import DAGSTER, Spend, SpendRow
+from enrich_pipeline.db.store import Store
+from enrich_pipeline.defs.config import AUTOMATION
+from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
+from enrich_pipeline.defs.runs import retry_later
+from enrich_pipeline.providers.pricing import estimate_cost, load_prices
+from enrich_pipeline.settings import ConfigError, RunSettings
+
+ITEMS_TABLE = AssetKey("items_table")
+
+items_table = AssetSpec(
+    ITEMS_TABLE,
+    group_name="enrichment",
+    kinds={"postgres"},
+    description=(
+        "The whole items table, every user: items, captioned, pending, stale, given up, by "
+        "caption model and languages, coverage, and the provider spend recorded to date. "
+        "Observed after every enrichment run and every ENRICH_OVERVIEW_INTERVAL seconds when "
+        "a figure changed; never materialized (the pipeline fills the table in, it does not "
+        "make it)."
+    ),
+)
+
+# Usage counts that mean a model was called (and may have been paid).
+_CALLED = ("prompt_tokens", "completion_tokens", "embedding_tokens", "vision_calls")
+
+
+def spend_rows(
+    run_id: str,
+    shares: Mapping[str, Mapping[str, int]],
+    dashscope: DashScopeResource,
+) -> list[SpendRow]:
+    """The spend-ledger rows of a Dagster run: each user's share where a model was called."""
+    provider = dashscope.provider
+    if provider.offline:
+        return []
+    prices = load_prices(base_url=dashscope.settings.url)
+    rows = []
+    for user, share in sorted(shares.items()):
+        if not any(share.get(k, 0) for k in _CALLED):
+            continue
+        embedded = bool(share.get("embedding_tokens") or share.get("embedding_calls"))
+        models = provider.model_label + (f", {provider.embedding_model}" if embedded else "")
+        rows.append(
+            SpendRow(
+                run_id,
+                user,
+                DAGSTER,
+                models,
+                share.get("prompt_tokens", 0),
+                share.get("completion_tokens", 0),
+                share.get("embedding_tokens", 0),
+                estimate_cost(
+                    share,
+                    vision_model=provider.model_label,
+                    embedding_model=provider.embedding_model,
+                    prices=prices,
+                ),
+                prices.currency or None,
+            )
+        )
+    return rows
+
+
+def record_and_observe(
+    context: OpExecutionContext,
+    adbpg: AdbpgResource,
+    dashscope: DashScopeResource,
+    shares: Mapping[str, Mapping[str, int]],
+    *,
+    max_attempts: int,
+) -> None:
+    """At a run's end, after its writes: its spend per user, then the table observed. A
+    database error here is a warning: the run's rows are written, only the report is late (the
+    sensor observes the table at its next tick)."""
+    try:
+        adbpg.store.spend.record(spend_rows(context.run_id, shares, dashscope))
+        metadata = table_metadata(adbpg.store, max_attempts=max_attempts)
+    except psycopg.Error as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        context.log.warning(
+            f"items_table not observed ({type(exc).__name__}: {first}): the items_table sensor "
+            "observes it at its next tick"
+        )
+        return
+    context.log_event(AssetObservation(ITEMS_TABLE, metadata=metadata))
+
+
+def table_metadata(store: Store, *, max_attempts: int) -> dict[str, Any]:
+    """The observation's metadata: the table's figures now and the spend recorded to date."""
+    figures = store.overview.figures(max_attempts=max_attempts)
+    md = figures_metadata(figures)
+    md.update(spend_metadata(store.spend.to_date(), load_prices().currency))
+    md["database"] = store.dialect.label
+    md["items_table"] = f"{store.settings.namespace}.{store.settings.table}"
+    return md
+
+
+def figures_metadata(f: TableFigures) -> dict[str, Any]:
+    """Counts as ints and shares as floats, so that the UI plots each over time."""
+    md: dict[str, Any] = {
+        # Dagster's row count: the rows the pipeline is for (active, with an image).
+        "dagster/row_count": MetadataValue.int(f.items),
+        "items": MetadataValue.int(f.items),
+        "items_captioned": MetadataValue.int(f.captioned),
+        "items_captioned_by_pipeline": MetadataValue.int(f.captioned_by_pipeline),
+        "items_pending": MetadataValue.int(f.pending),
+        "items_stale": MetadataValue.int(f.stale),
+        "items_given_up": MetadataValue.int(f.given_up),
+        "items_failing_retried": MetadataValue.int(f.failing_retried),
+        "items_embedded": MetadataValue.int(f.embedded),
+        "users": MetadataValue.int(f.users),
+        "users_with_pending": MetadataValue.int(f.users_with_pending),
+        # Every row, whatever its status or image: what the table holds besides.
+        "table_rows": MetadataValue.int(f.rows),
+    }
+    if f.coverage is not None:  # a table without items has no coverage, not a zero one
+        md["coverage"] = MetadataValue.float(round(f.coverage, 4))
+    if f.by_model_language:
+        lines = "\n".join(
+            f"| {g.model} | {g.language} | {g.rows} |" for g in f.by_model_language[:50]
+        )
+        extra = len(f.by_model_language) - 50
+        more = f"\n\n({extra} more)" if extra > 0 else ""
+        md["by_model_language"] = MetadataValue.md(
+            "| caption model | language | rows |\n|---|---|---:|\n" + lines + more
+        )
+    else:
+        md["by_model_language"] = MetadataValue.md("no row captioned by the pipeline yet")
+    return md
+
+
+def spend_metadata(spend: Spend, configured_currency: str) -> dict[str, Any]:
+    """Spend to date in one currency (sums are never added across currencies: the others are
+    listed beside), a floor where a model had no price."""
+    md: dict[str, Any] = {}
+    priced = [s for s in spend.by_currency if s.currency]
+    if not spend.recorded:
+        # True: no paid call is recorded (offline runs and cached answers cost nothing).
+        md["spend_to_date"] = MetadataValue.float(0.0)
+        md["spend_currency"] = configured_currency or "none"
+        md["spend_note"] = (
+            "no model call recorded: offline runs and answers from the cache cost nothing"
+        )
+        return md
+    main = next((s for s in priced if s.currency == configured_currency), None) or (
+        max(priced, key=lambda s: s.runs) if priced else None
+    )
+    if main is not None and main.cost is not None:
+        md["spend_to_date"] = MetadataValue.float(round(main.cost, 6))
+        md["spend_currency"] = main.currency
+    unpriced = sum(s.unpriced_runs for s in spend.by_currency)
+    if unpriced:
+        md["spend_unpriced_runs"] = MetadataValue.int(unpriced)
+        md["spend_to_date_is"] = (
+            f"at least: {unpriced} run share(s) used a model without a price (ENRICH_PRICES)"
+        )
+    if len(priced) > 1:
+        md["spend_by_currency"] = MetadataValue.json(
+            {s.currency: round(s.cost, 6) if s.cost is not None else None for s in priced}
+        )
+    rows = "\n".join(
+        f"| {m.models} | {m.currency or '-'} | {m.runs} | {m.tokens} | "
+        f"{'no price' if m.cost is None else f'{m.cost:.6f}'} |"
+        for m in spend.by_model[:50]
+    )
+    md["spend_by_model"] = MetadataValue.md(
+        "| models | currency | run shares | tokens | cost |\n|---|---|---:|---:|---:|\n" + rows
+    )
+    if spend.since:
+        md["spend_since"] = spend.since
+    return md
+
+
+def _values(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: getattr(v, "value", v) for k, v in metadata.items()}
+
+
+def last_observed(instance: DagsterInstance) -> dict[str, Any] | None:
+    """The metadata values of the table's latest observation, a run's or the sensor's."""
+    records = instance.fetch_observations(ITEMS_TABLE, limit=1).records
+    observation = records[0].asset_observation if records else None
+    return _values(observation.metadata) if observation is not None else None
+
+
+@sensor(
+    name="items_table_sensor",
+    minimum_interval_seconds=AUTOMATION.overview_interval,
+    default_status=DefaultSensorStatus.RUNNING,
+    description=(
+        "Every ENRICH_OVERVIEW_INTERVAL seconds: reads the whole items table's figures and "
+        "spend to date, and observes the items_table asset when any of them changed since its "
+        "last observation (a run's or this sensor's)."
+    ),
+)
+def items_table_sensor(context: SensorEvaluationContext, adbpg: AdbpgResource):
+    try:
+        max_attempts = RunSettings.from_env().max_attempts
+        metadata = table_metadata(adbpg.store, max_attempts=max_attempts)
+    except (psycopg.Error, ConfigError) as exc:
+        return retry_later("items table not read", exc)
+    if last_observed(context.instance) == _values(metadata):
+        return SkipReason("the items table is as last observed")
+    return SensorResult(asset_events=[AssetObservation(ITEMS_TABLE, metadata=metadata)])
