@@ -256,6 +256,11 @@ def stack(
         # Short waits before a user whose run left its rows is requested again.
         ENRICH_RERUN_BACKOFF="2",
         PYTHONUNBUFFERED="1",
+        # The stand-in's host has no list prices: a price list of our own, so that the table's
+        # spend to date is a figure with its currency (made-up prices, per million tokens).
+        ENRICH_PRICES=json.dumps(
+            {"qwen3-vl-plus": [2.0, 8.0], "text-embedding-v4": [0.5, 0.0], "currency": "USD"}
+        ),
     )
     port = _free_port()
     logs = [tmp / "servers.stdout.log", tmp / "servers.stderr.log"]
@@ -601,7 +606,7 @@ def test_items_table_shows_the_whole_table_after_runs_for_two_users(
         assert progress == sorted(progress) and progress[-1] == captioned, progress
         latest = observed[-1]
         assert latest["items_pending"] == 0 and latest["coverage"] == pytest.approx(1.0)
-        assert latest["spend_currency"] and latest["spend_to_date"] > 0
+        assert latest["spend_currency"] == "USD" and latest["spend_to_date"] > 0, latest
 
         with dagster_page(shots, "items_table") as page:
             expect = _expect()
@@ -611,13 +616,14 @@ def test_items_table_shows_the_whole_table_after_runs_for_two_users(
             expect(page.get_by_text(f"{items:,}", exact=True).first).to_be_visible()
             for key in ("items_captioned", "items_pending", "coverage", "spend_to_date"):
                 expect(metadata_row(page, key)).to_have_text(shown(latest[key]))
+            expect(metadata_row(page, "spend_currency")).to_have_text("USD")
             shots(page, "items_table_overview")
 
-            # Its plots: the table's progress over time.
-            page.goto(f"{stack.url}/assets/{TABLE}?view=events")
-            page.get_by_text("Plots", exact=True).first.click()
-            for key in ("items_captioned", "coverage", "dagster/row_count"):
+            # Its plots (the metadata's "Plots" view): the table's progress over time.
+            page.get_by_role("button", name="Plots").click()
+            for key in ("items_captioned", "coverage", "spend_to_date"):
                 expect(page.get_by_text(key, exact=True).first).to_be_visible(timeout=UI_TIMEOUT_MS)
+            expect(page.locator("canvas").first).to_be_visible()
             shots(page, "items_table_plots")
 
             # The partitioned asset's overview no longer shows one user's rows as the table's.
