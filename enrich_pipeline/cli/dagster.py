@@ -399,6 +399,24 @@ def db_url(env: dict[str, str]) -> int:
     return 0
 
 
+# libpq's environment variables for the conninfo keys the embedded server's URL has.
+_LIBPQ_ENV = {
+    "host": "PGHOST",
+    "port": "PGPORT",
+    "user": "PGUSER",
+    "password": "PGPASSWORD",
+    "dbname": "PGDATABASE",
+}
+
+
+def libpq_env(url: str) -> dict[str, str]:
+    """The server of ``url`` as libpq's defaults: psql's own ``-d dagster`` (or ``-U``, or a
+    ``dbname`` argument) then picks another database of that same server, where a URL given as
+    psql's first argument would have been overridden whole by ``-d`` (libpq's default socket)."""
+    params = conninfo_to_dict(url)
+    return {var: str(params[key]) for key, var in _LIBPQ_ENV.items() if params.get(key)}
+
+
 def psql(env: dict[str, str], args: list[str]) -> int:
     if not DbSettings.from_env(env).embedded:
         print("error: ADBPG_HOST/ADBPG_URL is set: not the embedded database", file=sys.stderr)
@@ -413,7 +431,7 @@ def psql(env: dict[str, str], args: list[str]) -> int:
     # here. A handler (not SIG_IGN, which psql would inherit) lets this process wait on.
     previous = signal.signal(signal.SIGINT, lambda _signum, _frame: None)
     try:
-        return subprocess.call([str(exe), url, *args], env=env)
+        return subprocess.call([str(exe), *args], env={**env, **libpq_env(url)})
     finally:
         signal.signal(signal.SIGINT, previous)
 
