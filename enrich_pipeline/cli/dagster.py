@@ -74,6 +74,13 @@ _CHILD = (
 )
 
 
+# ``dagster dev`` warns at every start that it is superseded by ``dg dev`` (dagster-dg-cli, a
+# separate tool that needs a dg project layout, which this code location does not have);
+# Dagster 1.13 still ships and supports ``dagster dev``. The filter is this one message, in the
+# ``dagster dev`` process only (``-W`` is not inherited by its children).
+_QUIET = ("-W", "ignore:Function `dev_command` is superseded:FutureWarning")
+
+
 def dagster_url_for(conninfo: str, dbname: str = "dagster") -> str:
     """A SQLAlchemy URL with the psycopg2 scheme (dagster-postgres needs it, see dagster.yaml)."""
     params = conninfo_to_dict(conninfo)
@@ -151,7 +158,7 @@ class _Stop(Exception):
 
 def start_ui(env: dict[str, str], host: str, port: int) -> int:
     """``dagster dev`` until a stop signal; then webserver, daemon, embedded database."""
-    dev = [sys.executable, "-m", "dagster", "dev", *_target(), "-h", host, "-p", str(port)]
+    dev = [sys.executable, *_QUIET, "-m", "dagster", "dev", *_target(), "-h", host, "-p", str(port)]
     cmd = [sys.executable, "-c", _CHILD, str(os.getpid()), *dev[1:]]
     print(f"Dagster UI on http://{host}:{port} (DAGSTER_HOME={env['DAGSTER_HOME']})", flush=True)
     received: list[int] = []
