@@ -74,6 +74,13 @@ _CHILD = (
 )
 
 
+# ``dagster dev`` warns at every start that it is superseded by ``dg dev`` (dagster-dg-cli, a
+# separate tool that needs a dg project layout, which this code location does not have);
+# Dagster 1.13 still ships and supports ``dagster dev``. The filter is this one message, in the
+# ``dagster dev`` process only (``-W`` is not inherited by its children).
+_QUIET = ("-W", "ignore:Function `dev_command` is superseded:FutureWarning")
+
+
 def dagster_url_for(conninfo: str, dbname: str = "dagster") -> str:
     """A SQLAlchemy URL with the psycopg2 scheme (dagster-postgres needs it, see dagster.yaml)."""
     params = conninfo_to_dict(conninfo)
@@ -151,7 +158,7 @@ class _Stop(Exception):
 
 def start_ui(env: dict[str, str], host: str, port: int) -> int:
     """``dagster dev`` until a stop signal; then webserver, daemon, embedded database."""
-    dev = [sys.executable, "-m", "dagster", "dev", *_target(), "-h", host, "-p", str(port)]
+    dev = [sys.executable, *_QUIET, "-m", "dagster", "dev", *_target(), "-h", host, "-p", str(port)]
     cmd = [sys.executable, "-c", _CHILD, str(os.getpid()), *dev[1:]]
     print(f"Dagster UI on http://{host}:{port} (DAGSTER_HOME={env['DAGSTER_HOME']})", flush=True)
     received: list[int] = []
@@ -305,22 +312,13 @@ def backfill(env: dict[str, str], users: list[str] | None, *, allow_unknown: boo
             print("No user has pending rows: nothing to backfill.")
             return 0
         keys = [user_to_key(u) for u in users]
-        admin.add_user_partitions(keys)
-    cmd = [
-        sys.executable,
-        "-m",
-        "dagster",
-        "job",
-        "backfill",
-        *_target(),
-        "-j",
-        "enrich_job",
-        "--partitions",
-        ",".join(keys),
-        "--noprompt",
-    ]
-    print(f"Backfilling {len(keys)} user partition(s): {', '.join(keys)}", flush=True)
-    return subprocess.call(cmd, env=env, cwd=env["DAGSTER_HOME"])
+        print(f"Backfilling {len(keys)} user partition(s): {', '.join(keys)}", flush=True)
+        # In this process, not through ``dagster job backfill`` and the code server it starts.
+        backfill_id = admin.backfill_partitions(
+            "enrich_job", keys, WORKSPACE_YAML if WORKSPACE_YAML.exists() else None
+        )
+    print(f"Launched backfill {backfill_id}: {len(keys)} run(s) queued", flush=True)
+    return 0
 
 
 def check_args(args: argparse.Namespace) -> list[str] | None:
@@ -408,6 +406,24 @@ def db_url(env: dict[str, str]) -> int:
     return 0
 
 
+# libpq's environment variables for the conninfo keys the embedded server's URL has.
+_LIBPQ_ENV = {
+    "host": "PGHOST",
+    "port": "PGPORT",
+    "user": "PGUSER",
+    "password": "PGPASSWORD",
+    "dbname": "PGDATABASE",
+}
+
+
+def libpq_env(url: str) -> dict[str, str]:
+    """The server of ``url`` as libpq's defaults: psql's own ``-d dagster`` (or ``-U``, or a
+    ``dbname`` argument) then picks another database of that same server, where a URL given as
+    psql's first argument would have been overridden whole by ``-d`` (libpq's default socket)."""
+    params = conninfo_to_dict(url)
+    return {var: str(params[key]) for key, var in _LIBPQ_ENV.items() if params.get(key)}
+
+
 def psql(env: dict[str, str], args: list[str]) -> int:
     if not DbSettings.from_env(env).embedded:
         print("error: ADBPG_HOST/ADBPG_URL is set: not the embedded database", file=sys.stderr)
@@ -422,7 +438,7 @@ def psql(env: dict[str, str], args: list[str]) -> int:
     # here. A handler (not SIG_IGN, which psql would inherit) lets this process wait on.
     previous = signal.signal(signal.SIGINT, lambda _signum, _frame: None)
     try:
-        return subprocess.call([str(exe), url, *args], env=env)
+        return subprocess.call([str(exe), *args], env={**env, **libpq_env(url)})
     finally:
         signal.signal(signal.SIGINT, previous)
 

@@ -137,3 +137,21 @@ class OverviewRows:
                 ModelLanguage(str(m), str(lang), int(c)) for m, lang, c in groups
             ),
         )
+
+    @retry_db
+    def changes(self) -> int | None:
+        """Rows inserted, updated or deleted in the items table and in the pipeline's tables
+        that the figures read (failure ledger, embeddings, spend ledger), as the server's
+        statistics count them (``pg_stat_user_tables``): read at once, where a pass over the
+        table takes seconds at a million rows, so a sensor can see that nothing changed without
+        the pass. None where the server counts nothing for them (Greenplum counts on its
+        segments, not here: the caller then relies on finished runs and age)."""
+        query = sql.SQL(
+            "SELECT sum(n_tup_ins + n_tup_upd + n_tup_del) FROM pg_stat_user_tables"
+            " WHERE schemaname = %(ns)s AND relname = ANY(%(tables)s::text[])"
+        )
+        tables = [self.db.settings.table, "enrich_failures", "enrich_embeddings", "enrich_spend"]
+        params = {"ns": self.db.namespace, "tables": tables}
+        with self.db.connection() as conn:
+            row = conn.execute(query, params).fetchone()
+        return int(row[0]) if row and row[0] else None

@@ -13,7 +13,7 @@ from enrich_pipeline.defs.checks import (
     no_unrecorded_pending_rows,
 )
 from enrich_pipeline.defs.heartbeat import HeartbeatResource
-from enrich_pipeline.defs.io_managers import CHUNK_IO, handoff_io_manager
+from enrich_pipeline.defs.io_managers import CHUNK_IO, handoff_io_manager, run_memory_io_manager
 from enrich_pipeline.defs.jobs import enrich_job
 from enrich_pipeline.defs.overview import items_table, items_table_sensor
 from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
@@ -39,6 +39,7 @@ defs = Definitions(
         "run_state": RunStateResource(),
         "heartbeat": HeartbeatResource(),
         CHUNK_IO: handoff_io_manager,
+        "io_manager": run_memory_io_manager,
     },
     executor=in_process_executor,
 )

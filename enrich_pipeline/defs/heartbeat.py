@@ -1,9 +1,18 @@
 """The run's heartbeat: a resource that beats while the run makes progress.
 
-Every run of this code location writes the tag ``enrich/heartbeat`` (epoch seconds) every
-``ENRICH_RUN_HEARTBEAT_INTERVAL`` seconds (10) and records ``enrich/worker`` (host and pid); the
-run launcher's health check (``instance/run_launcher.py``) reports a run dead when that tag is
-older than ``ENRICH_RUN_HEARTBEAT_TIMEOUT`` seconds (90) or the process is gone.
+Every run of this code location writes the tag ``.dagster/enrich/heartbeat`` (epoch seconds)
+every ``ENRICH_RUN_HEARTBEAT_INTERVAL`` seconds (10) and records ``.dagster/enrich/worker`` (its
+run id, host and pid); the run launcher's health check (``instance/run_launcher.py``) reports a
+run dead when that tag is older than ``ENRICH_RUN_HEARTBEAT_TIMEOUT`` seconds (90) or the
+process is gone.
+
+Where the beat is kept: Dagster hides run tags under ``.dagster/`` from the UI and GraphQL (its
+own run worker id lives there), so the beat stays on the run, where run monitoring's health
+check reads it with the run it already holds, without cluttering the run's visible tags. Being
+hidden, the UI's re-execution never copies them to the new run; a copy that an API re-execution
+(``use_parent_run_tags``) makes is not taken for the new run's beat, since the worker tag names
+the run that wrote it. Runs started before the move carry ``enrich/heartbeat`` and
+``enrich/worker`` (``LEGACY_*``), still read when a run has no hidden beat.
 
 A process that is alive but stuck (a call that never returns, a lock never released) would beat
 forever, and with one run per user its user would wait behind it for good. So the enrichment
@@ -28,7 +37,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from dagster import ConfigurableResource, DagsterInstance, InitResourceContext
@@ -36,12 +46,45 @@ from pydantic import PrivateAttr
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_TAG = "enrich/heartbeat"
-WORKER_TAG = "enrich/worker"
+HEARTBEAT_TAG = ".dagster/enrich/heartbeat"
+WORKER_TAG = ".dagster/enrich/worker"
+# What runs started by the previous code carry (visible tags; the worker without its run id).
+LEGACY_HEARTBEAT_TAG = "enrich/heartbeat"
+LEGACY_WORKER_TAG = "enrich/worker"
 
 
 def worker_label() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """What a run's tags say of its liveness: its last beat and its worker process."""
+
+    beat: str
+    host: str
+    pid: int | None
+
+    @property
+    def worker(self) -> str:
+        return f"{self.host}:{self.pid}" if self.pid is not None else "?"
+
+
+def liveness_of(run_id: str, tags: Mapping[str, str]) -> Liveness | None:
+    """The run's own beat, or None when it has none (not beating yet, another code location's
+    run, or tags copied from the run it re-executes)."""
+    beat = tags.get(HEARTBEAT_TAG)
+    if beat is not None:
+        # Written with the first beat, so only a copy carries another run's id.
+        owner, _, label = tags.get(WORKER_TAG, f"{run_id} ").partition(" ")
+        if owner != run_id:
+            return None
+    else:
+        beat, label = tags.get(LEGACY_HEARTBEAT_TAG), tags.get(LEGACY_WORKER_TAG, "")
+        if beat is None:
+            return None
+    host, _, pid = label.rpartition(":")
+    return Liveness(beat, host, int(pid) if pid.isdigit() else None)
 
 
 class Pulse:
@@ -113,7 +156,7 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name="enrich-heartbeat", daemon=True)
 
     def start(self) -> Heartbeat:
-        self._write({WORKER_TAG: worker_label()})
+        self._write({WORKER_TAG: f"{self.run_id} {worker_label()}"})
         self._thread.start()
         return self
 

@@ -1,4 +1,5 @@
-"""An in-memory IO manager that hands each chunk to its one consumer and forgets it.
+"""In-memory IO managers: one hands each chunk to its one consumer and forgets it; the job's
+default one keeps what no step reads for the run only.
 
 Dagster's ``mem_io_manager`` keeps every step output until the run ends, so a run's memory grows
 with its rows (each chunk's images, then its vectors, held long after they were written). Every
@@ -32,4 +33,15 @@ class HandOffIOManager(IOManager):
 
 @io_manager(description="In-memory hand-off of chunk outputs to their single consumer.")
 def handoff_io_manager(_) -> HandOffIOManager:
+    return HandOffIOManager()
+
+
+@io_manager(
+    description="In memory, for the run only: the outputs it handles (the batch jobs' results, "
+    "shown as metadata) are read by no step, so nothing is written under DAGSTER_HOME and "
+    "nothing outlives the run. No configuration."
+)
+def run_memory_io_manager(_) -> HandOffIOManager:
+    # Defined so that Dagster does not add its default (fs_io_manager: a pickle per output under
+    # DAGSTER_HOME/storage, kept forever, and an undescribed ``base_dir`` on the launchpad).
     return HandOffIOManager()

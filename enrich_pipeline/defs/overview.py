@@ -1,12 +1,19 @@
 """The whole items table as one asset, ``items_table``: observed, never materialized (the
-pipeline does not make the table, it fills it in), after every enrichment run and by its own
-sensor, so that its plots over time show the table's progress, every user's, with spend to date.
+pipeline does not make the table, it fills it in), after enrichment runs and by its own sensor,
+so that its plots over time show the table's progress, every user's, with spend to date.
 
 The partitioned ``enriched_items`` describes one user per materialization; this asset is the
-answer to "how much of the table is captioned, what is left, what has it cost". The sensor
-(``ENRICH_OVERVIEW_INTERVAL`` s, 300) catches what runs do not report (command-line runs, batch
-collects, rows added or edited by others) and observes only when a figure changed since the
-last observation, whoever made it, so idle ticks add nothing to the event log.
+answer to "how much of the table is captioned, what is left, what has it cost".
+
+A pass over the table costs about 0.1 s per 10,000 rows here (seconds at a million:
+``benchmarks/overview.py``). A run observes the table at its end while the last pass took at
+most ``ENRICH_OVERVIEW_IN_RUN_MS`` (1 s); on a larger table that would add seconds to every
+run, so the sensor observes it instead, once for all the runs that ended since. The sensor
+(``ENRICH_OVERVIEW_INTERVAL`` s, 300) also catches what runs do not report (command-line runs,
+batch collects, rows added or edited by others). It makes a pass only when a run ended, the
+server's statistics count a change to the tables it reads, or an hour passed, and observes
+only when a figure changed since the last observation, whoever made it, so idle ticks cost a
+catalog read and add nothing to the event log.
 
 Spend: each run records what it paid, per user, in the spend ledger (``db/spend.py``), priced
 as the partition's ``estimated_cost_usd`` is; an offline run or one served from the cache calls
@@ -15,7 +22,10 @@ no model and records nothing, so the sum is a zero only where nothing was paid.
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -24,14 +34,19 @@ from dagster import (
     AssetObservation,
     AssetSpec,
     DagsterInstance,
+    DagsterRunStatus,
     DefaultSensorStatus,
     MetadataValue,
     OpExecutionContext,
+    RunsFilter,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
     sensor,
 )
+
+# Dagster's own clock: what its daemon ticks by, and what its test tools can move.
+from dagster._time import get_current_timestamp
 
 from enrich_pipeline.db.overview import TableFigures
 from enrich_pipeline.db.spend import DAGSTER, Spend, SpendRow
@@ -40,7 +55,7 @@ from enrich_pipeline.defs.config import AUTOMATION
 from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
 from enrich_pipeline.defs.runs import retry_later
 from enrich_pipeline.providers.pricing import estimate_cost, load_prices
-from enrich_pipeline.settings import ConfigError, RunSettings
+from enrich_pipeline.settings import AutomationSettings, ConfigError, RunSettings
 
 ITEMS_TABLE = AssetKey("items_table")
 
@@ -56,6 +71,12 @@ items_table = AssetSpec(
         "make it)."
     ),
 )
+
+PASS_MS_KEY = "observed_in_ms"
+OBSERVED_AT = "observed_at"
+# Changes the statistics do not count (Greenplum; an edit made without a write the server
+# counts) are caught by observing again at least this often.
+MAX_AGE_S = 3600
 
 # Usage counts that mean a model was called (and may have been paid).
 _CALLED = ("prompt_tokens", "completion_tokens", "embedding_tokens", "vision_calls")
@@ -106,13 +127,24 @@ def record_and_observe(
     *,
     max_attempts: int,
 ) -> None:
-    """At a run's end, after its writes: its spend per user, then the table observed. A
-    database error here is a warning: the run's rows are written, only the report is late (the
-    sensor observes the table at its next tick)."""
+    """At a run's end, after its writes: its spend per user, then the table observed, while a
+    pass over it is cheap (``ENRICH_OVERVIEW_IN_RUN_MS``, 1 s); a larger table is left to
+    the sensor, which observes it once for every run that ended meanwhile, instead of each run
+    paying seconds at its end. A database error here is a warning: the run's rows are
+    written, only the report is late (the sensor observes the table at its next tick)."""
     try:
         adbpg.store.spend.record(spend_rows(context.run_id, shares, dashscope))
+        budget = AutomationSettings.from_env().overview_in_run_ms
+        last = last_observed(context.instance)
+        took = int((last or {}).get(PASS_MS_KEY) or 0)
+        if budget == 0 or took > budget:
+            context.log.info(
+                f"items_table left to items_table_sensor: its last pass took {took} ms "
+                f"(runs observe it themselves up to ENRICH_OVERVIEW_IN_RUN_MS={budget})"
+            )
+            return
         metadata = table_metadata(adbpg.store, max_attempts=max_attempts)
-    except psycopg.Error as exc:
+    except (psycopg.Error, ConfigError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         context.log.warning(
             f"items_table not observed ({type(exc).__name__}: {first}): the items_table sensor "
@@ -123,12 +155,15 @@ def record_and_observe(
 
 
 def table_metadata(store: Store, *, max_attempts: int) -> dict[str, Any]:
-    """The observation's metadata: the table's figures now and the spend recorded to date."""
+    """The observation's metadata: the table's figures now and the spend recorded to date, and
+    how long reading them took (what decides whether runs observe the table themselves)."""
+    started = time.perf_counter()
     figures = store.overview.figures(max_attempts=max_attempts)
     md = figures_metadata(figures)
     md.update(spend_metadata(store.spend.to_date(), load_prices().currency))
     md["database"] = store.dialect.label
     md["items_table"] = f"{store.settings.namespace}.{store.settings.table}"
+    md[PASS_MS_KEY] = MetadataValue.int(round((time.perf_counter() - started) * 1000))
     return md
 
 
@@ -212,11 +247,28 @@ def _values(metadata: Mapping[str, Any]) -> dict[str, Any]:
     return {k: getattr(v, "value", v) for k, v in metadata.items()}
 
 
+def _figures(values: Mapping[str, Any]) -> dict[str, Any]:
+    """What the table states, without when and how fast it was read."""
+    return {k: v for k, v in values.items() if k not in (PASS_MS_KEY, OBSERVED_AT)}
+
+
 def last_observed(instance: DagsterInstance) -> dict[str, Any] | None:
-    """The metadata values of the table's latest observation, a run's or the sensor's."""
+    """The metadata values of the table's latest observation, a run's or the sensor's, with its
+    time under ``OBSERVED_AT``."""
     records = instance.fetch_observations(ITEMS_TABLE, limit=1).records
     observation = records[0].asset_observation if records else None
-    return _values(observation.metadata) if observation is not None else None
+    if observation is None:
+        return None
+    return {**_values(observation.metadata), OBSERVED_AT: records[0].timestamp}
+
+
+def _runs_ended_since(instance: DagsterInstance, timestamp: float) -> bool:
+    """Whether any run ended since ``timestamp`` (one indexed read of the run storage)."""
+    finished = RunsFilter(
+        statuses=[DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED],
+        updated_after=datetime.fromtimestamp(timestamp, tz=UTC),
+    )
+    return bool(instance.get_run_records(filters=finished, limit=1))
 
 
 @sensor(
@@ -224,17 +276,37 @@ def last_observed(instance: DagsterInstance) -> dict[str, Any] | None:
     minimum_interval_seconds=AUTOMATION.overview_interval,
     default_status=DefaultSensorStatus.RUNNING,
     description=(
-        "Every ENRICH_OVERVIEW_INTERVAL seconds: reads the whole items table's figures and "
-        "spend to date, and observes the items_table asset when any of them changed since its "
-        "last observation (a run's or this sensor's)."
+        "Every ENRICH_OVERVIEW_INTERVAL seconds: when a run ended, the tables changed or the "
+        "last observation is an hour old, reads the whole items table's figures and spend to "
+        "date, and observes the items_table asset when any of them changed since its last "
+        "observation (a run's or this sensor's)."
     ),
 )
 def items_table_sensor(context: SensorEvaluationContext, adbpg: AdbpgResource):
+    now = get_current_timestamp()
+    cursor = json.loads(context.cursor or "{}")
+    last = last_observed(context.instance)
     try:
         max_attempts = RunSettings.from_env().max_attempts
+        changes = adbpg.store.overview.changes()
+        # A pass costs seconds at a million rows: made only when something may have changed
+        # since the last one (where the server counts no changes, runs and age tell).
+        passed = max(float(cursor.get("passed") or 0), last[OBSERVED_AT] if last else 0.0)
+        if (
+            last is not None
+            and (changes is None or cursor.get("changes") == changes)
+            and not _runs_ended_since(context.instance, passed)
+            and now - passed < MAX_AGE_S
+        ):
+            return SkipReason("the items table is unchanged since it was last read")
         metadata = table_metadata(adbpg.store, max_attempts=max_attempts)
     except (psycopg.Error, ConfigError) as exc:
         return retry_later("items table not read", exc)
-    if last_observed(context.instance) == _values(metadata):
-        return SkipReason("the items table is as last observed")
-    return SensorResult(asset_events=[AssetObservation(ITEMS_TABLE, metadata=metadata)])
+    after = json.dumps({"changes": changes, "passed": now})
+    if last is not None and _figures(last) == _figures(_values(metadata)):
+        return SensorResult(
+            cursor=after, skip_reason=SkipReason("the items table is as last observed")
+        )
+    return SensorResult(
+        cursor=after, asset_events=[AssetObservation(ITEMS_TABLE, metadata=metadata)]
+    )

@@ -103,7 +103,13 @@ class DashScopeResource(ConfigurableResource):
     max_image_side: int | None = _unset(DashScopeSettings, "max_image_side")
     answer_format: str | None = _unset(DashScopeSettings, "answer_format")
     caption_languages: str | None = _unset(DashScopeSettings, "caption_languages")
-    offline: bool = Field(default=False, description=describe(DashScopeSettings, "offline"))
+    offline: bool = Field(
+        default=False,
+        description="true: the offline provider on purpose (no model is called, nothing is "
+        "paid; also ENRICH_OFFLINE). false: DashScope when DASHSCOPE_API_KEY is set; without "
+        "the key a run on the embedded demo database is offline all the same, and a run on a "
+        "configured database stops with one line naming the variable",
+    )
 
     _provider: Provider | None = PrivateAttr(default=None)
     _settings: DashScopeSettings | None = PrivateAttr(default=None)

@@ -28,6 +28,7 @@ from dagster import (
     build_sensor_context,
 )
 from dagster._core.test_utils import create_run_for_test, freeze_time
+from dagster._core.utils import make_new_run_id
 
 from enrich_pipeline.defs.definitions import defs
 from enrich_pipeline.defs.heartbeat import HEARTBEAT_TAG, WORKER_TAG
@@ -100,16 +101,18 @@ def started_with_every_row_claimed(
 ) -> DagsterRun:
     """The run as the daemon launched it for ``request`` (its worker process ``pid``), holding
     every row of the table for an hour."""
+    run_id = make_new_run_id()
     run = create_run_for_test(
         instance,
         job_name="enrich_job",
+        run_id=run_id,
         status=DagsterRunStatus.STARTED,
         tags={
             **request.tags,
             "dagster/partition": "alice",
             "dagster/run_key": request.run_key or "",
             HEARTBEAT_TAG: str(int(time.time())),
-            WORKER_TAG: f"{socket.gethostname()}:{pid}",
+            WORKER_TAG: f"{run_id} {socket.gethostname()}:{pid}",
         },
     )
     items.execute(

@@ -20,6 +20,7 @@ from dagster._core.remote_origin import (
 )
 from dagster._core.test_utils import create_run_for_test, instance_for_test
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+from dagster._core.utils import make_new_run_id
 from dagster._utils.tags import TagConcurrencyLimitsCounter
 
 from enrich_pipeline.defs.assets import enriched_items
@@ -141,11 +142,13 @@ def test_run_monitoring_fails_a_run_whose_process_is_gone_or_silent() -> None:
 
         host = socket.gethostname()
         now = time.time()
+        alive_id = make_new_run_id()
         alive = create_run_for_test(
             instance,
             job_name="enrich_job",
+            run_id=alive_id,
             status=DagsterRunStatus.STARTED,
-            tags={HEARTBEAT_TAG: str(int(now)), WORKER_TAG: f"{host}:{proc.pid}"},
+            tags={HEARTBEAT_TAG: str(int(now)), WORKER_TAG: f"{alive_id} {host}:{proc.pid}"},
         )
         assert worker_health(alive, timeout=90) is WorkerStatus.RUNNING
         proc.kill()
@@ -153,11 +156,13 @@ def test_run_monitoring_fails_a_run_whose_process_is_gone_or_silent() -> None:
         # Killed: FAILED at once, whatever the heartbeat says.
         assert worker_health(alive, timeout=90) is WorkerStatus.FAILED
         # Silent for longer than the timeout (on another host, so no pid to look at).
+        silent_id = make_new_run_id()
         silent = create_run_for_test(
             instance,
             job_name="enrich_job",
+            run_id=silent_id,
             status=DagsterRunStatus.STARTED,
-            tags={HEARTBEAT_TAG: str(int(now - 120)), WORKER_TAG: "elsewhere:1"},
+            tags={HEARTBEAT_TAG: str(int(now - 120)), WORKER_TAG: f"{silent_id} elsewhere:1"},
         )
         assert worker_health(silent, timeout=90) is WorkerStatus.FAILED
         assert worker_health(silent, timeout=300) is WorkerStatus.RUNNING

@@ -16,6 +16,7 @@ import pytest
 from dagster import DagsterRunStatus
 from PIL import Image
 
+from enrich_pipeline.defs.heartbeat import liveness_of
 from enrich_pipeline_tests.e2e.test_ui import (
     RUNS_TIMEOUT,
     TERMINAL,
@@ -111,12 +112,14 @@ def test_a_killed_run_worker_with_no_new_rows_is_requested_again(daemon: Stack) 
             deadline = time.monotonic() + RUNS_TIMEOUT
             while True:
                 runs = [r for r in _user_runs(daemon, user) if r.status == DagsterRunStatus.STARTED]
-                if runs and "enrich/worker" in runs[0].tags:
+                if runs and liveness_of(runs[0].run_id, runs[0].tags) is not None:
                     break
                 assert time.monotonic() < deadline, f"no run for {user} started"
                 time.sleep(0.3)
             (run,) = runs
-            worker = psutil.Process(int(run.tags["enrich/worker"].rsplit(":", 1)[1]))
+            live = liveness_of(run.run_id, run.tags)
+            assert live is not None and live.pid is not None
+            worker = psutil.Process(live.pid)
             parent = worker.parent()
             assert parent is not None and "grpc" in " ".join(parent.cmdline()), parent
             parent.suspend()

@@ -110,6 +110,9 @@ def test_background_start_stops_webserver_daemon_and_database_within_seconds(
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
 
+        # No warning that ``dagster dev`` is superseded at every start.
+        assert "SupersessionWarning" not in log.read_text()
+
         # The embedded database, as the README says to reach it.
         url = _launcher(env, "db-url")
         assert url.returncode == 0, url.stderr

@@ -27,20 +27,19 @@ from dagster import DagsterRun, DefaultRunLauncher
 from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
 
 from enrich_pipeline.db.embedded import process_alive
-from enrich_pipeline.defs.heartbeat import HEARTBEAT_TAG, WORKER_TAG
+from enrich_pipeline.defs.heartbeat import liveness_of
 
 
 def worker_health(run: DagsterRun, timeout: float, now: float | None = None) -> WorkerStatus:
     """RUNNING, or FAILED when the run's process is gone or its heartbeat stopped."""
     now = time.time() if now is None else now
-    beat = run.tags.get(HEARTBEAT_TAG)
-    if beat is None:
+    live = liveness_of(run.run_id, run.tags)
+    if live is None:
         return WorkerStatus.RUNNING  # not one of ours, or not beating yet: no opinion
-    host, _, pid = run.tags.get(WORKER_TAG, "").rpartition(":")
-    if host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid)):
+    if live.host == socket.gethostname() and live.pid is not None and not process_alive(live.pid):
         return WorkerStatus.FAILED
     try:
-        age = now - float(beat)
+        age = now - float(live.beat)
     except ValueError:
         return WorkerStatus.RUNNING
     return WorkerStatus.FAILED if age > timeout else WorkerStatus.RUNNING
@@ -59,9 +58,10 @@ class HeartbeatRunLauncher(DefaultRunLauncher):
         timeout = dagster_settings().heartbeat_timeout
         status = worker_health(run, timeout)
         if status is WorkerStatus.FAILED:
+            live = liveness_of(run.run_id, run.tags)
             return CheckRunHealthResult(
                 status,
-                f"the run's process ({run.tags.get(WORKER_TAG, '?')}) is gone or has not sent a "
+                f"the run's process ({live.worker if live else '?'}) is gone or has not sent a "
                 f"heartbeat for {timeout:.0f} s (ENRICH_RUN_HEARTBEAT_TIMEOUT)",
             )
         return CheckRunHealthResult(status)
