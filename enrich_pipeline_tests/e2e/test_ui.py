@@ -38,6 +38,7 @@ from PIL import Image
 from psycopg import sql
 
 from enrich_pipeline.cli.dagster import dagster_url_for, ensure_database
+from enrich_pipeline.defs.heartbeat import liveness_of
 from enrich_pipeline.defs.instance import INSTANCE_YAML
 from enrich_pipeline_tests.e2e.browser import (
     UI_TIMEOUT_MS,
@@ -256,6 +257,8 @@ def stack(
         # Short waits before a user whose run left its rows is requested again.
         ENRICH_RERUN_BACKOFF="2",
         PYTHONUNBUFFERED="1",
+        # The items_table sensor catches up within seconds where a run left the table to it.
+        ENRICH_OVERVIEW_INTERVAL="5",
         # The stand-in's host has no list prices: a price list of our own, so that the table's
         # spend to date is a figure with its currency (made-up prices, per million tokens).
         ENRICH_PRICES=json.dumps(
@@ -472,6 +475,18 @@ def test_ui_shows_user_partitions_and_latest_statistics(stack: Stack, tmp_path: 
             for default in ("batch_size: 100", "max_attempts: 3", "overlap:"):
                 expect(editor).to_contain_text(default)
             shots(page, "launchpad")
+
+            # A finished run's tags, as the UI lists them: its user, and no liveness
+            # bookkeeping (kept under Dagster's hidden ".dagster/" prefix).
+            run = next(r for r in stack.runs() if r.tags.get("dagster/partition") == latest)
+            page.goto(f"{stack.url}/runs/{run.run_id}")
+            page.get_by_role("button", name="View tags and config").click()
+            dialog = page.get_by_role("dialog")
+            expect(dialog).to_contain_text(f"enrich/user: {latest}", timeout=UI_TIMEOUT_MS)
+            for hidden in ("heartbeat", "worker", ".dagster"):
+                expect(dialog).not_to_contain_text(hidden)
+            shots(page, "run_tags")
+            page.keyboard.press("Escape")
             page.goto(f"{stack.url}/locations/enrich_pipeline/jobs/{JOB}")
             expect(page.get_by_text("write each chunk back as it completes").first).to_be_visible(
                 timeout=UI_TIMEOUT_MS
@@ -594,13 +609,20 @@ def test_items_table_shows_the_whole_table_after_runs_for_two_users(
         stack.wait_for_runs()
         items, captioned = _table_counts(stack)
         assert items not in {len(ids) for ids in stack.seeded.values()}  # a table, not a user
-        records = stack.instance.fetch_observations(AssetKey(TABLE), limit=100).records
-        observed = [
-            {k: v.value for k, v in r.asset_observation.metadata.items()}
-            for r in reversed(records)  # oldest first
-        ]
-        # One observation at least after each user's run.
-        assert len(observed) >= len(SEED), observed
+        # Observed at the end of each run, or by the items_table sensor soon after.
+        deadline = time.monotonic() + RUNS_TIMEOUT
+        while True:
+            records = stack.instance.fetch_observations(AssetKey(TABLE), limit=100).records
+            observed = [
+                {k: v.value for k, v in r.asset_observation.metadata.items()}
+                for r in reversed(records)  # oldest first
+            ]
+            if observed and observed[-1]["items_captioned"] == captioned:
+                break
+            assert time.monotonic() < deadline, observed[-1:]
+            time.sleep(0.5)
+        # More than one: a line over time, not a point.
+        assert len(observed) >= 2, observed
         assert all(md["dagster/row_count"] == md["items"] == items for md in observed)
         progress = [md["items_captioned"] for md in observed]
         assert progress == sorted(progress) and progress[-1] == captioned, progress
@@ -855,13 +877,14 @@ def test_a_killed_run_is_failed_and_the_users_next_rows_are_captioned(stack: Sta
             deadline = time.monotonic() + RUNS_TIMEOUT
             while True:  # the sensor's run for ivan, beating
                 runs = [r for r in _user_runs(stack, user) if r.status == DagsterRunStatus.STARTED]
-                if runs and "enrich/worker" in runs[0].tags:
+                if runs and liveness_of(runs[0].run_id, runs[0].tags) is not None:
                     break
                 assert time.monotonic() < deadline, "no run for ivan started"
                 time.sleep(0.3)
             (run,) = runs
-            pid = int(run.tags["enrich/worker"].rsplit(":", 1)[1])
-            worker = psutil.Process(pid)
+            live = liveness_of(run.run_id, run.tags)
+            assert live is not None and live.pid is not None
+            worker = psutil.Process(live.pid)
             parent = worker.parent()
             assert parent is not None and "grpc" in " ".join(parent.cmdline()), parent
             parent.suspend()
@@ -935,6 +958,16 @@ def test_a_user_whose_rows_all_failed_is_not_green_in_the_partitions_view(
             for other in SEED:
                 assert "green" in dot_colour(partition_dot(page, other))
             shots(page, "failed_partition")
+            # Its detail says why it is red.
             page.get_by_title(user, exact=True).click()
             expect(page).to_have_url(re.compile(rf"partition={user}\b"))
+            expect(
+                page.get_by_text(f"Run {run.run_id[:8]} failed, and did not materialize this asset")
+            ).to_be_visible(timeout=UI_TIMEOUT_MS)
             shots(page, "failed_partition_detail")
+            # The run's page: the one line that names the user and why.
+            page.goto(f"{stack.url}/runs/{run.run_id}")
+            expect(page.get_by_text(re.compile(rf"user '{user}': every row")).first).to_be_visible(
+                timeout=UI_TIMEOUT_MS
+            )
+            shots(page, "failed_partition_run")
