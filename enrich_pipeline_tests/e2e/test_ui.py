@@ -7,8 +7,12 @@ DAGSTER_HOME and run storage in a fresh database of the test PostgreSQL) against
 seeded with pending rows for two users and the stand-in DashScope server. Nobody clicks: the
 sensor (default status RUNNING) must add the partitions and launch one run per user.
 
-The browser test drives Debian's Chromium (``/usr/bin/chromium``) with Playwright and never
-downloads a browser; CI installs the package (see ``.ci/run``).
+The browser tests drive Debian's Chromium (``/usr/bin/chromium``) with Playwright
+(``e2e/browser.py``) and never download a browser; CI installs the package (see ``.ci/run``).
+They look at what a person sees: each user's partition and statistics, the launchpad, a run's
+tags, the Checks tab's "Execute all", the whole table's ``items_table`` (row count, plots), and a
+partition whose rows all failed (red). Every page they check is saved as
+``artifacts/e2e_ui_*.png``.
 """
 
 from __future__ import annotations
@@ -948,6 +952,13 @@ def test_a_user_whose_rows_all_failed_is_not_green_in_the_partitions_view(
         records = stack.instance.fetch_materializations(AssetKey(ASSET), limit=1000).records
         materialized = {r.asset_materialization.partition for r in records}
         assert user not in materialized and set(SEED) <= materialized
+        # Its checks are still evaluated in that run: failure_share fails for the user.
+        (share,) = [
+            e
+            for e in _check_evaluations(stack, run.run_id)
+            if e.check_name == "failure_share" and e.partition == user
+        ]
+        assert not share.passed, share
 
         with dagster_page(shots, "failed_partition") as page:
             expect = _expect()
@@ -971,3 +982,12 @@ def test_a_user_whose_rows_all_failed_is_not_green_in_the_partitions_view(
                 timeout=UI_TIMEOUT_MS
             )
             shots(page, "failed_partition_run")
+            # A partition an asset-page backfill materialized (hana, earlier in the module):
+            # its latest materialization links its run. (Where that run is the backfill's,
+            # Dagster's UI shows "Job None": it names no job for its hidden __ASSET_JOB.)
+            hana = [r.run_id for r in records if r.asset_materialization.partition == "hana"]
+            if hana:
+                page.goto(f"{stack.url}/assets/{ASSET}?view=partitions&partition=hana")
+                expect(metadata_row(page, "user_id")).to_have_text("hana", timeout=UI_TIMEOUT_MS)
+                expect(page.get_by_role("link", name=hana[0][:8]).first).to_be_visible()
+                shots(page, "backfilled_partition")
