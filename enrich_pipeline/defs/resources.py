@@ -25,6 +25,7 @@ from enrich_pipeline.enrichment.tags import TagVocabulary
 from enrich_pipeline.providers.base import Provider
 from enrich_pipeline.providers.wire import question_of
 from enrich_pipeline.settings import (
+    ConfigError,
     DashScopeSettings,
     DbSettings,
     Settings,
@@ -103,12 +104,17 @@ class DashScopeResource(ConfigurableResource):
     max_image_side: int | None = _unset(DashScopeSettings, "max_image_side")
     answer_format: str | None = _unset(DashScopeSettings, "answer_format")
     caption_languages: str | None = _unset(DashScopeSettings, "caption_languages")
-    offline: bool = Field(
-        default=False,
-        description="true: the offline provider on purpose (no model is called, nothing is "
-        "paid; also ENRICH_OFFLINE). false: DashScope when DASHSCOPE_API_KEY is set; without "
-        "the key a run on the embedded demo database is offline all the same, and a run on a "
-        "configured database stops with one line naming the variable",
+    # Three states, so that the launchpad shows what a run will do: unset is decided when the
+    # run starts from the environment it runs in (a default baked in at load would show the
+    # loading process's environment, not the run's).
+    offline: bool | None = Field(
+        default=None,
+        description="unset (the default): decided when the run starts: the offline provider "
+        "when DASHSCOPE_API_KEY is not set and the database is the embedded demo, or with "
+        "ENRICH_OFFLINE=true; DashScope otherwise (a configured database without the key stops "
+        "with one line naming the variable). true: the offline provider on purpose (no model "
+        "is called, nothing is paid). false: DashScope only: a run without DASHSCOPE_API_KEY "
+        "stops before its first call, even on the embedded demo",
     )
 
     _provider: Provider | None = PrivateAttr(default=None)
@@ -139,6 +145,11 @@ class DashScopeResource(ConfigurableResource):
     def setup_for_execution(self, context: InitResourceContext) -> None:
         settings = Settings.from_env(given={"dashscope": self.api_settings()})
         embedded = settings.db.embedded
+        if self.offline is False and not settings.dashscope.api_key.get_secret_value():
+            raise ConfigError(
+                "dashscope.offline is false but DASHSCOPE_API_KEY is not set: export it, or "
+                "leave offline unset for the offline demo"
+            )
         self._settings = settings.dashscope
         self._images, self._vocabulary = run_policies(settings, embedded=embedded)
         self._question = question_of(self._settings, self._vocabulary)

@@ -19,22 +19,13 @@ from enrich_pipeline.defs.checks import (
     failure_share,
     no_unrecorded_pending_rows,
 )
-from enrich_pipeline.defs.definitions import defs
-from enrich_pipeline.defs.io_managers import CHUNK_IO
 from enrich_pipeline.defs.partitions import users_partitions
 from enrich_pipeline.defs.reruns import stops
 from enrich_pipeline.defs.runs import RANGE_END_TAG, RANGE_START_TAG
+from enrich_pipeline_tests.defs.test_asset import resources
 from enrich_pipeline_tests.helpers import Items
 
 ASSETS = [enriched_items, no_unrecorded_pending_rows, embedding_dimensions, failure_share]
-
-
-def resources() -> dict:
-    return {
-        k: v
-        for k, v in defs.resources.items()
-        if k in ("adbpg", "dashscope", "run_state", "heartbeat", CHUNK_IO)
-    }
 
 
 def partition_status(instance: DagsterInstance) -> tuple[set[str], set[str]]:

@@ -23,7 +23,6 @@ from dagster_graphql.test.utils import execute_dagster_graphql
 
 from enrich_pipeline.cli.dagster import WORKSPACE_YAML
 from enrich_pipeline.defs.assets import enriched_items
-from enrich_pipeline.defs.definitions import defs
 from enrich_pipeline.defs.heartbeat import (
     HEARTBEAT_TAG,
     LEGACY_HEARTBEAT_TAG,
@@ -33,8 +32,8 @@ from enrich_pipeline.defs.heartbeat import (
 )
 from enrich_pipeline.defs.instance.backfill import workspace_opts
 from enrich_pipeline.defs.instance.run_launcher import HeartbeatRunLauncher, worker_health
-from enrich_pipeline.defs.io_managers import CHUNK_IO
 from enrich_pipeline.defs.reruns import dead_runs
+from enrich_pipeline_tests.defs.test_asset import resources
 from enrich_pipeline_tests.helpers import Items
 
 RUN_TAGS = """
@@ -62,14 +61,9 @@ def test_a_run_keeps_its_heartbeat_where_the_ui_does_not_show_it(
     items.add("alice", str(image_dir / "blue.jpg"))
     with instance_for_test() as instance:
         instance.add_dynamic_partitions("users", ["alice"])
-        resources = {
-            k: v
-            for k, v in defs.resources.items()
-            if k in ("adbpg", "dashscope", "run_state", "heartbeat", CHUNK_IO)
-        }
         started = time.time()
         result = materialize(
-            [enriched_items], partition_key="alice", instance=instance, resources=resources
+            [enriched_items], partition_key="alice", instance=instance, resources=resources()
         )
         assert result.success
         run = instance.get_run_by_id(result.run_id)
