@@ -7,8 +7,12 @@ DAGSTER_HOME and run storage in a fresh database of the test PostgreSQL) against
 seeded with pending rows for two users and the stand-in DashScope server. Nobody clicks: the
 sensor (default status RUNNING) must add the partitions and launch one run per user.
 
-The browser test drives Debian's Chromium (``/usr/bin/chromium``) with Playwright and never
-downloads a browser; CI installs the package (see ``.ci/run``).
+The browser tests drive Debian's Chromium (``/usr/bin/chromium``) with Playwright
+(``e2e/browser.py``) and never download a browser; CI installs the package (see ``.ci/run``).
+They look at what a person sees: each user's partition and statistics, the launchpad, a run's
+tags, the Checks tab's "Execute all", the whole table's ``items_table`` (row count, plots), and a
+partition whose rows all failed (red). Every page they check is saved as
+``artifacts/e2e_ui_*.png``.
 """
 
 from __future__ import annotations
@@ -38,22 +42,20 @@ from PIL import Image
 from psycopg import sql
 
 from enrich_pipeline.cli.dagster import dagster_url_for, ensure_database
+from enrich_pipeline.defs.heartbeat import liveness_of
 from enrich_pipeline.defs.instance import INSTANCE_YAML
+from enrich_pipeline_tests.e2e.browser import (
+    UI_TIMEOUT_MS,
+    Screenshots,
+    dagster_page,
+    dot_colour,
+    metadata_row,
+    partition_dot,
+    shown,
+)
 from enrich_pipeline_tests.helpers import API_KEY, Items, hues
 from enrich_pipeline_tests.standin import StandIn
 
-REPO = Path(__file__).resolve().parents[2]
-ARTIFACTS = REPO / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ASSET = "enriched_items"
 JOB = "enrich_job"
 SENSOR = "pending_rows_sensor"
@@ -62,7 +64,6 @@ SEED = {"alice": ["blue", "red", "green"], "bob": ["yellow", "cyan"]}
 # Deadlines, not expectations: a Dagster start can take minutes on a busy machine.
 STARTUP_TIMEOUT = 300.0
 RUNS_TIMEOUT = 120.0
-UI_TIMEOUT_MS = 30_000
 TERMINAL = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
 
 
@@ -95,6 +96,19 @@ class Stack:
             for p in self.logs
             if p.exists()
         )
+
+    def mark(self) -> list[int]:
+        """Where the servers' logs end now (see ``output_since``)."""
+        return [p.stat().st_size if p.exists() else 0 for p in self.logs]
+
+    def output_since(self, mark: list[int]) -> str:
+        """What the servers wrote after ``mark``."""
+        parts = []
+        for path, offset in zip(self.logs, mark, strict=True):
+            with path.open("rb") as f:
+                f.seek(offset)
+                parts.append(f.read().decode(errors="replace"))
+        return "\n".join(parts)
 
     def print_output(self) -> None:
         print(self.output()[-60_000:], flush=True)
@@ -247,6 +261,13 @@ def stack(
         # Short waits before a user whose run left its rows is requested again.
         ENRICH_RERUN_BACKOFF="2",
         PYTHONUNBUFFERED="1",
+        # The items_table sensor catches up within seconds where a run left the table to it.
+        ENRICH_OVERVIEW_INTERVAL="5",
+        # The stand-in's host has no list prices: a price list of our own, so that the table's
+        # spend to date is a figure with its currency (made-up prices, per million tokens).
+        ENRICH_PRICES=json.dumps(
+            {"qwen3-vl-plus": [2.0, 8.0], "text-embedding-v4": [0.5, 0.0], "currency": "USD"}
+        ),
     )
     port = _free_port()
     logs = [tmp / "servers.stdout.log", tmp / "servers.stderr.log"]
@@ -367,7 +388,8 @@ def test_sensor_runs_every_user_without_a_click(stack: Stack) -> None:
             assert (md["total"], md["succeeded"], md["failed"], md["skipped"]) == (n, n, 0, 0)
             assert md["success_rate"] == pytest.approx(1.0)
             assert md["tokens_used"] > 0 and md["provider"] == "dashscope"
-            assert md["dagster/row_count"] == md["items_captioned"] == n
+            # The user's own figures; the table's row count is items_table's, not a user's.
+            assert md["items_captioned"] == n and "dagster/row_count" not in md
             assert md["items_pending"] == 0 and "path" not in md
 
         # The secret: not in the servers' output, the run logs, or anything in DAGSTER_HOME.
@@ -391,26 +413,14 @@ def test_sensor_runs_every_user_without_a_click(stack: Stack) -> None:
                 assert API_KEY.encode() not in path.read_bytes(), path
 
 
-def _shown(value: object) -> str:
-    """A metadata value as the UI prints it (floats without a trailing ``.0``)."""
-    return f"{value:g}" if isinstance(value, float) else str(value)
+def _expect() -> Any:
+    from playwright.sync_api import expect
 
-
-def _launch_chromium(playwright: Any) -> Any:
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(
-            f"Debian's Chromium is missing ({CHROMIUM}): `apt-get install -y chromium` "
-            "(.ci/run installs it); this test never downloads a browser"
-        )
-    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+    return expect
 
 
 def test_ui_shows_user_partitions_and_latest_statistics(stack: Stack, tmp_path: Path) -> None:
-    try:
-        from playwright.sync_api import expect, sync_playwright
-    except ImportError:
-        pytest.fail("playwright is not installed: pip install -e '.[test]'")
-
+    shots = Screenshots(tmp_path)
     with _dump_output_on_failure(stack):
         stack.wait_for_runs()
         records = stack.instance.fetch_materializations(AssetKey(ASSET), limit=100).records
@@ -422,90 +432,231 @@ def test_ui_shows_user_partitions_and_latest_statistics(stack: Stack, tmp_path: 
         }
         assert set(expected) == set(SEED)
         latest = records[0].asset_materialization.partition  # newest first
-        ARTIFACTS.mkdir(exist_ok=True)
-        shots: list[Path] = []
+        with dagster_page(shots, "statistics") as page:
+            expect = _expect()
 
-        def screenshot(page: Any, name: str) -> None:
-            for folder in (ARTIFACTS, tmp_path):
-                page.screenshot(path=str(folder / f"e2e_ui_{name}.png"), full_page=True)
-            shots.append(ARTIFACTS / f"e2e_ui_{name}.png")
-            assert API_KEY not in page.content()
+            def expect_statistics(user: str) -> None:
+                md = expected[user]
+                expect(metadata_row(page, "user_id")).to_have_text(user, timeout=UI_TIMEOUT_MS)
+                for key in ("total", "succeeded", "failed", "success_rate", "tokens_used"):
+                    expect(metadata_row(page, key)).to_have_text(shown(md[key]))
+                assert md["succeeded"] == len(SEED[user]) and md["tokens_used"] > 0
 
-        def metadata_row(page: Any, key: str) -> Any:
-            first = page.locator("td:first-child", has_text=re.compile(rf"^\s*{key}\s*$"))
-            # The value is the row's last non-empty cell (the overview adds a timestamp column,
-            # the partition view an empty one).
-            cells = page.locator("tr").filter(has=first).locator("td")
-            return cells.filter(has_text=re.compile(r"\S")).last
+            # The partitions tab: one dynamic partition per user, both materialized.
+            page.goto(f"{stack.url}/assets/{ASSET}?view=partitions")
+            expect(page.get_by_text("Materialized (2)")).to_be_visible(timeout=UI_TIMEOUT_MS)
+            for user in SEED:
+                expect(page.get_by_title(user, exact=True)).to_be_visible()
+            shots(page, "partitions")
 
-        def expect_statistics(page: Any, user: str) -> None:
-            md = expected[user]
-            expect(metadata_row(page, "user_id")).to_have_text(user, timeout=UI_TIMEOUT_MS)
-            for key in ("total", "succeeded", "failed", "success_rate", "tokens_used"):
-                expect(metadata_row(page, key)).to_have_text(_shown(md[key]))
-            assert md["succeeded"] == len(SEED[user]) and md["tokens_used"] > 0
+            # Each partition's latest materialization, reached by clicking it in the list.
+            for user in SEED:
+                page.get_by_title(user, exact=True).click()
+                expect(page).to_have_url(re.compile(rf"partition={user}\b"))
+                expect(page.get_by_text("Latest materialization")).to_be_visible()
+                expect_statistics(user)
+                shots(page, f"partition_{user}")
 
-        with sync_playwright() as playwright:
-            browser = _launch_chromium(playwright)
-            context = browser.new_context(viewport={"width": 1440, "height": 1100})
-            # Dagster shows a "join the community" dialog once on a loopback origin; mark it as
-            # seen, as a user who dismissed it would have.
-            context.add_init_script("window.localStorage.setItem('communityNux', '\"1\"')")
-            page = context.new_page()
-            try:
-                # The partitions tab: one dynamic partition per user, both materialized.
-                page.goto(f"{stack.url}/assets/{ASSET}?view=partitions")
-                expect(page.get_by_text("Materialized (2)")).to_be_visible(timeout=UI_TIMEOUT_MS)
-                for user in SEED:
-                    expect(page.get_by_title(user, exact=True)).to_be_visible()
-                screenshot(page, "partitions")
+            # The overview: the asset's latest materialization and its statistics.
+            page.goto(f"{stack.url}/assets/{ASSET}")
+            expect(page.get_by_text("Latest materialization")).to_be_visible(timeout=UI_TIMEOUT_MS)
+            expect(page.get_by_role("link", name=SENSOR)).to_be_visible()
+            expect_statistics(latest)
+            shots(page, "overview")
 
-                # Each partition's latest materialization, reached by clicking it in the list.
-                for user in SEED:
-                    page.get_by_title(user, exact=True).click()
-                    expect(page).to_have_url(re.compile(rf"partition={user}\b"))
-                    expect(page.get_by_text("Latest materialization")).to_be_visible()
-                    expect_statistics(page, user)
-                    screenshot(page, f"partition_{user}")
+            # The launchpad is usable without the README: the job says what it does, and
+            # on an emptied editor "Scaffold all default config" fills in every default.
+            page.goto(f"{stack.url}/locations/enrich_pipeline/jobs/{JOB}/playground")
+            editor = page.locator(".CodeMirror").first
+            expect(editor).to_contain_text("batch_size", timeout=UI_TIMEOUT_MS)
+            editor.click()
+            page.keyboard.press("Control+A")
+            page.keyboard.press("Delete")
+            scaffold = page.get_by_role("button", name="Scaffold all default config")
+            expect(scaffold).to_be_enabled(timeout=UI_TIMEOUT_MS)
+            scaffold.click()
+            page.get_by_role("button", name="Confirm").click()
+            for default in ("batch_size: 100", "max_attempts: 3", "overlap:"):
+                expect(editor).to_contain_text(default)
+            shots(page, "launchpad")
 
-                # The overview: the asset's latest materialization and its statistics.
-                page.goto(f"{stack.url}/assets/{ASSET}")
-                expect(page.get_by_text("Latest materialization")).to_be_visible(
-                    timeout=UI_TIMEOUT_MS
-                )
-                expect(page.get_by_role("link", name=SENSOR)).to_be_visible()
-                expect_statistics(page, latest)
-                screenshot(page, "overview")
-
-                # The launchpad is usable without the README: the job says what it does, and
-                # on an emptied editor "Scaffold all default config" fills in every default.
-                page.goto(f"{stack.url}/locations/enrich_pipeline/jobs/{JOB}/playground")
-                editor = page.locator(".CodeMirror").first
-                expect(editor).to_contain_text("batch_size", timeout=UI_TIMEOUT_MS)
-                editor.click()
-                page.keyboard.press("Control+A")
-                page.keyboard.press("Delete")
-                scaffold = page.get_by_role("button", name="Scaffold all default config")
-                expect(scaffold).to_be_enabled(timeout=UI_TIMEOUT_MS)
-                scaffold.click()
-                page.get_by_role("button", name="Confirm").click()
-                for default in ("batch_size: 100", "max_attempts: 3", "overlap:"):
-                    expect(editor).to_contain_text(default)
-                screenshot(page, "launchpad")
-                page.goto(f"{stack.url}/locations/enrich_pipeline/jobs/{JOB}")
-                expect(
-                    page.get_by_text("write each chunk back as it completes").first
-                ).to_be_visible(timeout=UI_TIMEOUT_MS)
-            except BaseException:
-                page.screenshot(path=str(tmp_path / "e2e_ui_failure.png"), full_page=True)
-                page.screenshot(path=str(ARTIFACTS / "e2e_ui_failure.png"), full_page=True)
-                raise
-            finally:
-                browser.close()
-        print("screenshots:", *shots, sep="\n  ")
+            # A finished run's tags, as the UI lists them: its user, and no liveness
+            # bookkeeping (kept under Dagster's hidden ".dagster/" prefix).
+            run = next(r for r in stack.runs() if r.tags.get("dagster/partition") == latest)
+            page.goto(f"{stack.url}/runs/{run.run_id}")
+            page.get_by_role("button", name="View tags and config").click()
+            dialog = page.get_by_role("dialog")
+            expect(dialog).to_contain_text(f"enrich/user: {latest}", timeout=UI_TIMEOUT_MS)
+            for hidden in ("heartbeat", "worker", ".dagster"):
+                expect(dialog).not_to_contain_text(hidden)
+            shots(page, "run_tags")
+            page.keyboard.press("Escape")
+            page.goto(f"{stack.url}/locations/enrich_pipeline/jobs/{JOB}")
+            expect(page.get_by_text("write each chunk back as it completes").first).to_be_visible(
+                timeout=UI_TIMEOUT_MS
+            )
 
         # Still one run per user: the sensor did not request the same work twice.
         assert len(stack.runs()) == len(SEED)
+
+
+CHECKS = ("embedding_dimensions", "failure_share", "no_unrecorded_pending_rows")
+
+
+def _wait_for_run(stack: Stack, run_id: str, timeout: float = RUNS_TIMEOUT) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        run = stack.instance.get_run_by_id(run_id)
+        if run is not None and run.status in TERMINAL:
+            return run
+        assert time.monotonic() < deadline, f"run {run_id} not finished: {run and run.status}"
+        time.sleep(0.5)
+
+
+def _check_evaluations(stack: Stack, run_id: str) -> list[Any]:
+    return [
+        e.dagster_event.event_specific_data
+        for e in stack.instance.all_logs(run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION)
+    ]
+
+
+def test_execute_all_on_the_checks_tab_evaluates_every_user(stack: Stack, tmp_path: Path) -> None:
+    """The Checks tab's "Execute all" launches a run with no partition: every check evaluates
+    every user partition (and the asset as a whole), each evaluation linked to the partition's
+    materialization; the run succeeds and the server log holds no traceback."""
+    shots = Screenshots(tmp_path)
+    with _dump_output_on_failure(stack):
+        stack.wait_for_runs()
+        users = sorted(stack.instance.get_dynamic_partitions("users"))
+        mark = stack.mark()
+        with dagster_page(shots, "checks") as page:
+            expect = _expect()
+            page.goto(f"{stack.url}/assets/{ASSET}?view=checks")
+            expect(page.get_by_text(f"Checks ({len(CHECKS)})")).to_be_visible(timeout=UI_TIMEOUT_MS)
+            page.get_by_role("button", name="Execute all").click()
+            launched = page.get_by_text(re.compile(r"Launched run [0-9a-f]{8}"))
+            expect(launched).to_be_visible(timeout=UI_TIMEOUT_MS)
+            prefix = re.search(r"[0-9a-f]{8}", launched.inner_text()).group(0)
+            (run_id,) = [r.run_id for r in stack.instance.get_runs() if r.run_id.startswith(prefix)]
+            run = _wait_for_run(stack, run_id)
+            if run.status != DagsterRunStatus.SUCCESS:
+                raise AssertionError(stack._run_errors([run]))
+
+            # What the run recorded, for every check: one evaluation of the whole asset that
+            # judged every user partition and passed, linked to the asset's latest
+            # materialization; the users it recorded one by one (those whose result or target
+            # changed) passed and are linked to their own.
+            evaluations = _check_evaluations(stack, run_id)
+            for check in CHECKS:
+                mine = [e for e in evaluations if e.check_name == check]
+                (whole,) = [e for e in mine if e.partition is None]
+                assert whole.passed, whole
+                assert whole.metadata["partitions_evaluated"].value == len(users), whole
+                assert whole.target_materialization_data is not None
+                for e in mine:
+                    assert e.passed and e.target_materialization_data is not None, e
+                    assert e.partition is None or e.partition in users, e
+
+            # What a person sees, for each check: this run's row in the execution history,
+            # passed, "all N user partition(s) pass"; every user passed in its Partitions view;
+            # "Execution failed" nowhere.
+            for check in CHECKS:
+                page.goto(f"{stack.url}/assets/{ASSET}?view=checks&checkDetail={check}")
+                page.get_by_text("Execution history", exact=True).click()
+                row = (
+                    page.locator("tr")
+                    .filter(has=page.locator(f"a[href*='{run_id}']"))
+                    .filter(has=page.locator("td", has_text=re.compile(r"^\s*-\s*$")))
+                )
+                expect(row.first).to_contain_text("Passed", timeout=UI_TIMEOUT_MS)
+                expect(row.first).to_contain_text(f"all {len(users)} user partition(s) pass")
+                expect(page.get_by_text("Execution failed")).to_have_count(0)
+                shots(page, f"checks_execute_all_{check}_history")
+                page.get_by_text("Partitions", exact=True).last.click()
+                expect(page.get_by_text(f"Passed ({len(users)})")).to_be_visible(
+                    timeout=UI_TIMEOUT_MS
+                )
+                expect(page.get_by_text("Execution Failed (0)")).to_be_visible()
+                for user in users:
+                    expect(page.get_by_title(user, exact=True).first).to_be_visible()
+                shots(page, f"checks_execute_all_{check}_partitions")
+            # The list beside agrees: every check succeeded.
+            expect(page.get_by_text("Succeeded", exact=True)).to_have_count(len(CHECKS))
+        log = stack.output_since(mark)
+        assert "Traceback" not in log and "non-partitioned run" not in log, log[-5000:]
+
+
+TABLE = "items_table"
+
+
+def _table_counts(stack: Stack) -> tuple[int, int]:
+    """Straight from the database: the table's active rows with an image, and how many of them
+    have a caption (the figures items_table must show, whatever user ran last)."""
+    with psycopg.connect(stack.items.conninfo) as conn:
+        row = conn.execute(
+            sql.SQL(
+                "SELECT count(*), count(*) FILTER (WHERE metadata ? 'caption') FROM {}"
+                " WHERE status = 'active' AND image IS NOT NULL"
+            ).format(stack.items.ident)
+        ).fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+def test_items_table_shows_the_whole_table_after_runs_for_two_users(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """After one run per user the table-wide asset describes every user's rows: its row count
+    is the table's, never the last user's, and its figures over time only grow."""
+    shots = Screenshots(tmp_path)
+    with _dump_output_on_failure(stack):
+        stack.wait_for_runs()
+        items, captioned = _table_counts(stack)
+        assert items not in {len(ids) for ids in stack.seeded.values()}  # a table, not a user
+        # Observed at the end of each run, or by the items_table sensor soon after.
+        deadline = time.monotonic() + RUNS_TIMEOUT
+        while True:
+            records = stack.instance.fetch_observations(AssetKey(TABLE), limit=100).records
+            observed = [
+                {k: v.value for k, v in r.asset_observation.metadata.items()}
+                for r in reversed(records)  # oldest first
+            ]
+            if observed and observed[-1]["items_captioned"] == captioned:
+                break
+            assert time.monotonic() < deadline, observed[-1:]
+            time.sleep(0.5)
+        # More than one: a line over time, not a point.
+        assert len(observed) >= 2, observed
+        assert all(md["dagster/row_count"] == md["items"] == items for md in observed)
+        progress = [md["items_captioned"] for md in observed]
+        assert progress == sorted(progress) and progress[-1] == captioned, progress
+        latest = observed[-1]
+        assert latest["items_pending"] == 0 and latest["coverage"] == pytest.approx(1.0)
+        assert latest["spend_currency"] == "USD" and latest["spend_to_date"] > 0, latest
+
+        with dagster_page(shots, "items_table") as page:
+            expect = _expect()
+            # The table-wide asset's overview: the table's row count and figures.
+            page.goto(f"{stack.url}/assets/{TABLE}")
+            expect(page.get_by_text("Row count")).to_be_visible(timeout=UI_TIMEOUT_MS)
+            expect(page.get_by_text(f"{items:,}", exact=True).first).to_be_visible()
+            for key in ("items_captioned", "items_pending", "coverage", "spend_to_date"):
+                expect(metadata_row(page, key)).to_have_text(shown(latest[key]))
+            expect(metadata_row(page, "spend_currency")).to_have_text("USD")
+            shots(page, "items_table_overview")
+
+            # Its plots (the metadata's "Plots" view): the table's progress over time.
+            page.get_by_role("button", name="Plots").click()
+            for key in ("items_captioned", "coverage", "spend_to_date"):
+                expect(page.get_by_text(key, exact=True).first).to_be_visible(timeout=UI_TIMEOUT_MS)
+            expect(page.locator("canvas").first).to_be_visible()
+            shots(page, "items_table_plots")
+
+            # The partitioned asset's overview no longer shows one user's rows as the table's.
+            page.goto(f"{stack.url}/assets/{ASSET}")
+            expect(page.get_by_text("Latest materialization")).to_be_visible(timeout=UI_TIMEOUT_MS)
+            expect(metadata_row(page, "items_captioned")).to_be_visible()
+            expect(page.get_by_text("Row count")).to_have_count(0)
 
 
 def test_backfill_from_the_command_line_runs_one_run_per_user(stack: Stack) -> None:
@@ -698,10 +849,11 @@ def test_a_ui_backfill_while_the_sensor_is_on_never_runs_a_user_twice_at_once(
     records = stack.instance.fetch_materializations(AssetKey(ASSET), limit=100).records
     mine = [r.asset_materialization for r in records if r.asset_materialization.partition == user]
     latest = {k: v.value for k, v in mine[0].metadata.items()}
-    assert latest["items_captioned"] == latest["dagster/row_count"] == len(ids)
+    assert latest["items_captioned"] == len(ids) and "dagster/row_count" not in latest
     assert latest["items_pending"] == 0
-    # Every materialization's own figures add up: what it did is what it says.
-    assert sum(m.metadata["succeeded"].value for m in mine) == len(ids)
+    # Every materialization's own figures add up: what it did is what it says (a run that
+    # found nothing pending carries no run counters).
+    assert sum(m.metadata["succeeded"].value for m in mine if "succeeded" in m.metadata) == len(ids)
 
 
 def test_a_killed_run_is_failed_and_the_users_next_rows_are_captioned(stack: Stack) -> None:
@@ -729,13 +881,14 @@ def test_a_killed_run_is_failed_and_the_users_next_rows_are_captioned(stack: Sta
             deadline = time.monotonic() + RUNS_TIMEOUT
             while True:  # the sensor's run for ivan, beating
                 runs = [r for r in _user_runs(stack, user) if r.status == DagsterRunStatus.STARTED]
-                if runs and "enrich/worker" in runs[0].tags:
+                if runs and liveness_of(runs[0].run_id, runs[0].tags) is not None:
                     break
                 assert time.monotonic() < deadline, "no run for ivan started"
                 time.sleep(0.3)
             (run,) = runs
-            pid = int(run.tags["enrich/worker"].rsplit(":", 1)[1])
-            worker = psutil.Process(pid)
+            live = liveness_of(run.run_id, run.tags)
+            assert live is not None and live.pid is not None
+            worker = psutil.Process(live.pid)
             parent = worker.parent()
             assert parent is not None and "grpc" in " ".join(parent.cmdline()), parent
             parent.suspend()
@@ -762,3 +915,79 @@ def test_a_killed_run_is_failed_and_the_users_next_rows_are_captioned(stack: Sta
         stack.standin.latency = 0.0
     events = stack.instance.all_logs(run.run_id)
     assert any("is gone or has not sent a heartbeat" in (e.message or "") for e in events)
+
+
+def test_a_user_whose_rows_all_failed_is_not_green_in_the_partitions_view(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """A user whose every row fails (images that are not images: given up at once, no call
+    paid) gets no materialization; the run fails naming the user, and the asset's Partitions
+    view shows the partition as failed (red), the others still materialized (green).
+
+    Last in the module: the failed user stays failed for the stack's life."""
+    shots = Screenshots(tmp_path)
+    stack.wait_for_runs()
+    user = "lena"
+    broken = str(Path(stack.items.row(stack.seeded["alice"][0])["image"]).parent / "broken.jpg")
+    calls_before = stack.standin.count("chat")
+    with _dump_output_on_failure(stack):
+        ids = [stack.items.add(user, broken) for _ in range(2)]
+        deadline = time.monotonic() + RUNS_TIMEOUT
+        while True:  # the sensor's run for lena, to its end
+            runs = _user_runs(stack, user)
+            if runs and all(r.status in TERMINAL for r in runs):
+                break
+            assert time.monotonic() < deadline, [(r.run_id, r.status) for r in runs]
+            time.sleep(0.5)
+        (run,) = runs
+        assert run.status == DagsterRunStatus.FAILURE, run.status
+        # One line naming the user, in the run's failure.
+        errors = stack._run_errors([run])
+        assert f"'{user}'" in errors or f" {user}" in errors, errors
+        # The database: both rows given up, neither captioned, nothing paid for.
+        for item in ids:
+            assert "caption" not in (stack.items.row(item)["metadata"] or {})
+        assert stack.standin.count("chat") == calls_before
+        # Dagster: no materialization for the user; the others' are kept.
+        records = stack.instance.fetch_materializations(AssetKey(ASSET), limit=1000).records
+        materialized = {r.asset_materialization.partition for r in records}
+        assert user not in materialized and set(SEED) <= materialized
+        # Its checks are still evaluated in that run: failure_share fails for the user.
+        (share,) = [
+            e
+            for e in _check_evaluations(stack, run.run_id)
+            if e.check_name == "failure_share" and e.partition == user
+        ]
+        assert not share.passed, share
+
+        with dagster_page(shots, "failed_partition") as page:
+            expect = _expect()
+            page.goto(f"{stack.url}/assets/{ASSET}?view=partitions")
+            expect(page.get_by_text("Failed (1)")).to_be_visible(timeout=UI_TIMEOUT_MS)
+            expect(page.get_by_title(user, exact=True)).to_be_visible()
+            assert "red" in dot_colour(partition_dot(page, user))
+            for other in SEED:
+                assert "green" in dot_colour(partition_dot(page, other))
+            shots(page, "failed_partition")
+            # Its detail says why it is red.
+            page.get_by_title(user, exact=True).click()
+            expect(page).to_have_url(re.compile(rf"partition={user}\b"))
+            expect(
+                page.get_by_text(f"Run {run.run_id[:8]} failed, and did not materialize this asset")
+            ).to_be_visible(timeout=UI_TIMEOUT_MS)
+            shots(page, "failed_partition_detail")
+            # The run's page: the one line that names the user and why.
+            page.goto(f"{stack.url}/runs/{run.run_id}")
+            expect(page.get_by_text(re.compile(rf"user '{user}': every row")).first).to_be_visible(
+                timeout=UI_TIMEOUT_MS
+            )
+            shots(page, "failed_partition_run")
+            # A partition an asset-page backfill materialized (hana, earlier in the module):
+            # its latest materialization links its run. (Where that run is the backfill's,
+            # Dagster's UI shows "Job None": it names no job for its hidden __ASSET_JOB.)
+            hana = [r.run_id for r in records if r.asset_materialization.partition == "hana"]
+            if hana:
+                page.goto(f"{stack.url}/assets/{ASSET}?view=partitions&partition=hana")
+                expect(metadata_row(page, "user_id")).to_have_text("hana", timeout=UI_TIMEOUT_MS)
+                expect(page.get_by_role("link", name=hana[0][:8]).first).to_be_visible()
+                shots(page, "backfilled_partition")
