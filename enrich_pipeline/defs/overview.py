@@ -66,9 +66,10 @@ items_table = AssetSpec(
     description=(
         "The whole items table, every user: items, captioned, pending, stale, given up, by "
         "caption model and languages, coverage, and the provider spend recorded to date. "
-        "Observed after every enrichment run and every ENRICH_OVERVIEW_INTERVAL seconds when "
-        "a figure changed; never materialized (the pipeline fills the table in, it does not "
-        "make it)."
+        "Observed at the end of enrichment runs while a pass over the table is cheap "
+        "(ENRICH_OVERVIEW_IN_RUN_MS), and by items_table_sensor every ENRICH_OVERVIEW_INTERVAL "
+        "seconds after runs or changes, only when a figure changed; never materialized (the "
+        "pipeline fills the table in, it does not make it)."
     ),
 )
 
