@@ -9,13 +9,16 @@ text, so the seed runs on every server the pipeline does.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psycopg
 from psycopg import sql
 
 PER = 100_000
@@ -83,3 +86,25 @@ def insert_items(
         users=sql.Literal(users),
         rows=sql.Literal(rows),
     )
+
+
+@contextmanager
+def namespace_on(url: str, prefix: str) -> Iterator[str]:
+    """A fresh namespace on ``url``, the pipeline's settings pointed at it (``ADBPG_URL``,
+    ``ADBPG_NAMESPACE``) while the block runs; dropped, and the environment restored, after."""
+    namespace = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    saved = {k: os.environ.get(k) for k in ("ADBPG_URL", "ADBPG_NAMESPACE", "ADBPG_HOST")}
+    os.environ.pop("ADBPG_HOST", None)
+    os.environ.update({"ADBPG_URL": url, "ADBPG_NAMESPACE": namespace})
+    try:
+        yield namespace
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(namespace))
+            )
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

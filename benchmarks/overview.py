@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +29,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from benchmarks.large_table import PER, database, insert_items, scattered
+from benchmarks.large_table import PER, database, insert_items, namespace_on, scattered
 from enrich_pipeline.db.samples import create_sample_table
 from enrich_pipeline.enrichment.records import text_digest
 
@@ -138,45 +136,29 @@ def run(args: argparse.Namespace) -> Figures:
     from enrich_pipeline.defs.overview import table_metadata
     from enrich_pipeline.settings import DbSettings
 
-    namespace = f"overview_{uuid.uuid4().hex[:8]}"
-    with database(args.server, args.database_url, "enrich-overview-") as url:
-        saved = {k: os.environ.get(k) for k in ("ADBPG_URL", "ADBPG_NAMESPACE", "ADBPG_HOST")}
-        os.environ.pop("ADBPG_HOST", None)
-        os.environ.update({"ADBPG_URL": url, "ADBPG_NAMESPACE": namespace})
-        try:
-            seed_s = seed(url, namespace, args.rows, args.users, args.pending_share, args.spend)
-            with Store(DbSettings.from_env()) as store:
-                store.setup()
-                found = store.overview.figures(max_attempts=3)  # warms the plan cache
-                out = Figures(
-                    server=store.dialect.label,
-                    rows=args.rows,
-                    users=args.users,
-                    seed_s=seed_s,
-                    items=found.items,
-                    captioned=found.captioned,
-                    pending=found.pending,
-                    stale=found.stale,
-                    given_up=found.given_up,
-                    groups=len(found.by_model_language),
-                )
-                out.figures_ms = _timed(
-                    lambda: store.overview.figures(max_attempts=3), args.repeats
-                )
-                out.spend_ms = _timed(store.spend.to_date, args.repeats)
-                out.observation_ms = _timed(
-                    lambda: table_metadata(store, max_attempts=3), args.repeats
-                )
-        finally:
-            with psycopg.connect(url, autocommit=True) as conn:
-                conn.execute(
-                    sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(namespace))
-                )
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    with (
+        database(args.server, args.database_url, "enrich-overview-") as url,
+        namespace_on(url, "overview") as namespace,
+    ):
+        seed_s = seed(url, namespace, args.rows, args.users, args.pending_share, args.spend)
+        with Store(DbSettings.from_env()) as store:
+            store.setup()
+            found = store.overview.figures(max_attempts=3)  # warms the plan cache
+            out = Figures(
+                server=store.dialect.label,
+                rows=args.rows,
+                users=args.users,
+                seed_s=seed_s,
+                items=found.items,
+                captioned=found.captioned,
+                pending=found.pending,
+                stale=found.stale,
+                given_up=found.given_up,
+                groups=len(found.by_model_language),
+            )
+            out.figures_ms = _timed(lambda: store.overview.figures(max_attempts=3), args.repeats)
+            out.spend_ms = _timed(store.spend.to_date, args.repeats)
+            out.observation_ms = _timed(lambda: table_metadata(store, max_attempts=3), args.repeats)
     return out
 
 

@@ -24,7 +24,6 @@ import logging
 import os
 import statistics
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from benchmarks.large_table import PER, database, insert_items, scattered
+from benchmarks.large_table import PER, database, insert_items, namespace_on, scattered
 from enrich_pipeline.db.pending_index import INDEX_SUFFIX, PENDING_SUFFIX
 from enrich_pipeline.db.samples import create_sample_table
 from enrich_pipeline.enrichment.records import text_digest
@@ -186,11 +185,10 @@ def run(args: argparse.Namespace) -> Result:
     from enrich_pipeline.db.store import Store
     from enrich_pipeline.settings import DbSettings
 
-    namespace = f"stale_tick_{uuid.uuid4().hex[:8]}"
-    with database("pg18", args.database_url, "enrich-stale-tick-") as url:
-        saved = {k: os.environ.get(k) for k in ("ADBPG_URL", "ADBPG_NAMESPACE", "ADBPG_HOST")}
-        os.environ.pop("ADBPG_HOST", None)
-        os.environ.update({"ADBPG_URL": url, "ADBPG_NAMESPACE": namespace})
+    with (
+        database("pg18", args.database_url, "enrich-stale-tick-") as url,
+        namespace_on(url, "stale_tick") as namespace,
+    ):
         try:
             seed_s = seed(
                 url, namespace, args.rows, args.users, args.stale_share, args.pending_share
@@ -209,15 +207,6 @@ def run(args: argparse.Namespace) -> Result:
                 conn.execute(sql.SQL("VACUUM ANALYZE {}").format(items))
             modes = [measure_mode(mode, args.ticks) for mode in MODES]
         finally:
-            with psycopg.connect(url, autocommit=True) as conn:
-                conn.execute(
-                    sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(namespace))
-                )
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
             os.environ.pop("ENRICH_ON_IMAGE_CHANGE", None)
     return Result(
         args.rows, args.users, stale, pending, seed_s, index_s, index_name, BOUND_MS, modes
