@@ -35,7 +35,7 @@ from enrich_pipeline.cli.report import Report
 from enrich_pipeline.cli.stopping import exit_code, stop_line, stops_cleanly
 from enrich_pipeline.db.pending import FLAG, IGNORE, RECAPTION, OnImageChange
 from enrich_pipeline.db.preflight import grants
-from enrich_pipeline.db.spend import CAPTIONS, SpendRow
+from enrich_pipeline.db.spend import CAPTIONS, paid_row
 from enrich_pipeline.db.store import Store
 from enrich_pipeline.pipeline.stats import RunStats
 from enrich_pipeline.providers.base import FatalProviderError, ProviderUnavailable
@@ -200,21 +200,20 @@ def _record_spend(
     """The run's spend in the ledger (the overview's spend to date), where a model was called;
     a database that fails here only loses the ledger line, never the report."""
     provider = runtime.provider
-    called = ("prompt_tokens", "completion_tokens", "embedding_tokens", "vision_calls")
-    if provider.offline or not any(usage.get(k, 0) for k in called):
+    if provider.offline:
         return
-    embedded = bool(usage.get("embedding_tokens") or usage.get("embedding_calls"))
-    row = SpendRow(
+    row = paid_row(
         f"{CAPTIONS}:{uuid.uuid4().hex[:16]}",
         user or "",
         CAPTIONS,
-        provider.model_label + (f", {provider.embedding_model}" if embedded else ""),
-        usage.get("prompt_tokens", 0),
-        usage.get("completion_tokens", 0),
-        usage.get("embedding_tokens", 0),
-        cost,
-        currency or None,
+        usage,
+        vision_model=provider.model_label,
+        embedding_model=provider.embedding_model,
+        cost=cost,
+        currency=currency,
     )
+    if row is None:
+        return
     try:
         runtime.store.spend.record([row])
     except psycopg.Error as exc:

@@ -9,7 +9,7 @@ table exists on AnalyticDB 6.0 too).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from psycopg import sql
@@ -17,6 +17,8 @@ from psycopg import sql
 from enrich_pipeline.db.database import Database, retry_db
 
 DAGSTER, CAPTIONS, BATCH = "dagster", "enrich-captions", "enrich-batch"
+# Usage counts that mean a model was called (and may have been paid).
+CALLED = ("prompt_tokens", "completion_tokens", "embedding_tokens", "vision_calls")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,35 @@ class SpendRow:
     # None: a model used has no price (no estimate, tokens still counted).
     cost: float | None = None
     currency: str | None = None
+
+
+def paid_row(
+    run_id: str,
+    user_id: str,
+    command: str,
+    usage: Mapping[str, int],
+    *,
+    vision_model: str,
+    embedding_model: str,
+    cost: float | None,
+    currency: str | None,
+) -> SpendRow | None:
+    """The ledger row of what ``usage`` paid, or None where no model was called (an offline or
+    fully cached run pays nothing, so the ledger says nothing of it)."""
+    if not any(usage.get(k, 0) for k in CALLED):
+        return None
+    embedded = bool(usage.get("embedding_tokens") or usage.get("embedding_calls"))
+    return SpendRow(
+        run_id,
+        user_id,
+        command,
+        vision_model + (f", {embedding_model}" if embedded else ""),
+        usage.get("prompt_tokens", 0),
+        usage.get("completion_tokens", 0),
+        usage.get("embedding_tokens", 0),
+        cost,
+        currency or None,
+    )
 
 
 @dataclass(frozen=True)

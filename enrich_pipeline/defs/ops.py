@@ -34,6 +34,7 @@ from dagster import (
 )
 
 from enrich_pipeline.db.pending import FLAG
+from enrich_pipeline.db.spend import DAGSTER, SpendRow, paid_row
 from enrich_pipeline.defs.chunk_steps import (
     ChunkSpec,
     ChunkState,
@@ -408,6 +409,8 @@ def _summarize(
     total = RunStats()
     step = context.get_step_execution_context()
     summary = Summary(keys=keys)
+    # Each user's share of what the run paid, for the spend ledger (priced once, here).
+    spend: list[SpendRow] = []
     any_failed = any(all_failed(items[key_to_user(k)]) for k in keys)
     for key in keys:
         user = key_to_user(key)
@@ -425,6 +428,18 @@ def _summarize(
                 embedding_model=provider.embedding_model,
                 prices=prices,
             )
+            row = paid_row(
+                context.run_id,
+                user,
+                DAGSTER,
+                share,
+                vision_model=provider.model_label,
+                embedding_model=provider.embedding_model,
+                cost=cost,
+                currency=prices.currency,
+            )
+            if row is not None:
+                spend.append(row)
         metadata = partition_metadata(
             user=user,
             items=state,
@@ -455,5 +470,5 @@ def _summarize(
         )
     # After every write, before a failed partition fails the step: the run's spend per user,
     # then the whole table as it now is.
-    record_and_observe(context, adbpg, dashscope, shares, max_attempts=max_attempts)
+    record_and_observe(context, adbpg, spend, max_attempts=max_attempts)
     return summary

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -49,12 +49,12 @@ from dagster import (
 from dagster._time import get_current_timestamp
 
 from enrich_pipeline.db.overview import TableFigures
-from enrich_pipeline.db.spend import DAGSTER, Spend, SpendRow
+from enrich_pipeline.db.spend import Spend, SpendRow
 from enrich_pipeline.db.store import Store
 from enrich_pipeline.defs.config import AUTOMATION
-from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
+from enrich_pipeline.defs.resources import AdbpgResource
 from enrich_pipeline.defs.runs import retry_later
-from enrich_pipeline.providers.pricing import estimate_cost, load_prices
+from enrich_pipeline.providers.pricing import load_prices
 from enrich_pipeline.settings import AutomationSettings, ConfigError, RunSettings
 
 ITEMS_TABLE = AssetKey("items_table")
@@ -79,62 +79,22 @@ OBSERVED_AT = "observed_at"
 # counts) are caught by observing again at least this often.
 MAX_AGE_S = 3600
 
-# Usage counts that mean a model was called (and may have been paid).
-_CALLED = ("prompt_tokens", "completion_tokens", "embedding_tokens", "vision_calls")
-
-
-def spend_rows(
-    run_id: str,
-    shares: Mapping[str, Mapping[str, int]],
-    dashscope: DashScopeResource,
-) -> list[SpendRow]:
-    """The spend-ledger rows of a Dagster run: each user's share where a model was called."""
-    provider = dashscope.provider
-    if provider.offline:
-        return []
-    prices = load_prices(base_url=dashscope.settings.url)
-    rows = []
-    for user, share in sorted(shares.items()):
-        if not any(share.get(k, 0) for k in _CALLED):
-            continue
-        embedded = bool(share.get("embedding_tokens") or share.get("embedding_calls"))
-        models = provider.model_label + (f", {provider.embedding_model}" if embedded else "")
-        rows.append(
-            SpendRow(
-                run_id,
-                user,
-                DAGSTER,
-                models,
-                share.get("prompt_tokens", 0),
-                share.get("completion_tokens", 0),
-                share.get("embedding_tokens", 0),
-                estimate_cost(
-                    share,
-                    vision_model=provider.model_label,
-                    embedding_model=provider.embedding_model,
-                    prices=prices,
-                ),
-                prices.currency or None,
-            )
-        )
-    return rows
-
 
 def record_and_observe(
     context: OpExecutionContext,
     adbpg: AdbpgResource,
-    dashscope: DashScopeResource,
-    shares: Mapping[str, Mapping[str, int]],
+    spend: Sequence[SpendRow],
     *,
     max_attempts: int,
 ) -> None:
-    """At a run's end, after its writes: its spend per user, then the table observed, while a
+    """At a run's end, after its writes: its spend per user (priced by the summary step, as
+    the partitions' ``estimated_cost_usd``), then the table observed, while a
     pass over it is cheap (``ENRICH_OVERVIEW_IN_RUN_MS``, 1 s); a larger table is left to
     the sensor, which observes it once for every run that ended meanwhile, instead of each run
     paying seconds at its end. A database error here is a warning: the run's rows are
     written, only the report is late (the sensor observes the table at its next tick)."""
     try:
-        adbpg.store.spend.record(spend_rows(context.run_id, shares, dashscope))
+        adbpg.store.spend.record(spend)
         budget = AutomationSettings.from_env().overview_in_run_ms
         last = last_observed(context.instance)
         took = int((last or {}).get(PASS_MS_KEY) or 0)

@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from enrich_pipeline.db.batches import COLLECTED, OPEN, REJECTED, BatchRecord
-from enrich_pipeline.db.spend import BATCH, SpendRow
+from enrich_pipeline.db.spend import BATCH, SpendRow, paid_row
 from enrich_pipeline.db.store import Store
 from enrich_pipeline.enrichment.records import ItemError, PendingItem, Provenance, WorkItem
 from enrich_pipeline.enrichment.tags import DEFAULT_VOCABULARY, TagVocabulary
@@ -260,7 +260,7 @@ def _collect(
         # written) and the embeddings this collect made (those of a collect that died midway
         # are not counted).
         spend = batch_spend(record, out, provider, settings, embedding_before, provider.usage)
-        if spend.prompt_tokens + spend.completion_tokens + spend.embedding_tokens:
+        if spend is not None:
             store.spend.record([spend])
     return out
 
@@ -272,29 +272,29 @@ def batch_spend(
     settings: DashScopeSettings,
     embedding_before: int,
     usage: Usage,
-) -> SpendRow:
+) -> SpendRow | None:
     """The spend-ledger row of a collected batch: its lines at the batch price (half), its
-    captions' embeddings at the online one; no cost where a model used has no price."""
+    captions' embeddings at the online one; no cost where a model used has no price. None
+    when the batch paid no token."""
     prices = price_table(record.base_url, settings.prices)
     embedding_tokens = max(0, usage.embedding_tokens - embedding_before)
-    tokens = {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens}
+    lines = {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens}
     cost = estimate_cost(
-        tokens, vision_model=record.model, embedding_model="", prices=prices, batch=True
+        lines, vision_model=record.model, embedding_model="", prices=prices, batch=True
     )
     embedding_model = provider.embedding_model
     if embedding_tokens and cost is not None:
         price = prices.get(embedding_model)
         cost = None if price is None else cost + embedding_tokens * price[0] / 1_000_000
-    return SpendRow(
+    return paid_row(
         f"batch:{record.local_id}",
         record.user_id,
         BATCH,
-        record.model + (f", {embedding_model}" if embedding_tokens else ""),
-        out.prompt_tokens,
-        out.completion_tokens,
-        embedding_tokens,
-        cost,
-        prices.currency or None,
+        {**lines, "embedding_tokens": embedding_tokens},
+        vision_model=record.model,
+        embedding_model=embedding_model,
+        cost=cost,
+        currency=prices.currency,
     )
 
 
