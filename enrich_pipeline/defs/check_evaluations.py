@@ -37,7 +37,14 @@ from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
 from enrich_pipeline.settings import RunSettings
 
 ENRICHED_ITEMS = AssetKey("enriched_items")
-CHECK_NAMES = ("no_unrecorded_pending_rows", "embedding_dimensions", "failure_share")
+# Each check's severity, for its partitions' evaluations and its whole-asset one.
+SEVERITY = {
+    # Rows can arrive during a run; that is a reason to look, not to stop anything.
+    "no_unrecorded_pending_rows": AssetCheckSeverity.WARN,
+    "embedding_dimensions": AssetCheckSeverity.ERROR,
+    "failure_share": AssetCheckSeverity.WARN,
+}
+CHECK_NAMES = tuple(SEVERITY)
 # Users judged per grouped statement (and per materialization lookup): a run of every
 # partition reads 100,000 users in 100 such batches, never one statement per user.
 BATCH = 1000
@@ -88,8 +95,7 @@ def no_unrecorded_pending_rows(adbpg: AdbpgResource, dashscope: DashScopeResourc
             ]
             out[key] = Verdict(
                 left == 0,
-                # Rows can arrive during a run; that is a reason to look, not to stop anything.
-                AssetCheckSeverity.WARN,
+                SEVERITY["no_unrecorded_pending_rows"],
                 {
                     "pending_unrecorded": pending,
                     "stale_unrecorded": stale,
@@ -120,7 +126,7 @@ def embedding_dimensions(adbpg: AdbpgResource, dashscope: DashScopeResource) -> 
             ]
             out[key] = Verdict(
                 wrong == 0 and not_finite == 0,
-                AssetCheckSeverity.ERROR,
+                SEVERITY["embedding_dimensions"],
                 {
                     "expected_dimensions": dims,
                     "embeddings": figures["embeddings"],
@@ -157,7 +163,7 @@ def failure_share(adbpg: AdbpgResource, dashscope: DashScopeResource) -> Judge:
                 metadata["failure_share"] = round(share, 4)
             out[key] = Verdict(
                 not over,
-                AssetCheckSeverity.WARN,
+                SEVERITY["failure_share"],
                 metadata,
                 f"{failed} of {f.captioned_by_pipeline + failed} attempted row(s) failed "
                 f"({share:.0%} > {threshold:.0%}); see the failure ledger in the metadata"
@@ -173,11 +179,6 @@ JUDGES: dict[str, Callable[[AdbpgResource, DashScopeResource], Judge]] = {
     "no_unrecorded_pending_rows": no_unrecorded_pending_rows,
     "embedding_dimensions": embedding_dimensions,
     "failure_share": failure_share,
-}
-SEVERITY = {
-    "no_unrecorded_pending_rows": AssetCheckSeverity.WARN,
-    "embedding_dimensions": AssetCheckSeverity.ERROR,
-    "failure_share": AssetCheckSeverity.WARN,
 }
 
 
