@@ -249,6 +249,8 @@ def _signal_group(pgid: int, sig: int) -> bool:
 
 
 def _target() -> list[str]:
+    """The code location as Dagster's commands are given it (``dagster dev``, and the
+    backfill loaded in process): the checkout's workspace file, else the installed module."""
     if WORKSPACE_YAML.exists():
         return ["-w", str(WORKSPACE_YAML)]
     return ["-m", "enrich_pipeline.defs.definitions"]
@@ -314,9 +316,7 @@ def backfill(env: dict[str, str], users: list[str] | None, *, allow_unknown: boo
         keys = [user_to_key(u) for u in users]
         print(f"Backfilling {len(keys)} user partition(s): {', '.join(keys)}", flush=True)
         # In this process, not through ``dagster job backfill`` and the code server it starts.
-        backfill_id = admin.backfill_partitions(
-            "enrich_job", keys, WORKSPACE_YAML if WORKSPACE_YAML.exists() else None
-        )
+        backfill_id = admin.backfill_partitions("enrich_job", keys, _target())
     print(f"Launched backfill {backfill_id}: {len(keys)} run(s) queued", flush=True)
     return 0
 

@@ -47,7 +47,9 @@ def _graphql_tags(instance: DagsterInstance, run_id: str) -> dict[str, str]:
     """The run's tags as the UI gets them (GraphQL, over the code location in process)."""
     from dagster._cli.workspace.cli_target import workspace_opts_to_load_target
 
-    target = workspace_opts_to_load_target(workspace_opts(WORKSPACE_YAML), allow_in_process=True)
+    target = workspace_opts_to_load_target(
+        workspace_opts(["-w", str(WORKSPACE_YAML)]), allow_in_process=True
+    )
     with WorkspaceProcessContext(instance, target) as process:
         result = execute_dagster_graphql(
             process.create_request_context(), RUN_TAGS, {"runId": run_id}

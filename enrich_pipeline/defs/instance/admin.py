@@ -6,7 +6,6 @@ first."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 
 from dagster import DagsterInstance
 
@@ -31,11 +30,11 @@ def remove_user_partitions(keys: Iterable[str]) -> None:
             instance.delete_dynamic_partition(users_partitions.name, key)
 
 
-def backfill_partitions(job_name: str, keys: Sequence[str], workspace_yaml: Path | None) -> str:
+def backfill_partitions(job_name: str, keys: Sequence[str], target: Sequence[str]) -> str:
     """The partitions ``keys`` added, and one backfill of them, one queued run each
     (``backfill.py``); its id. One instance for both: opening one costs most of a second."""
     from enrich_pipeline.defs.instance.backfill import submit_backfill
 
     with DagsterInstance.get() as instance:
         instance.add_dynamic_partitions(users_partitions.name, list(keys))
-        return submit_backfill(instance, job_name, keys, workspace_yaml)
+        return submit_backfill(instance, job_name, keys, target)

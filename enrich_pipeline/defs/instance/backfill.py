@@ -15,7 +15,6 @@ coordinator (so ``enrich/user`` and the one-run-per-user limit apply).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 from dagster import DagsterInstance
 from dagster import __version__ as dagster_version
@@ -35,23 +34,23 @@ from dagster._core.utils import make_new_backfill_id
 from dagster._time import get_current_timestamp
 from dagster_shared.cli import WorkspaceOpts
 
-MODULE = "enrich_pipeline.defs.definitions"
 
-
-def workspace_opts(workspace_yaml: Path | None) -> WorkspaceOpts:
-    """The code location as ``dagster dev`` is given it: the workspace file, else the module."""
-    if workspace_yaml is not None:
-        return WorkspaceOpts(workspace=[str(workspace_yaml)])
-    return WorkspaceOpts(module_name=[MODULE])
+def workspace_opts(target: Sequence[str]) -> WorkspaceOpts:
+    """The code location as ``dagster dev`` is given it (``enrich-dagster``'s ``-w FILE`` or
+    ``-m MODULE``), so that both name it alike."""
+    flag, value = target
+    if flag == "-w":
+        return WorkspaceOpts(workspace=[value])
+    return WorkspaceOpts(module_name=[value])
 
 
 def submit_backfill(
-    instance: DagsterInstance, job_name: str, keys: Sequence[str], workspace_yaml: Path | None
+    instance: DagsterInstance, job_name: str, keys: Sequence[str], target: Sequence[str]
 ) -> str:
     """One backfill of ``job_name`` over the partitions ``keys`` (each already added), one run
     per partition, submitted to the run queue; the backfill's id."""
     with get_workspace_from_cli_opts(
-        instance, dagster_version, workspace_opts(workspace_yaml), allow_in_process=True
+        instance, dagster_version, workspace_opts(target), allow_in_process=True
     ) as workspace:
         location = get_code_location_from_workspace(workspace, None)
         repo = get_remote_repository_from_code_location(location, None)
