@@ -28,7 +28,7 @@ _servers: dict[Path, object] = {}
 
 # (user, subject, foreground, background): flat drawings (``synthetic.draw_sample``) whose
 # subject and colors are known, so the offline provider can describe them truthfully.
-_SAMPLES = [
+SAMPLES = [
     ("alice", "chair", (40, 80, 200), (245, 245, 245)),
     ("alice", "lamp", (235, 215, 50), (60, 60, 60)),
     ("alice", "vase", (200, 40, 40), (240, 230, 210)),
@@ -47,11 +47,16 @@ def home() -> Path:
     return Path(os.environ.get("ENRICH_HOME") or Path.cwd() / ".enrich_pipeline").resolve()
 
 
+def sample_title(n: int, user: str, shape: str) -> str:
+    """The ``n``-th sample's name (from 1), as its file and the relevance set call it."""
+    return f"{n:02d}_{user}_{shape}"
+
+
 def write_sample_images(folder: Path) -> list[tuple[str, Path]]:
     folder.mkdir(parents=True, exist_ok=True)
     out = []
-    for n, (user, shape, fg, bg) in enumerate(_SAMPLES, start=1):
-        path = folder / f"{n:02d}_{user}_{shape}.jpg"
+    for n, (user, shape, fg, bg) in enumerate(SAMPLES, start=1):
+        path = folder / f"{sample_title(n, user, shape)}.jpg"
         if not path.exists():
             draw_sample(shape, fg, bg).save(path, "JPEG", quality=90)
         out.append((user, path))

@@ -58,3 +58,14 @@ def table_is_empty(conn: psycopg.Connection, namespace: str, table: str) -> bool
     query = sql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {})").format(sql.Identifier(namespace, table))
     row = conn.execute(query).fetchone()
     return bool(row and row[0])
+
+
+def titled_rows(
+    conn: psycopg.Connection, namespace: str, table: str, user_id: str
+) -> dict[str, str]:
+    """The user's rows by ``metadata.title`` (title -> id), as the relevance set names them."""
+    query = sql.SQL(
+        "SELECT metadata->>'title', id::text FROM {} WHERE user_id = %s"
+        " AND metadata->>'title' IS NOT NULL ORDER BY id"
+    ).format(sql.Identifier(namespace, table))
+    return {str(title): str(item_id) for title, item_id in conn.execute(query, (user_id,))}
