@@ -10,6 +10,7 @@ import psycopg
 from psycopg_pool import PoolTimeout
 
 from enrich_pipeline.bootstrap import Runtime, open_runtime, open_store
+from enrich_pipeline.cli import search_page
 from enrich_pipeline.cli.flags import Parser
 from enrich_pipeline.cli.stopping import stops_cleanly
 from enrich_pipeline.pipeline.search import (
@@ -75,12 +76,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=10, help=f"hits to show, 1 to {MAX_TOP_K}")
     p.add_argument("--method", choices=["auto", "fastann", "pgvector", "sql"], default="auto")
     p.add_argument("--offline", action="store_true", help="embed the query offline")
+    search_page.add_flags(p)
     return p.parse_args(argv)
 
 
 @stops_cleanly
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.serve:
+        return search_page.serve(args)
     runtime: Runtime | None = None
     settings: Settings | None = None
     try:
