@@ -32,6 +32,9 @@ TABLES: dict[Signal, str] = {"caption": "enrich_embeddings", "image": "enrich_im
 # pgvector's HNSW returns at most hnsw.ef_search rows (default 40) and takes at most 1,000
 # (pgvector README, "Query Options": https://github.com/pgvector/pgvector/blob/master/README.md).
 EF_SEARCH_MAX = 1000
+# With filters, a wider search: the rows filters reject are not among the answers, and the
+# graph's nearest candidates are fewer (recall measured by benchmarks/vector_search.py).
+EF_SEARCH_FILTERED = 200
 
 
 @dataclass(frozen=True)
@@ -114,42 +117,10 @@ class VectorRanking:
         exact: bool,
         method: Method,
     ) -> list[Ranked]:
-        dims = len(vector)
-        similarity, distance = _expressions(method, dims)
-        # The exact order (similarity, then id) matches no index: the server scans and sorts.
-        order = (
-            sql.SQL("similarity DESC NULLS LAST, e.item_id")
-            if exact or method == "sql"
-            else distance
-        )
-        query = sql.SQL(
-            "SELECT item_id, user_id, similarity, metadata FROM ("
-            "SELECT e.item_id, e.user_id, {similarity} AS similarity, i.metadata FROM {e} e"
-            " JOIN {items} i ON {i_id} = e.item_id::{id_cast} AND i.user_id = e.user_id"
-            " WHERE e.source_table = {src} AND e.model = {model} AND e.dimensions = {dims}"
-            " AND NOT {non_finite} AND {where} ORDER BY {order} LIMIT %(k)s) AS r"
-            " ORDER BY similarity DESC NULLS LAST, item_id"
-        ).format(
-            similarity=similarity,
-            e=self.db.t(TABLES[signal]),
-            items=self.db.items,
-            i_id=self.db.i_id,
-            id_cast=self.db.id_cast,
-            src=sql.Literal(self.db.source_table),
-            model=sql.Literal(model),
-            dims=sql.Literal(dims),
-            non_finite=non_finite("e.embedding"),
-            where=_where(signal, filters),
-            order=order,
-        )
-        params = _params(filters) | {
-            "q": list(vector),
-            "qnorm": sum(v * v for v in vector) ** 0.5,
-            "k": limit,
-        }
+        query, params = self._statement(signal, vector, model, limit, filters, exact, method)
         with self.db.connection() as conn:
             if method == "pgvector" and not exact:
-                for setting in self._pgvector_settings(conn, limit):
+                for setting in self._pgvector_settings(conn, limit, filtered=filters.any):
                     conn.execute(setting)
             rows = conn.execute(query, params).fetchall()
         return [
@@ -157,7 +128,87 @@ class VectorRanking:
             for r in rows
         ]
 
-    def _pgvector_settings(self, conn: Any, limit: int) -> list[sql.Composable]:
+    def plan(
+        self,
+        signal: Signal,
+        vector: Sequence[float],
+        *,
+        model: str,
+        limit: int,
+        filters: Filters = Filters(),  # noqa: B008 - frozen
+        method: Method = "sql",
+    ) -> str:
+        """The server's plan for ``rank``'s first statement (EXPLAIN, not run): whether an index
+        serves it, for the tests and the benchmark."""
+        query, params = self._statement(signal, vector, model, limit, filters, False, method)
+        with self.db.connection() as conn:
+            if method == "pgvector":
+                for setting in self._pgvector_settings(conn, limit, filtered=filters.any):
+                    conn.execute(setting)
+            rows = conn.execute(sql.SQL("EXPLAIN ") + query, params).fetchall()
+        return "\n".join(str(r[0]) for r in rows)
+
+    def _statement(
+        self,
+        signal: Signal,
+        vector: Sequence[float],
+        model: str,
+        limit: int,
+        filters: Filters,
+        exact: bool,
+        method: Method,
+    ) -> tuple[sql.Composable, dict[str, Any]]:
+        dims = len(vector)
+        similarity, distance = _expressions(method, dims)
+        common = {
+            "similarity": similarity,
+            "e": self.db.t(TABLES[signal]),
+            "items": self.db.items,
+            "i_id": self.db.i_id,
+            "id_cast": self.db.id_cast,
+            "src": sql.Literal(self.db.source_table),
+            "model": sql.Literal(model),
+            "dims": sql.Literal(dims),
+            "non_finite": non_finite("e.embedding"),
+            "vector_where": _vector_where(),
+            "item_where": _item_where(signal),
+        }
+        if exact or method == "sql":
+            # Exact: a join the server may plan as it likes (a hash join, filters first), the
+            # order (similarity, then id) matching no index.
+            query = sql.SQL(
+                "SELECT item_id, user_id, similarity, metadata FROM ("
+                "SELECT e.item_id, e.user_id, {similarity} AS similarity, i.metadata FROM {e} e"
+                " JOIN {items} i ON {i_id} = e.item_id::{id_cast} AND i.user_id = e.user_id"
+                " WHERE e.source_table = {src} AND e.model = {model} AND e.dimensions = {dims}"
+                " AND NOT {non_finite} AND {vector_where} AND {item_where}"
+                " ORDER BY similarity DESC NULLS LAST, e.item_id LIMIT %(k)s) AS r"
+                " ORDER BY similarity DESC NULLS LAST, item_id"
+            ).format(**common)
+        else:
+            # For an index: the vectors alone in distance order, each row's item checked by a
+            # subquery the scan calls as it goes (a join would be planned apart from the index,
+            # its row count guessed from three join columns), the items read for the LIMIT's
+            # rows only.
+            query = sql.SQL(
+                "SELECT r.item_id, r.user_id, r.similarity, i.metadata FROM ("
+                "SELECT e.item_id, e.user_id, {similarity} AS similarity FROM {e} e"
+                " WHERE e.source_table = {src} AND e.model = {model} AND e.dimensions = {dims}"
+                " AND NOT {non_finite} AND {vector_where}"
+                " AND (SELECT true FROM {items} i WHERE {i_id} = e.item_id::{id_cast}"
+                " AND i.user_id = e.user_id AND {item_where} LIMIT 1)"
+                " ORDER BY {distance} LIMIT %(k)s) AS r"
+                " JOIN {items} i ON {i_id} = r.item_id::{id_cast} AND i.user_id = r.user_id"
+                " ORDER BY r.similarity DESC NULLS LAST, r.item_id"
+            ).format(distance=distance, **common)
+        params = _params(filters) | {
+            "q": list(vector),
+            "qnorm": sum(v * v for v in vector) ** 0.5,
+            "k": limit,
+        }
+        return query, params
+
+    def _pgvector_settings(self, conn: Any, limit: int, *, filtered: bool) -> list[sql.Composable]:
         """For this transaction: an HNSW scan that returns ``limit`` rows (``ef_search``), and,
         from pgvector 0.8.0, one that keeps scanning while filters reject rows (iterative
         scan; pgvector README "Iterative Index Scans"). ``relaxed_order`` may return rows
@@ -167,7 +218,7 @@ class VectorRanking:
                 "SELECT extversion FROM pg_extension WHERE extname = 'vector'"
             ).fetchone()
             self._pgvector_version = _version(str(row[0])) if row else ()
-        ef = min(EF_SEARCH_MAX, max(40, limit))
+        ef = min(EF_SEARCH_MAX, max(EF_SEARCH_FILTERED if filtered else 40, limit))
         out: list[sql.Composable] = [
             sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef))
         ]
@@ -272,10 +323,17 @@ def _expressions(method: Method, dims: int) -> tuple[sql.Composable, sql.Composa
     return similarity, sql.SQL("-{}").format(similarity)
 
 
-def _where(signal: Signal, filters: Filters) -> sql.Composable:
+def _vector_where() -> sql.Composable:
+    """The filters on the vector row itself."""
+    return sql.SQL(
+        "(%(users)s::text[] IS NULL OR e.user_id = ANY(%(users)s::text[]))"
+        " AND (%(exclude)s::text IS NULL OR e.item_id <> %(exclude)s::text)"
+    )
+
+
+def _item_where(signal: Signal) -> sql.Composable:
+    """The filters on the vector's item (``i``)."""
     parts = [
-        sql.SQL("(%(users)s::text[] IS NULL OR e.user_id = ANY(%(users)s::text[]))"),
-        sql.SQL("(%(exclude)s::text IS NULL OR e.item_id <> %(exclude)s::text)"),
         sql.SQL(
             "(%(skip)s::text IS NULL"
             " OR COALESCE(i.metadata->>'caption_model', '') <> %(skip)s::text)"
