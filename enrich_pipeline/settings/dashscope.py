@@ -72,6 +72,8 @@ class DashScopeSettings(SettingsModel):
         None,
         description="dimensions of image embeddings (default: the model's default)",
         validation_alias="ENRICH_IMAGE_EMBEDDING_DIMENSIONS",
+        ge=1,
+        le=16_000,
     )
     # Not documented for the multimodal embedding models (RESEARCH20 §2, NOT FOUND): the vision
     # model's default, so that image vectors never pace a run below the captions they follow;
