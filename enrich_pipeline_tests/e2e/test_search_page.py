@@ -135,6 +135,9 @@ def _environment(items: Items, standin: StandIn) -> dict[str, str]:
         ENRICH_ALLOW_LOCAL_FILES="true",
         ENRICH_CAPTION_LANGUAGES="en,zh",
         ENRICH_ANSWER_FORMAT="json_object",
+        # Image vectors too (the stand-in's multimodal embedding): the page ranks by both.
+        ENRICH_IMAGE_EMBEDDING_MODEL="tongyi-embedding-vision-flash",
+        ENRICH_IMAGE_EMBEDDING_DIMENSIONS="256",
     )
     return env
 
@@ -316,7 +319,10 @@ def test_a_query_then_a_color_then_more_like_this(page: Any, server: PageServer)
     assert re.search(r"[\u4e00-\u9fff]", first.locator(".captions dd[lang=zh]").inner_text())
     assert "red" in first.locator(".colors").inner_text()
     assert first.locator(".tags .tag").count() > 0
-    assert re.search(r"caption #1 · 0\.\d{3}", first.locator(".scores").inner_text())
+    scores = first.locator(".scores").inner_text()
+    assert re.search(r"fused score \(RRF\) 0\.\d{4}", scores), scores
+    assert re.search(r"caption #1 · 0\.\d{3} \(text-embedding-v4, 1024 dims\)", scores), scores
+    assert re.search(r"image #1 · 0\.\d{3} \(tongyi-embedding-vision-flash, 256", scores), scores
     assert first.locator(".thumb img").count() == 1
     page.shots(page, "query")
 
@@ -348,6 +354,21 @@ def test_a_query_then_a_color_then_more_like_this(page: Any, server: PageServer)
     liked = _hit_ids(page)
     assert ids["alice red chair"] not in liked and liked, liked
     assert page.locator("#like-id").inner_text() == ids["alice red chair"]
+    # Without the color filter, the nearest is the other chair: same subject, another color.
+    page.locator("label.color-choice", has_text=re.compile(r"^\s*red\s*$")).click()
+    page.wait_for_function(
+        "id => document.querySelector('#hits > li')?.dataset.itemId === id"
+        " && document.body.dataset.state === 'done'",
+        arg=ids["alice blue chair"],
+    )
+    _settled(page)
+    liked = _hit_ids(page)
+    assert ids["alice red chair"] not in liked, liked
+    first = page.locator("#hits > li").first
+    assert [s.get_attribute("data-signal") for s in first.locator(".signal").all()] == [
+        "caption",
+        "image",
+    ]
     page.shots(page, "like")
 
 

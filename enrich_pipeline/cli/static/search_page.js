@@ -108,10 +108,10 @@ function draw(answer) {
   $("status").textContent =
     (n ? `${n} hit${n === 1 ? "" : "s"}` : "No matching items") + `, ranked by ${answer.mode}`;
   $("notes").replaceChildren(...answer.notes.map((note) => el("li", "", note)));
-  $("hits").replaceChildren(...answer.hits.map((hit, i) => card(hit, i + 1)));
+  $("hits").replaceChildren(...answer.hits.map((hit, i) => card(hit, i + 1, answer.mode)));
 }
 
-function card(hit, rank) {
+function card(hit, rank, mode) {
   const node = $("hit-template").content.firstElementChild.cloneNode(true);
   node.dataset.itemId = hit.item_id;
   node.dataset.userId = hit.user_id;
@@ -138,7 +138,9 @@ function card(hit, rank) {
   for (const tag of hit.style_tags) tags.append(el("span", "tag style", tag));
   for (const tag of hit.object_tags) tags.append(el("span", "tag object", tag));
   const scores = node.querySelector(".scores");
-  scores.append(el("span", "score", "score " + hit.score.toFixed(4)));
+  // Fused: the reciprocal-rank-fusion score (k = 60), else the signal's cosine similarity.
+  const label = mode === "both" ? "fused score (RRF) " : "similarity ";
+  scores.append(el("span", "score", label + hit.score.toFixed(4)));
   for (const s of hit.signals) {
     const line = `${s.signal} #${s.rank} · ${s.similarity.toFixed(3)} (${s.model}, ${s.dimensions} dims)`;
     const span = el("span", "signal", line);
