@@ -25,7 +25,10 @@ from enrich_pipeline.pipeline.search import (
     search,
 )
 from enrich_pipeline.providers.base import ProviderError
-from enrich_pipeline.providers.offline import OFFLINE_EMBEDDING_MODEL
+from enrich_pipeline.providers.offline import (
+    OFFLINE_EMBEDDING_MODEL,
+    OFFLINE_IMAGE_EMBEDDING_MODEL,
+)
 from enrich_pipeline.redaction import scrub_secrets
 from enrich_pipeline.settings import ConfigError, DashScopeSettings, Settings
 
@@ -128,14 +131,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def image_settings(api: DashScopeSettings) -> tuple[str, int] | None:
     """The image embedding model and its dimensions, None when image embeddings are off."""
-    model = str(getattr(api, "image_embedding_model", "") or "")
-    if not model:
+    if not api.image_embedding_model or api.image_embedding_dimensions is None:
         return None
-    if api.offline:
-        from enrich_pipeline.providers import offline
-
-        model = str(getattr(offline, "OFFLINE_IMAGE_EMBEDDING_MODEL", "offline-hashed-vision-v1"))
-    return model, int(getattr(api, "image_embedding_dimensions", 0))
+    model = OFFLINE_IMAGE_EMBEDDING_MODEL if api.offline else api.image_embedding_model
+    return model, api.image_embedding_dimensions
 
 
 def create_indexes(store: Store, settings: Settings, *, fastann_only: bool) -> list[str]:

@@ -106,7 +106,7 @@ class SearchResult:
 
 def image_model(provider: Provider) -> str | None:
     """The provider's image embedding model, None when image embeddings are off."""
-    return getattr(provider, "image_embedding_model", None) or None
+    return provider.image_embedding_model or None
 
 
 def search(
@@ -227,11 +227,11 @@ def _query_vector(
             )
         except ImageLoadError as exc:
             raise ConfigError(f"the image to search like cannot be used: {exc}") from None
-        vectors = provider.embed_images([picture])  # type: ignore[attr-defined]
+        vectors = provider.embed_images([picture])
     elif signal == "caption":
         vectors = provider.embed([str(query.text)])
     else:
-        vectors = provider.embed_image_texts([str(query.text)])  # type: ignore[attr-defined]
+        vectors = provider.embed_image_texts([str(query.text)])
     vector = vectors[0] if vectors else []
     if not usable_vector(vector):  # not finite, or empty (the model refused this input)
         raise ProviderError(
