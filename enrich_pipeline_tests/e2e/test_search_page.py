@@ -212,6 +212,10 @@ def server(
         yield page
         # The page only reads: every row is as the pipeline left it.
         assert items.all() == page.before
+        # Ctrl-C stops it cleanly (the runtime closed, exit 0).
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0, log.read_text()
+        assert log.read_text().rstrip().endswith("search page stopped")
     finally:
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGINT)
