@@ -36,11 +36,12 @@ def build_provider(
     With ``ENRICH_SHARED_QUOTA`` on (the default with a configured database) the provider paces
     on the rate budget in ``db`` (by default the database of the environment), shared with
     every other process on it."""
+    offline = OfflineProvider(settings.embedding_dimensions, settings.image_embedding_dimensions)
     if settings.offline:
-        return OfflineProvider(settings.embedding_dimensions)
+        return offline
     if not settings.api_key.get_secret_value():
         if embedded_db:
-            return OfflineProvider(settings.embedding_dimensions)
+            return offline
         raise ConfigError(
             "DASHSCOPE_API_KEY is not set: export it (or pass --offline to use the offline "
             "provider on purpose)"

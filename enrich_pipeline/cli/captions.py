@@ -187,6 +187,7 @@ def _statistics(
         vision_model=runtime.provider.model_label,
         embedding_model=runtime.provider.embedding_model,
         prices=prices,
+        image_embedding_model=getattr(runtime.provider, "image_embedding_model", None),
     )
     elapsed = time.monotonic() - started
     offline = runtime.provider.offline

@@ -70,6 +70,17 @@ class Report:
             f"  {'Tokens used:':<18}{usage['total_tokens']} (prompt {usage['prompt_tokens']}, "
             f"completion {usage['completion_tokens']}, embedding {usage['embedding_tokens']})"
         )
+        if usage.get("image_embedding_calls") or usage.get("failed_image_embedding_calls"):
+            self.line(
+                f"  {'Image calls:':<18}{usage['image_embedding_calls']} call(s), "
+                f"{usage['image_embedding_tokens']} image and "
+                f"{usage['image_embedding_text_tokens']} text tokens"
+                + (
+                    f", {usage['failed_image_embedding_calls']} failed call(s)"
+                    if usage.get("failed_image_embedding_calls")
+                    else ""
+                )
+            )
         # Answers whose usage could not be believed (missing, null, negative, huge): their
         # tokens are not in the totals, which are then a floor, and so is the cost.
         unknown = usage.get("unknown_token_calls", 0)

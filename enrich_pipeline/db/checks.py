@@ -14,7 +14,7 @@ from enrich_pipeline.db.pending import (
     unclaimed,
     work_rows,
 )
-from enrich_pipeline.db.search import non_finite
+from enrich_pipeline.db.search_rank import non_finite
 
 
 class PartitionFigures:

@@ -6,6 +6,7 @@ writes back and records, as one object (``Store.items``) assembled from one modu
 - :mod:`.stale`: stale rows counted and flagged, old captions adopted, cached answers forgotten;
 - :mod:`.claims`: claims on rows and their leases (``enrich_claims``);
 - :mod:`.writes`: a chunk's results written back in one transaction;
+- :mod:`.image_vectors`: image vectors known and written (``enrich_image_embeddings``);
 - :mod:`.ledger`: the failure ledger read and reset (``enrich_failures``);
 - :mod:`.checks`: the figures of the asset checks.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 from enrich_pipeline.db.checks import PartitionFigures
 from enrich_pipeline.db.claims import ClaimRows
 from enrich_pipeline.db.database import Database
+from enrich_pipeline.db.image_vectors import ImageVectorRows
 from enrich_pipeline.db.leases import LeaseKeeper
 from enrich_pipeline.db.ledger import FailureLedger
 from enrich_pipeline.db.pending import PendingRows
@@ -24,7 +26,14 @@ from enrich_pipeline.db.writes import ChunkWrites
 
 
 class ItemRows(
-    PendingIndex, PendingRows, StaleRows, PartitionFigures, ClaimRows, ChunkWrites, FailureLedger
+    PendingIndex,
+    PendingRows,
+    StaleRows,
+    PartitionFigures,
+    ClaimRows,
+    ChunkWrites,
+    ImageVectorRows,
+    FailureLedger,
 ):
     """Statements on the items table, ``enrich_claims`` and ``enrich_failures``."""
 

@@ -17,9 +17,10 @@ import psycopg
 from psycopg import sql
 
 from enrich_pipeline.db.database import Database, retry_db
+from enrich_pipeline.db.image_vectors import ImageVectorRow, ImageVectorRows
 from enrich_pipeline.db.leases import LeaseKeeper
 from enrich_pipeline.db.pending import PIPELINES_CAPTION
-from enrich_pipeline.enrichment.records import ItemError
+from enrich_pipeline.enrichment.records import ItemError, image_digest
 from enrich_pipeline.redaction import one_line, scrub_secrets
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,10 @@ class SuccessRow:
     # both are still there (someone else's newer caption wins).
     replaces: str | None = None
     replaces_digest: str | None = None
+    # The image's vector (ENRICH_IMAGE_EMBEDDING_MODEL), written with the caption, for the
+    # image value ``image`` (its md5 is the vector's ``image_digest``), and the bytes' sha256.
+    image_vector: Sequence[float] | None = None
+    content_sha256: str | None = None
 
 
 def replacing(metadata: Any) -> dict[str, str | None]:
@@ -100,8 +105,8 @@ class WriteOutcome:
     refused: dict[str, ItemError] = field(default_factory=dict)
 
 
-class ChunkWrites:
-    """The chunk write (part of ``ItemRows``)."""
+class ChunkWrites(ImageVectorRows):
+    """The chunk write (part of ``ItemRows``); image vectors go in its transaction."""
 
     db: Database
     leases: LeaseKeeper
@@ -183,8 +188,10 @@ class ChunkWrites:
         failures: Sequence[FailureRow],
         embedding_model: str | None = None,
         run_id: str | None = None,
+        image_embedding_model: str | None = None,
     ) -> WriteOutcome:
-        """Write one chunk in one transaction: captions, embeddings, ledger, claims released.
+        """Write one chunk in one transaction: captions, embeddings (of the captions and, with
+        ``image_embedding_model``, of the images), ledger, claims released.
 
         A row whose write raises for its own data (a value the column refuses, a trigger that
         raises) is that row's error: the chunk is then written row by row, and the rows that
@@ -192,7 +199,9 @@ class ChunkWrites:
         the statement or the connection stays the chunk's (it is retried, or stops the run).
         """
         try:
-            return self._write(user_id, worker, successes, failures, embedding_model, run_id)
+            return self._write(
+                user_id, worker, successes, failures, embedding_model, run_id, image_embedding_model
+            )
         except _ROW_DATA_ERRORS as exc:
             if not successes:
                 raise
@@ -202,7 +211,9 @@ class ChunkWrites:
         refused: list[FailureRow] = []
         for row in successes:
             try:
-                one = self._write(user_id, worker, [row], [], embedding_model, run_id)
+                one = self._write(
+                    user_id, worker, [row], [], embedding_model, run_id, image_embedding_model
+                )
             except _ROW_DATA_ERRORS as exc:
                 refused.append(
                     FailureRow(
@@ -236,6 +247,7 @@ class ChunkWrites:
         failures: Sequence[FailureRow],
         embedding_model: str | None,
         run_id: str | None,
+        image_embedding_model: str | None = None,
     ) -> WriteOutcome:
         embed_sql = sql.SQL(
             "INSERT INTO {e} (source_table, item_id, user_id, model, dimensions, embedding)"
@@ -316,6 +328,19 @@ class ChunkWrites:
             if vectors:
                 with conn.cursor() as cur:
                     cur.executemany(embed_sql, vectors)
+            if image_embedding_model is not None:
+                image_vectors = [
+                    ImageVectorRow(
+                        s.item_id,
+                        user_id,
+                        s.image_vector,
+                        image_digest(s.image),
+                        s.content_sha256,
+                    )
+                    for s in successes
+                    if s.item_id in done and s.image_vector is not None
+                ]
+                self.insert_image_vectors(conn, image_embedding_model, image_vectors)
             if written:
                 conn.execute(cleared_sql, {**base, "ids": written})
             if failures:

@@ -19,12 +19,13 @@ from enrich_pipeline.defs.metadata import UserRun
 from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
 from enrich_pipeline.defs.run_state import RunStateResource
 from enrich_pipeline.enrichment.records import WorkItem
-from enrich_pipeline.pipeline import stages
+from enrich_pipeline.pipeline import image_vectors, stages
 from enrich_pipeline.pipeline.broker import CaptionBroker
 from enrich_pipeline.pipeline.claims import ChunkClaims
 from enrich_pipeline.pipeline.lookahead import Overlap
 from enrich_pipeline.pipeline.stats import ChunkResult
 from enrich_pipeline.providers.base import FatalProviderError, ProviderUnavailable
+from enrich_pipeline.providers.errors import IMAGE_EMBEDDING
 from enrich_pipeline.settings import RunSettings
 
 
@@ -111,8 +112,9 @@ def provider_step(
     """Count the step's token usage into the chunk, and end the run cleanly when the provider
     stops it (an account, key, model or request problem, or the provider given up on after
     throttling or an outage): no row is charged and the run fails without retries (``releasing``
-    gives the chunk's claims back). When the embedding model stopped it, the chunk's captions are
-    paid for and written first, without the vectors they lack (counted as embedding failures)."""
+    gives the chunk's claims back). When an embedding model (captions' or images') stopped it,
+    the chunk's captions are paid for and written first, without the vectors they lack (counted
+    as embedding failures)."""
     provider = dashscope.provider
     before = provider.usage.as_dict()
     try:
@@ -120,13 +122,17 @@ def provider_step(
     except FatalProviderError as exc:
         chunk = state.chunk
         written = 0
-        if embedding_step and exc.kind == "embedding" and any(w.caption for w in chunk.items):
+        image_vectors.drop_images(chunk.items)
+        embedding_stop = exc.kind in ("embedding", IMAGE_EMBEDDING)
+        if embedding_step and embedding_stop and any(w.caption for w in chunk.items):
+            image_model = image_vectors.image_model_of(provider)
             result = stages.write_chunk(
                 adbpg.store,
                 chunk,
                 provenance=dashscope.provenance(),
                 embedding_model=provider.embedding_model if state.run.caption_embedding else None,
                 run_id=context.run_id,
+                image_embedding_model=image_model[0] if image_model else None,
             )
             written = result.stats.succeeded
             context.log.warning(
@@ -221,6 +227,7 @@ def loader(
                 concurrent=run.concurrent,
                 vision_model=dashscope.settings.vision_model,
                 progress=heartbeat.progress,
+                embed_image=image_vectors.image_model_of(dashscope.provider) is not None,
             )
         except BaseException:
             claims.release()

@@ -56,7 +56,7 @@ from enrich_pipeline.defs.partitions import key_to_user
 from enrich_pipeline.defs.resources import AdbpgResource, DashScopeResource
 from enrich_pipeline.defs.run_state import RunStateResource
 from enrich_pipeline.defs.runs import PartitionOrder, users_in_flight
-from enrich_pipeline.pipeline import stages
+from enrich_pipeline.pipeline import image_vectors, stages
 from enrich_pipeline.pipeline.lookahead import Lookahead
 from enrich_pipeline.pipeline.stats import ChunkResult, RunStats
 from enrich_pipeline.providers.base import FatalProviderError
@@ -264,7 +264,8 @@ def caption_embeddings(
     run_state: RunStateResource,
     heartbeat: HeartbeatResource,
 ) -> ChunkState:
-    """Embed the captions (ten per request), unless the run turned embeddings off."""
+    """Embed the captions (ten per request), unless the run turned embeddings off, and the
+    images with the image model when one is set."""
     with (
         progressing(context, adbpg, dashscope, heartbeat),
         releasing(run_state, state),
@@ -276,6 +277,8 @@ def caption_embeddings(
             enabled=state.run.caption_embedding,
             concurrent=state.run.concurrent,
         )
+        # The images, when ENRICH_IMAGE_EMBEDDING_MODEL is set (else just let go of).
+        image_vectors.embed_images_chunk(state.chunk, dashscope.provider, store=adbpg.store)
     return state
 
 
@@ -305,6 +308,7 @@ def write_results(
     provider = dashscope.provider
     provenance = dashscope.provenance()
     embedding_model = provider.embedding_model if state.run.caption_embedding else None
+    image_model = image_vectors.image_model_of(provider)
     total = RunStats()
     by_user: dict[str, UserRun] = {}
     failures: list[tuple[str, str, str, str]] = []
@@ -316,6 +320,7 @@ def write_results(
                 provenance=provenance,
                 embedding_model=embedding_model,
                 run_id=context.run_id,
+                image_embedding_model=image_model[0] if image_model else None,
             )
             # Written: nothing of this part is left to release if a later part fails.
             state.claims.written(n)
@@ -427,6 +432,7 @@ def _summarize(
                 vision_model=provider.model_label,
                 embedding_model=provider.embedding_model,
                 prices=prices,
+                image_embedding_model=getattr(provider, "image_embedding_model", None),
             )
             row = paid_row(
                 context.run_id,

@@ -106,6 +106,12 @@ class WorkItem:
     answer_format: str = "text"
     # Tags the model returned outside the vocabulary, dropped (counted in the run's stats).
     tags_dropped: int = 0
+    # Image vectors (ENRICH_IMAGE_EMBEDDING_MODEL): the downscaled image is kept past the
+    # caption until it is embedded (no second download); the vector, and what became of it
+    # (``pipeline.image_vectors``: "embedded", "copied", "current" or "failed").
+    embed_image: bool = False
+    image_vector: Sequence[float] | None = None
+    image_vector_outcome: str = ""
 
     @property
     def embedding_text(self) -> str:

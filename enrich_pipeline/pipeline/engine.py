@@ -18,10 +18,11 @@ from enrich_pipeline.enrichment.records import ItemError, Provenance, WorkItem
 from enrich_pipeline.enrichment.structured import Question
 from enrich_pipeline.enrichment.tags import DEFAULT_VOCABULARY, TagVocabulary
 from enrich_pipeline.enrichment.text import clean_message
-from enrich_pipeline.pipeline import stages
+from enrich_pipeline.pipeline import image_vectors, stages
 from enrich_pipeline.pipeline.broker import CaptionBroker
 from enrich_pipeline.pipeline.stats import ItemOutcome, RunStats
 from enrich_pipeline.providers.base import FatalProviderError, Provider, Usage
+from enrich_pipeline.providers.errors import IMAGE_EMBEDDING
 from enrich_pipeline.providers.wire import question_of
 from enrich_pipeline.settings import DashScopeSettings, RunSettings
 
@@ -170,6 +171,7 @@ class _Stream:
         self._cond = threading.Condition()
         self._report = threading.Lock()
         self._unwritten: dict[int, stages.Chunk] = {}
+        self.image_model = image_vectors.image_model_of(engine.provider)
 
     def run(self, ids: Sequence[str]) -> RunStats:
         run = self.engine.run
@@ -248,6 +250,7 @@ class _Stream:
                     max_image_side=engine.dashscope.max_image_side,
                     color_count=engine.run.color_count,
                     vision_model=engine.dashscope.vision_model,
+                    embed_image=self.image_model is not None,
                 )
                 if work.ok:
                     stages.caption_item(work, self.broker, engine.vocabulary)
@@ -280,14 +283,16 @@ class _Stream:
         stop: FatalProviderError | None = None
         try:
             stages.embed_chunk(chunk, engine.provider, enabled=run.caption_embedding)
+            image_vectors.embed_images_chunk(chunk, engine.provider, store=engine.store)
         except FatalProviderError as exc:
             stop = exc
-        if stop is not None and stop.kind != "embedding":
+            image_vectors.drop_images(chunk.items)
+        if stop is not None and stop.kind not in ("embedding", IMAGE_EMBEDDING):
             # The run stopped on the vision side meanwhile: the chunk is given back (its paid
             # captions are in the cache, the next run embeds and writes them for nothing).
             self._stopped(stop)
             return
-        # The embedding model stopped the run (a rejected key, access denied, gone): the
+        # An embedding model stopped the run (a rejected key, access denied, gone): the
         # chunk's captions are paid, so they are written, without the vectors they lack.
         result = stages.write_chunk(
             engine.store,
@@ -295,6 +300,7 @@ class _Stream:
             provenance=engine.provenance,
             embedding_model=engine.provider.embedding_model if run.caption_embedding else None,
             run_id=self.run_id,
+            image_embedding_model=self.image_model[0] if self.image_model else None,
         )
         with self._cond:
             del self._unwritten[n]

@@ -135,8 +135,11 @@ def load_visual(
     max_image_side: int,
     color_count: int = 5,
     vision_model: str | None = None,
+    embed_image: bool = False,
 ) -> None:
-    """Load one image once: dominant colors from its pixels, a downscaled copy for the model."""
+    """Load one image once: dominant colors from its pixels, a downscaled copy for the model
+    (kept past the caption for the image vector when ``embed_image``)."""
+    work.embed_image = embed_image
     metadata = work.item.metadata
     if metadata is not None and not isinstance(metadata, dict):
         work.fail(
@@ -177,6 +180,7 @@ def visual_attributes(
     concurrent: int = 5,
     vision_model: str | None = None,
     progress: Callable[[], None] | None = None,
+    embed_image: bool = False,
 ) -> Chunk:
     """Visual attributes of every live item of the chunk, ``concurrent`` images at a time;
     the copy for the model is sized for ``vision_model``'s patch grid and cap. ``progress`` is
@@ -189,6 +193,7 @@ def visual_attributes(
             max_image_side=max_image_side,
             color_count=color_count,
             vision_model=vision_model,
+            embed_image=embed_image,
         )
         if progress is not None:
             progress()
@@ -231,7 +236,8 @@ def accept_caption(
     work.answer_format = answer.answer_format
     work.tags_source = answer.tags_source
     work.style_tags, work.object_tags, work.tags_dropped = accepted_tags(answer, vocabulary)
-    work.vision = None
+    if not work.embed_image:
+        work.vision = None
 
 
 def _blame(error: ProviderError) -> str:
@@ -365,6 +371,7 @@ def write_chunk(
     provenance: Provenance,
     embedding_model: str | None,
     run_id: str | None = None,
+    image_embedding_model: str | None = None,
 ) -> ChunkResult:
     """Write the chunk back in one transaction and say what happened to each item.
 
@@ -382,6 +389,8 @@ def write_chunk(
             w.embedding,
             # A stale or re-captioned row's caption is replaced only if it is still there.
             **replacing(w.item.metadata),
+            image_vector=w.image_vector,
+            content_sha256=w.content_sha256,
         )
         for w in chunk.items
         if w.ok and w.caption
@@ -403,6 +412,7 @@ def write_chunk(
         failures=failures,
         embedding_model=embedding_model,
         run_id=run_id,
+        image_embedding_model=image_embedding_model,
     )
     if given_back:
         store.items.release(chunk.user_id, [w.item.id for w in given_back], worker=chunk.worker)
@@ -445,6 +455,8 @@ def write_chunk(
                 stats.embedded += 1
             elif embedding_model is not None:
                 stats.embedding_failed += 1
+            if image_embedding_model is not None:
+                stats.count_image_vector(w.image_vector_outcome)
         elif w.item.id in outcome.refused:
             # The database refused this row's write (a trigger, a constraint): its own error,
             # in the ledger with the database's words; the chunk's other rows are written.

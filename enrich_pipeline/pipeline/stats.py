@@ -39,6 +39,12 @@ class RunStats:
     cache_hits: int = 0
     deferred: int = 0  # of the skipped: given back uncharged because the provider failed them
     tags_dropped: int = 0  # model tags outside the vocabulary, dropped from written rows
+    # Image vectors of written rows: made by a call, copied from a row with the same image
+    # bytes or already current (nothing paid), or missing (the model refused the image, or the
+    # call failed: ``enrich-captions --embed-images`` fills them in later).
+    image_embedded: int = 0
+    image_vectors_reused: int = 0
+    image_embedding_failed: int = 0
     samples: list[str] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
 
@@ -67,7 +73,19 @@ class RunStats:
                 self.skipped += 1
                 self.deferred += o.deferred
 
+    def count_image_vector(self, outcome: str) -> None:
+        """One written row's image vector (``WorkItem.image_vector_outcome``)."""
+        if outcome == "embedded":
+            self.image_embedded += 1
+        elif outcome in ("copied", "current"):
+            self.image_vectors_reused += 1
+        else:
+            self.image_embedding_failed += 1
+
     def merge(self, other: RunStats) -> None:
+        self.image_embedded += other.image_embedded
+        self.image_vectors_reused += other.image_vectors_reused
+        self.image_embedding_failed += other.image_embedding_failed
         self.total += other.total
         self.succeeded += other.succeeded
         self.failed += other.failed
@@ -110,6 +128,16 @@ class RunStats:
             )
         without = f" ({self.embedding_failed} without embedding)" if self.embedding_failed else ""
         rows.append(("Embedded", f"{self.embedded}{without}"))
+        if self.image_embedded or self.image_vectors_reused or self.image_embedding_failed:
+            parts = [f"{self.image_embedded}"]
+            if self.image_vectors_reused:
+                parts.append(f"{self.image_vectors_reused} already had one (not paid again)")
+            if self.image_embedding_failed:
+                parts.append(
+                    f"{self.image_embedding_failed} without (enrich-captions --embed-images "
+                    "fills them in)"
+                )
+            rows.append(("Image vectors", "; ".join(parts)))
         return rows
 
     def summary(self) -> dict[str, Any]:
@@ -126,6 +154,9 @@ class RunStats:
             "cache_hit_rate": round(self.cache_hit_rate, 4),
             "deferred": self.deferred,
             "tags_dropped": self.tags_dropped,
+            "image_embedded": self.image_embedded,
+            "image_vectors_reused": self.image_vectors_reused,
+            "image_embedding_failed": self.image_embedding_failed,
             "errors": dict(self.errors),
         }
 

@@ -92,6 +92,12 @@ class Usage:
     embedding_calls: int = 0
     failed_vision_calls: int = 0
     failed_embedding_calls: int = 0
+    # Image vectors (ENRICH_IMAGE_EMBEDDING_MODEL, ``multimodal.py``): calls answered and failed,
+    # and the input tokens they billed, images and texts apart (priced apart).
+    image_embedding_calls: int = 0
+    failed_image_embedding_calls: int = 0
+    image_embedding_tokens: int = 0
+    image_embedding_text_tokens: int = 0
     retries: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -111,7 +117,13 @@ class Usage:
 
     @property
     def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens + self.embedding_tokens
+        return (
+            self.prompt_tokens
+            + self.completion_tokens
+            + self.embedding_tokens
+            + self.image_embedding_tokens
+            + self.image_embedding_text_tokens
+        )
 
     def as_dict(self) -> dict[str, int]:
         with self._lock:
@@ -120,6 +132,10 @@ class Usage:
                 "embedding_calls": self.embedding_calls,
                 "failed_vision_calls": self.failed_vision_calls,
                 "failed_embedding_calls": self.failed_embedding_calls,
+                "image_embedding_calls": self.image_embedding_calls,
+                "failed_image_embedding_calls": self.failed_image_embedding_calls,
+                "image_embedding_tokens": self.image_embedding_tokens,
+                "image_embedding_text_tokens": self.image_embedding_text_tokens,
                 "retries": self.retries,
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
@@ -147,6 +163,19 @@ class Provider(Protocol):
     def answer(self, image: VisionImage, question: Question) -> Answer: ...
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
+
+    # Image vectors (ENRICH_IMAGE_EMBEDDING_MODEL): the model and length stored with each one,
+    # both None when images are not embedded. Texts embedded by ``embed_image_texts`` are in
+    # the same space as the images (the query side of search by picture or by words).
+    image_embedding_model: str | None
+    image_embedding_dimensions: int | None
+
+    def embed_images(self, images: Sequence[VisionImage]) -> list[list[float]]:
+        """One vector per image, ``[]`` for one the model refused (that row gets no vector);
+        a stop (``FatalProviderError``) or a service error past its retries is raised."""
+        ...
+
+    def embed_image_texts(self, texts: Sequence[str]) -> list[list[float]]: ...
 
     def close(self) -> None: ...
 

@@ -1,5 +1,6 @@
 """The DashScope client: Qwen-VL answers (captions and tags, ``enrichment/structured.py``) and
-text embeddings over the OpenAI-compatible API.
+text embeddings over the OpenAI-compatible API; image vectors over the native multimodal
+embedding API (``multimodal.py``).
 
 Every online call to the model provider goes through ``DashScopeProvider``: admitted by the
 model's ``health.Governor`` (fewer calls in flight and a shared pause when the provider
@@ -25,6 +26,7 @@ import openai
 from enrich_pipeline.enrichment.images import VisionImage
 from enrich_pipeline.enrichment.structured import Answer, MalformedAnswer, Question, read_answer
 from enrich_pipeline.enrichment.text import clean_caption
+from enrich_pipeline.providers import multimodal
 from enrich_pipeline.providers.answers import (
     UNUSABLE_STOP,
     UnusableStreak,
@@ -46,7 +48,12 @@ from enrich_pipeline.providers.base import (
     usable_vector,
     with_retries,
 )
-from enrich_pipeline.providers.errors import FORMAT_REFUSED, CallContext, classify
+from enrich_pipeline.providers.errors import (
+    FORMAT_REFUSED,
+    IMAGE_EMBEDDING,
+    CallContext,
+    classify,
+)
 from enrich_pipeline.providers.formats import FormatLadder, first_format
 from enrich_pipeline.providers.health import Governor, StopLatch
 from enrich_pipeline.providers.quota import RateBudget, SharedRateLimiter, pacer
@@ -60,6 +67,7 @@ from enrich_pipeline.providers.wire import (
 )
 from enrich_pipeline.redaction import HTTP_LOGGERS, hide_in_logs
 from enrich_pipeline.settings import DashScopeSettings
+from enrich_pipeline.settings.image_models import image_model
 
 MAX_EMBEDDING_BATCH = 10  # DashScope rejects more inputs per embeddings request
 
@@ -97,6 +105,12 @@ class DashScopeProvider:
         self.settings = settings
         self.model_label = settings.vision_model
         self.embedding_model = settings.embedding_model
+        self._image_model = image_model(settings.image_embedding_model)
+        self.image_embedding_model = self._image_model.name if self._image_model else None
+        self.image_embedding_dimensions = (
+            settings.image_embedding_dimensions if self._image_model else None
+        )
+        self._native_url = multimodal.native_url(settings.url)
         self.usage = Usage()
         self._client = openai_client(settings)
         # DashScope's limits are per account and per model, per minute and per second: the
@@ -113,6 +127,13 @@ class DashScopeProvider:
         self._embedding_limiter = pacer(
             settings, settings.embedding_model, settings.embedding_requests_per_minute, 0, budget
         )
+        self._image_limiter = pacer(
+            settings,
+            settings.image_embedding_model or "-",
+            settings.image_embedding_requests_per_minute if self._image_model else 0,
+            0,
+            budget,
+        )
         self._stop = StopLatch()
         self._unusable = UnusableStreak(settings.unusable_stop)
         # The run's answer format (ENRICH_ANSWER_FORMAT, else what the model's documentation
@@ -122,7 +143,8 @@ class DashScopeProvider:
             settings.vision_model,
             on_step=lambda: self.usage.add(format_step_downs=1),
         )
-        self._contexts = {k: CallContext.of(settings, k) for k in ("vision", "embedding")}
+        kinds = ("vision", "embedding", IMAGE_EMBEDDING)
+        self._contexts = {k: CallContext.of(settings, k) for k in kinds}
         self.governors = {
             kind: Governor(
                 ctx,
@@ -371,3 +393,31 @@ class DashScopeProvider:
         )
         dims = self.settings.embedding_dimensions
         return [list(d.embedding) if usable_vector(d.embedding, dims) else [] for d in data]
+
+    def embed_images(self, images: Sequence[VisionImage]) -> list[list[float]]:
+        """One vector per image by the image model, ``[]`` for an image refused as its own
+        (``multimodal.embed_images``); nothing is called when no image model is set."""
+        if self._image_model is None:
+            return [[] for _ in images]
+        return multimodal.embed_images(images, self._image_model, self._multimodal_call)
+
+    def embed_image_texts(self, texts: Sequence[str]) -> list[list[float]]:
+        """One vector per text by the image model, in the images' space."""
+        if self._image_model is None:
+            raise ValueError("no image embedding model is set (ENRICH_IMAGE_EMBEDDING_MODEL)")
+        return multimodal.embed_texts(texts, self._image_model, self._multimodal_call)
+
+    def _multimodal_call(self, contents: list[dict[str, str]]) -> list[list[float]]:
+        model = self._image_model
+        assert model is not None and self.image_embedding_dimensions is not None
+        dims = self.image_embedding_dimensions
+        body = multimodal.request_body(model, dims, contents)
+
+        def request() -> list[list[float]]:
+            # The SDK's own request path: its HTTP client (size cap, total deadline) and its
+            # status errors, which ``errors.classify`` reads (the native body's ``code`` and
+            # ``message`` sit where compatible mode's ``error`` object would).
+            answer = self._client.post(self._native_url, body=body, cast_to=object)
+            return multimodal.read_answer(answer, len(contents), dims, self.usage)
+
+        return self._call(request, IMAGE_EMBEDDING, self._image_limiter)

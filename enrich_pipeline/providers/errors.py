@@ -176,10 +176,13 @@ TABLE: tuple[Rule, ...] = (
     # format is illegal and cannot be opened", "The image length and width do not meet the model
     # restrictions", "Wrong Content-Type of multimodal url", "Download the media resource timed
     # out..." [E]; 413 / BadRequest.TooLarge "Payload Too Large" (the image is the payload).
+    # The native multimodal embedding endpoint's 400 InvalidParameter "url error, please check
+    # url！" when it cannot read an image (observed: https://github.com/langgenius/dify/issues/
+    # 29747, https://github.com/langgenius/dify-official-plugins/issues/2236).
     _rule(
         IMAGE,
         (400, 413),
-        message=r"download|multimodal|image|media resource|content-type|too large",
+        message=r"download|multimodal|image|media resource|content-type|too large|url error",
     ),
     _rule(IMAGE, (413,)),
     _rule(IMAGE, None, ("InvalidParameter.DataInspection",)),
@@ -223,7 +226,7 @@ class CallContext:
     """What a failed call was: which model, where, with which request settings (for messages
     that name what to fix). ``base_url`` is redacted when the context is built."""
 
-    kind: str = "vision"  # "vision" or "embedding"
+    kind: str = "vision"  # "vision", "embedding" or "image_embedding"
     model: str | None = None
     base_url: str | None = None
     timeout: float | None = None
@@ -233,23 +236,38 @@ class CallContext:
     @classmethod
     def of(cls, settings: Any, kind: str = "vision") -> CallContext:
         """The context of a call with these ``DashScopeSettings``."""
+        model = {
+            "vision": settings.vision_model,
+            "embedding": settings.embedding_model,
+            IMAGE_EMBEDDING: settings.image_embedding_model,
+        }[kind]
+        dimensions = {
+            "embedding": settings.embedding_dimensions,
+            IMAGE_EMBEDDING: settings.image_embedding_dimensions,
+        }.get(kind)
         return cls(
             kind=kind,
-            model=settings.vision_model if kind == "vision" else settings.embedding_model,
+            model=model,
             base_url=settings.base_url_shown,
             timeout=settings.timeout,
             max_tokens=settings.max_caption_tokens if kind == "vision" else None,
-            dimensions=settings.embedding_dimensions if kind == "embedding" else None,
+            dimensions=dimensions,
         )
 
     @property
     def model_setting(self) -> str:
-        return "DASHSCOPE_VISION_MODEL" if self.kind == "vision" else "DASHSCOPE_EMBEDDING_MODEL"
+        return _MODEL_SETTINGS[self.kind]
+
+    @property
+    def dimensions_setting(self) -> str:
+        if self.kind == IMAGE_EMBEDDING:
+            return "ENRICH_IMAGE_EMBEDDING_DIMENSIONS"
+        return "DASHSCOPE_EMBEDDING_DIMENSIONS"
 
     @property
     def the_model(self) -> str:
         named = f" {self.model!r}" if self.model else ""
-        return f"the {self.kind} model{named} ({self.model_setting})"
+        return f"the {self.kind.replace('_', ' ')} model{named} ({self.model_setting})"
 
     @property
     def where(self) -> str:
@@ -257,6 +275,13 @@ class CallContext:
         return f"DASHSCOPE_BASE_URL ({self.base_url})" if self.base_url else "DASHSCOPE_BASE_URL"
 
 
+# Image vectors go to DashScope's native multimodal endpoint (``multimodal.py``).
+IMAGE_EMBEDDING = "image_embedding"
+_MODEL_SETTINGS = {
+    "vision": "DASHSCOPE_VISION_MODEL",
+    "embedding": "DASHSCOPE_EMBEDDING_MODEL",
+    IMAGE_EMBEDDING: "ENRICH_IMAGE_EMBEDDING_MODEL",
+}
 VISION = CallContext()
 
 
@@ -335,6 +360,16 @@ def _stop(verdict: str, answer: str, ctx: CallContext) -> FatalProviderError:
             "offered in this region",
             kind=kind,
         )
+    if verdict == WRONG_URL and kind == IMAGE_EMBEDDING:
+        return FatalProviderError(
+            "wrong_base_url",
+            f"{ctx.where} has no DashScope multimodal embedding endpoint beside it ({answer}): "
+            "image vectors are asked at the same host's native /api/v1/services/embeddings/"
+            "multimodal-embedding/multimodal-embedding, which DashScope serves and an "
+            "OpenAI-compatible server need not; unset ENRICH_IMAGE_EMBEDDING_MODEL for this "
+            "server",
+            kind=kind,
+        )
     if verdict == WRONG_URL:
         return FatalProviderError(
             "wrong_base_url",
@@ -352,7 +387,7 @@ def _stop(verdict: str, answer: str, ctx: CallContext) -> FatalProviderError:
     if kind == "vision" and ctx.max_tokens:
         settings = f"max_tokens {ctx.max_tokens} with an image"
     elif ctx.dimensions:
-        settings = f"dimensions {ctx.dimensions} (DASHSCOPE_EMBEDDING_DIMENSIONS)"
+        settings = f"dimensions {ctx.dimensions} ({ctx.dimensions_setting})"
     else:
         settings = "the request's settings"
     return FatalProviderError(

@@ -31,6 +31,10 @@ OFFLINE_MODEL = "offline-synthetic"
 # The name stored with the offline vectors: feature-hashed words (``synthetic.hashed_embedding``),
 # comparable only with each other, never with a real model's.
 OFFLINE_EMBEDDING_MODEL = "offline-hashed-words-v1"
+# The name stored with offline image vectors when an image model is configured: hashed words of
+# what the offline recognizer sees, never the configured model's name (its vectors are not
+# that model's, and search compares only vectors of one model).
+OFFLINE_IMAGE_EMBEDDING_MODEL = "offline-hashed-vision-v1"
 
 # What the offline provider can say in Chinese: the demo drawings' subjects and the color names
 # ``colors.color_name`` gives. A word missing here is said in English rather than guessed.
@@ -74,8 +78,15 @@ class OfflineProvider:
     embedding_model = OFFLINE_EMBEDDING_MODEL
     answer_format = TEXT
 
-    def __init__(self, embedding_dimensions: int = 1024) -> None:
+    def __init__(
+        self, embedding_dimensions: int = 1024, image_embedding_dimensions: int | None = None
+    ) -> None:
         self.dimensions = embedding_dimensions
+        # Image vectors only when an image model is configured (its length, the run's choice).
+        self.image_embedding_dimensions = image_embedding_dimensions
+        self.image_embedding_model = (
+            OFFLINE_IMAGE_EMBEDDING_MODEL if image_embedding_dimensions is not None else None
+        )
         self.usage = Usage()
 
     def close(self) -> None:
@@ -103,3 +114,39 @@ class OfflineProvider:
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         self.usage.add(embedding_calls=1)
         return [hashed_embedding(t, self.dimensions) for t in texts]
+
+    def embed_images(self, images: Sequence[VisionImage]) -> list[list[float]]:
+        """Hashed words of what the offline recognizer sees in each image (``vision_words``),
+        in the space of ``embed_image_texts``; no call, nothing billed."""
+        dims = self.image_embedding_dimensions
+        if dims is None:
+            return [[] for _ in images]
+        vectors = []
+        for image in images:
+            with self._decoded(image) as decoded:
+                vectors.append(hashed_embedding(vision_words(decoded), dims))
+        self.usage.add(image_embedding_calls=1)
+        return vectors
+
+    def embed_image_texts(self, texts: Sequence[str]) -> list[list[float]]:
+        dims = self.image_embedding_dimensions
+        if dims is None:
+            raise ValueError("no image embedding model is set (ENRICH_IMAGE_EMBEDDING_MODEL)")
+        self.usage.add(image_embedding_calls=1)
+        return [hashed_embedding(t, dims) for t in texts]
+
+
+def vision_words(image: Image.Image) -> str:
+    """What the offline recognizer sees, as words in English and Chinese (so that a query in
+    either meets them): a known sample's subject, weighted by repetition above its color, above
+    the background's; or the measured colors. Hashed, these share words with a text that names
+    them (``synthetic.hashed_embedding``)."""
+    known = recognize_sample(image)
+    if known is None:
+        colors = dominant_colors(image, k=3)
+        return " ".join(f"{c} {_zh(c, COLOR_NAMES_ZH)}" for c in colors) or "unknown"
+    subject, fg, bg = known[0], color_name(known[1]), color_name(known[2])
+    words = [subject, _zh(subject, _ZH_SUBJECTS)] * 3
+    words += [fg, _zh(fg, COLOR_NAMES_ZH)] * 2
+    words += [bg, _zh(bg, COLOR_NAMES_ZH)]
+    return " ".join(words)

@@ -34,6 +34,16 @@ Where the figures come from (see also the README, "Caption cache, re-captioning,
   only (docs.laozhang.ai, $0.30/$1.80). qwen3.6-flash: no believable figure (that list shows a
   $75/$75 placeholder), so no estimate unless ``ENRICH_PRICES`` gives one.
 - US (Virginia): no list price found; no default estimate.
+- Image vectors (multimodal embedding models, ``ENRICH_IMAGE_EMBEDDING_MODEL``): their pair is
+  ``(image input, text input)`` per million tokens, not ``(input, output)`` (an embedding has no
+  output tokens; images and texts are priced apart). Singapore, USD: the official
+  https://www.alibabacloud.com/help/en/model-studio/multimodal-embedding-api-reference (updated
+  Feb 05 2026): tongyi-embedding-vision-plus $0.09 / $0.09, -flash $0.03 / $0.09. Beijing, CNY:
+  the official https://help.aliyun.com/zh/model-studio/multimodal-embedding-api-reference, per
+  1,000 tokens: qwen3-vl-embedding 0.0018 / 0.0007, tongyi-embedding-vision-plus 0.0005,
+  -flash 0.00015, multimodal-embedding-v1 0.0009 / 0.0007 (an older copy calls v1 a free trial).
+  Tokens per image are not documented (billing is per token only), so a price per 1,000 images
+  is what a run measures (``image_embedding_tokens``), not a list figure.
 """
 
 from __future__ import annotations
@@ -62,6 +72,10 @@ _VERCEL = (
 )
 _ZH_EMBEDDING_PAGE = "help.aliyun.com text-embedding-synchronous-api (zh), as of 2026-09-09"
 _INTL_EMBEDDING_PAGE = "alibabacloud.com text-embedding-synchronous-api (official)"
+_ZH_MULTIMODAL_PAGE = "help.aliyun.com multimodal-embedding-api-reference (zh, official)"
+_INTL_MULTIMODAL_PAGE = (
+    "alibabacloud.com multimodal-embedding-api-reference (official, updated Feb 05 2026)"
+)
 
 LIST_PRICES: dict[str, ListPrices] = {
     BEIJING: ListPrices(
@@ -74,6 +88,11 @@ LIST_PRICES: dict[str, ListPrices] = {
             "qwen3.5-plus": (0.8, 4.8),
             "text-embedding-v4": (0.5, 0.0),
             "text-embedding-v3": (0.5, 0.0),
+            # Multimodal embedding models: (image, text) per million tokens.
+            "qwen3-vl-embedding": (1.8, 0.7),
+            "tongyi-embedding-vision-plus": (0.5, 0.5),
+            "tongyi-embedding-vision-flash": (0.15, 0.15),
+            "multimodal-embedding-v1": (0.9, 0.7),
         },
         {
             "qwen3-vl-plus": _CONSOLE_SCRAPE,
@@ -83,6 +102,10 @@ LIST_PRICES: dict[str, ListPrices] = {
             "qwen3.5-plus": _QWEN35_BEIJING,
             "text-embedding-v4": _ZH_EMBEDDING_PAGE,
             "text-embedding-v3": _ZH_EMBEDDING_PAGE,
+            "qwen3-vl-embedding": _ZH_MULTIMODAL_PAGE,
+            "tongyi-embedding-vision-plus": _ZH_MULTIMODAL_PAGE,
+            "tongyi-embedding-vision-flash": _ZH_MULTIMODAL_PAGE,
+            "multimodal-embedding-v1": _ZH_MULTIMODAL_PAGE,
         },
     ),
     SINGAPORE: ListPrices(
@@ -97,6 +120,9 @@ LIST_PRICES: dict[str, ListPrices] = {
             "qwen-vl-plus": (0.21, 0.63),
             "text-embedding-v4": (0.07, 0.0),
             "text-embedding-v3": (0.07, 0.0),
+            # Multimodal embedding models: (image, text) per million tokens.
+            "tongyi-embedding-vision-plus": (0.09, 0.09),
+            "tongyi-embedding-vision-flash": (0.03, 0.09),
         },
         {
             "qwen3-vl-plus": "third-party only (API Evangelist, memories.ai), 2026",
@@ -108,12 +134,14 @@ LIST_PRICES: dict[str, ListPrices] = {
             "qwen-vl-plus": "third-party only (memories.ai), 2026",
             "text-embedding-v4": _INTL_EMBEDDING_PAGE,
             "text-embedding-v3": _INTL_EMBEDDING_PAGE,
+            "tongyi-embedding-vision-plus": _INTL_MULTIMODAL_PAGE,
+            "tongyi-embedding-vision-flash": _INTL_MULTIMODAL_PAGE,
         },
     ),
     US: ListPrices("USD", {}, {}),
 }
 # The offline provider's label: its rows cost nothing, in any currency.
-_FREE = {"offline-synthetic": (0.0, 0.0)}
+_FREE = {"offline-synthetic": (0.0, 0.0), "offline-hashed-vision-v1": (0.0, 0.0)}
 
 
 class PriceTable(dict[str, tuple[float, float]]):
@@ -160,16 +188,25 @@ def estimate_cost(
     embedding_model: str,
     prices: Mapping[str, tuple[float, float]],
     batch: bool = False,
+    image_embedding_model: str | None = None,
 ) -> float | None:
-    """Spend in the price table's currency, or None when a model that was used has no price."""
+    """Spend in the price table's currency, or None when a model that was used has no price.
+    Image vectors are priced at ``image_embedding_model``'s (image, text) pair."""
     embedding_used = usage.get("embedding_tokens", 0)
     if vision_model not in prices or (embedding_used and embedding_model not in prices):
         return None
+    image_used = usage.get("image_embedding_tokens", 0)
+    image_text_used = usage.get("image_embedding_text_tokens", 0)
+    if (image_used or image_text_used) and (image_embedding_model or "") not in prices:
+        return None
     vin, vout = prices.get(vision_model, (0.0, 0.0))
     ein, _ = prices.get(embedding_model, (0.0, 0.0))
+    iimage, itext = prices.get(image_embedding_model or "", (0.0, 0.0))
     cost = (
         usage.get("prompt_tokens", 0) * vin
         + usage.get("completion_tokens", 0) * vout
         + embedding_used * ein
     ) / 1_000_000
-    return cost / 2 if batch else cost
+    # Image vectors are online calls even in a batch run: never halved.
+    images = (image_used * iimage + image_text_used * itext) / 1_000_000
+    return (cost / 2 if batch else cost) + images

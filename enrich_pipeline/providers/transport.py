@@ -37,7 +37,8 @@ except ImportError:  # pragma: no cover - older SDKs
 ACCEPT_ENCODING = "gzip, deflate"
 PIECE = 64 * 1024  # the most one inflation step produces
 SNIPPET = 240  # bytes of a foreign answer quoted in the error
-MODEL_PATHS = ("/chat/completions", "/embeddings")
+# The native multimodal embedding call (``multimodal.NATIVE_PATH``) is a model call too.
+MODEL_PATHS = ("/chat/completions", "/embeddings", "/multimodal-embedding")
 _DEADLINE = "enrich_pipeline.deadline"
 _GZIP_MAGIC = b"\x1f\x8b"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 
 from enrich_pipeline.enrichment.words import LANGUAGE_CODE
 from enrich_pipeline.redaction import redact_source, url_secrets
@@ -16,6 +16,7 @@ from enrich_pipeline.settings.framework import (
     SecretUrl,
     SettingsModel,
 )
+from enrich_pipeline.settings.image_models import IMAGE_MODELS, image_model
 from enrich_pipeline.settings.prices import parse_prices
 
 BEIJING_BASE_URL = "https://dashscope.aliyuncs.com/compatible-mode/v1"
@@ -58,6 +59,31 @@ class DashScopeSettings(SettingsModel):
         1024,
         description="dimensions of caption embeddings",
         validation_alias="DASHSCOPE_EMBEDDING_DIMENSIONS",
+    )
+    # Off by default: image vectors are a second paid call per image (RESEARCH20 §4 prices).
+    image_embedding_model: str = Field(
+        "",
+        description="multimodal embedding model for image vectors (e.g. "
+        "tongyi-embedding-vision-plus); empty: images are not embedded",
+        validation_alias="ENRICH_IMAGE_EMBEDDING_MODEL",
+        max_length=200,
+    )
+    image_embedding_dimensions: int | None = Field(
+        None,
+        description="dimensions of image embeddings (default: the model's default)",
+        validation_alias="ENRICH_IMAGE_EMBEDDING_DIMENSIONS",
+        ge=1,
+        le=16_000,
+    )
+    # Not documented for the multimodal embedding models (RESEARCH20 §2, NOT FOUND): the vision
+    # model's default, so that image vectors never pace a run below the captions they follow;
+    # a 429 is throttling like any other call's.
+    image_embedding_requests_per_minute: int = Field(
+        1200,
+        description="request quota of the image embedding model per minute (0: not limited)",
+        validation_alias="ENRICH_IMAGE_EMBEDDING_RPM",
+        ge=0,
+        le=10**6,
     )
     prompt: str = Field(
         DEFAULT_PROMPT, description="the caption prompt", min_length=1, max_length=20_000
@@ -248,6 +274,33 @@ class DashScopeSettings(SettingsModel):
     def _known_dimensions(cls, value: int) -> int:
         if value not in EMBEDDING_DIMENSIONS:
             raise ValueError(f"must be one of {', '.join(map(str, EMBEDDING_DIMENSIONS))}")
+        return value
+
+    @field_validator("image_embedding_model")
+    @classmethod
+    def _known_image_model(cls, value: str) -> str:
+        name = value.strip()
+        if name and image_model(name) is None:
+            raise ValueError(
+                f"not a documented multimodal embedding model; one of {', '.join(IMAGE_MODELS)}"
+            )
+        return name
+
+    @field_validator("image_embedding_dimensions")
+    @classmethod
+    def _image_dimensions(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # Runs on the default too (validate_default): the model's own default is filled in.
+        model = image_model(info.data.get("image_embedding_model") or "")
+        if model is None:
+            if value is not None and "image_embedding_model" in info.data:
+                raise ValueError("set ENRICH_IMAGE_EMBEDDING_MODEL too, or unset this")
+            return value
+        if value is None:
+            return model.default_dimensions
+        if value not in model.dimensions:
+            raise ValueError(
+                f"{model.name} makes vectors of {', '.join(map(str, model.dimensions))} dimensions"
+            )
         return value
 
     @property

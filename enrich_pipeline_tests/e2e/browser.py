@@ -68,9 +68,8 @@ class Screenshots:
 
 
 @contextmanager
-def dagster_page(shots: Screenshots, failure_name: str) -> Iterator[Any]:
-    """A Chromium page for the Dagster UI; on a failure its screen is saved as
-    ``<prefix>_<failure_name>_failure.png`` before the browser closes."""
+def chromium() -> Iterator[Any]:
+    """Debian's Chromium, headless, driven by Playwright (closed at the end of the block)."""
     if not Path(CHROMIUM).is_file():
         pytest.fail(
             f"Debian's Chromium is missing ({CHROMIUM}): `apt-get install -y chromium` "
@@ -80,6 +79,17 @@ def dagster_page(shots: Screenshots, failure_name: str) -> Iterator[Any]:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
         )
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@contextmanager
+def dagster_page(shots: Screenshots, failure_name: str) -> Iterator[Any]:
+    """A Chromium page for the Dagster UI; on a failure its screen is saved as
+    ``<prefix>_<failure_name>_failure.png`` before the browser closes."""
+    with chromium() as browser:
         context = browser.new_context(viewport={"width": 1440, "height": 1100})
         # Dagster shows a "join the community" dialog once on a loopback origin; mark it as
         # seen, as a user who dismissed it would have.
@@ -90,8 +100,6 @@ def dagster_page(shots: Screenshots, failure_name: str) -> Iterator[Any]:
         except BaseException:
             shots(page, f"{failure_name}_failure")
             raise
-        finally:
-            browser.close()
         print("screenshots:", *shots.saved, sep="\n  ")
 
 

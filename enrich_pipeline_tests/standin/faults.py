@@ -33,6 +33,7 @@ from enrich_pipeline_tests.standin.foreign import FOREIGN_FAULTS, SIZE_FAULTS
 
 # "batch": faults for batch lines only ("any" never reaches them; rules by color or text do).
 ENDPOINTS = ("chat", "embeddings", "batch", "any")
+ENDPOINTS += ("multimodal",)  # the native multimodal embedding endpoint (image vectors)
 # Successful answers with hostile content: chat captions and embedding vectors.
 CAPTION_FAULTS = frozenset(
     {
@@ -79,6 +80,7 @@ class _Rule:
     tolerance: int
     text_contains: str | None
     remaining: int | None
+    endpoint: str = "any"  # a rule for one endpoint only (e.g. "multimodal": image vectors)
 
 
 def applies(fault: str, kind: str) -> bool:
@@ -87,7 +89,7 @@ def applies(fault: str, kind: str) -> bool:
     if fault in CAPTION_FAULTS or fault in ANSWER_FAULTS:
         return kind == "chat"
     if fault in EMBEDDING_FAULTS:
-        return kind == "embeddings"
+        return kind in ("embeddings", "multimodal")
     return True
 
 
@@ -104,7 +106,7 @@ class FaultPlan:
             raise ValueError(f"unknown fault {fault!r}; expected one of {sorted(FAULTS)}")
         if endpoint not in ENDPOINTS:
             raise ValueError(f"endpoint must be one of {ENDPOINTS}, not {endpoint!r}")
-        if endpoint in ("chat", "embeddings") and not applies(fault, endpoint):
+        if endpoint in ("chat", "embeddings", "multimodal") and not applies(fault, endpoint):
             raise ValueError(f"{fault!r} cannot be served on {endpoint}")
         if times < 1:
             raise ValueError("times must be >= 1")
@@ -118,13 +120,16 @@ class FaultPlan:
         tolerance: int,
         text_contains: str | None,
         times: int | None,
+        endpoint: str = "any",
     ) -> None:
+        if endpoint not in ENDPOINTS:
+            raise ValueError(f"endpoint must be one of {ENDPOINTS}, not {endpoint!r}")
         if fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; expected one of {sorted(FAULTS)}")
         if color is None and text_contains is None:
             raise ValueError("a rule needs color= or text_contains=")
         with self._lock:
-            self._rules.append(_Rule(fault, color, tolerance, text_contains, times))
+            self._rules.append(_Rule(fault, color, tolerance, text_contains, times, endpoint))
 
     def clear(self) -> None:
         with self._lock:
@@ -152,7 +157,7 @@ class FaultPlan:
         """The fault of the first rule this request's image colours or texts hit."""
         with self._lock:
             for rule in self._rules:
-                if not applies(rule.fault, kind):
+                if not applies(rule.fault, kind) or rule.endpoint not in ("any", kind):
                     continue
                 hit = (
                     rule.color is not None

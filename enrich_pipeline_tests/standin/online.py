@@ -34,6 +34,7 @@ from enrich_pipeline_tests.standin.faults import (
     hostile_usage,
 )
 from enrich_pipeline_tests.standin.foreign import FOREIGN_FAULTS, SIZE_FAULTS, foreign_reply
+from enrich_pipeline_tests.standin.multimodal import native_error_body, parse_multimodal
 from enrich_pipeline_tests.standin.tokens import max_output, requested_output
 
 
@@ -93,6 +94,9 @@ class OnlineAPI:
     async def _embeddings(self, request: Request) -> Response:
         return await self._handle(request, "embeddings")
 
+    async def _multimodal(self, request: Request) -> Response:
+        return await self._handle(request, "multimodal")
+
     async def _handle(self, request: Request, endpoint: str) -> Response:
         request_id = str(uuid.uuid4())
         entry = log_entry(endpoint)
@@ -111,7 +115,7 @@ class OnlineAPI:
             if refusal is not None:
                 raise Reply(limits.LIMIT_REPLIES[refusal], fault=refusal)
             delay = self.latency
-            if endpoint == "embeddings" and self.embedding_latency is not None:
+            if endpoint != "chat" and self.embedding_latency is not None:
                 delay = self.embedding_latency
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -162,14 +166,19 @@ class OnlineAPI:
             if self.echo_key:
                 auth = request.headers.get("authorization")
                 reply.message = echoed(reply.message, auth, str(request.url))
-            content = error_body(reply, request_id)
+            # The native endpoint answers in the native protocol's shape and codes.
+            native = endpoint == "multimodal"
+            content = (native_error_body if native else error_body)(reply, request_id)
             return JSONResponse(content, reply.status, headers | reply.headers)
         finally:
             if not logged:
                 self._log(entry)
 
     def _parse(self, kind: str, body: dict[str, Any], entry: dict[str, Any]) -> Parsed:
-        """Check a `kind` ("chat" or "embeddings") body against this server's models."""
+        """Check a `kind` ("chat", "embeddings" or "multimodal") body against this server's
+        models."""
+        if kind == "multimodal":
+            return parse_multimodal(body, entry)
         if kind != "chat":
             return parse_embeddings(body, entry)
         model = entry["model"]

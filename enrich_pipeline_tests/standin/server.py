@@ -41,6 +41,7 @@ from starlette.routing import Route
 from enrich_pipeline_tests.standin.batch import BATCH_MAX_BYTES, BATCH_MAX_LINES, BatchAPI
 from enrich_pipeline_tests.standin.faults import FaultPlan
 from enrich_pipeline_tests.standin.limits import Limit
+from enrich_pipeline_tests.standin.multimodal import PATH as MULTIMODAL_PATH
 from enrich_pipeline_tests.standin.online import ExposeTransport
 from enrich_pipeline_tests.standin.tokens import IMAGE_TOKEN_RULES
 
@@ -128,6 +129,7 @@ class StandIn(BatchAPI):
         routes = [
             Route("/v1/chat/completions", self._chat, methods=["POST"]),
             Route("/v1/embeddings", self._embeddings, methods=["POST"]),
+            Route(MULTIMODAL_PATH, self._multimodal, methods=["POST"]),
             Route("/v1/files", self._files_create, methods=["POST"]),
             Route("/v1/files/{file_id}", self._files_get, methods=["GET"]),
             Route("/v1/files/{file_id}/content", self._files_content, methods=["GET"]),
@@ -219,10 +221,12 @@ class StandIn(BatchAPI):
         tolerance: int = 30,
         text_contains: str | None = None,
         times: int | None = None,
+        endpoint: str = "any",
     ) -> None:
         """Serve `fault` to chat requests with an image near `color`, or embedding requests
-        with an input containing `text_contains`; `times=None` means forever."""
-        self._faults.add_rule(fault, color, tolerance, text_contains, times)
+        with an input containing `text_contains`; `times=None` means forever; `endpoint`
+        limits the rule to one endpoint ("multimodal": image vectors only)."""
+        self._faults.add_rule(fault, color, tolerance, text_contains, times, endpoint)
 
     def clear_faults(self) -> None:
         self._faults.clear()

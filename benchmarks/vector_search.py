@@ -1,0 +1,286 @@
+"""Vector search latency at a million vectors: ``python -m benchmarks.vector_search``.
+
+Seeds ``--rows`` items (1,000,000) of ``--users`` users (1,000) into the embedded PostgreSQL 18,
+the test servers' PostgreSQL 12 (``--server pg12``: AnalyticDB 7.0's PostgreSQL) or
+``--database-url``, each with an image vector of ``--dims`` dimensions (256: a length the
+models offer that a 2-core machine indexes in minutes; tongyi-embedding-vision-flash's
+default is 768) in ``enrich_image_embeddings``, clustered round ``--clusters`` centres as real
+embeddings are (uniform random vectors are the worst case of every ANN index, and unlike any
+model's). An eighth of the rows has each of eight dominant colors; a third has a Chinese
+caption beside the English one.
+
+Then ``--queries`` query vectors (50; near a centre, as a query about a subject is) are ranked
+through the pipeline's own statement (``VectorRanking.rank``, what ``enrich-search`` runs), top
+10, with no filter, with a color filter (1 row in 8), and with a user filter (1 row in
+``--users``), by each ranking the server has: plain SQL on ``real[]`` (exact; no extension),
+and, where pgvector is installed, its HNSW index (``enrich-search --create-index``: m 16,
+ef_construction 64, pgvector's defaults) and its plan checked to use that index. p50 and p95 of
+each, the index's build time, and the HNSW answers' recall@10 against the exact ones. Results go
+to ``artifacts/vector_search.json``.
+
+Plain SQL reads every vector of the model for an unfiltered query: ``--exact-queries`` bounds
+how many of those are timed (the figure is stated with its count). Not a test: timings on a
+shared machine vary; ``e2e/test_vector_search_benchmark_smoke.py`` runs it tiny.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from benchmarks.large_table import database, insert_items, namespace_on
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = "bench-vision"
+COLORS = ("red", "blue", "green", "yellow", "white", "black", "gray", "brown")
+_TEXT = "A modern blue chair in a minimalist living room with white walls."
+TOP_K = 10
+
+
+@dataclass
+class Case:
+    method: str  # "sql" or "pgvector-hnsw"
+    filter: str  # "none", "color", "user"
+    queries: int
+    ms: list[float] = field(default_factory=list)
+    uses_index: bool | None = None
+    recall_at_10: float | None = None  # against the exact ranking, HNSW only
+    hits: int = 0  # rows returned, over every query
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.ms) if self.ms else float("nan")
+
+    @property
+    def p95(self) -> float:
+        if len(self.ms) < 2:
+            return self.ms[0] if self.ms else float("nan")
+        return statistics.quantiles(self.ms, n=20, method="inclusive")[18]
+
+
+@dataclass
+class Figures:
+    server: str
+    rows: int
+    users: int
+    dims: int
+    vectors: int = 0
+    seed_s: float = 0.0
+    index_build_s: float | None = None
+    index: str | None = None
+    cases: list[Case] = field(default_factory=list)
+
+
+def seed(url: str, namespace: str, args: argparse.Namespace) -> tuple[float, int]:
+    """The items and their image vectors; returns the seconds it took and the vectors made."""
+
+    def caption(image: str) -> str:
+        return (
+            f'\'{{{{"caption": "{_TEXT}", "dominant_colors": ["\' || (ARRAY{list(COLORS)!r})'
+            '[1 + g % 8] || \'"], "caption_model": "qwen3-vl-plus",'
+            f' "caption_i18n": {{{{"en": "{_TEXT}"\''
+            " || CASE WHEN g % 3 = 0 THEN ', \"zh\": \"x\"' ELSE '' END || '}},"
+            ' "caption_image_digest": "\' || md5(' + image + ") || '\"}}'"
+        )
+
+    items = insert_items(
+        namespace, rows=args.rows, users=args.users, pending="false", stale="false",
+        caption=caption,
+    )  # fmt: skip
+    ns = sql.Identifier(namespace)
+    # Centres as unit-ish random vectors; each row one centre's plus noise of a third its size.
+    centres = sql.SQL(
+        "CREATE TABLE {ns}.bench_centres AS SELECT c, array_agg((random() - 0.5)::real"
+        " ORDER BY d) AS v FROM generate_series(0, {n} - 1) c, generate_series(1, {dims}) d"
+        " GROUP BY c"
+    ).format(ns=ns, n=sql.Literal(args.clusters), dims=sql.Literal(args.dims))
+    vectors = sql.SQL(
+        "INSERT INTO {ns}.enrich_image_embeddings (source_table, item_id, user_id, model,"
+        " dimensions, embedding, image_digest)"
+        " SELECT {src}, i.id::text, i.user_id, {model}, {dims},"
+        " (SELECT array_agg((c.v[d] + (random() - 0.5) * 0.33)::real ORDER BY d)"
+        "  FROM generate_series(1, {dims}) d WHERE i.id IS NOT NULL), md5(i.image)"
+        " FROM {items} i JOIN {ns}.bench_centres c ON c.c = i.id % {n}"
+        " WHERE i.image IS NOT NULL"
+    ).format(
+        ns=ns,
+        src=sql.Literal(f"{namespace}.items"),
+        model=sql.Literal(MODEL),
+        dims=sql.Literal(args.dims),
+        items=sql.Identifier(namespace, "items"),
+        n=sql.Literal(args.clusters),
+    )
+    from enrich_pipeline.db.samples import create_sample_table
+    from enrich_pipeline.db.store import Store
+    from enrich_pipeline.settings import DbSettings
+
+    started = time.perf_counter()
+    with psycopg.connect(url) as conn:
+        create_sample_table(conn, namespace, "items")
+        conn.execute(items)
+        conn.commit()
+    with Store(DbSettings.from_env()) as store:
+        store.setup()
+    with psycopg.connect(url) as conn:
+        conn.execute(centres)
+        made = conn.execute(vectors).rowcount
+        conn.commit()
+    with psycopg.connect(url, autocommit=True) as conn:
+        for table in ("items", "enrich_image_embeddings"):
+            conn.execute(sql.SQL("VACUUM ANALYZE {}").format(sql.Identifier(namespace, table)))
+    return time.perf_counter() - started, made
+
+
+def query_vectors(url: str, namespace: str, n: int, seed_value: int = 7) -> list[list[float]]:
+    """``n`` queries, each near one centre (a subject), reproducibly."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            sql.SQL("SELECT v FROM {} ORDER BY c").format(
+                sql.Identifier(namespace, "bench_centres")
+            )
+        ).fetchall()
+    centres = [list(r[0]) for r in rows]
+    rng = random.Random(seed_value)
+    return [
+        [x + (rng.random() - 0.5) * 0.33 for x in centres[rng.randrange(len(centres))]]
+        for _ in range(n)
+    ]
+
+
+def run(args: argparse.Namespace) -> Figures:
+    from enrich_pipeline.db.search_rank import Filters
+    from enrich_pipeline.db.store import Store
+    from enrich_pipeline.settings import DbSettings
+
+    with (
+        database(args.server, args.database_url, "enrich-vector-search-") as url,
+        namespace_on(url, "vecbench") as namespace,
+    ):
+        if args.pgvector:
+            with psycopg.connect(url, autocommit=True) as conn:
+                available = conn.execute(
+                    "SELECT 1 FROM pg_available_extensions WHERE name = 'vector'"
+                ).fetchone()
+                if available:
+                    conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        seed_s, made = seed(url, namespace, args)
+        queries = query_vectors(url, namespace, args.queries)
+        filters = {
+            "none": Filters(),
+            "color": Filters(colors=("red",)),
+            "user": Filters(users=(f"user_{42 % args.users:05d}",)),
+        }
+        with Store(DbSettings.from_env()) as store:
+            store.setup()
+            ranking = store.search.ranking
+            out = Figures(store.dialect.label, args.rows, args.users, args.dims, made, seed_s)
+
+            def timed(case: Case, method: str, found: dict[tuple[str, int], list[str]]) -> None:
+                for n, vector in enumerate(queries[: case.queries]):
+                    started = time.perf_counter()
+                    rows = ranking.rank("image", vector, model=MODEL, limit=TOP_K,
+                                        filters=filters[case.filter], method=method)  # type: ignore[arg-type]  # fmt: skip
+                    case.ms.append((time.perf_counter() - started) * 1000)
+                    case.hits += len(rows)
+                    found[(case.filter, n)] = [r.item_id for r in rows]
+
+            exact: dict[tuple[str, int], list[str]] = {}
+            for name in filters:
+                count = args.exact_queries if name == "none" else args.queries
+                case = Case("sql", name, min(count, len(queries)))
+                timed(case, "sql", exact)
+                out.cases.append(case)
+            if store.dialect.pgvector:
+                started = time.perf_counter()
+                made_index = store.search.indexes.create(
+                    "image", model=MODEL, dimensions=args.dims,
+                    maintenance_work_mem=args.maintenance_work_mem,
+                )  # fmt: skip
+                out.index_build_s = time.perf_counter() - started
+                out.index = made_index.name
+                with psycopg.connect(url, autocommit=True) as conn:
+                    conn.execute(
+                        sql.SQL("ANALYZE {}").format(
+                            sql.Identifier(namespace, "enrich_image_embeddings")
+                        )
+                    )
+                approx: dict[tuple[str, int], list[str]] = {}
+                for name in filters:
+                    case = Case("pgvector-hnsw", name, len(queries))
+                    plan = ranking.plan("image", queries[0], model=MODEL, limit=TOP_K,
+                                        filters=filters[name], method="pgvector")  # fmt: skip
+                    case.uses_index = bool(out.index and out.index in plan)
+                    timed(case, "pgvector", approx)
+                    pairs = [k for k in approx if k[0] == name and k in exact]
+                    if pairs:
+                        case.recall_at_10 = statistics.mean(
+                            len(set(approx[k]) & set(exact[k])) / max(1, len(exact[k]))
+                            for k in pairs
+                        )
+                    out.cases.append(case)
+    return out
+
+
+def report(f: Figures) -> str:
+    lines = [
+        f"{f.server}: {f.vectors:,} image vectors of {f.dims} dims, {f.rows:,} rows of "
+        f"{f.users:,} users (seeded in {f.seed_s:.0f} s)"
+        + (f"; HNSW index built in {f.index_build_s:.0f} s" if f.index_build_s else ""),
+        f"  {'ranking':<15}{'filter':<8}{'queries':>8}{'p50 ms':>10}{'p95 ms':>10}"
+        f"{'recall@10':>11}  index used",
+    ]
+    for c in f.cases:
+        recall = f"{c.recall_at_10:.3f}" if c.recall_at_10 is not None else "exact"
+        used = "-" if c.uses_index is None else "yes" if c.uses_index else "NO"
+        lines.append(
+            f"  {c.method:<15}{c.filter:<8}{c.queries:>8}{c.p50:>10.1f}{c.p95:>10.1f}"
+            f"{recall:>11}  {used}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--users", type=int, default=1_000)
+    parser.add_argument("--dims", type=int, default=256)
+    parser.add_argument("--clusters", type=int, default=100)
+    parser.add_argument("--queries", type=int, default=50, help="timed queries per case")
+    parser.add_argument(
+        "--exact-queries",
+        type=int,
+        default=50,
+        help="timed unfiltered plain-SQL queries (each reads every vector)",
+    )
+    parser.add_argument(
+        "--no-pgvector", dest="pgvector", action="store_false", help="plain SQL only"
+    )
+    parser.add_argument("--maintenance-work-mem", default="2GB", help="for the HNSW build")
+    parser.add_argument("--server", choices=("pg18", "pg12"), default="pg18")
+    parser.add_argument("--database-url", default=None, help="a PostgreSQL to use instead")
+    parser.add_argument(
+        "--json", default=None, help="default: artifacts/vector_search-<server>.json"
+    )
+    args = parser.parse_args(argv)
+    result = run(args)
+    print(report(result))
+    target = Path(args.json or REPO / "artifacts" / f"vector_search-{args.server}.json")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    doc = asdict(result)
+    for case, data in zip(result.cases, doc["cases"], strict=True):
+        data["p50_ms"], data["p95_ms"] = case.p50, case.p95
+    target.write_text(json.dumps(doc, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
