@@ -10,6 +10,7 @@ embeddings. Images are ``data:`` URLs, readable on every server and never fetche
 
 from __future__ import annotations
 
+import argparse
 import base64
 import io
 from typing import TextIO
@@ -34,6 +35,23 @@ from enrich_pipeline.settings import ConfigError, Settings
 
 DEFAULT_NAMESPACE = "enrich_relevance"
 TABLE = "relevance_items"
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--relevance",
+        action="store_true",
+        help="caption and embed the labelled sample set (once, in a namespace of its own), run "
+        "its queries in every ranking mode and print recall@5 and MRR, and exit",
+    )
+    parser.add_argument(
+        "--relevance-set", metavar="FILE", help="a labelled set of your own (same JSON shape)"
+    )
+    parser.add_argument(
+        "--relevance-namespace",
+        metavar="SCHEMA",
+        help=f"where the set's table lives (default {DEFAULT_NAMESPACE})",
+    )
 
 
 def sample_data_url(shape: str, fg: tuple[int, int, int], bg: tuple[int, int, int]) -> str:
@@ -106,6 +124,7 @@ def run(settings: Settings, out: TextIO, *, set_path: str | None, namespace: str
             + "\n"
         )
         out.write(report(evaluation, queries))
+        out.write(misses(evaluation, queries))
     finally:
         runtime.close()
     return 0
@@ -129,3 +148,19 @@ def report(evaluation: Evaluation, queries: list[Query]) -> str:
         f"the first {MRR_DEPTH})"
     )
     return "\n".join(lines) + "\n"
+
+
+def misses(evaluation: Evaluation, queries: list[Query], shown: int = 3) -> str:
+    """The queries whose first hit is not relevant, per mode, with what came first: where to
+    look when a figure is low."""
+    lines = []
+    for mode in evaluation.overall:
+        for query in queries:
+            ranked = evaluation.rankings[(mode, query.label)]
+            if ranked and ranked[0] in query.relevant:
+                continue
+            first = ", ".join(ranked[:shown]) or "nothing"
+            lines.append(f"  {mode}: {query.label!r} -> {first}")
+    if not lines:
+        return "Every query's first hit is relevant in every mode.\n"
+    return "First hit not relevant:\n" + "\n".join(lines) + "\n"

@@ -12,7 +12,7 @@ import psycopg
 from psycopg_pool import PoolTimeout
 
 from enrich_pipeline.bootstrap import Runtime, open_runtime, open_store
-from enrich_pipeline.cli import search_page
+from enrich_pipeline.cli import relevance, search_page
 from enrich_pipeline.cli.flags import Parser
 from enrich_pipeline.cli.stopping import stops_cleanly
 from enrich_pipeline.db.search_rank import Signal
@@ -42,7 +42,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Every flag within its bounds, or one line naming it."""
     if not 1 <= args.top_k <= MAX_TOP_K:
         raise ConfigError(f"--top-k: must be between 1 and {MAX_TOP_K}, got {args.top_k}")
-    if args.create_index or args.create_ann_index:
+    if args.create_index or args.create_ann_index or args.relevance:
         return
     if args.reembed:
         if args.query:
@@ -126,6 +126,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "the configured model's), of --user-id or every user, and exit",
     )
     search_page.add_flags(p)
+    relevance.add_flags(p)
     return p.parse_args(argv)
 
 
@@ -233,6 +234,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 said = create_indexes(store, settings, fastann_only=args.create_ann_index)
             print("\n".join(said))
             return 0
+        if args.relevance:
+            return relevance.run(
+                settings,
+                sys.stdout,
+                set_path=args.relevance_set,
+                namespace=args.relevance_namespace,
+            )
         runtime = open_runtime(settings, seed=False)
         if args.reembed:
             print(run_reembed(runtime, settings, args.user_id))
