@@ -108,3 +108,35 @@ def test_the_run_embeds_each_image_once_beside_its_caption_and_words_find_it(
     assert lamp[3] == hashlib.md5(str(moved).encode()).hexdigest()
     assert lamp[2] != stored[ids["red lamp"]][2]
     assert after[ids["red chair"]] == stored[ids["red chair"]]
+
+
+def test_embed_images_fills_in_rows_captioned_before_the_model_was_set(
+    env: pytest.MonkeyPatch, items: Items, standin: StandIn, drawings: dict[str, Path]
+) -> None:
+    ids = {name: items.add("alice", str(path)) for name, path in drawings.items()}
+    other = items.add("bob", str(drawings["red chair"]))
+    code, report = run_cli([])
+    assert code == 0, report
+    assert stat(report, "Image model") == "off"
+    assert _vectors(items) == {}
+
+    env.setenv("ENRICH_IMAGE_EMBEDDING_MODEL", MODEL)
+    standin.reset_log()
+    code, report = run_cli(["--embed-images", "--user-id", "alice"])
+    assert code == 0, report
+    assert standin.count("chat") == 0 and standin.count("multimodal") == 1
+    assert stat(report, "Embedded") == "3"
+    stored = _vectors(items)
+    assert set(stored) == set(ids.values())  # alice's rows only
+    assert {v[0] for v in stored.values()} == {MODEL} and {v[1] for v in stored.values()} == {768}
+
+    # Every user: bob's row is the same picture as one of alice's, but his own row is embedded
+    # (vectors are copied within a user only); a second pass finds nothing left to pay for.
+    code, report = run_cli(["--embed-images"])
+    assert code == 0, report
+    assert set(_vectors(items)) == {*ids.values(), other}
+    standin.reset_log()
+    code, report = run_cli(["--embed-images"])
+    assert code == 0, report
+    assert standin.count("multimodal") == 0
+    assert stat(report, "Rows without one") == "0"
