@@ -164,6 +164,17 @@ def submit_settings(args: argparse.Namespace) -> tuple[BatchSettings, RunSetting
     )
 
 
+# DashScope documents no Batch API for any multimodal embedding model (its batch pages list
+# Qwen chat/VL and text-embedding models only: https://www.alibabacloud.com/help/en/
+# model-studio/batch-interfaces-compatible-with-openai). Batch mode is chosen for deferred,
+# half-price calls; an online full-price image call per row at submit would be neither, so it
+# makes no image vector and says so; --embed-images makes them when wanted.
+NO_BATCH_IMAGE_VECTORS = (
+    "Image vectors: not made in batch mode (DashScope offers no Batch API for multimodal "
+    "embedding); after collecting, run enrich-captions --embed-images (online, full price)"
+)
+
+
 @stops_cleanly
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """``enrich-batch submit|poll|collect|cancel|status``.
@@ -205,6 +216,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             _print_submitted(out, args.user_id, result)
             for record in result.parts:
                 out.write(f"  {_describe(record)}\n")
+            if api.image_embedding_model:
+                out.write(f"{NO_BATCH_IMAGE_VECTORS}\n")
         elif args.command == "poll":
             ready = poll_batches(store, api, user_id=args.user_id)
             for record in open_batches(store, args.user_id):

@@ -30,6 +30,7 @@ from psycopg_pool import PoolTimeout
 
 from enrich_pipeline.bootstrap import Runtime, open_runtime, open_store
 from enrich_pipeline.cli import stale
+from enrich_pipeline.cli.embed_images import embed_images
 from enrich_pipeline.cli.flags import FlagMap, Parser, add_setting, given
 from enrich_pipeline.cli.report import Report
 from enrich_pipeline.cli.stopping import exit_code, stop_line, stops_cleanly
@@ -64,6 +65,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     add_setting(p, "--concurrent", RunSettings, "concurrent", flags=RUN_FLAGS)
     p.add_argument("--no-caption-embedding", action="store_true", help="do not embed the captions")
+    p.add_argument(
+        "--embed-images",
+        action="store_true",
+        help="only make the missing image vectors (ENRICH_IMAGE_EMBEDDING_MODEL) of captioned "
+        "rows, of --user-id or every user: images loaded and embedded, no caption call",
+    )
     p.add_argument(
         "--offline",
         action="store_true",
@@ -167,6 +174,12 @@ def configuration(runtime: Runtime, user_id: str | None) -> list[tuple[str, str]
             f"{provider.embedding_model} ({api.embedding_dimensions} dims)"
             if run.caption_embedding
             else "disabled (--no-caption-embedding)",
+        ),
+        (
+            "Image model",
+            f"{provider.image_embedding_model} ({provider.image_embedding_dimensions} dims)"
+            if getattr(provider, "image_embedding_model", None)
+            else "off (ENRICH_IMAGE_EMBEDDING_MODEL)",
         ),
         ("User", user_id if user_id is not None else "all users"),
         ("Batch size", str(run.batch_size)),
@@ -291,6 +304,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         report.configuration(configuration(runtime, args.user_id))
         for note in store.readiness.notes if store.readiness else ():
             report.line(f"Note: {note}")
+        if args.embed_images:
+            started = time.monotonic()
+            return embed_images(runtime, args.user_id, report)
         if args.retry_failed:
             n = store.items.reset_failures(args.user_id)
             report.line(f"Retrying failed rows: {n} recorded failure(s) cleared.")

@@ -18,6 +18,7 @@ import psycopg
 from psycopg import sql
 
 from enrich_pipeline.db.database import Database, retry_db
+from enrich_pipeline.enrichment.records import PendingItem
 
 
 @dataclass(frozen=True)
@@ -146,3 +147,39 @@ class ImageVectorRows:
             frozenset((u, i) for u, i in current),
             {(u, sha): list(vector) for u, sha, vector in found},
         )
+
+    @retry_db
+    def without_image_vector(
+        self,
+        user_id: str | None,
+        model: str,
+        dimensions: int,
+        *,
+        limit: int,
+        after: str | None = None,
+    ) -> list[PendingItem]:
+        """Captioned active rows (of ``user_id``, or every user) with no current vector of
+        this model and length, in id order after ``after``: what ``--embed-images`` fills in."""
+        query = sql.SQL(
+            "SELECT i.id::text, i.user_id, i.image, i.metadata FROM {items} i"
+            " WHERE i.status = 'active' AND i.image IS NOT NULL"
+            " AND (%(user)s::text IS NULL OR i.user_id = %(user)s)"
+            " AND (%(after)s::text IS NULL OR i.id > %(after)s::{idt})"
+            " AND jsonb_typeof(i.metadata) = 'object'"
+            " AND COALESCE(i.metadata->>'caption', '') <> ''"
+            " AND NOT EXISTS (SELECT 1 FROM {e} e WHERE e.source_table = %(src)s"
+            " AND e.item_id = i.id::text AND e.model = %(model)s AND e.dimensions = %(dims)s"
+            " AND e.image_digest = md5(i.image))"
+            " ORDER BY i.id LIMIT %(limit)s"
+        ).format(items=self.db.items, idt=self.db.id_cast, e=self.db.t("enrich_image_embeddings"))
+        params = {
+            "user": user_id,
+            "after": after,
+            "src": self.db.source_table,
+            "model": model,
+            "dims": dimensions,
+            "limit": limit,
+        }
+        with self.db.connection() as conn:
+            rows = conn.execute(query, params).fetchall()
+        return [PendingItem(r[0], r[1], r[2], r[3]) for r in rows]

@@ -20,10 +20,13 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+from enrich_pipeline.db.image_vectors import ImageVectorRow
 from enrich_pipeline.db.store import Store
+from enrich_pipeline.enrichment.images import ImagePolicy
 from enrich_pipeline.enrichment.records import WorkItem, image_digest
-from enrich_pipeline.pipeline.stages import Chunk, _parallel
+from enrich_pipeline.pipeline.stages import Chunk, _parallel, load_visual
 from enrich_pipeline.providers.base import (
     FatalProviderError,
     Provider,
@@ -134,3 +137,76 @@ def _reuse(wanted: list[WorkItem], store: Store | None, model: str, dims: int) -
         else:
             todo.append(w)
     return todo
+
+
+@dataclass
+class Backfill:
+    """What ``enrich-captions --embed-images`` did."""
+
+    rows: int = 0
+    embedded: int = 0
+    copied: int = 0
+    failed: int = 0  # the image could not be loaded, or the model gave no vector
+
+
+def backfill(
+    store: Store,
+    provider: Provider,
+    *,
+    user_id: str | None,
+    policy: ImagePolicy,
+    max_image_side: int,
+    vision_model: str | None,
+    batch_size: int,
+    concurrent: int,
+    max_items: int | None = None,
+) -> Backfill:
+    """Image vectors for rows captioned before the image model was set (or whose vector is
+    missing or stale): each image loaded and downscaled as a caption run does, embedded, and
+    stored if the row still holds that image. No caption call; rows with a current vector are
+    not listed, so a second run pays nothing. A stop of the provider propagates."""
+    target = image_model_of(provider)
+    if target is None:
+        raise ValueError("no image embedding model is set (ENRICH_IMAGE_EMBEDDING_MODEL)")
+    model, dims = target
+    done = Backfill()
+    after: str | None = None
+
+    def load(work: WorkItem) -> None:
+        load_visual(
+            work,
+            policy=policy,
+            max_image_side=max_image_side,
+            vision_model=vision_model,
+            embed_image=True,
+        )
+
+    while max_items is None or done.rows < max_items:
+        limit = batch_size if max_items is None else min(batch_size, max_items - done.rows)
+        rows = store.items.without_image_vector(user_id, model, dims, limit=limit, after=after)
+        if not rows:
+            break
+        after = rows[-1].id
+        items = [WorkItem(r) for r in rows]
+        _parallel(load, items, concurrent)
+        chunk = Chunk(user_id or "", "embed-images", items)
+        embed_images_chunk(
+            chunk, provider, store=store, concurrent=concurrent, captioned_only=False
+        )
+        vectors = [
+            ImageVectorRow(
+                w.item.id,
+                w.item.user_id,
+                w.image_vector,
+                image_digest(w.item.image),
+                w.content_sha256,
+            )
+            for w in items
+            if w.image_vector is not None
+        ]
+        store.items.write_image_vectors(model, vectors)
+        done.rows += len(items)
+        done.embedded += sum(w.image_vector_outcome == EMBEDDED for w in items)
+        done.copied += sum(w.image_vector_outcome == COPIED for w in items)
+        done.failed += sum(w.image_vector is None for w in items)
+    return done

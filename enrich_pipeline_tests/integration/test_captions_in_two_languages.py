@@ -48,5 +48,6 @@ def test_a_zh_en_run_writes_both_captions_and_either_language_finds_the_row(
         capsys.readouterr()
         assert search_main(["--user-id", "alice", "--top-k", "1", query]) == 0
         out = capsys.readouterr().out
-        assert ids["blue"] in out, (language, out)
-        assert not any(ids[c] in out for c in COLORS if c != "blue"), (language, out)
+        # The one hit's line names its item (the lines below it name models and lengths).
+        assert f" 1. item {ids['blue']} " in out, (language, out)
+        assert not any(f" item {ids[c]} " in out for c in COLORS if c != "blue"), (language, out)

@@ -6,17 +6,22 @@ beside the caption vectors with their model, length and the digest of the image 
 report counts them and their tokens. Paid once: a run that re-captions the same images pays no
 image call, and an image that changed gets a new vector with its new caption. The stand-in's
 vectors put an image and the words for what it shows near each other, so the stored vectors can
-be checked for meaning.
+be checked for meaning. Batch mode makes none and says so; ``--embed-images`` fills in rows
+captioned before (or in batch mode), without a caption call.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from enrich_pipeline.cli import batch as batch_mode
+from enrich_pipeline.cli.batch import NO_BATCH_IMAGE_VECTORS
 from enrich_pipeline.enrichment.synthetic import draw_sample
 from enrich_pipeline.providers.dashscope import DashScopeProvider
 from enrich_pipeline_tests.helpers import Items, run_cli, standin_settings, stat
@@ -108,3 +113,56 @@ def test_the_run_embeds_each_image_once_beside_its_caption_and_words_find_it(
     assert lamp[3] == hashlib.md5(str(moved).encode()).hexdigest()
     assert lamp[2] != stored[ids["red lamp"]][2]
     assert after[ids["red chair"]] == stored[ids["red chair"]]
+
+
+def test_embed_images_fills_in_rows_captioned_before_the_model_was_set(
+    env: pytest.MonkeyPatch, items: Items, standin: StandIn, drawings: dict[str, Path]
+) -> None:
+    ids = {name: items.add("alice", str(path)) for name, path in drawings.items()}
+    other = items.add("bob", str(drawings["red chair"]))
+    code, report = run_cli([])
+    assert code == 0, report
+    assert stat(report, "Image model") == "off"
+    assert _vectors(items) == {}
+
+    env.setenv("ENRICH_IMAGE_EMBEDDING_MODEL", MODEL)
+    standin.reset_log()
+    code, report = run_cli(["--embed-images", "--user-id", "alice"])
+    assert code == 0, report
+    assert standin.count("chat") == 0 and standin.count("multimodal") == 1
+    assert stat(report, "Embedded") == "3"
+    stored = _vectors(items)
+    assert set(stored) == set(ids.values())  # alice's rows only
+    assert {v[0] for v in stored.values()} == {MODEL} and {v[1] for v in stored.values()} == {768}
+
+    # Every user: bob's row is the same picture as one of alice's, but his own row is embedded
+    # (vectors are copied within a user only); a second pass finds nothing left to pay for.
+    code, report = run_cli(["--embed-images"])
+    assert code == 0, report
+    assert set(_vectors(items)) == {*ids.values(), other}
+    standin.reset_log()
+    code, report = run_cli(["--embed-images"])
+    assert code == 0, report
+    assert standin.count("multimodal") == 0
+    assert stat(report, "Rows without one") == "0"
+
+
+def test_batch_mode_says_it_makes_no_image_vectors_and_embed_images_fills_them_in(
+    env: pytest.MonkeyPatch, items: Items, standin: StandIn, drawings: dict[str, Path]
+) -> None:
+    env.setenv("ENRICH_IMAGE_EMBEDDING_MODEL", MODEL)
+    standin.reset_batches()
+    ids = [items.add("alice", str(path)) for path in drawings.values()]
+    out = io.StringIO()
+    assert batch_mode.main(["submit", "--user-id", "alice"], out=out) == 0, out.getvalue()
+    assert NO_BATCH_IMAGE_VECTORS in out.getvalue()
+    deadline = time.monotonic() + 30
+    while not all((items.row(i)["metadata"] or {}).get("caption") for i in ids):
+        assert time.monotonic() < deadline, "the batch was not collected"
+        batch_mode.main(["collect"], out=io.StringIO())
+        time.sleep(0.05)
+    standin.reset_batches()
+    assert _vectors(items) == {} and standin.count("multimodal") == 0
+    code, report = run_cli(["--embed-images"])
+    assert code == 0, report
+    assert set(_vectors(items)) == set(ids)
