@@ -94,6 +94,9 @@ class VectorIndexes:
                         sql.Identifier(self.db.namespace, name)
                     )
                 )  # a cancelled concurrent build leaves an invalid one
+                # Reading every vector of a large table takes minutes, not the statement
+                # timeout queries get; this is an explicit command, stopped with Ctrl-C.
+                conn.execute("SET statement_timeout = 0")
                 if maintenance_work_mem:
                     conn.execute(
                         sql.SQL("SET maintenance_work_mem = {}").format(
@@ -121,6 +124,7 @@ class VectorIndexes:
                     # Concurrently: the pipeline goes on writing vectors while it builds.
                     conn.execute(sql.SQL("CREATE INDEX CONCURRENTLY ") + body)
             finally:
+                conn.execute("RESET statement_timeout")
                 if maintenance_work_mem:
                     conn.execute("RESET maintenance_work_mem")
                 conn.autocommit = False

@@ -312,7 +312,7 @@ def _not_compared(
         return describe_not_compared(
             others, users=users, model=model, dimensions=dimensions, hits=hits
         )
-    return describe_images_not_compared(groups, model=model, dimensions=dimensions)
+    return describe_images_not_compared(groups, model=model, dimensions=dimensions, hits=hits)
 
 
 def _caption_compared(group: Group, model: str, dimensions: int, offline: bool) -> bool:
@@ -354,7 +354,9 @@ def describe_not_compared(
     return "".join(said)
 
 
-def describe_images_not_compared(groups: Sequence[Group], *, model: str, dimensions: int) -> str:
+def describe_images_not_compared(
+    groups: Sequence[Group], *, model: str, dimensions: int, hits: int
+) -> str:
     """Which image vectors a search by ``model`` could not compare: another model's or length's,
     and those made from an image the row no longer holds."""
     stale = sum(g.count for g in groups if g.stale)
@@ -367,10 +369,9 @@ def describe_images_not_compared(groups: Sequence[Group], *, model: str, dimensi
         )
     if not parts:
         return ""
-    return (
-        f"only image vectors made by {model} ({dimensions} dims) were compared; "
-        f"not compared: {'; '.join(parts)}."
-    )
+    made = f"image vectors made by {model} ({dimensions} dims)"
+    said = f"no {made} to compare" if hits == 0 else f"only {made} were compared"
+    return f"{said}; not compared: {'; '.join(parts)}."
 
 
 def stored_embedding_text(

@@ -196,3 +196,28 @@ def test_image_search_without_an_image_model_is_one_line(
     )
     assert search_main(["--like-image", "x.png", "--by", "caption"]) == 2
     assert "a picture has no caption vector" in capsys.readouterr().err
+
+
+def test_offline_search_by_words_and_picture_meets_only_offline_image_vectors(
+    env: pytest.MonkeyPatch, items: Items, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env.setenv("ENRICH_IMAGE_EMBEDDING_MODEL", MODEL)
+    ids = {name: items.add("alice", str(draw(tmp_path, name))) for name in DRAWINGS}
+    code, report = run_cli(["--offline", "--max-items", "0"])
+    assert code == 0, report
+    models = {m for (m,) in items.execute("SELECT model FROM {ns}.enrich_image_embeddings")}
+    assert models == {"offline-hashed-vision-v1"}
+
+    assert search_main(["--offline", "--by", "image", "red chair"]) == 0
+    assert hit_ids(capsys.readouterr().out)[0] == ids["red chair"]
+    (tmp_path / "query").mkdir()
+    picture = draw(tmp_path / "query", "blue vase")
+    assert search_main(["--offline", "--like-image", str(picture)]) == 0
+    assert hit_ids(capsys.readouterr().out)[0] == ids["blue vase"]
+    # The real model's query meets none of them, and says why.
+    assert search_main(["--by", "image", "red chair"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(
+        f"No matching items: no image vectors made by {MODEL} (768 dims) to compare; "
+        "not compared: 4 made by offline-hashed-vision-v1"
+    ), out
