@@ -6,8 +6,12 @@ built so that a drawing and a text naming its subject and colors are near (stand
 from __future__ import annotations
 
 import re
+import uuid
 
+import psycopg
 import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from enrich_pipeline.cli import search as search_cli
 from enrich_pipeline_tests.helpers import Items
@@ -63,3 +67,36 @@ def test_without_an_image_model_only_caption_ranking_is_measured(
     out = capsys.readouterr().out
     assert set(figures(out)) == {"caption"}, out
     assert "image vectors: off (set ENRICH_IMAGE_EMBEDDING_MODEL" in out
+
+
+def test_a_role_that_may_not_create_the_set_s_table_is_told_what_to_grant(
+    env: pytest.MonkeyPatch,
+    items: Items,
+    standin: StandIn,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    role, password = f"reader_{uuid.uuid4().hex[:8]}", "pw-" + uuid.uuid4().hex[:8]
+    namespace = f"rel_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(items.conninfo, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(role), sql.Literal(password)
+            )
+        )
+    try:
+        params = conninfo_to_dict(items.conninfo)
+        params.update(user=role, password=password)
+        env.setenv("ADBPG_URL", make_conninfo(**params))
+        code = search_cli.main(["--relevance", "--relevance-namespace", namespace])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert err[0].startswith("error: the relevance set needs a table of its own"), err
+        assert "--relevance-namespace" in err[0] and password not in err[0]
+        assert standin.count() == 0  # nothing paid
+    finally:
+        with psycopg.connect(items.conninfo, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(namespace))
+            )
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
