@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import re
 import socket
 import struct
@@ -258,6 +259,24 @@ class TcpProxy:
 
 # ---------------------------------------------------------------------------------------------
 # The command line
+
+
+def cli_env(items: Items, server: StandIn, **extra: str) -> dict[str, str]:
+    """The environment of a command run as its own process against the test database and
+    ``server``: this process's, without any setting of the project's, plus ``extra``."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("ADBPG_", "DASHSCOPE_", "ENRICH_"))
+    }
+    env.update(
+        ADBPG_URL=items.conninfo,
+        ADBPG_NAMESPACE=items.namespace,
+        DASHSCOPE_API_KEY=API_KEY,
+        DASHSCOPE_BASE_URL=server.base_url,
+        DASHSCOPE_BACKOFF_INITIAL="0.01",
+        ENRICH_ALLOW_LOCAL_FILES="true",
+        **extra,
+    )
+    return env
 
 
 def run_cli(argv: list[str]) -> tuple[int, str]:

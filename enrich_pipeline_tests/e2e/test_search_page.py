@@ -43,7 +43,7 @@ from enrich_pipeline.enrichment.synthetic import draw_sample
 from enrich_pipeline.pipeline import stages
 from enrich_pipeline.providers.dashscope import DashScopeProvider
 from enrich_pipeline_tests.e2e.browser import UI_TIMEOUT_MS, Screenshots, chromium
-from enrich_pipeline_tests.helpers import API_KEY, Items, standin_settings
+from enrich_pipeline_tests.helpers import API_KEY, Items, cli_env, standin_settings
 from enrich_pipeline_tests.standin import StandIn
 
 # (user, subject, foreground) on a light background: the demo's drawings.
@@ -122,26 +122,6 @@ def _name(user: str, subject: str, rgb: tuple[int, int, int]) -> str:
     return f"{user} {color} {subject}"
 
 
-def _environment(items: Items, standin: StandIn) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("ADBPG_", "DASHSCOPE_", "ENRICH_"))
-    }
-    env.update(
-        ADBPG_URL=items.conninfo,
-        ADBPG_NAMESPACE=items.namespace,
-        DASHSCOPE_API_KEY=API_KEY,
-        DASHSCOPE_BASE_URL=standin.base_url,
-        DASHSCOPE_BACKOFF_INITIAL="0.01",
-        ENRICH_ALLOW_LOCAL_FILES="true",
-        ENRICH_CAPTION_LANGUAGES="en,zh",
-        ENRICH_ANSWER_FORMAT="json_object",
-        # Image vectors too (the stand-in's multimodal embedding): the page ranks by both.
-        ENRICH_IMAGE_EMBEDDING_MODEL="tongyi-embedding-vision-flash",
-        ENRICH_IMAGE_EMBEDDING_DIMENSIONS="256",
-    )
-    return env
-
-
 def _write_private_row(items: Items, standin: StandIn, item_id: str) -> None:
     """The private row's caption and caption vector, written by the pipeline's own stages
     (claimed, embedded by the stand-in's model, written back) without loading its image."""
@@ -178,7 +158,15 @@ def server(
     items = Items(pg_conninfo, namespace)
     trap = Trap()
     ids: dict[str, str] = {}
-    env = _environment(items, _standin_server)
+    env = cli_env(
+        items,
+        _standin_server,
+        ENRICH_CAPTION_LANGUAGES="en,zh",
+        ENRICH_ANSWER_FORMAT="json_object",
+        # Image vectors too (the stand-in's multimodal embedding): the page ranks by both.
+        ENRICH_IMAGE_EMBEDDING_MODEL="tongyi-embedding-vision-flash",
+        ENRICH_IMAGE_EMBEDDING_DIMENSIONS="256",
+    )
     _standin_server.clear_faults()
     proc = None
     try:

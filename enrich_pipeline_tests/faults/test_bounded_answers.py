@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from enrich_pipeline.db.store import Store
-from enrich_pipeline_tests.helpers import API_KEY, Items, hues, mean_of, paint, run_cli
+from enrich_pipeline_tests.helpers import Items, cli_env, hues, mean_of, paint, run_cli
 from enrich_pipeline_tests.standin import StandIn
 from enrich_pipeline_tests.standin.foreign import BOMB_INFLATED
 
@@ -66,21 +66,6 @@ def run_measured(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[int, 
         out.seek(0)
         text = out.read()
     return os.waitstatus_to_exitcode(status), text, usage.ru_maxrss * 1024
-
-
-def cli_env(items: Items, server: StandIn) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("ADBPG_", "DASHSCOPE_", "ENRICH_"))
-    }
-    env.update(
-        ADBPG_URL=items.conninfo,
-        ADBPG_NAMESPACE=items.namespace,
-        DASHSCOPE_API_KEY=API_KEY,
-        DASHSCOPE_BASE_URL=server.base_url,
-        DASHSCOPE_BACKOFF_INITIAL="0.01",
-        ENRICH_ALLOW_LOCAL_FILES="true",
-    )
-    return env
 
 
 def test_a_gzip_bomb_on_every_call_stops_the_run_in_bounded_memory(

@@ -36,6 +36,7 @@ from enrich_pipeline_tests.helpers import (
     API_KEY,
     PATCH_KEYS,
     Items,
+    cli_env,
     good_chat_calls,
     hues,
     log_writes,
@@ -113,22 +114,6 @@ def slow_server() -> Iterator[tuple[StandIn, InFlight]]:
         yield server, wrapper
 
 
-def cli_env(items: Items, server: StandIn) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("ADBPG_", "DASHSCOPE_", "ENRICH_"))
-    }
-    env.update(
-        ADBPG_URL=items.conninfo,
-        ADBPG_NAMESPACE=items.namespace,
-        DASHSCOPE_API_KEY=API_KEY,
-        DASHSCOPE_BASE_URL=server.base_url,
-        DASHSCOPE_BACKOFF_INITIAL="0.01",
-        DASHSCOPE_TIMEOUT=str(CALL_TIMEOUT),
-        ENRICH_ALLOW_LOCAL_FILES="true",
-    )
-    return env
-
-
 # Short, so the re-run can take the dead run's rows without the test waiting minutes. A live
 # run renews its leases every third of a lease, so the killed run's claims still hold for two
 # thirds of it (7 s) while the test looks at them: room for a busy machine.
@@ -160,7 +145,7 @@ def test_sigkill_mid_run_keeps_written_chunks_and_the_rerun_pays_nothing_twice(
     # captioned (paid, cached) and then stuck before their write. The run can only be killed.
     server.add_rule("timeout", text_contains="blue")
 
-    env = cli_env(items, server)
+    env = cli_env(items, server, DASHSCOPE_TIMEOUT=str(CALL_TIMEOUT))
     out = (tmp_path / "run1.out").open("w")
     proc = subprocess.Popen(CLI, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
     try:

@@ -21,10 +21,17 @@ from pathlib import Path
 import pytest
 
 from enrich_pipeline.cli import captions as cli
-from enrich_pipeline_tests.faults.test_process import InFlight, cli_env, count, is_complete, seed
+from enrich_pipeline_tests.faults.test_process import (
+    CALL_TIMEOUT,
+    InFlight,
+    count,
+    is_complete,
+    seed,
+)
 from enrich_pipeline_tests.helpers import (
     API_KEY,
     Items,
+    cli_env,
     good_chat_calls,
     hues,
     log_writes,
@@ -72,7 +79,7 @@ def test_a_stop_signal_mid_run_releases_claims_keeps_paid_captions_and_says_so_i
     paths = paint(tmp_path / "img", hues(IMAGES))
     ids, before = seed(items, paths)
     log_writes(items)
-    env = cli_env(items, server)
+    env = cli_env(items, server, DASHSCOPE_TIMEOUT=str(CALL_TIMEOUT))
 
     argv = [sys.executable, "-m", "enrich_pipeline.cli.captions", *command()]
     proc = subprocess.Popen(
@@ -140,7 +147,7 @@ def test_sigterm_while_a_search_waits_on_the_provider_is_one_line_and_exit_143(
     argv = [sys.executable, "-m", "enrich_pipeline.cli.search", "red shoes", "--user-id", "alice"]
     proc = subprocess.Popen(
         argv,
-        env=cli_env(items, server),
+        env=cli_env(items, server, DASHSCOPE_TIMEOUT=str(CALL_TIMEOUT)),
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
