@@ -130,7 +130,10 @@ def seed(url: str, namespace: str, args: argparse.Namespace) -> tuple[float, int
         " FROM unit GROUP BY c"
     ).format(ns=ns, n=sql.Literal(args.clusters), dims=sql.Literal(args.dims),
              k=sql.Literal(subspace))  # fmt: skip
-    # Each row: its centre plus a uniform offset in the centre's subspace, normalized.
+    # Each row: its centre plus a uniform offset in the centre's subspace, normalized. The
+    # centre by a hash of the id: by id % clusters, a subject would hold 2 of the 8 colors
+    # (color and user are id % 8 and id % users) and a color filter would leave most queries'
+    # subjects empty.
     vectors = sql.SQL(
         "INSERT INTO {ns}.enrich_image_embeddings (source_table, item_id, user_id, model,"
         " dimensions, embedding, image_digest)"
@@ -139,7 +142,7 @@ def seed(url: str, namespace: str, args: argparse.Namespace) -> tuple[float, int
         "  (SELECT d, x, sqrt(sum(x * x) OVER ()) AS norm FROM"
         "   (SELECT d, c.v[d] + c.mask[d] * (random() - 0.5) * {width} AS x"
         "    FROM generate_series(1, {dims}) d WHERE i.id IS NOT NULL) a) b), md5(i.image)"
-        " FROM {items} i JOIN {ns}.bench_centres c ON c.c = i.id % {n}"
+        " FROM {items} i JOIN {ns}.bench_centres c ON c.c = abs(hashint8(i.id::bigint) % {n})"
         " WHERE i.image IS NOT NULL"
     ).format(
         ns=ns,
