@@ -4,23 +4,38 @@ Seeds ``--rows`` items (1,000,000) of ``--users`` users (1,000) into the embedde
 the test servers' PostgreSQL 12 (``--server pg12``: AnalyticDB 7.0's PostgreSQL) or
 ``--database-url``, each with an image vector of ``--dims`` dimensions (256: a length the
 models offer that a 2-core machine indexes in minutes; tongyi-embedding-vision-flash's
-default is 768) in ``enrich_image_embeddings``, clustered round ``--clusters`` centres as real
-embeddings are (uniform random vectors are the worst case of every ANN index, and unlike any
-model's). An eighth of the rows has each of eight dominant colors; a third has a Chinese
-caption beside the English one.
+default is 768) in ``enrich_image_embeddings``. An eighth of the rows has each of eight
+dominant colors; a third has a Chinese caption beside the English one.
 
-Then ``--queries`` query vectors (50; near a centre, as a query about a subject is) are ranked
-through the pipeline's own statement (``VectorRanking.rank``, what ``enrich-search`` runs), top
-10, with no filter, with a color filter (1 row in 8), and with a user filter (1 row in
-``--users``), by each ranking the server has: plain SQL on ``real[]`` (exact; no extension),
-and, where pgvector is installed, its HNSW index (``enrich-search --create-index``: m 16,
-ef_construction 64, pgvector's defaults) and its plan checked to use that index. p50 and p95 of
-each, the index's build time, and the HNSW answers' recall@10 against the exact ones. Results go
-to ``artifacts/vector_search.json``.
+The vectors have a low intrinsic dimension, as real embeddings have (a model's 256 or 768
+numbers vary along a few dozen directions; uniform random vectors, or clusters with noise in
+every dimension, make a point's nearest neighbours near-ties no real embedding set has, and
+are the worst case of every ANN index): ``--clusters`` centres (300, subjects), random unit
+vectors; each centre has its own ``--subspace`` (24) of the dimensions, chosen at random, and
+each row is its centre plus an offset drawn uniformly in that subspace alone, of RMS length
+``--offset`` (0.6) of the centre's, then normalized to unit length as the models' vectors are.
+(The subspaces lie along coordinate axes, which SQL draws cheaply; cosine distance is blind to
+a rotation of the whole space, and within a cluster to a rotation of its subspace.) Two rows of
+a subject are then about 0.7 cosine-similar, two subjects about 0.
+
+Then ``--queries`` query vectors (50; drawn as the rows are, near a centre, as a query about a
+subject is) are ranked through the pipeline's own statement (``VectorRanking.rank``, what
+``enrich-search`` runs), top 10, with no filter, with a color filter (1 row in 8), and with a
+user filter (1 row in ``--users``), by each ranking the server has: plain SQL on ``real[]``
+(exact; no extension), and, where pgvector is installed, its HNSW index (``enrich-search
+--create-index``: m 16, ef_construction 64, pgvector's defaults) and its plan checked to use
+that index, the filtered cases once per ``--ef-search`` value (``hnsw.ef_search``; iterative
+scans as ``VectorRanking`` sets them; unfiltered scans use 40, pgvector's default). p50 and p95
+of each, the index's build time, and the HNSW answers' recall@10 against the exact ones and
+their distance ratio: the mean over queries of the 10th answer's cosine distance over the exact
+10th's (1.0: as near as exact; a recall below 1 with a ratio near 1 means near-ties were
+swapped, not worse answers returned). Results go to ``artifacts/vector_search-<server>.json``.
 
 Plain SQL reads every vector of the model for an unfiltered query: ``--exact-queries`` bounds
-how many of those are timed (the figure is stated with its count). Not a test: timings on a
-shared machine vary; ``e2e/test_vector_search_benchmark_smoke.py`` runs it tiny.
+how many of those are timed, ``--exact-filtered-queries`` how many color-filtered ones (default
+``--queries``; each figure is stated with its count, recall measured over those only). Not a
+test: timings on a shared machine vary; ``e2e/test_vector_search_benchmark_smoke.py`` runs it
+tiny.
 """
 
 from __future__ import annotations
@@ -38,12 +53,15 @@ import psycopg
 from psycopg import sql
 
 from benchmarks.large_table import database, insert_items, namespace_on
+from enrich_pipeline.db.search_rank import EF_SEARCH, EF_SEARCH_FILTERED
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "bench-vision"
 COLORS = ("red", "blue", "green", "yellow", "white", "black", "gray", "brown")
 _TEXT = "A modern blue chair in a minimalist living room with white walls."
 TOP_K = 10
+
+Found = dict[tuple[str, int], list[tuple[str, float]]]  # (filter, query) -> (item, distance)
 
 
 @dataclass
@@ -54,6 +72,8 @@ class Case:
     ms: list[float] = field(default_factory=list)
     uses_index: bool | None = None
     recall_at_10: float | None = None  # against the exact ranking, HNSW only
+    distance_ratio: float | None = None  # mean 10th distance over the exact 10th's, HNSW only
+    ef_search: int | None = None  # hnsw.ef_search of the HNSW scan
     hits: int = 0  # rows returned, over every query
 
     @property
@@ -97,19 +117,32 @@ def seed(url: str, namespace: str, args: argparse.Namespace) -> tuple[float, int
         caption=caption,
     )  # fmt: skip
     ns = sql.Identifier(namespace)
-    # Centres as unit-ish random vectors; each row one centre's plus noise of a third its size.
+    subspace = min(args.subspace, args.dims)
+    # Centres: random unit vectors, each with its subspace as a 0/1 mask over the dimensions.
     centres = sql.SQL(
-        "CREATE TABLE {ns}.bench_centres AS SELECT c, array_agg((random() - 0.5)::real"
-        " ORDER BY d) AS v FROM generate_series(0, {n} - 1) c, generate_series(1, {dims}) d"
-        " GROUP BY c"
-    ).format(ns=ns, n=sql.Literal(args.clusters), dims=sql.Literal(args.dims))
+        "CREATE TABLE {ns}.bench_centres AS"
+        " WITH raw AS (SELECT c, d, random() - 0.5 AS x, random() AS pick"
+        " FROM generate_series(0, {n} - 1) c, generate_series(1, {dims}) d),"
+        " unit AS (SELECT c, d, x / sqrt(sum(x * x) OVER (PARTITION BY c)) AS u,"
+        " row_number() OVER (PARTITION BY c ORDER BY pick) <= {k} AS inside FROM raw)"
+        " SELECT c, array_agg(u::real ORDER BY d) AS v,"
+        " array_agg((CASE WHEN inside THEN 1 ELSE 0 END)::real ORDER BY d) AS mask"
+        " FROM unit GROUP BY c"
+    ).format(ns=ns, n=sql.Literal(args.clusters), dims=sql.Literal(args.dims),
+             k=sql.Literal(subspace))  # fmt: skip
+    # Each row: its centre plus a uniform offset in the centre's subspace, normalized. The
+    # centre by a hash of the id: by id % clusters, a subject would hold 2 of the 8 colors
+    # (color and user are id % 8 and id % users) and a color filter would leave most queries'
+    # subjects empty.
     vectors = sql.SQL(
         "INSERT INTO {ns}.enrich_image_embeddings (source_table, item_id, user_id, model,"
         " dimensions, embedding, image_digest)"
         " SELECT {src}, i.id::text, i.user_id, {model}, {dims},"
-        " (SELECT array_agg((c.v[d] + (random() - 0.5) * 0.33)::real ORDER BY d)"
-        "  FROM generate_series(1, {dims}) d WHERE i.id IS NOT NULL), md5(i.image)"
-        " FROM {items} i JOIN {ns}.bench_centres c ON c.c = i.id % {n}"
+        " (SELECT array_agg((x / norm)::real ORDER BY d) FROM"
+        "  (SELECT d, x, sqrt(sum(x * x) OVER ()) AS norm FROM"
+        "   (SELECT d, c.v[d] + c.mask[d] * (random() - 0.5) * {width} AS x"
+        "    FROM generate_series(1, {dims}) d WHERE i.id IS NOT NULL) a) b), md5(i.image)"
+        " FROM {items} i JOIN {ns}.bench_centres c ON c.c = abs(hashint8(i.id::bigint) % {n})"
         " WHERE i.image IS NOT NULL"
     ).format(
         ns=ns,
@@ -118,6 +151,7 @@ def seed(url: str, namespace: str, args: argparse.Namespace) -> tuple[float, int
         dims=sql.Literal(args.dims),
         items=sql.Identifier(namespace, "items"),
         n=sql.Literal(args.clusters),
+        width=sql.Literal(_width(args.offset, subspace)),
     )
     from enrich_pipeline.db.samples import create_sample_table
     from enrich_pipeline.db.store import Store
@@ -140,20 +174,31 @@ def seed(url: str, namespace: str, args: argparse.Namespace) -> tuple[float, int
     return time.perf_counter() - started, made
 
 
-def query_vectors(url: str, namespace: str, n: int, seed_value: int = 7) -> list[list[float]]:
-    """``n`` queries, each near one centre (a subject), reproducibly."""
+def _width(offset: float, subspace: int) -> float:
+    """The width of a uniform draw per dimension whose ``subspace`` dimensions together have
+    an RMS length of ``offset`` (a uniform draw of width w has variance w**2 / 12)."""
+    return offset * (12 / subspace) ** 0.5
+
+
+def query_vectors(
+    url: str, namespace: str, n: int, offset: float, subspace: int, seed_value: int = 7
+) -> list[list[float]]:
+    """``n`` queries, each drawn as a row is, near one centre (a subject), reproducibly."""
     with psycopg.connect(url) as conn:
         rows = conn.execute(
-            sql.SQL("SELECT v FROM {} ORDER BY c").format(
+            sql.SQL("SELECT v, mask FROM {} ORDER BY c").format(
                 sql.Identifier(namespace, "bench_centres")
             )
         ).fetchall()
-    centres = [list(r[0]) for r in rows]
     rng = random.Random(seed_value)
-    return [
-        [x + (rng.random() - 0.5) * 0.33 for x in centres[rng.randrange(len(centres))]]
-        for _ in range(n)
-    ]
+    width = _width(offset, min(subspace, len(rows[0][0])))
+    out = []
+    for _ in range(n):
+        centre, mask = rows[rng.randrange(len(rows))]
+        x = [v + m * (rng.random() - 0.5) * width for v, m in zip(centre, mask, strict=True)]
+        norm = sum(v * v for v in x) ** 0.5
+        out.append([v / norm for v in x])
+    return out
 
 
 def run(args: argparse.Namespace) -> Figures:
@@ -173,7 +218,7 @@ def run(args: argparse.Namespace) -> Figures:
                 if available:
                     conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
         seed_s, made = seed(url, namespace, args)
-        queries = query_vectors(url, namespace, args.queries)
+        queries = query_vectors(url, namespace, args.queries, args.offset, args.subspace)
         filters = {
             "none": Filters(),
             "color": Filters(colors=("red",)),
@@ -184,19 +229,21 @@ def run(args: argparse.Namespace) -> Figures:
             ranking = store.search.ranking
             out = Figures(store.dialect.label, args.rows, args.users, args.dims, made, seed_s)
 
-            def timed(case: Case, method: str, found: dict[tuple[str, int], list[str]]) -> None:
+            def timed(case: Case, method: str, found: Found) -> None:
                 for n, vector in enumerate(queries[: case.queries]):
                     started = time.perf_counter()
                     rows = ranking.rank("image", vector, model=MODEL, limit=TOP_K,
                                         filters=filters[case.filter], method=method)  # type: ignore[arg-type]  # fmt: skip
                     case.ms.append((time.perf_counter() - started) * 1000)
                     case.hits += len(rows)
-                    found[(case.filter, n)] = [r.item_id for r in rows]
+                    found[(case.filter, n)] = [(r.item_id, 1 - r.similarity) for r in rows]
 
-            exact: dict[tuple[str, int], list[str]] = {}
+            exact: Found = {}
             for name in filters:
-                count = args.exact_queries if name == "none" else args.queries
-                case = Case("sql", name, min(count, len(queries)))
+                count = {"none": args.exact_queries, "color": args.exact_filtered_queries}.get(
+                    name, args.queries
+                )
+                case = Case("sql", name, min(count or args.queries, len(queries)))
                 timed(case, "sql", exact)
                 out.cases.append(case)
             if store.dialect.pgvector:
@@ -213,21 +260,35 @@ def run(args: argparse.Namespace) -> Figures:
                             sql.Identifier(namespace, "enrich_image_embeddings")
                         )
                     )
-                approx: dict[tuple[str, int], list[str]] = {}
                 for name in filters:
-                    case = Case("pgvector-hnsw", name, len(queries))
-                    plan = ranking.plan("image", queries[0], model=MODEL, limit=TOP_K,
-                                        filters=filters[name], method="pgvector")  # fmt: skip
-                    case.uses_index = bool(out.index and out.index in plan)
-                    timed(case, "pgvector", approx)
-                    pairs = [k for k in approx if k[0] == name and k in exact]
-                    if pairs:
-                        case.recall_at_10 = statistics.mean(
-                            len(set(approx[k]) & set(exact[k])) / max(1, len(exact[k]))
-                            for k in pairs
-                        )
-                    out.cases.append(case)
+                    for ef in [EF_SEARCH] if name == "none" else args.ef_search:
+                        ranking.ef_search_filtered = ef
+                        case = Case("pgvector-hnsw", name, len(queries), ef_search=ef)
+                        plan = ranking.plan("image", queries[0], model=MODEL, limit=TOP_K,
+                                            filters=filters[name], method="pgvector")  # fmt: skip
+                        case.uses_index = bool(out.index and out.index in plan)
+                        approx: Found = {}
+                        timed(case, "pgvector", approx)
+                        _accuracy(case, approx, exact)
+                        out.cases.append(case)
+                ranking.ef_search_filtered = EF_SEARCH_FILTERED
     return out
+
+
+def _accuracy(case: Case, approx: Found, exact: Found) -> None:
+    """Recall@10 and the distance ratio of ``case``'s answers, over the queries ranked exactly."""
+    pairs = [k for k in approx if k in exact and exact[k]]
+    if not pairs:
+        return
+    case.recall_at_10 = statistics.mean(
+        len({i for i, _ in approx[k]} & {i for i, _ in exact[k]}) / len(exact[k]) for k in pairs
+    )
+    ratios = [
+        approx[k][-1][1] / exact[k][-1][1]
+        for k in pairs
+        if len(approx[k]) == len(exact[k]) and exact[k][-1][1] > 0
+    ]
+    case.distance_ratio = statistics.mean(ratios) if ratios else None
 
 
 def report(f: Figures) -> str:
@@ -235,15 +296,17 @@ def report(f: Figures) -> str:
         f"{f.server}: {f.vectors:,} image vectors of {f.dims} dims, {f.rows:,} rows of "
         f"{f.users:,} users (seeded in {f.seed_s:.0f} s)"
         + (f"; HNSW index built in {f.index_build_s:.0f} s" if f.index_build_s else ""),
-        f"  {'ranking':<15}{'filter':<8}{'queries':>8}{'p50 ms':>10}{'p95 ms':>10}"
-        f"{'recall@10':>11}  index used",
+        f"  {'ranking':<15}{'filter':<8}{'ef':>5}{'queries':>8}{'p50 ms':>10}{'p95 ms':>10}"
+        f"{'recall@10':>11}{'dist ratio':>11}  index used",
     ]
     for c in f.cases:
         recall = f"{c.recall_at_10:.3f}" if c.recall_at_10 is not None else "exact"
+        ratio = f"{c.distance_ratio:.4f}" if c.distance_ratio is not None else "-"
         used = "-" if c.uses_index is None else "yes" if c.uses_index else "NO"
+        ef = str(c.ef_search) if c.ef_search is not None else "-"
         lines.append(
-            f"  {c.method:<15}{c.filter:<8}{c.queries:>8}{c.p50:>10.1f}{c.p95:>10.1f}"
-            f"{recall:>11}  {used}"
+            f"  {c.method:<15}{c.filter:<8}{ef:>5}{c.queries:>8}{c.p50:>10.1f}{c.p95:>10.1f}"
+            f"{recall:>11}{ratio:>11}  {used}"
         )
     return "\n".join(lines)
 
@@ -253,13 +316,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--users", type=int, default=1_000)
     parser.add_argument("--dims", type=int, default=256)
-    parser.add_argument("--clusters", type=int, default=100)
+    parser.add_argument("--clusters", type=int, default=300, help="centres (subjects)")
+    parser.add_argument(
+        "--subspace", type=int, default=24, help="dimensions a subject's rows vary along"
+    )
+    parser.add_argument(
+        "--offset", type=float, default=0.6, help="a row's RMS offset from its unit centre"
+    )
     parser.add_argument("--queries", type=int, default=50, help="timed queries per case")
     parser.add_argument(
         "--exact-queries",
         type=int,
         default=50,
         help="timed unfiltered plain-SQL queries (each reads every vector)",
+    )
+    parser.add_argument(
+        "--exact-filtered-queries",
+        type=int,
+        default=None,
+        help="timed color-filtered plain-SQL queries (default: --queries)",
+    )
+    parser.add_argument(
+        "--ef-search",
+        type=lambda text: [int(v) for v in text.split(",")],
+        default=[40, 100, EF_SEARCH_FILTERED],
+        help="hnsw.ef_search values for the filtered HNSW cases (comma-separated)",
     )
     parser.add_argument(
         "--no-pgvector", dest="pgvector", action="store_false", help="plain SQL only"
