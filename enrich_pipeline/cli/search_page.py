@@ -53,12 +53,12 @@ from enrich_pipeline.db.store import Store
 from enrich_pipeline.enrichment.colors import COLOR_NAMES_ZH
 from enrich_pipeline.enrichment.images import ImageLoadError, ImagePolicy
 from enrich_pipeline.enrichment.images.thumbnail import thumbnail_jpeg
+from enrich_pipeline.pipeline.image_vectors import image_model_name
 from enrich_pipeline.pipeline.search import (
     Hit,
     Mode,
     SearchQuery,
     SearchResult,
-    image_model,
     search,
 )
 from enrich_pipeline.providers.base import FatalProviderError, Provider, ProviderError
@@ -130,7 +130,7 @@ class Page:
             "colors": list(COLOR_NAMES_ZH),
             "modes": list(get_args(Mode)),
             "caption_model": self.provider.embedding_model,
-            "image_model": image_model(self.provider),
+            "image_model": image_model_name(self.provider),
             "max_top_k": PAGE_MAX_TOP_K,
         }
 

@@ -125,14 +125,13 @@ def provider_step(
         image_vectors.drop_images(chunk.items)
         embedding_stop = exc.kind in ("embedding", IMAGE_EMBEDDING)
         if embedding_step and embedding_stop and any(w.caption for w in chunk.items):
-            image_model = image_vectors.image_model_of(provider)
             result = stages.write_chunk(
                 adbpg.store,
                 chunk,
                 provenance=dashscope.provenance(),
                 embedding_model=provider.embedding_model if state.run.caption_embedding else None,
                 run_id=context.run_id,
-                image_embedding_model=image_model[0] if image_model else None,
+                image_embedding_model=image_vectors.image_model_name(provider),
             )
             written = result.stats.succeeded
             context.log.warning(
@@ -227,7 +226,7 @@ def loader(
                 concurrent=run.concurrent,
                 vision_model=dashscope.settings.vision_model,
                 progress=heartbeat.progress,
-                embed_image=image_vectors.image_model_of(dashscope.provider) is not None,
+                embed_image=image_vectors.image_model_name(dashscope.provider) is not None,
             )
         except BaseException:
             claims.release()

@@ -308,7 +308,7 @@ def write_results(
     provider = dashscope.provider
     provenance = dashscope.provenance()
     embedding_model = provider.embedding_model if state.run.caption_embedding else None
-    image_model = image_vectors.image_model_of(provider)
+    image_model = image_vectors.image_model_name(provider)
     total = RunStats()
     by_user: dict[str, UserRun] = {}
     failures: list[tuple[str, str, str, str]] = []
@@ -320,7 +320,7 @@ def write_results(
                 provenance=provenance,
                 embedding_model=embedding_model,
                 run_id=context.run_id,
-                image_embedding_model=image_model[0] if image_model else None,
+                image_embedding_model=image_model,
             )
             # Written: nothing of this part is left to release if a later part fails.
             state.claims.written(n)
@@ -432,7 +432,7 @@ def _summarize(
                 vision_model=provider.model_label,
                 embedding_model=provider.embedding_model,
                 prices=prices,
-                image_embedding_model=getattr(provider, "image_embedding_model", None),
+                image_embedding_model=image_vectors.image_model_name(provider),
             )
             row = paid_row(
                 context.run_id,

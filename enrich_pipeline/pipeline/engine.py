@@ -171,7 +171,7 @@ class _Stream:
         self._cond = threading.Condition()
         self._report = threading.Lock()
         self._unwritten: dict[int, stages.Chunk] = {}
-        self.image_model = image_vectors.image_model_of(engine.provider)
+        self.image_model = image_vectors.image_model_name(engine.provider)
 
     def run(self, ids: Sequence[str]) -> RunStats:
         run = self.engine.run
@@ -300,7 +300,7 @@ class _Stream:
             provenance=engine.provenance,
             embedding_model=engine.provider.embedding_model if run.caption_embedding else None,
             run_id=self.run_id,
-            image_embedding_model=self.image_model[0] if self.image_model else None,
+            image_embedding_model=self.image_model,
         )
         with self._cond:
             del self._unwritten[n]

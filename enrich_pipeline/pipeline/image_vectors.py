@@ -26,7 +26,7 @@ from enrich_pipeline.db.image_vectors import ImageVectorRow
 from enrich_pipeline.db.store import Store
 from enrich_pipeline.enrichment.images import ImagePolicy
 from enrich_pipeline.enrichment.records import WorkItem, image_digest
-from enrich_pipeline.pipeline.stages import Chunk, _parallel, load_visual
+from enrich_pipeline.pipeline.stages import Chunk, _parallel, visual_attributes
 from enrich_pipeline.providers.base import (
     FatalProviderError,
     Provider,
@@ -47,6 +47,12 @@ def image_model_of(provider: Provider) -> tuple[str, int] | None:
     model = getattr(provider, "image_embedding_model", None)
     dims = getattr(provider, "image_embedding_dimensions", None)
     return (model, dims) if model and dims else None
+
+
+def image_model_name(provider: Provider) -> str | None:
+    """The provider's image model, None when images are not embedded."""
+    target = image_model_of(provider)
+    return target[0] if target else None
 
 
 def drop_images(items: Sequence[WorkItem]) -> None:
@@ -172,15 +178,6 @@ def backfill(
     done = Backfill()
     after: str | None = None
 
-    def load(work: WorkItem) -> None:
-        load_visual(
-            work,
-            policy=policy,
-            max_image_side=max_image_side,
-            vision_model=vision_model,
-            embed_image=True,
-        )
-
     while max_items is None or done.rows < max_items:
         limit = batch_size if max_items is None else min(batch_size, max_items - done.rows)
         rows = store.items.without_image_vector(user_id, model, dims, limit=limit, after=after)
@@ -188,8 +185,15 @@ def backfill(
             break
         after = rows[-1].id
         items = [WorkItem(r) for r in rows]
-        _parallel(load, items, concurrent)
         chunk = Chunk(user_id or "", "embed-images", items)
+        visual_attributes(
+            chunk,
+            policy=policy,
+            max_image_side=max_image_side,
+            concurrent=concurrent,
+            vision_model=vision_model,
+            embed_image=True,
+        )
         embed_images_chunk(
             chunk, provider, store=store, concurrent=concurrent, captioned_only=False
         )

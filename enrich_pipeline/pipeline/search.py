@@ -34,6 +34,7 @@ from enrich_pipeline.enrichment.images import (
     prepare_for_vision,
 )
 from enrich_pipeline.enrichment.records import joined_captions
+from enrich_pipeline.pipeline.image_vectors import image_model_name
 from enrich_pipeline.providers.base import Provider, ProviderError, usable_vector
 from enrich_pipeline.providers.offline import OFFLINE_EMBEDDING_MODEL, OFFLINE_MODEL
 from enrich_pipeline.settings import ConfigError
@@ -104,11 +105,6 @@ class SearchResult:
     notes: list[str]  # what was not compared, and why
 
 
-def image_model(provider: Provider) -> str | None:
-    """The provider's image embedding model, None when image embeddings are off."""
-    return provider.image_embedding_model or None
-
-
 def search(
     store: Store,
     provider: Provider,
@@ -132,7 +128,7 @@ def search(
     if not 1 <= query.top_k:
         raise ConfigError(f"top_k must be at least 1, got {query.top_k}")
     method = ranking(store.dialect, query.method)
-    vision = image_model(provider)
+    vision = image_model_name(provider)
     mode: Mode = query.mode or ("both" if vision else "caption")
     if query.like_image is not None:
         if query.mode == "caption":
@@ -203,7 +199,7 @@ def search_captions(
 
 
 def _model_of(provider: Provider, signal: Signal) -> str:
-    return provider.embedding_model if signal == "caption" else str(image_model(provider))
+    return provider.embedding_model if signal == "caption" else str(image_model_name(provider))
 
 
 def _query_vector(
