@@ -18,6 +18,9 @@ from enrich_pipeline.cli.stopping import stops_cleanly
 from enrich_pipeline.db.search_rank import Signal
 from enrich_pipeline.db.store import Store
 from enrich_pipeline.pipeline.search import (
+    MAX_FILTER_CHARS,
+    MAX_FILTERS,
+    MAX_QUERY_CHARS,
     Reembedded,
     SearchQuery,
     SearchResult,
@@ -33,9 +36,6 @@ from enrich_pipeline.redaction import scrub_secrets
 from enrich_pipeline.settings import ConfigError, DashScopeSettings, Settings
 
 MAX_TOP_K = 1000
-# text-embedding-v4 takes up to 8,192 tokens; a search text is a phrase, not a document.
-MAX_QUERY_CHARS = 2000
-MAX_FILTERS, MAX_FILTER_CHARS = 20, 100
 
 
 def check_args(args: argparse.Namespace) -> None:

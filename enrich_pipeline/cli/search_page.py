@@ -55,6 +55,9 @@ from enrich_pipeline.enrichment.images import ImageLoadError, ImagePolicy
 from enrich_pipeline.enrichment.images.thumbnail import thumbnail_jpeg
 from enrich_pipeline.pipeline.image_vectors import image_model_name
 from enrich_pipeline.pipeline.search import (
+    MAX_FILTER_CHARS,
+    MAX_FILTERS,
+    MAX_QUERY_CHARS,
     Hit,
     Mode,
     SearchQuery,
@@ -71,7 +74,6 @@ DEFAULT_PORT = 8765
 # thumbnails does not need them.
 PAGE_MAX_TOP_K = 100
 MAX_BODY_BYTES = 64 * 1024
-MAX_QUERY_CHARS, MAX_FILTERS, MAX_FILTER_CHARS = 2000, 20, 100
 THUMBNAILS_KEPT = 256  # about 15 kB each: a few MB of memory at most
 
 STATIC = {

@@ -42,6 +42,11 @@ from enrich_pipeline.settings import ConfigError
 Method = Literal["auto", "fastann", "pgvector", "sql"]
 Mode = Literal["caption", "image", "both"]
 
+# The bounds of one search, however it is asked (the command line, the page): text-embedding-v4
+# takes up to 8,192 tokens, and a search text is a phrase, not a document.
+MAX_QUERY_CHARS = 2000
+MAX_FILTERS, MAX_FILTER_CHARS = 20, 100
+
 # Reciprocal rank fusion's constant (see the module's docstring).
 RRF_K = 60
 # Candidates each signal brings to the fusion: enough that a row ranked well by one signal and
