@@ -85,6 +85,14 @@ class ItemError:
         return self.blame != BLAME_PROVIDER
 
 
+# What became of a row's image vector (``WorkItem.image_vector_outcome``): made by a call,
+# copied from a row with the same image bytes, already current (neither paid), or not had.
+IMAGE_EMBEDDED = "embedded"
+IMAGE_COPIED = "copied"
+IMAGE_CURRENT = "current"
+IMAGE_FAILED = "failed"
+
+
 @dataclass
 class WorkItem:
     item: PendingItem
@@ -108,7 +116,7 @@ class WorkItem:
     tags_dropped: int = 0
     # Image vectors (ENRICH_IMAGE_EMBEDDING_MODEL): the downscaled image is kept past the
     # caption until it is embedded (no second download); the vector, and what became of it
-    # (``pipeline.image_vectors``: "embedded", "copied", "current" or "failed").
+    # (``pipeline.image_vectors``: one of the IMAGE_* outcomes above).
     embed_image: bool = False
     image_vector: Sequence[float] | None = None
     image_vector_outcome: str = ""

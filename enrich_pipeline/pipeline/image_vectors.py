@@ -25,7 +25,14 @@ from dataclasses import dataclass
 from enrich_pipeline.db.image_vectors import ImageVectorRow
 from enrich_pipeline.db.store import Store
 from enrich_pipeline.enrichment.images import ImagePolicy
-from enrich_pipeline.enrichment.records import WorkItem, image_digest
+from enrich_pipeline.enrichment.records import (
+    IMAGE_COPIED,
+    IMAGE_CURRENT,
+    IMAGE_EMBEDDED,
+    IMAGE_FAILED,
+    WorkItem,
+    image_digest,
+)
 from enrich_pipeline.pipeline.stages import Chunk, _parallel, visual_attributes
 from enrich_pipeline.providers.base import (
     FatalProviderError,
@@ -34,10 +41,6 @@ from enrich_pipeline.providers.base import (
     usable_vector,
 )
 
-EMBEDDED = "embedded"
-COPIED = "copied"
-CURRENT = "current"
-FAILED = "failed"
 # Images per task: a few requests' worth, so that a chunk's calls run side by side.
 _GROUP = 8
 
@@ -96,9 +99,9 @@ def embed_images_chunk(
             for work, vector in zip(group, vectors, strict=True):
                 if usable_vector(vector, dims):
                     work.image_vector = array("f", vector)
-                    work.image_vector_outcome = EMBEDDED
+                    work.image_vector_outcome = IMAGE_EMBEDDED
                 else:
-                    work.image_vector_outcome = FAILED
+                    work.image_vector_outcome = IMAGE_FAILED
 
         # Rows of the chunk that share image bytes share one call.
         first: dict[str, WorkItem] = {}
@@ -116,7 +119,9 @@ def embed_images_chunk(
         for w in twins:
             source = first[w.content_sha256 or ""]
             w.image_vector = source.image_vector
-            w.image_vector_outcome = COPIED if source.image_vector is not None else FAILED
+            w.image_vector_outcome = (
+                IMAGE_COPIED if source.image_vector is not None else IMAGE_FAILED
+            )
     finally:
         drop_images(chunk.items)
     return chunk
@@ -136,10 +141,10 @@ def _reuse(wanted: list[WorkItem], store: Store | None, model: str, dims: int) -
     for w in wanted:
         copy = known.by_content.get((w.item.user_id, w.content_sha256 or ""))
         if (w.item.user_id, w.item.id) in known.current:
-            w.image_vector_outcome = CURRENT
+            w.image_vector_outcome = IMAGE_CURRENT
         elif copy is not None and usable_vector(copy, dims):
             w.image_vector = array("f", copy)
-            w.image_vector_outcome = COPIED
+            w.image_vector_outcome = IMAGE_COPIED
         else:
             todo.append(w)
     return todo
@@ -210,7 +215,7 @@ def backfill(
         ]
         store.items.write_image_vectors(model, vectors)
         done.rows += len(items)
-        done.embedded += sum(w.image_vector_outcome == EMBEDDED for w in items)
-        done.copied += sum(w.image_vector_outcome == COPIED for w in items)
+        done.embedded += sum(w.image_vector_outcome == IMAGE_EMBEDDED for w in items)
+        done.copied += sum(w.image_vector_outcome == IMAGE_COPIED for w in items)
         done.failed += sum(w.image_vector is None for w in items)
     return done

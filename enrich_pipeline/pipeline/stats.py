@@ -6,6 +6,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from enrich_pipeline.enrichment.records import IMAGE_COPIED, IMAGE_CURRENT, IMAGE_EMBEDDED
+
 SAMPLE_CAPTIONS = 5
 
 
@@ -75,9 +77,9 @@ class RunStats:
 
     def count_image_vector(self, outcome: str) -> None:
         """One written row's image vector (``WorkItem.image_vector_outcome``)."""
-        if outcome == "embedded":
+        if outcome == IMAGE_EMBEDDED:
             self.image_embedded += 1
-        elif outcome in ("copied", "current"):
+        elif outcome in (IMAGE_COPIED, IMAGE_CURRENT):
             self.image_vectors_reused += 1
         else:
             self.image_embedding_failed += 1
