@@ -14,6 +14,9 @@ own (a terminal's Ctrl-C reaches only this process, which stops the rest in orde
 Linux's parent-death signal, so that even ``kill -9`` of this process stops ``dagster dev``
 and with it the webserver and daemon instead of leaving them orphaned.
 
+``up`` starts the production topology instead (code server, webserver and daemon, each a
+process of its own, supervised; ``down`` stops it, ``status`` shows it): ``cli/topology.py``.
+
 Other commands: ``backfill`` (user partitions, validated against the table), ``partitions``
 (list them, or remove typos), ``db-url`` and ``psql`` (reach the embedded database).
 
@@ -450,7 +453,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(prog="enrich-dagster", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command")
     ui = sub.add_parser("ui", help="start the webserver and daemon (the default)")
-    for parser in (p, ui):
+    up = sub.add_parser(
+        "up", help="start the code server, webserver and daemon as processes of their own"
+    )
+    sub.add_parser("down", help="stop a running `enrich-dagster up`")
+    sub.add_parser("status", help="the processes of a running `enrich-dagster up`")
+    for parser in (p, ui, up):
         parser.add_argument("--host", default="127.0.0.1")
         parser.add_argument("--port", type=int, default=3000, help="1 to 65535 (default 3000)")
     bf = sub.add_parser("backfill", help="backfill user partitions (one run per user)")
@@ -488,6 +496,16 @@ def main(argv: list[str] | None = None) -> int:
         users = check_args(args)
         if args.command == "db-url":
             return db_url(env)
+        if args.command in ("up", "down", "status"):
+            from enrich_pipeline.cli import topology
+
+            if args.command == "down":
+                return topology.down(env)
+            if args.command == "status":
+                return topology.status(env)
+            if reason := topology.already_running(env):
+                raise ConfigError(reason)
+            env = topology.topology_env(env)
         env = prepare_environment(env)
         try:
             set_pool_limits(env)
@@ -502,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "up":
+        return topology.up(env, args.host, args.port)
     return start_ui(env, args.host, args.port)
 
 
