@@ -233,23 +233,36 @@ class Topology:
     """The three services, their state file, and the supervision loop."""
 
     def __init__(
-        self, env: dict[str, str], host: str, port: int, settings: TopologySettings
+        self,
+        env: dict[str, str],
+        settings: TopologySettings,
+        services: list[Service],
+        url: str,
     ) -> None:
         self.env = env
         self.settings = settings
         self.home = Path(env["DAGSTER_HOME"])
-        self.url = f"http://{host}:{port}"
+        self.url = url
         self.code_addr = (env["ENRICH_CODE_SERVER_HOST"], int(env["ENRICH_CODE_SERVER_PORT"]))
-        argv = command_lines(env, workspace_file(self.home), host, port)
+        self.services = {s.name: s for s in services}
+
+    @classmethod
+    def of(cls, env: dict[str, str], host: str, port: int, settings: TopologySettings) -> Topology:
+        """The Dagster processes, for the environment ``prepare_environment`` made."""
+        home = Path(env["DAGSTER_HOME"])
+        url = f"http://{host}:{port}"
+        code_addr = (env["ENRICH_CODE_SERVER_HOST"], int(env["ENRICH_CODE_SERVER_PORT"]))
+        argv = command_lines(env, workspace_file(home), host, port)
         checks: dict[str, Callable[[], bool]] = {
-            CODE: lambda: code_server_healthy(*self.code_addr),
-            WEB: lambda: webserver_healthy(self.url),
-            DAEMON: lambda: bool(daemon_healthy(self.url)),
+            CODE: lambda: code_server_healthy(*code_addr),
+            WEB: lambda: webserver_healthy(url),
+            DAEMON: lambda: bool(daemon_healthy(url)),
         }
-        self.services = {
-            name: Service(name, argv[name], self.home / LOG_DIR / f"{name}.log", checks[name])
+        services = [
+            Service(name, argv[name], home / LOG_DIR / f"{name}.log", checks[name])
             for name in START_ORDER
-        }
+        ]
+        return cls(env, settings, services, url)
 
     # -- state file --
 
@@ -287,9 +300,9 @@ class Topology:
         for name in (WEB, DAEMON):
             self.services[name].start(self.env, cwd)
         self.write_state()
-        self._wait_healthy([self.services[WEB], self.services[DAEMON]], also_alive=[code])
+        self._wait_healthy([self.services[WEB], self.services[DAEMON]], also_alive=(code,))
 
-    def _wait_healthy(self, services: list[Service], also_alive: list[Service] = ()) -> None:
+    def _wait_healthy(self, services: list[Service], also_alive: tuple[Service, ...] = ()) -> None:
         deadline = time.monotonic() + self.settings.startup_timeout
         waiting = list(services)
         while waiting:
@@ -401,7 +414,7 @@ def _tail(path: Path, n: int = 3000) -> str:
 def up(env: dict[str, str], host: str, port: int) -> int:
     """Start the topology and supervise it until a stop signal."""
     settings = TopologySettings.from_env(env)
-    topology = Topology(env, host, port, settings)
+    topology = Topology.of(env, host, port, settings)
     received: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
