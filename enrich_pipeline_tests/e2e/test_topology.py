@@ -141,7 +141,9 @@ def up(pg_conninfo: str, _standin_server: StandIn, image_dir: Path, tmp_path: Pa
         ENRICH_LEASE_SECONDS="10",
         ENRICH_RERUN_BACKOFF="2",
         ENRICH_CODE_SERVER_PORT=str(_free_port()),
-        ENRICH_RESTART_BACKOFF="0.5",
+        # Seconds, doubled for a second exit in a row: long enough for sensor ticks to miss
+        # the code server.
+        ENRICH_RESTART_BACKOFF="2",
         PYTHONUNBUFFERED="1",
     )
     # Rows before the topology starts: the sensor's first ticks find them.
@@ -259,6 +261,7 @@ def test_a_killed_code_server_is_restarted_and_its_run_finishes_every_row_paid_o
             time.sleep(1)
         line = next(x for x in status.stdout.splitlines() if x.startswith("code-server"))
         assert "alive" in line and "healthy" in line and "(1 restart(s))" in line, status.stdout
+        assert "restarting it in 2.0 s (exit 1 in a row)" in text, text
         assert up.state()["services"]["code-server"]["pid"] != code
         # The webserver reloads the code location from the new server on its own.
         deadline = time.monotonic() + 60
@@ -272,11 +275,17 @@ def test_a_killed_code_server_is_restarted_and_its_run_finishes_every_row_paid_o
         assert len(rows) == len(COLORS)
         assert standin.count("chat") == standin.count("chat", status=200) == len(COLORS)
 
-        # The sensor's next run goes through the new code server.
+        # Killed again, idle, while new rows arrive: the sensor's ticks miss the code server
+        # for the doubled back-off; the rows wait, and the next run goes through the new one.
         standin.latency = 0.0
+        code = up.state()["services"]["code-server"]["pid"]
+        os.kill(code, signal.SIGKILL)
         # Images of their own: a caption the cache holds would cost no call.
         for path in paint(tmp_path, hues(2), prefix="rita"):
             up.items.add("rita", str(path))
+        up.wait_for_line("restart 2)", 60)
+        assert f"code-server (pid {code}) exited (killed by SIGKILL)" in up.text()
+        assert "restarting it in 4.0 s (exit 2 in a row)" in up.text(), up.text()
         _wait_captioned(up, "rita", RUN_TIMEOUT)
         (later,) = up.runs_of("rita")
         assert _final_status(up, later.run_id, RUN_TIMEOUT) == DagsterRunStatus.SUCCESS
