@@ -337,7 +337,7 @@ class Topology:
                 )
                 wait = self.settings.restart_wait(s.exits_in_a_row)
                 s.restart_at = now + wait
-                if _signal_group(s.proc.pid, 0):
+                if group_alive(s.proc.pid):
                     s.old_groups.append(s.proc.pid)  # its children live on
                 print(
                     f"{s.name} (pid {s.proc.pid}) exited ({exit_reason(s.proc.returncode)}) "
@@ -363,7 +363,7 @@ class Topology:
         for name in STOP_ORDER:
             s = self.services[name]
             groups = [g for g in [*s.old_groups, s.pid] if g is not None]
-            if not any(_signal_group(g, 0) for g in groups):
+            if not any(group_alive(g) for g in groups):
                 continue
             started = time.monotonic()
             stop_groups(groups, STOP_GRACE, reap=s.proc)
@@ -373,20 +373,41 @@ class Topology:
 
 def stop_groups(groups: list[int], grace: float, reap: subprocess.Popen[bytes] | None) -> None:
     """SIGTERM to each group; whatever is left after ``grace`` is killed, and waited for (a
-    killed process runs until the kernel has torn it down)."""
+    killed process runs until the kernel has torn it down); ``reap``, our child, is reaped."""
     for g in groups:
         _signal_group(g, signal.SIGTERM)
     for limit, sig in ((grace, signal.SIGKILL), (10.0, None)):
         deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            if reap is not None:
-                reap.poll()  # a zombie child keeps its group "alive"
-            if not any(_signal_group(g, 0) for g in groups):
-                return
+        while time.monotonic() < deadline and any(group_alive(g) for g in groups):
             time.sleep(0.1)
+        if not any(group_alive(g) for g in groups):
+            break
         if sig is not None:
             for g in groups:
                 _signal_group(g, sig)
+    if reap is not None:
+        try:
+            reap.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process of the group still runs: zombies do not count (an orphan whose new
+    parent does not reap it stays one, and would hold a stop for its whole grace)."""
+    if not _signal_group(pgid, 0):
+        return False
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def _start_ticks(pid: int | None) -> int | None:

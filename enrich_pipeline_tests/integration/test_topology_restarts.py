@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -120,3 +121,46 @@ def test_a_stop_goes_daemon_webserver_code_server_with_a_killed_servers_workers(
     assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
     assert not any(psutil.pid_exists(p) for p in pids)
     assert not (top.home / topology.STATE_FILE).exists()
+
+
+def _sleeper() -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", SLEEP], process_group=0)
+
+
+def test_down_after_up_was_killed_stops_what_it_left_and_up_refuses_a_second_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``kill -9`` of ``up`` leaves its state file (the parent-death signal has stopped its
+    processes; here they are left running, the worst case): ``down`` stops them from it. While
+    an ``up`` lives, a second one on the same DAGSTER_HOME is refused."""
+    env = {"DAGSTER_HOME": str(tmp_path)}
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    procs = {name: _sleeper() for name in topology.START_ORDER}
+    state = {
+        "supervisor": {"pid": gone.pid, "started": 1},
+        "services": {
+            name: {"pid": p.pid, "started": topology._start_ticks(p.pid), "old_groups": []}
+            for name, p in procs.items()
+        },
+    }
+    (tmp_path / topology.STATE_FILE).write_text(json.dumps(state))
+    try:
+        assert topology.already_running(env) is None
+        assert topology.down(env) == 0
+        out = capsys.readouterr().out
+        assert out.strip() == "stopped: " + ", ".join(
+            f"{name} (pid {procs[name].pid})" for name in topology.STOP_ORDER
+        )
+        assert all(p.wait(timeout=10) == -signal.SIGTERM for p in procs.values())
+        assert not (tmp_path / topology.STATE_FILE).exists()
+
+        # A live supervisor (this process stands in for it): a second ``up`` is refused.
+        state["supervisor"] = {"pid": os.getpid(), "started": topology._start_ticks(os.getpid())}
+        (tmp_path / topology.STATE_FILE).write_text(json.dumps(state))
+        reason = topology.already_running(env)
+        assert reason == f"enrich-dagster up already runs (pid {os.getpid()}) on {tmp_path}"
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
