@@ -21,12 +21,15 @@ and ports in ``$DAGSTER_HOME/topology.json`` and supervises in the foreground: a
 exits is started again after a back-off (``ENRICH_RESTART_BACKOFF``, doubled for each exit in a
 row up to ``ENRICH_RESTART_BACKOFF_MAX``, as Kubernetes restarts a pod), with one line saying
 so. SIGTERM, SIGINT or SIGHUP stop the daemon, the webserver and the code server, in that order
-(the code server's run workers with it: a run in flight fails and gives its rows back), then
-the embedded database. ``down`` does that to a running ``up`` from ``topology.json``.
+(the code server's run workers with it, as ``ui`` stops them: Dagster takes SIGTERM as an
+interrupt, the run is marked failed, and the next run of its user takes its rows), then the
+embedded database. ``down`` does that to a running ``up`` from ``topology.json``.
 
-A run worker outlives a code server that is killed (it is not in the code server's way: it
-writes its events to the run storage itself), so a run in flight finishes; the process group of
-a dead code server is remembered and stopped with the rest.
+A run worker outlives a code server that is killed (found by experiment, and tested: the worker
+is a ``spawn`` child that writes its events to the run storage itself and beats its own
+heartbeat), so a run in flight finishes; the webserver and the daemon reload the location from
+the new server on their own, and sensor ticks while it is away fail and resume. The process
+group of a dead code server is remembered and stopped with the rest.
 """
 
 from __future__ import annotations
