@@ -169,8 +169,10 @@ def up(pg_conninfo: str, _standin_server: StandIn, image_dir: Path, tmp_path: Pa
             mp.setenv(name, env[name])
         instance = DagsterInstance.from_config(str(home))
         stack = Up(proc, output, home, env, items, instance)
+        started = time.monotonic()
         try:
             stack.wait_for_line("all three healthy", STARTUP_TIMEOUT)
+            print(f"up: all three healthy after {time.monotonic() - started:.1f} s")
         except AssertionError:
             print(stack.logs()[-60_000:])
             raise
@@ -248,11 +250,13 @@ def test_a_killed_code_server_is_restarted_and_its_run_finishes_every_row_paid_o
         worker = psutil.Process(worker_pid)
         assert code in {p.pid for p in worker.parents()}, (code, worker.parents())
         os.kill(code, signal.SIGKILL)
+        killed = time.monotonic()
         done_at_kill = standin.count("chat")
         assert done_at_kill < len(COLORS), "the run had finished its captions before the kill"
 
         # What the user sees: one line, a restart, and the code server healthy again.
         up.wait_for_line("code-server restarted", 60)
+        print(f"code server restarted {time.monotonic() - killed:.1f} s after kill -9")
         text = up.text()
         assert f"code-server (pid {code}) exited (killed by SIGKILL)" in text, text
         deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -298,7 +302,9 @@ def test_a_killed_code_server_is_restarted_and_its_run_finishes_every_row_paid_o
 
     # ``down``: everything ``up`` started stops, in order, and says so.
     pids = {s["pid"] for s in up.state()["services"].values()} | {up.proc.pid, worker_pid}
+    sent = time.monotonic()
     stopped = up.command("down")
+    print(f"down took {time.monotonic() - sent:.1f} s")
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert stopped.stdout.startswith("stopped: daemon (pid"), stopped.stdout
     assert f"supervisor (pid {up.proc.pid})" in stopped.stdout
