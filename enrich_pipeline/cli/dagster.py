@@ -503,9 +503,7 @@ def main(argv: list[str] | None = None) -> int:
                 return topology.down(env)
             if args.command == "status":
                 return topology.status(env)
-            if reason := topology.already_running(env):
-                raise ConfigError(reason)
-            env = topology.topology_env(env)
+            env = topology.ready_to_start(env, args.host, args.port)
         env = prepare_environment(env)
         try:
             set_pool_limits(env)

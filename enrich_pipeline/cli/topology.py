@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -47,7 +48,7 @@ from pathlib import Path
 
 from enrich_pipeline.cli.dagster import _CHILD, STOP_GRACE, _signal_group
 from enrich_pipeline.db import embedded
-from enrich_pipeline.settings import DbSettings
+from enrich_pipeline.settings import ConfigError, DbSettings
 from enrich_pipeline.settings.topology import TopologySettings
 
 CODE, WEB, DAEMON = "code-server", "webserver", "daemon"
@@ -125,6 +126,36 @@ def already_running(env: Mapping[str, str]) -> str | None:
     if state is not None and _same_process(state.get("supervisor")):
         return f"enrich-dagster up already runs (pid {state['supervisor']['pid']}) on {home}"
     return None
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def ready_to_start(env: dict[str, str], host: str, port: int) -> dict[str, str]:
+    """The environment ``up`` starts with, or a ``ConfigError`` saying why it must not start:
+    another ``up`` on this DAGSTER_HOME, or a port taken (a server already listening there
+    would answer the health checks in place of ours)."""
+    if reason := already_running(env):
+        raise ConfigError(reason)
+    env = topology_env(env)
+    code_host, code_port = env["ENRICH_CODE_SERVER_HOST"], int(env["ENRICH_CODE_SERVER_PORT"])
+    if port_in_use(code_host, code_port):
+        raise ConfigError(
+            f"ENRICH_CODE_SERVER_PORT: {code_host}:{code_port} is in use (another code server?): "
+            "stop it or choose another port"
+        )
+    if port_in_use(host, port):
+        raise ConfigError(
+            f"--port: {host}:{port} is in use: stop what listens there or choose another port"
+        )
+    return env
 
 
 def topology_env(env: dict[str, str]) -> dict[str, str]:

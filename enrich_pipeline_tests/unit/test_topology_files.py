@@ -112,3 +112,23 @@ def test_health_checks_say_no_when_nothing_listens() -> None:
         assert topology.code_server_healthy("127.0.0.1", port, timeout=2) is False
         assert topology.webserver_healthy(f"http://127.0.0.1:{port}") is False
         assert topology.daemon_healthy(f"http://127.0.0.1:{port}") is None
+
+
+def test_up_refuses_ports_something_already_listens_on(tmp_path: Path) -> None:
+    """A server already on the code server's port would answer the health check in place of
+    ours: ``up`` refuses to start, in one line naming the setting."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"DAGSTER_HOME": str(tmp_path), "ENRICH_CODE_SERVER_PORT": str(port)}
+        with pytest.raises(ConfigError, match=rf"^ENRICH_CODE_SERVER_PORT: 127.0.0.1:{port} is in"):
+            topology.ready_to_start(dict(env), "127.0.0.1", 3000)
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            code_port = free.getsockname()[1]
+        env["ENRICH_CODE_SERVER_PORT"] = str(code_port)
+        with pytest.raises(ConfigError, match=rf"^--port: 127.0.0.1:{port} is in use"):
+            topology.ready_to_start(dict(env), "127.0.0.1", port)
+        ready = topology.ready_to_start(dict(env), "127.0.0.1", 0)
+        assert ready["ENRICH_CODE_SERVER_PORT"] == str(code_port)
