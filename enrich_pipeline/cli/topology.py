@@ -37,16 +37,21 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from enrich_pipeline.cli.dagster import _CHILD, STOP_GRACE, _signal_group
+from enrich_pipeline.cli.dagster import _CHILD, STOP_GRACE
+from enrich_pipeline.cli.process_groups import group_alive, same_process, start_ticks, stop_groups
+from enrich_pipeline.cli.topology_health import (
+    code_server_healthy,
+    daemon_healthy,
+    port_in_use,
+    webserver_healthy,
+)
 from enrich_pipeline.db import embedded
 from enrich_pipeline.settings import ConfigError, DbSettings
 from enrich_pipeline.settings.topology import TopologySettings
@@ -71,9 +76,6 @@ WORKSPACE = {
 STATE_FILE = "topology.json"
 LOG_DIR = "topology-logs"
 POLL = 0.5
-_DAEMON_HEALTH = (
-    '{"query": "{ instance { daemonHealth { allDaemonStatuses { required healthy } } } }"}'
-)
 
 
 def command_lines(env: Mapping[str, str], workspace: Path, host: str, port: int) -> dict:
@@ -123,19 +125,9 @@ def already_running(env: Mapping[str, str]) -> str | None:
     """Why ``up`` must not start (another ``up`` supervises this DAGSTER_HOME), if it must not."""
     home = dagster_home_of(env)
     state = read_state(home)
-    if state is not None and _same_process(state.get("supervisor")):
+    if state is not None and same_process(state.get("supervisor")):
         return f"enrich-dagster up already runs (pid {state['supervisor']['pid']}) on {home}"
     return None
-
-
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
 
 
 def ready_to_start(env: dict[str, str], host: str, port: int) -> dict[str, str]:
@@ -164,49 +156,6 @@ def topology_env(env: dict[str, str]) -> dict[str, str]:
     env["ENRICH_CODE_SERVER_HOST"] = settings.code_server_host
     env["ENRICH_CODE_SERVER_PORT"] = str(settings.code_server_port)
     return env
-
-
-# --- health ------------------------------------------------------------------------------
-
-
-def code_server_healthy(host: str, port: int, timeout: float = 2.0) -> bool:
-    """gRPC's health check, as ``dagster api grpc-health-check`` asks it (service
-    ``DagsterApi`` SERVING once the definitions are loaded)."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    try:
-        with grpc.insecure_channel(f"{host}:{port}") as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            reply = stub.Check(health_pb2.HealthCheckRequest(service="DagsterApi"), timeout=timeout)
-    except grpc.RpcError:
-        return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
-def webserver_healthy(url: str, timeout: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/server_info", timeout=timeout) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
-def daemon_healthy(url: str, timeout: float = 5.0) -> bool | None:
-    """Whether every required daemon thread beats, as the webserver's Daemons page says; None
-    when the webserver does not answer."""
-    request = urllib.request.Request(
-        f"{url}/graphql",
-        data=_DAEMON_HEALTH.encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            body = json.load(resp)
-        statuses = body["data"]["instance"]["daemonHealth"]["allDaemonStatuses"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return bool(statuses) and all(s["healthy"] for s in statuses if s["required"])
 
 
 # --- the processes -----------------------------------------------------------------------
@@ -302,14 +251,14 @@ class Topology:
 
     def write_state(self) -> None:
         state = {
-            "supervisor": {"pid": os.getpid(), "started": _start_ticks(os.getpid())},
+            "supervisor": {"pid": os.getpid(), "started": start_ticks(os.getpid())},
             "dagster_home": str(self.home),
             "webserver_url": self.url,
             "code_server": f"{self.code_addr[0]}:{self.code_addr[1]}",
             "services": {
                 s.name: {
                     "pid": s.pid,
-                    "started": _start_ticks(s.pid) if s.pid else None,
+                    "started": start_ticks(s.pid) if s.pid else None,
                     "log": str(s.log),
                     "restarts": s.restarts,
                     "old_groups": s.old_groups,
@@ -405,57 +354,6 @@ class Topology:
         (self.home / STATE_FILE).unlink(missing_ok=True)
 
 
-def stop_groups(groups: list[int], grace: float, reap: subprocess.Popen[bytes] | None) -> None:
-    """SIGTERM to each group; whatever is left after ``grace`` is killed, and waited for (a
-    killed process runs until the kernel has torn it down); ``reap``, our child, is reaped."""
-    for g in groups:
-        _signal_group(g, signal.SIGTERM)
-    for limit, sig in ((grace, signal.SIGKILL), (10.0, None)):
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline and any(group_alive(g) for g in groups):
-            time.sleep(0.1)
-        if not any(group_alive(g) for g in groups):
-            break
-        if sig is not None:
-            for g in groups:
-                _signal_group(g, sig)
-    if reap is not None:
-        try:
-            reap.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-
-
-def group_alive(pgid: int) -> bool:
-    """Whether a process of the group still runs: zombies do not count (an orphan whose new
-    parent does not reap it stays one, and would hold a stop for its whole grace)."""
-    if not _signal_group(pgid, 0):
-        return False
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
-
-
-def _start_ticks(pid: int | None) -> int | None:
-    """The process's start time (clock ticks since boot): with the pid, who it is (a pid is
-    reused, this pair is not)."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return int(handle.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def _tail(path: Path, n: int = 3000) -> str:
     try:
         return path.read_text(errors="replace")[-n:]
@@ -522,13 +420,6 @@ def read_state(home: Path) -> dict | None:
         return None
 
 
-def _same_process(entry: Mapping[str, object] | None) -> bool:
-    if not entry or not isinstance(entry.get("pid"), int):
-        return False
-    pid = int(entry["pid"])  # type: ignore[arg-type]
-    return embedded.process_alive(pid) and _start_ticks(pid) == entry.get("started")
-
-
 def down(env: Mapping[str, str], timeout: float = STOP_GRACE * 3 + 30) -> int:
     """Stop a running ``up``: SIGTERM to it (it stops the rest in order), or, if it is gone,
     to what it left."""
@@ -542,9 +433,9 @@ def down(env: Mapping[str, str], timeout: float = STOP_GRACE * 3 + 30) -> int:
     stopped = [
         f"{name} (pid {services[name]['pid']})"
         for name in STOP_ORDER
-        if _same_process(services.get(name))
+        if same_process(services.get(name))
     ]
-    if _same_process(sup):
+    if same_process(sup):
         os.kill(sup["pid"], signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while embedded.process_alive(sup["pid"]):
@@ -588,11 +479,11 @@ def status(env: Mapping[str, str]) -> int:
         DAEMON: lambda: daemon_healthy(url),
     }
     sup = state["supervisor"]
-    print(f"supervisor  pid {sup['pid']:<8} {'alive' if _same_process(sup) else 'gone'}")
-    ok = _same_process(sup)
+    print(f"supervisor  pid {sup['pid']:<8} {'alive' if same_process(sup) else 'gone'}")
+    ok = same_process(sup)
     for name in START_ORDER:
         entry = services.get(name, {})
-        alive = _same_process(entry)
+        alive = same_process(entry)
         health = checks[name]() if alive else False
         shown = "unknown" if health is None else ("healthy" if health else "unhealthy")
         restarts = entry.get("restarts", 0)

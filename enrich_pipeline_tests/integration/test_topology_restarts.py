@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from enrich_pipeline.cli import topology
+from enrich_pipeline.cli import process_groups, topology
 from enrich_pipeline.cli.topology import CODE, DAEMON, WEB, Service, Topology
 from enrich_pipeline.settings.topology import TopologySettings
 
@@ -140,7 +140,7 @@ def test_down_after_up_was_killed_stops_what_it_left_and_up_refuses_a_second_sta
     state = {
         "supervisor": {"pid": gone.pid, "started": 1},
         "services": {
-            name: {"pid": p.pid, "started": topology._start_ticks(p.pid), "old_groups": []}
+            name: {"pid": p.pid, "started": process_groups.start_ticks(p.pid), "old_groups": []}
             for name, p in procs.items()
         },
     }
@@ -156,7 +156,10 @@ def test_down_after_up_was_killed_stops_what_it_left_and_up_refuses_a_second_sta
         assert not (tmp_path / topology.STATE_FILE).exists()
 
         # A live supervisor (this process stands in for it): a second ``up`` is refused.
-        state["supervisor"] = {"pid": os.getpid(), "started": topology._start_ticks(os.getpid())}
+        state["supervisor"] = {
+            "pid": os.getpid(),
+            "started": process_groups.start_ticks(os.getpid()),
+        }
         (tmp_path / topology.STATE_FILE).write_text(json.dumps(state))
         reason = topology.already_running(env)
         assert reason == f"enrich-dagster up already runs (pid {os.getpid()}) on {tmp_path}"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from enrich_pipeline.cli import topology
+from enrich_pipeline.cli import topology, topology_health
 from enrich_pipeline.settings import ConfigError
 from enrich_pipeline.settings.topology import TopologySettings
 
@@ -109,9 +109,9 @@ def test_health_checks_say_no_when_nothing_listens() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, never listening: connections are refused
-        assert topology.code_server_healthy("127.0.0.1", port, timeout=2) is False
-        assert topology.webserver_healthy(f"http://127.0.0.1:{port}") is False
-        assert topology.daemon_healthy(f"http://127.0.0.1:{port}") is None
+        assert topology_health.code_server_healthy("127.0.0.1", port, timeout=2) is False
+        assert topology_health.webserver_healthy(f"http://127.0.0.1:{port}") is False
+        assert topology_health.daemon_healthy(f"http://127.0.0.1:{port}") is None
 
 
 def test_up_refuses_ports_something_already_listens_on(tmp_path: Path) -> None:
