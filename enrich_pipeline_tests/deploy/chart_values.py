@@ -24,9 +24,7 @@ from referencing.jsonschema import DRAFT202012
 
 from enrich_pipeline_tests.deploy.files import CHART_SCHEMA, DOCUMENTED_KEYS, render
 
-K8S_DEFINITIONS = (
-    "https://raw.githubusercontent.com/yannh/kubernetes-json-schema/master/v1.19.0/_definitions.json"
-)
+K8S_DEFINITIONS = "https://raw.githubusercontent.com/yannh/kubernetes-json-schema/master/v1.19.0/_definitions.json"
 
 
 @cache

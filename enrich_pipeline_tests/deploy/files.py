@@ -57,9 +57,7 @@ def render() -> Render:
 
 def manifest(kind: str, name: str) -> dict[str, Any]:
     found = [
-        doc
-        for doc in render().documents
-        if doc["kind"] == kind and doc["metadata"]["name"] == name
+        doc for doc in render().documents if doc["kind"] == kind and doc["metadata"]["name"] == name
     ]
     assert len(found) == 1, f"{kind} {name}: {len(found)} in the render"
     return found[0]
