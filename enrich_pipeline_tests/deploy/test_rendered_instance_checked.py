@@ -87,7 +87,7 @@ def test_the_daemon_builds_the_shipped_run_queue_from_it() -> None:
 
 def test_the_chart_keeps_the_shipped_settings_it_does_not_replace() -> None:
     rendered, shipped = rendered_instance(), shipped_instance()
-    for key in ("run_monitoring", "python_logs", "sensors", "telemetry"):
+    for key in ("run_monitoring", "python_logs", "sensors", "telemetry", "nux"):
         assert rendered[key] == shipped[key], key
     # Replaced: the launcher (a Kubernetes Job per run, health from the Job's pod, instead of a
     # local process with a heartbeat) and the storage (the same PostgreSQL, given by parts).
@@ -98,5 +98,8 @@ def test_the_chart_keeps_the_shipped_settings_it_does_not_replace() -> None:
         database = rendered[key]["config"]["postgres_db"]
         assert database["scheme"] == "postgresql+psycopg2", key
         assert database["password"] == {"env": "DAGSTER_PG_PASSWORD"}, key
-    # Dropped: nux (first-run pop-ups), a UI setting the chart has no key for.
-    assert "nux" in shipped and "nux" not in rendered
+    # Added by the chart: the scheduler, which the daemon runs anyway, and the run retries
+    # daemon with Dagster's default of no retry (none on one machine either); compute logs are
+    # not kept (NoOpComputeLogManager): a step's stdout/stderr is not in the UI, its events are.
+    assert rendered["run_retries"] == {"enabled": True}
+    assert rendered["compute_logs"]["class"] == "NoOpComputeLogManager"
