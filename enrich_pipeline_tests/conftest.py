@@ -27,7 +27,7 @@ from enrich_pipeline_tests.helpers import API_KEY, Items, standin_settings
 from enrich_pipeline_tests.standin import StandIn
 
 # The tiers, one folder each (README "Tests"): select with -m, e.g. `pytest -m unit`.
-TIERS = ("unit", "integration", "defs", "faults", "e2e")
+TIERS = ("unit", "integration", "defs", "faults", "e2e", "deploy")
 
 
 def pytest_configure(config: pytest.Config) -> None:
