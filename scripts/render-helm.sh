@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Renders deploy/helm/values.yaml with Dagster's official Helm chart into
-# deploy/helm/rendered/dagster.yaml (and the values Helm computes, values.computed.yaml), and refreshes what the deploy tests read from the chart:
+# deploy/helm/rendered/manifests.yaml (and the values Helm computes, values.computed.yaml), and refreshes what the deploy tests read from the chart:
 # deploy/helm/chart-schema/values.schema.json (the chart's own file) and documented-keys.txt
 # (every key path of the chart's values.yaml and its subchart's). Run it after changing the
 # values or moving to another chart version; the deploy tests fail on a stale render.
@@ -41,7 +41,7 @@ EOF
 fi
 
 values="deploy/helm/values.yaml"
-out="deploy/helm/rendered/dagster.yaml"
+out="deploy/helm/rendered/manifests.yaml"
 schema_dir="deploy/helm/chart-schema"
 mkdir -p "$(dirname "$out")" "$schema_dir"
 chart_version="$("$python" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["version"])' "$chart/Chart.yaml")"

@@ -1,4 +1,4 @@
-"""The manifests rendered from the chart values (deploy/helm/rendered/dagster.yaml) are what
+"""The manifests rendered from the chart values (deploy/helm/rendered/manifests.yaml) are what
 these values give, and every one is a valid Kubernetes object (kubernetes-validate's offline
 schemas, strict: no unknown field), the three Dagster processes on our image, run as a non-root
 user, with secrets only by name."""
