@@ -63,7 +63,7 @@ STOP_GRACE = 30.0
 # Run as ``python -c`` in the child before it becomes ``dagster dev``: default dispositions for
 # the stop signals (a background job's SIGINT is ignored, and exec keeps "ignored"), and
 # SIGTERM when this launcher dies, however it dies (PR_SET_PDEATHSIG survives exec).
-_CHILD = (
+CHILD_PRELUDE = (
     "import ctypes, os, signal, sys\n"
     "for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):\n"
     "    signal.signal(s, signal.SIG_DFL)\n"
@@ -162,7 +162,7 @@ class _Stop(Exception):
 def start_ui(env: dict[str, str], host: str, port: int) -> int:
     """``dagster dev`` until a stop signal; then webserver, daemon, embedded database."""
     dev = [sys.executable, *_QUIET, "-m", "dagster", "dev", *_target(), "-h", host, "-p", str(port)]
-    cmd = [sys.executable, "-c", _CHILD, str(os.getpid()), *dev[1:]]
+    cmd = [sys.executable, "-c", CHILD_PRELUDE, str(os.getpid()), *dev[1:]]
     print(f"Dagster UI on http://{host}:{port} (DAGSTER_HOME={env['DAGSTER_HOME']})", flush=True)
     received: list[int] = []
 

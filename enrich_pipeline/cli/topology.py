@@ -44,7 +44,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from enrich_pipeline.cli.dagster import _CHILD, STOP_GRACE
+from enrich_pipeline.cli.dagster import CHILD_PRELUDE, STOP_GRACE
 from enrich_pipeline.cli.process_groups import group_alive, same_process, start_ticks, stop_groups
 from enrich_pipeline.cli.topology_health import (
     code_server_healthy,
@@ -180,7 +180,7 @@ class Service:
 
     def start(self, env: Mapping[str, str], cwd: str) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-c", _CHILD, str(os.getpid()), *self.argv[1:]]
+        cmd = [sys.executable, "-c", CHILD_PRELUDE, str(os.getpid()), *self.argv[1:]]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 cmd,
