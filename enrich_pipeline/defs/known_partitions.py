@@ -6,8 +6,8 @@ half a second to read whole (``benchmarks/scale.py``), so the sensor keeps them 
 in the process that evaluates it (the code server lives across ticks) and reads only those
 added since (Dagster's storage ids only grow). A partition removed elsewhere (``enrich-dagster
 partitions --remove``) is not seen that way: the whole list is read again every
-``FULL_READ_S``, and the sensor checks that the partitions it requests runs for exist
-(``missing``), reading everything again when one does not.
+``FULL_READ_S``, and the sensor checks that the partitions its runs name exist (``missing``),
+reading everything again when one does not.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ _PAGE = 100_000
 
 @dataclass
 class _Known:
-    keys: list[str]
+    order: PartitionOrder
     cursor: str
     read_whole_at: float
 
@@ -67,18 +67,21 @@ def known_order(instance: DagsterInstance) -> PartitionOrder:
     known = _KNOWN.get(where) if where else None
     if known is None or now - known.read_whole_at > FULL_READ_S:
         keys, cursor = _read(instance, None)
-        known = _Known(keys, cursor, now)
+        known = _Known(PartitionOrder(keys), cursor, now)
         if where:
             _KNOWN[where] = known
     else:
         added, known.cursor = _read(instance, known.cursor)
-        known.keys.extend(added)
-    return PartitionOrder(known.keys)
+        if added:
+            known.order = PartitionOrder(known.order.keys + added)
+    return known.order
 
 
 def missing(instance: DagsterInstance, keys: Iterable[str]) -> set[str]:
     """Which of ``keys`` no longer exist (removed elsewhere); where any is, the list is read
-    whole at the next ``known_order``."""
+    whole at the next ``known_order``. The sensor asks about the partitions its runs name (a
+    single-user run's, a range's two ends): Dagster refuses a run naming one that is gone, while
+    a removed partition inside a range is only left out of it until the next whole read."""
     wanted = set(keys)
     if not wanted:
         return set()

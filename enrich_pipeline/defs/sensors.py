@@ -415,8 +415,10 @@ def pending_rows_sensor(context: SensorEvaluationContext, adbpg: AdbpgResource):
     ]
     requested = {k for p in planned for k in p.keys if k in wanted}
     # Partitions are kept between ticks (known_partitions.py): one removed elsewhere while its
-    # user still has rows must exist again before a run can name it.
-    gone = missing(instance, requested.difference(new_keys))
+    # user still has rows must exist again before a run can name it (a run names one partition,
+    # or a range by its two ends, both users with rows).
+    named = {k for p in planned for k in (p.keys[0], p.keys[-1])}
+    gone = missing(instance, named.difference(new_keys))
     if gone:
         instance.add_dynamic_partitions(users_partitions.name, sorted(gone))
         return skipped(
