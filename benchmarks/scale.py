@@ -333,6 +333,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--window", type=float, default=600.0, help="seconds of steady captioning")
     p.add_argument("--images", type=int, default=20_000, help="distinct images (a pool)")
     p.add_argument("--no-pages", action="store_true", help="no Chromium")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a pipeline setting for the ticks and the deployment (ENRICH_BUNDLE_USERS=200)",
+    )
     p.add_argument("--database-url", default=None)
     p.add_argument("--json", default=str(REPO / "artifacts" / "scale.json"))
     a = p.parse_args(argv)
@@ -362,6 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "DASHSCOPE_RPM": str(a.rpm),
                 "ENRICH_ALLOW_LOCAL_FILES": "true",
                 "ENRICH_HOME": str(folder / "home"),
+                **dict(x.split("=", 1) for x in a.set),
             }
             if "ticks" in parts:
                 home, name, dagster_url = dagster_home(url, folder)
