@@ -33,6 +33,10 @@ How many runs, and of what:
   3/4 of their rows (with 4), so they end one after another and each one's last steps overlap
   the others' model calls (``plan_runs``).
 
+New users' partitions are added by the tick, at most ``MAX_NEW_PARTITIONS`` (50,000) a tick:
+users past that wait for the next ticks. The partitions are kept between ticks in the process
+that evaluates the sensor (``known_partitions.py``).
+
 The runs it requests call the model with ``ENRICH_SENSOR_CONCURRENT`` calls in flight (16). The
 quota is the account's, not the run's: where the provider layer's shared budget paces every
 process (``ENRICH_SHARED_QUOTA``) the runs use it; otherwise each of the runs at once gets an
