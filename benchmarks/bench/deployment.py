@@ -109,7 +109,7 @@ def users(bench: Bench, p: Plan) -> UsersRun:
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
             )
     requests = standin.requests()
-    ticks = _sensor_ticks(log.read_text(errors="replace"))
+    ticks = sensor_ticks(log.read_text(errors="replace"))
     throttled = sum(1 for r in requests if r.status == 429)
     first_done = next((t for t, n in timeline if n >= total), None)
     result = UsersRun(
@@ -196,12 +196,13 @@ def _records_filter(asset: Any, key: str) -> Any:
 
 
 _TICK = re.compile(
-    r"pending_rows_sensor - (\d+) user\(s\) pending, (\d+) changed: (\d+) run\(s\) for (\d+)"
+    r"pending_rows_sensor - (\d+) user\(s\) pending(?: \(and \d+ new waiting for a partition\))?,"
+    r" (\d+) changed: (\d+) run\(s\) for (\d+)"
     r" user\(s\).*?; (\d+) ms \(database (\d+) ms\), cursor (\d+) B"
 )
 
 
-def _sensor_ticks(log: str) -> list[SensorTick]:
+def sensor_ticks(log: str) -> list[SensorTick]:
     """The sensor's own line per tick that requested or considered runs."""
     return [
         SensorTick(

@@ -36,6 +36,7 @@ last requested retry, and the hold.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import struct
@@ -92,6 +93,9 @@ def settings_fingerprint(api: DashScopeSettings) -> str:
     return hashlib.blake2b(text.encode(), digest_size=8, person=b"enrich-settings").hexdigest()
 
 
+# Every tick digests every pending user's key (100,000 users: about 0.15 s a pass), and the code
+# server evaluating the sensor lives across ticks: remembered, a tick pays for new users only.
+@functools.lru_cache(maxsize=1 << 18)
 def _key_digest(key: str) -> bytes:
     return hashlib.blake2b(key.encode(), digest_size=_KEY_BYTES, person=b"enrich-rerun").digest()
 
@@ -273,9 +277,13 @@ class Reruns:
 
     def due(self, keys: Iterable[str], now: float) -> set[str]:
         """Users whose last unfinished run's back-off has passed."""
+        if not self.retry:
+            return set()
         return {k for k in keys if (r := self.retry.get(_key_digest(k))) and r.due <= now}
 
     def backing_off(self, keys: Iterable[str], now: float) -> set[str]:
+        if not self.retry:
+            return set()
         return {k for k in keys if (r := self.retry.get(_key_digest(k))) and r.due > now}
 
     def requested(self, keys: Iterable[str], now: float, automation: AutomationSettings) -> None:
@@ -288,6 +296,8 @@ class Reruns:
 
     def kept(self, pending: Iterable[str]) -> None:
         """Only the users still pending."""
+        if not self.retry:
+            return
         wanted = {_key_digest(k) for k in pending}
         self.retry = {k: r for k, r in self.retry.items() if k in wanted}
 

@@ -33,6 +33,10 @@ How many runs, and of what:
   3/4 of their rows (with 4), so they end one after another and each one's last steps overlap
   the others' model calls (``plan_runs``).
 
+New users' partitions are added by the tick, at most ``MAX_NEW_PARTITIONS`` (50,000) a tick:
+users past that wait for the next ticks. The partitions are kept between ticks in the process
+that evaluates the sensor (``known_partitions.py``).
+
 The runs it requests call the model with ``ENRICH_SENSOR_CONCURRENT`` calls in flight (16). The
 quota is the account's, not the run's: where the provider layer's shared budget paces every
 process (``ENRICH_SHARED_QUOTA``) the runs use it; otherwise each of the runs at once gets an
@@ -46,6 +50,7 @@ that was requested: about 80 KB for 10,000 users instead of a JSON map several t
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import time
@@ -67,6 +72,7 @@ from dagster._time import get_current_timestamp
 
 from enrich_pipeline.defs.config import AUTOMATION, dagster_settings
 from enrich_pipeline.defs.jobs import enrich_job
+from enrich_pipeline.defs.known_partitions import known_order, missing
 from enrich_pipeline.defs.partitions import user_to_key, users_partitions
 from enrich_pipeline.defs.reruns import (
     SETTINGS_TAG,
@@ -93,6 +99,10 @@ from enrich_pipeline.settings import (
 )
 
 DIGEST_BYTES = 6
+# New users' partitions added by one tick, at most: adding 100,000 took 8 s here (82 us each,
+# more as the table grows) and Dagster gives a sensor's evaluation 60 s, so a first tick at a
+# million users would never finish (benchmarks/scale.py).
+MAX_NEW_PARTITIONS = 50_000
 # Idle partitions (nothing pending) a shared range may step over, in a row.
 MAX_GAP = 20
 
@@ -100,6 +110,10 @@ MAX_GAP = 20
 # --- the cursor --------------------------------------------------------------------------------
 
 
+# Every tick digests every pending user's (partition, fingerprint) twice (100,000 users: about
+# 0.2 s a pass); the code server evaluating the sensor lives across ticks and most pending sets
+# do not change between two: remembered, a tick pays for the changed ones only.
+@functools.lru_cache(maxsize=1 << 18)
 def _digest(key: str, fingerprint: str) -> bytes:
     return hashlib.blake2b(f"{key}\x00{fingerprint}".encode(), digest_size=DIGEST_BYTES).digest()
 
@@ -122,16 +136,18 @@ class Seen:
             return cls(_digest(str(k), str(v)) for k, v in data.items())
         return cls()
 
-    def __contains__(self, pair: tuple[str, str]) -> bool:
-        return _digest(*pair) in self.digests
+    def unchanged(self, fingerprints: Mapping[str, str]) -> set[str]:
+        """The partitions whose pending set (fingerprint) is the one requested."""
+        digests = self.digests
+        return {k for k, fp in fingerprints.items() if _digest(k, fp) in digests}
 
     def add(self, key: str, fingerprint: str) -> None:
         self.digests.add(_digest(key, fingerprint))
 
-    def kept(self, pairs: Iterable[tuple[str, str]]) -> Seen:
-        """Only the digests of these pairs (users still pending, unchanged or requested)."""
-        wanted = {_digest(*p) for p in pairs}
-        return Seen(self.digests & wanted)
+    def kept(self, fingerprints: Mapping[str, str]) -> Seen:
+        """Only the digests of these partitions' pending sets (users still pending, unchanged
+        or requested)."""
+        return Seen(self.digests.intersection(map(_digest, fingerprints, fingerprints.values())))
 
     def to_json(self) -> dict:
         raw = b"".join(sorted(self.digests))
@@ -330,19 +346,23 @@ def pending_rows_sensor(context: SensorEvaluationContext, adbpg: AdbpgResource):
 
     queried = time.perf_counter()
     keys = {user_to_key(u): fp for u, fp in fingerprints.items()}
-    order = PartitionOrder.of(instance)
+    order = known_order(instance)
     new_keys = sorted(k for k in keys if k not in order.index)
+    # Users past the tick's share of new partitions are left to the next ticks, as if their
+    # rows had not arrived yet (they are not in the cursor, so they count as changed then).
+    for key in new_keys[MAX_NEW_PARTITIONS:]:
+        del keys[key]
+    waiting_partitions = max(0, len(new_keys) - MAX_NEW_PARTITIONS)
+    new_keys = new_keys[:MAX_NEW_PARTITIONS]
     order = PartitionOrder(order.keys + new_keys)
-    unchanged = {k for k, fp in keys.items() if (k, fp) in seen}
+    unchanged = seen.unchanged(keys)
     reruns.record(finished, order, unchanged, stops(instance, finished), settings, automation)
     reruns.kept(keys)
     if released:
         context.log.info(f"{released} claim(s) of failed runs whose process is gone given back")
 
     def skipped(reason: str) -> SensorResult:
-        return SensorResult(
-            cursor=_cursor(seen.kept(keys.items()), reruns), skip_reason=SkipReason(reason)
-        )
+        return SensorResult(cursor=_cursor(seen.kept(keys), reruns), skip_reason=SkipReason(reason))
 
     if not keys:
         return skipped("no pending rows")
@@ -398,17 +418,30 @@ def pending_rows_sensor(context: SensorEvaluationContext, adbpg: AdbpgResource):
         for p in planned
     ]
     requested = {k for p in planned for k in p.keys if k in wanted}
+    # Partitions are kept between ticks (known_partitions.py): one removed elsewhere while its
+    # user still has rows must exist again before a run can name it (a run names one partition,
+    # or a range by its two ends, both users with rows).
+    named = {k for p in planned for k in (p.keys[0], p.keys[-1])}
+    gone = missing(instance, named.difference(new_keys))
+    if gone:
+        instance.add_dynamic_partitions(users_partitions.name, sorted(gone))
+        return skipped(
+            f"{len(gone)} partition(s) removed elsewhere while their users still have pending "
+            "rows were added again; their runs are requested at the next tick"
+        )
     for key in requested:
         seen.add(key, keys[key])
     reruns.requested(requested, now, automation)
     if requests:
         reruns.generation += 1
-    cursor = _cursor(seen.kept(keys.items()), reruns)
+    cursor = _cursor(seen.kept(keys), reruns)
     waiting_busy = len(wanted & set(busy))
     waiting_budget = len(set(counts) - requested)
     elapsed = (time.perf_counter() - started) * 1000
     context.log.info(
-        f"{len(keys)} user(s) pending, {len(wanted)} changed: {len(requests)} run(s) for "
+        f"{len(keys)} user(s) pending"
+        + (f" (and {waiting_partitions} new waiting for a partition)" if waiting_partitions else "")
+        + f", {len(wanted)} changed: {len(requests)} run(s) for "
         f"{len(requested)} user(s); {waiting_busy} held by another run, {waiting_budget} left "
         f"for later ticks (budget {budget}); {len(due)} requested again after a run that left "
         f"their rows, {len(waiting)} waiting (ENRICH_RERUN_BACKOFF), {reruns.read} finished "
