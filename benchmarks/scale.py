@@ -43,7 +43,8 @@ from benchmarks.bench.plan import API_KEY
 from benchmarks.data import write_small_images
 from benchmarks.large_table import database
 from benchmarks.scale_deployment import DeploymentFigures, run_deployment
-from benchmarks.scale_ui import PageTimes, environment, libpq_url, load, time_pages, webserver
+from benchmarks.scale_ui import PageTimes, libpq_url, load, time_pages, webserver
+from enrich_pipeline.cli.dagster import environ
 from enrich_pipeline.db.samples import create_sample_table
 
 TICK_GOAL_MS = 1000.0
@@ -139,7 +140,7 @@ def measure_ticks(env: dict[str, str], home: Path, requesting: int) -> list[Tick
 
     logging.getLogger("dagster").setLevel(logging.WARNING)
     ticks: list[Tick] = []
-    with environment(env), DagsterInstance.from_config(str(home)) as instance:
+    with environ(env), DagsterInstance.from_config(str(home)) as instance:
         resource = AdbpgResource()
 
         def tick(kind: str, cursor: str | None) -> SensorResult:
@@ -194,7 +195,7 @@ def measure_costs(
     )
 
     costs = Costs()
-    with environment(env), DagsterInstance.from_config(str(home)) as instance:
+    with environ(env), DagsterInstance.from_config(str(home)) as instance:
         # Adding: to fresh names, so each size is timed on its own.
         for n in sizes:
             keys = [f"u{i:07d}" for i in range(n)]
@@ -262,7 +263,7 @@ def time_pages_at_sizes(env: dict[str, str], home: Path, sizes: Sequence[int]) -
     with webserver(env, home) as url:
         have = 0
         for n in sizes:
-            with environment(env), DagsterInstance.from_config(str(home)) as instance:
+            with environ(env), DagsterInstance.from_config(str(home)) as instance:
                 instance.add_dynamic_partitions("users", [f"u{i:06d}" for i in range(have, n)])
             have = n
             found[f"{n}"] = time_pages(url, first_key="u000000")

@@ -21,13 +21,13 @@ from benchmarks.bench.deployment import sensor_ticks
 from benchmarks.bench.harness import StandInProcess, child_env
 from benchmarks.scale_ui import (
     PageTimes,
-    environment,
     free_port,
     libpq_url,
     load,
     time_pages,
     wait_http,
 )
+from enrich_pipeline.cli.dagster import environ
 
 # Seconds after the first caption before the window opens: the first runs' start-up.
 WARM_UP_S = 60.0
@@ -160,7 +160,7 @@ def run_deployment(
 def _dagster_figures(env: dict[str, str], home: Path) -> dict[str, Any]:
     from dagster import AssetKey, DagsterInstance
 
-    with environment(env), DagsterInstance.from_config(str(home)) as instance:
+    with environ(env), DagsterInstance.from_config(str(home)) as instance:
         runs = instance.get_runs()
         statuses: dict[str, int] = {}
         for run in runs:

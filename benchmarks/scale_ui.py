@@ -28,19 +28,6 @@ def load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-@contextlib.contextmanager
-def environment(env: dict[str, str]) -> Iterator[None]:
-    """``env`` in this process's environment while the block runs (the instance and the
-    pipeline's settings read it)."""
-    saved = dict(os.environ)
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
 def libpq_url(dagster_url: str) -> str:
     """A ``DAGSTER_PG_URL`` (SQLAlchemy's form) as psycopg takes it."""
     return dagster_url.replace("postgresql+psycopg2://", "postgresql://", 1)

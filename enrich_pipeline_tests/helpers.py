@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import struct
 import threading
@@ -274,6 +275,37 @@ def cli_env(items: Items, server: StandIn, **extra: str) -> dict[str, str]:
         DASHSCOPE_BASE_URL=server.base_url,
         DASHSCOPE_BACKOFF_INITIAL="0.01",
         ENRICH_ALLOW_LOCAL_FILES="true",
+        **extra,
+    )
+    return env
+
+
+def deployment_env(
+    items: Items, server: StandIn, pg_conninfo: str, home: Path, dbname: str, **extra: str
+) -> dict[str, str]:
+    """``cli_env`` for a Dagster deployment started as processes of its own (``enrich-dagster``
+    or ``up``): a fresh ``DAGSTER_HOME`` at ``home`` holding the shipped instance file, Dagster's
+    storage in database ``dbname`` of the test server (created; the caller drops it), and the
+    short intervals that let a test see the sensor,
+    the leases and the back-off act within seconds; ``extra`` last."""
+    from enrich_pipeline.cli.dagster import dagster_url_for, ensure_database
+    from enrich_pipeline.defs.instance import INSTANCE_YAML
+
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copy(INSTANCE_YAML, home / "dagster.yaml")
+    ensure_database(pg_conninfo, dbname)
+    env = {k: v for k, v in cli_env(items, server).items() if not k.startswith("DAGSTER_")}
+    env.update(
+        DAGSTER_HOME=str(home),
+        DAGSTER_PG_URL=dagster_url_for(pg_conninfo, dbname),
+        ENRICH_HOME=str(home.parent / "enrich_home"),
+        ENRICH_MAX_CONCURRENT_RUNS="2",
+        ENRICH_SENSOR_INTERVAL="2",
+        # Short leases: rows of a run that is killed come back within seconds.
+        ENRICH_LEASE_SECONDS="10",
+        # Short waits before a user whose run left its rows is requested again.
+        ENRICH_RERUN_BACKOFF="2",
+        PYTHONUNBUFFERED="1",
         **extra,
     )
     return env

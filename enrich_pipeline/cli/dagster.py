@@ -35,7 +35,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
@@ -45,7 +45,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from enrich_pipeline.bootstrap import open_store
 from enrich_pipeline.cli.flags import Parser
-from enrich_pipeline.cli.stopping import stops_cleanly
+from enrich_pipeline.cli.stopping import StopRequested, stops_cleanly, supervisor_signals
 from enrich_pipeline.db import embedded
 from enrich_pipeline.redaction import redact_source, register_secrets, scrub_secrets, url_secrets
 from enrich_pipeline.settings import (
@@ -132,7 +132,9 @@ def prepare_environment(env: dict[str, str]) -> dict[str, str]:
 
 
 @contextmanager
-def _environ(env: dict[str, str]) -> Iterator[None]:
+def environ(env: dict[str, str]) -> Iterator[None]:
+    """``env`` in this process's environment while the block runs (Dagster's instance and the
+    pipeline's settings read it)."""
     saved = dict(os.environ)
     os.environ.update(env)
     try:
@@ -148,15 +150,23 @@ def set_pool_limits(env: dict[str, str]) -> None:
 
     automation = AutomationSettings.from_env(env)
     slots = {"dashscope": automation.dashscope_pool_slots, "adbpg": automation.adbpg_pool_slots}
-    with _environ(env):
+    with environ(env):
         admin.set_pool_slots(slots)
 
 
 # --- the UI --------------------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    """A stop signal arrived."""
+def stop_embedded(env: Mapping[str, str]) -> None:
+    """Stop the embedded database if this command's settings use it (and no one else does)."""
+    if DbSettings.from_env(env).embedded:
+        stopped = embedded.stop(Path(env["ENRICH_HOME"]))
+        print(
+            "embedded PostgreSQL stopped"
+            if stopped
+            else "embedded PostgreSQL left running: another process still uses it",
+            flush=True,
+        )
 
 
 def start_ui(env: dict[str, str], host: str, port: int) -> int:
@@ -164,46 +174,28 @@ def start_ui(env: dict[str, str], host: str, port: int) -> int:
     dev = [sys.executable, *_QUIET, "-m", "dagster", "dev", *_target(), "-h", host, "-p", str(port)]
     cmd = [sys.executable, "-c", CHILD_PRELUDE, str(os.getpid()), *dev[1:]]
     print(f"Dagster UI on http://{host}:{port} (DAGSTER_HOME={env['DAGSTER_HOME']})", flush=True)
-    received: list[int] = []
-
-    def on_signal(signum: int, _frame: object) -> None:
-        received.append(signum)
-        if len(received) == 1:
-            raise _Stop
-
-    # Installed before the child starts, so no signal is missed; explicit, so that a SIGINT
-    # ignored by the shell (a background job) still stops us.
-    previous = {
-        s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    }
     proc: subprocess.Popen[bytes] | None = None
+    # Installed before the child starts, so no signal is missed.
     try:
-        try:
-            # Started from DAGSTER_HOME: from the checkout, Dagster would warn about the
-            # dagster.yaml it finds there on every start.
-            proc = subprocess.Popen(cmd, env=env, cwd=env["DAGSTER_HOME"], process_group=0)
-            code = proc.wait()
-            print(f"dagster dev exited with {code}", file=sys.stderr, flush=True)
-            return code
-        except _Stop:
-            name = signal.Signals(received[0]).name
-            print(f"{name} received: stopping the webserver and the daemon", flush=True)
-            if proc is not None:
-                return _stop_dev(proc)
-            return 0
+        with supervisor_signals() as received:
+            try:
+                # Started from DAGSTER_HOME: from the checkout, Dagster would warn about the
+                # dagster.yaml it finds there on every start.
+                proc = subprocess.Popen(cmd, env=env, cwd=env["DAGSTER_HOME"], process_group=0)
+                code = proc.wait()
+                print(f"dagster dev exited with {code}", file=sys.stderr, flush=True)
+                return code
+            except StopRequested:
+                name = signal.Signals(received[0]).name
+                print(f"{name} received: stopping the webserver and the daemon", flush=True)
+                if proc is not None:
+                    return _stop_dev(proc)
+                return 0
+            finally:
+                if proc is not None and proc.poll() is None:
+                    _stop_dev(proc)
     finally:
-        if proc is not None and proc.poll() is None:
-            _stop_dev(proc)
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if DbSettings.from_env(env).embedded:
-            stopped = embedded.stop(Path(env["ENRICH_HOME"]))
-            print(
-                "embedded PostgreSQL stopped"
-                if stopped
-                else "embedded PostgreSQL left running: another process still uses it",
-                flush=True,
-            )
+        stop_embedded(env)
 
 
 def _stop_dev(proc: subprocess.Popen[bytes]) -> int:
@@ -225,7 +217,7 @@ def _stop_dev(proc: subprocess.Popen[bytes]) -> int:
                 _signal_group(proc.pid, signal.SIGKILL)
                 code = proc.wait()
                 break
-        except _Stop:  # a second signal while stopping: keep stopping
+        except StopRequested:  # a second signal while stopping: keep stopping
             continue
     print(f"dagster dev exited ({time.monotonic() - started:.1f} s)", flush=True)
     # Run workers, code servers: nothing of the group may outlive us.
@@ -301,7 +293,7 @@ def backfill(env: dict[str, str], users: list[str] | None, *, allow_unknown: boo
     from enrich_pipeline.defs.instance import admin
     from enrich_pipeline.defs.partitions import user_to_key
 
-    with _environ(env):
+    with environ(env):
         if users is None:
             with open_store(Settings.from_env()) as store:
                 run = RunSettings.from_env()
@@ -356,7 +348,7 @@ def partitions(env: dict[str, str], remove: list[str] | None, *, force: bool = F
     from enrich_pipeline.defs.instance import admin
     from enrich_pipeline.defs.partitions import key_to_user, user_to_key
 
-    with _environ(env):
+    with environ(env):
         keys = admin.user_partition_keys()
         with open_store(Settings.from_env()) as store:
             known = store.summary.existing_users(key_to_user(k) for k in keys)

@@ -76,6 +76,33 @@ def stop_signals() -> Iterator[None]:
             signal.signal(s, handler)  # type: ignore[arg-type]
 
 
+class StopRequested(Exception):
+    """A stop signal reached a supervisor (``enrich-dagster ui`` or ``up``)."""
+
+
+@contextmanager
+def supervisor_signals() -> Iterator[list[int]]:
+    """Within the block, the first SIGTERM, SIGINT or SIGHUP raises ``StopRequested``; later ones
+    are only recorded in the list yielded, so that stopping the children is not cut short.
+
+    Unlike ``stop_signals``, a signal the process started with ignored is taken too: a
+    supervisor started as a background job (SIGINT ignored) must still stop its children. A
+    caller appends to the list to make every later signal a no-op."""
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            raise StopRequested
+
+    previous = {s: signal.signal(s, on_signal) for s in SIGNALS}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def stops_cleanly(main: Callable[P, int]) -> Callable[P, int]:
     """``main`` under ``stop_signals``; a stop it does not report itself is one line and the
     signal's exit code, never a traceback."""

@@ -44,8 +44,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from enrich_pipeline.cli.dagster import CHILD_PRELUDE, STOP_GRACE
+from enrich_pipeline.cli.dagster import CHILD_PRELUDE, STOP_GRACE, stop_embedded
 from enrich_pipeline.cli.process_groups import group_alive, same_process, start_ticks, stop_groups
+from enrich_pipeline.cli.stopping import StopRequested, supervisor_signals
 from enrich_pipeline.cli.topology_health import (
     code_server_healthy,
     daemon_healthy,
@@ -53,7 +54,7 @@ from enrich_pipeline.cli.topology_health import (
     webserver_healthy,
 )
 from enrich_pipeline.db import embedded
-from enrich_pipeline.settings import ConfigError, DbSettings
+from enrich_pipeline.settings import ConfigError
 from enrich_pipeline.settings.topology import TopologySettings
 
 CODE, WEB, DAEMON = "code-server", "webserver", "daemon"
@@ -206,10 +207,6 @@ def exit_reason(code: int) -> str:
     if code < 0:
         return f"killed by {signal.Signals(-code).name}"
     return f"exit code {code}"
-
-
-class _Stop(Exception):
-    """A stop signal arrived."""
 
 
 class Topology:
@@ -368,48 +365,31 @@ def up(env: dict[str, str], host: str, port: int) -> int:
     """Start the topology and supervise it until a stop signal."""
     settings = TopologySettings.from_env(env)
     topology = Topology.of(env, host, port, settings)
-    received: list[int] = []
-
-    def on_signal(signum: int, _frame: object) -> None:
-        received.append(signum)
-        if len(received) == 1:
-            raise _Stop
-
-    previous = {
-        s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    }
-    print(
-        f"Dagster topology: code server {topology.code_addr[0]}:{topology.code_addr[1]}, "
-        f"webserver {topology.url}, daemon (DAGSTER_HOME={topology.home})",
-        flush=True,
-    )
     code = 0
     try:
-        try:
-            topology.start()
-            print(f"all three healthy: {topology.home / STATE_FILE}", flush=True)
-            topology.write_state()
-            topology.run()
-        except _Stop:
-            name = signal.Signals(received[0]).name
-            print(f"{name} received: stopping the daemon, the webserver, the code server",
-                  flush=True)  # fmt: skip
-        except RuntimeError as exc:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-            code = 1
-    finally:
-        received.append(0)  # a signal from now on must not cut the stop short
-        topology.stop()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if DbSettings.from_env(env).embedded:
-            stopped = embedded.stop(Path(env["ENRICH_HOME"]))
+        with supervisor_signals() as received:
             print(
-                "embedded PostgreSQL stopped"
-                if stopped
-                else "embedded PostgreSQL left running: another process still uses it",
+                f"Dagster topology: code server {topology.code_addr[0]}:{topology.code_addr[1]}, "
+                f"webserver {topology.url}, daemon (DAGSTER_HOME={topology.home})",
                 flush=True,
             )
+            try:
+                topology.start()
+                print(f"all three healthy: {topology.home / STATE_FILE}", flush=True)
+                topology.write_state()
+                topology.run()
+            except StopRequested:
+                name = signal.Signals(received[0]).name
+                print(f"{name} received: stopping the daemon, the webserver, the code server",
+                      flush=True)  # fmt: skip
+            except RuntimeError as exc:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+                code = 1
+            finally:
+                received.append(0)  # a signal from now on must not cut the stop short
+                topology.stop()
+    finally:
+        stop_embedded(env)
     return code
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -33,10 +32,8 @@ import pytest
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from psycopg import sql
 
-from enrich_pipeline.cli.dagster import dagster_url_for, ensure_database
 from enrich_pipeline.defs.heartbeat import liveness_of
-from enrich_pipeline.defs.instance import INSTANCE_YAML
-from enrich_pipeline_tests.helpers import API_KEY, Items, hues, paint
+from enrich_pipeline_tests.helpers import Items, deployment_env, hues, paint
 from enrich_pipeline_tests.standin import StandIn
 
 # Deadlines, not expectations: three Dagster processes start in tens of seconds on a busy
@@ -116,36 +113,19 @@ def up(pg_conninfo: str, _standin_server: StandIn, image_dir: Path, tmp_path: Pa
     standin.latency = 3.0
     namespace = f"t_{uuid.uuid4().hex[:10]}"
     items = Items(pg_conninfo, namespace)
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(INSTANCE_YAML, home / "dagster.yaml")
     dbname = f"dagster_{uuid.uuid4().hex[:10]}"
-    ensure_database(pg_conninfo, dbname)
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("ADBPG_", "DASHSCOPE_", "ENRICH_", "DAGSTER_"))
-    }
-    env.update(
-        ADBPG_URL=items.conninfo,
-        ADBPG_NAMESPACE=namespace,
-        DASHSCOPE_API_KEY=API_KEY,
-        DASHSCOPE_BASE_URL=standin.base_url,
-        DASHSCOPE_BACKOFF_INITIAL="0.01",
-        ENRICH_ALLOW_LOCAL_FILES="true",
-        DAGSTER_HOME=str(home),
-        DAGSTER_PG_URL=dagster_url_for(pg_conninfo, dbname),
-        ENRICH_HOME=str(tmp_path / "enrich_home"),
-        ENRICH_MAX_CONCURRENT_RUNS="2",
-        ENRICH_SENSOR_INTERVAL="2",
-        ENRICH_LEASE_SECONDS="10",
-        ENRICH_RERUN_BACKOFF="2",
+    env = deployment_env(
+        items,
+        standin,
+        pg_conninfo,
+        tmp_path / "dagster_home",
+        dbname,
         ENRICH_CODE_SERVER_PORT=str(_free_port()),
         # Seconds, doubled for a second exit in a row: long enough for sensor ticks to miss
         # the code server.
         ENRICH_RESTART_BACKOFF="2",
-        PYTHONUNBUFFERED="1",
     )
+    home = Path(env["DAGSTER_HOME"])
     # Rows before the topology starts: the sensor's first ticks find them.
     for n, color in enumerate(COLORS):
         items.add("quinn", str(image_dir / f"{color}.jpg"), metadata={"sku": f"q-{n}"})

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -41,9 +40,7 @@ from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatu
 from PIL import Image
 from psycopg import sql
 
-from enrich_pipeline.cli.dagster import dagster_url_for, ensure_database
 from enrich_pipeline.defs.heartbeat import liveness_of
-from enrich_pipeline.defs.instance import INSTANCE_YAML
 from enrich_pipeline_tests.e2e.browser import (
     UI_TIMEOUT_MS,
     Screenshots,
@@ -53,7 +50,7 @@ from enrich_pipeline_tests.e2e.browser import (
     partition_dot,
     shown,
 )
-from enrich_pipeline_tests.helpers import API_KEY, Items, hues
+from enrich_pipeline_tests.helpers import API_KEY, Items, deployment_env, hues
 from enrich_pipeline_tests.standin import StandIn
 
 ASSET = "enriched_items"
@@ -232,35 +229,13 @@ def stack(
     untouched = {i: items.row(i) for i in untouched_ids}
 
     tmp = tmp_path_factory.mktemp("e2e")
-    home = tmp / "dagster_home"
-    home.mkdir()
-    shutil.copy(INSTANCE_YAML, home / "dagster.yaml")
     dbname = f"dagster_{uuid.uuid4().hex[:10]}"
-    ensure_database(pg_conninfo, dbname)
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("ADBPG_", "DASHSCOPE_", "ENRICH_", "DAGSTER_"))
-    }
-    env.update(
-        # What conftest's ``env`` fixture sets, for this module's namespace.
-        ADBPG_URL=items.conninfo,
-        ADBPG_NAMESPACE=namespace,
-        DASHSCOPE_API_KEY=API_KEY,
-        DASHSCOPE_BASE_URL=standin.base_url,
-        DASHSCOPE_BACKOFF_INITIAL="0.01",
-        ENRICH_ALLOW_LOCAL_FILES="true",
-        # Dagster's instance.
-        DAGSTER_HOME=str(home),
-        DAGSTER_PG_URL=dagster_url_for(pg_conninfo, dbname),
-        ENRICH_MAX_CONCURRENT_RUNS="2",
-        ENRICH_SENSOR_INTERVAL="2",
-        ENRICH_HOME=str(tmp / "enrich_home"),
-        # Short leases: rows of a run that is killed come back within seconds.
-        ENRICH_LEASE_SECONDS="10",
-        # Short waits before a user whose run left its rows is requested again.
-        ENRICH_RERUN_BACKOFF="2",
-        PYTHONUNBUFFERED="1",
+    env = deployment_env(
+        items,
+        standin,
+        pg_conninfo,
+        tmp / "dagster_home",
+        dbname,
         # The items_table sensor catches up within seconds where a run left the table to it.
         ENRICH_OVERVIEW_INTERVAL="5",
         # The stand-in's host has no list prices: a price list of our own, so that the table's
@@ -269,6 +244,7 @@ def stack(
             {"qwen3-vl-plus": [2.0, 8.0], "text-embedding-v4": [0.5, 0.0], "currency": "USD"}
         ),
     )
+    home = Path(env["DAGSTER_HOME"])
     port = _free_port()
     logs = [tmp / "servers.stdout.log", tmp / "servers.stderr.log"]
     with logs[0].open("wb") as out, logs[1].open("wb") as err:
