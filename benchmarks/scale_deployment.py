@@ -18,10 +18,9 @@ import psycopg
 from psycopg import sql
 
 from benchmarks.bench.deployment import sensor_ticks
-from benchmarks.bench.harness import StandInProcess, child_env
+from benchmarks.bench.harness import StandInProcess, child_env, free_port
 from benchmarks.scale_ui import (
     PageTimes,
-    free_port,
     libpq_url,
     load,
     time_pages,

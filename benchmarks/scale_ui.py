@@ -7,7 +7,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.bench.harness import REPO, child_env
+from benchmarks.bench.harness import REPO, child_env, free_port
 
 ASSET = "enriched_items"
 # A deadline for each page, far above the goal: a page that misses is timed, not dropped.
@@ -31,12 +30,6 @@ def load() -> str:
 def libpq_url(dagster_url: str) -> str:
     """A ``DAGSTER_PG_URL`` (SQLAlchemy's form) as psycopg takes it."""
     return dagster_url.replace("postgresql+psycopg2://", "postgresql://", 1)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:

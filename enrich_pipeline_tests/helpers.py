@@ -262,6 +262,13 @@ class TcpProxy:
 # The command line
 
 
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on now (for a server a test starts)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def cli_env(items: Items, server: StandIn, **extra: str) -> dict[str, str]:
     """The environment of a command run as its own process against the test database and
     ``server``: this process's, without any setting of the project's, plus ``extra``."""

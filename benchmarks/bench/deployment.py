@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from benchmarks.bench.harness import Bench, child_env
+from benchmarks.bench.harness import Bench, child_env, free_port
 from benchmarks.bench.plan import Plan
 from benchmarks.bench.records import CallCount, Deployment, SensorTick, Spread, UsersRun
 from enrich_pipeline.db.samples import create_sample_table
@@ -68,7 +67,7 @@ def users(bench: Bench, p: Plan) -> UsersRun:
             "PYTHONUNBUFFERED": "1",
         }
     )
-    port = _free_port()
+    port = free_port()
     log = home / "launcher.log"
     started = time.monotonic()
     with log.open("wb") as out:
@@ -181,12 +180,6 @@ def _deployment(env: dict[str, str], home: Path) -> Deployment:
     finally:
         os.environ.clear()
         os.environ.update(saved)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _records_filter(asset: Any, key: str) -> Any:

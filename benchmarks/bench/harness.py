@@ -11,6 +11,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -134,6 +135,13 @@ def _forked_worker(spec: Spec, env: dict[str, str], timeout: float | None) -> An
     if status != "ok":
         raise RuntimeError(f"{spec.kind} worker failed:\n{payload}")
     return payload
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on now (for a server a benchmark starts)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def child_env(extra: dict[str, str]) -> dict[str, str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from dagster_graphql.test.utils import execute_dagster_graphql
 
 from enrich_pipeline.defs.instance import INSTANCE_YAML
 from enrich_pipeline.defs.instance.run_coordinator import USER_TAG, UserRunCoordinator
-from enrich_pipeline_tests.helpers import Items
+from enrich_pipeline_tests.helpers import Items, free_port
 
 LOCATION = "enrich_pipeline"
 # Deadlines, not expectations: a code server loads the definitions in seconds, a run worker
@@ -48,12 +47,6 @@ mutation Launch($executionParams: ExecutionParams!) {
   }
 }
 """
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -114,7 +107,7 @@ def test_a_run_taken_while_the_code_server_restarts_waits_in_the_queue_and_then_
     config = instance.run_coordinator.get_run_queue_config()
     assert (config.max_user_code_failure_retries, config.user_code_failure_retry_delay) == (5, 15)
     item = items.add("alice", str(image_dir / "blue.jpg"))
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "code-server.log"
     daemon = QueuedRunCoordinatorDaemon(interval_seconds=2)
     target = GrpcServerTarget(host="127.0.0.1", port=port, socket=None, location_name=LOCATION)

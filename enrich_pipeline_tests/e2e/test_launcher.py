@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import psycopg
 import pytest
 
 from enrich_pipeline.cli.dagster import STOP_GRACE
+from enrich_pipeline_tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 # Deadlines with room for a busy machine (load 17 on two cores: a Dagster start takes minutes):
@@ -34,12 +34,6 @@ STARTUP_TIMEOUT = 300.0
 # What a person waits after `kill PID` before the command and everything it started are gone
 # (the database too): the grace the launcher gives `dagster dev`, then room for the rest.
 STOP_WITHIN = STOP_GRACE + 60.0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(home: Path) -> dict[str, str]:
@@ -80,7 +74,7 @@ def test_background_start_stops_webserver_daemon_and_database_within_seconds(
     home.chmod(0o755)
     elsewhere = Path(tempfile.mkdtemp(prefix="enrich-cwd-"))
     env = _env(home)
-    port = _free_port()
+    port = free_port()
     log = home / "launcher.log"
     # As a shell script would: `enrich-dagster ... &` (job control off: SIGINT ignored).
     script = f"{sys.executable} -m enrich_pipeline.cli.dagster --port {port} > {log} 2>&1 & echo $!"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from psycopg import sql
 
 from enrich_pipeline.defs.heartbeat import liveness_of
-from enrich_pipeline_tests.helpers import Items, deployment_env, hues, paint
+from enrich_pipeline_tests.helpers import Items, deployment_env, free_port, hues, paint
 from enrich_pipeline_tests.standin import StandIn
 
 # Deadlines, not expectations: three Dagster processes start in tens of seconds on a busy
@@ -42,12 +41,6 @@ STARTUP_TIMEOUT = 300.0
 RUN_TIMEOUT = 150.0
 TERMINAL = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
 COLORS = ["blue", "red", "green", "yellow", "magenta", "cyan"]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -120,7 +113,7 @@ def up(pg_conninfo: str, _standin_server: StandIn, image_dir: Path, tmp_path: Pa
         pg_conninfo,
         tmp_path / "dagster_home",
         dbname,
-        ENRICH_CODE_SERVER_PORT=str(_free_port()),
+        ENRICH_CODE_SERVER_PORT=str(free_port()),
         # Seconds, doubled for a second exit in a row: long enough for sensor ticks to miss
         # the code server.
         ENRICH_RESTART_BACKOFF="2",
@@ -133,7 +126,7 @@ def up(pg_conninfo: str, _standin_server: StandIn, image_dir: Path, tmp_path: Pa
     with output.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "enrich_pipeline.cli.dagster", "up"]
-            + ["--port", str(_free_port())],
+            + ["--port", str(free_port())],
             env=env,
             cwd=str(tmp_path),
             stdin=subprocess.DEVNULL,

@@ -21,7 +21,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -50,7 +49,7 @@ from enrich_pipeline_tests.e2e.browser import (
     partition_dot,
     shown,
 )
-from enrich_pipeline_tests.helpers import API_KEY, Items, deployment_env, hues
+from enrich_pipeline_tests.helpers import API_KEY, Items, deployment_env, free_port, hues
 from enrich_pipeline_tests.standin import StandIn
 
 ASSET = "enriched_items"
@@ -62,12 +61,6 @@ SEED = {"alice": ["blue", "red", "green"], "bob": ["yellow", "cyan"]}
 STARTUP_TIMEOUT = 300.0
 RUNS_TIMEOUT = 120.0
 TERMINAL = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -245,7 +238,7 @@ def stack(
         ),
     )
     home = Path(env["DAGSTER_HOME"])
-    port = _free_port()
+    port = free_port()
     logs = [tmp / "servers.stdout.log", tmp / "servers.stderr.log"]
     with logs[0].open("wb") as out, logs[1].open("wb") as err:
         proc = subprocess.Popen(
